@@ -1,0 +1,3 @@
+"""distar: Diff-Instruct* post-training of one-step text-to-image generators."""
+
+__version__ = "0.1.0"

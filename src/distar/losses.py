@@ -1,0 +1,185 @@
+"""The DI* losses (METHOD.md §3–5): the tractable generator loss, the assistant's loss, CFG.
+
+Generator (the score-divergence gradient theorem, "sim" form):
+
+    L_div(θ) = E[ −w(t) · d'(y_t)ᵀ ( s_ψ(x_t) − ∇_{x_t} log p(x_t|x0) ) ],   y_t = s_ψ(x_t) − s_ref^cfg(x_t)
+    x0 = g_θ(z, c),  x_t = a_t x0 + σ_t ε
+
+Every network is a frozen function here, but it is evaluated on the differentiable x_t, so the
+gradient reaches θ through x_t, through s_ψ(x_t) and through d'(y_t) (the SiD/SIM pattern). The
+"full" form also differentiates the sampling measure and adds + w(t) d(y_t). The KL baseline
+(Diff-Instruct / DI++) uses the detached score difference: E[ w(t) sg(s_ψ − s_ref)ᵀ x_t ].
+
+Units: y is in score units (s = −ε̂/σ_t), so the pseudo-Huber constant c is in score units too.
+An ε-unit difference δ gives ‖y‖ = ‖δ‖/σ_t.
+
+The losses are surrogates: their *gradients* equal the gradients of the divergences (checked
+against closed forms in tests/test_losses.py); their values are not the divergences. Use
+`score_distance` to log the divergence itself.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from distar.diffusion import VPSchedule
+
+EpsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+DIVERGENCES = ("score", "kl")
+DISTANCES = ("pseudo_huber", "l2")
+FORMS = ("sim", "full")
+DEFAULT_HUBER_C = 1.0
+
+
+def cfg(eps_uncond: torch.Tensor, eps_cond: torch.Tensor, guidance_scale: float) -> torch.Tensor:
+    """Classifier-free guidance: ε^cfg = ε(·|∅) + α_cfg (ε(·|c) − ε(·|∅)); α_cfg = 1 is the conditional model."""
+    if eps_uncond.shape != eps_cond.shape:
+        raise ValueError(
+            f"eps_cond has shape {tuple(eps_cond.shape)} but eps_uncond has shape {tuple(eps_uncond.shape)}"
+        )
+    return eps_uncond + guidance_scale * (eps_cond - eps_uncond)
+
+
+def score_distance(y: torch.Tensor, distance: str = "pseudo_huber", huber_c: float = DEFAULT_HUBER_C):
+    """d(y) per sample, the norm over every non-batch dimension.
+
+    pseudo_huber: d(y) = √(‖y‖² + c²) − c;   l2: d(y) = ‖y‖².
+    """
+    _check_choice("distance", distance, DISTANCES)
+    sq = y.flatten(1).pow(2).sum(dim=1)
+    if distance == "l2":
+        return sq
+    _check_huber_c(huber_c)
+    return (sq + huber_c**2).sqrt() - huber_c
+
+
+def score_distance_grad(y: torch.Tensor, distance: str = "pseudo_huber", huber_c: float = DEFAULT_HUBER_C):
+    """d'(y), same shape as y.  pseudo_huber: y / √(‖y‖² + c²);  l2: 2y."""
+    _check_choice("distance", distance, DISTANCES)
+    if distance == "l2":
+        return 2.0 * y
+    _check_huber_c(huber_c)
+    norm = (y.flatten(1).pow(2).sum(dim=1) + huber_c**2).sqrt()
+    return y / norm.reshape((-1,) + (1,) * (y.ndim - 1))
+
+
+def generator_loss(
+    x0: torch.Tensor,
+    t: torch.Tensor,
+    eps: torch.Tensor,
+    eps_assistant: EpsFn,
+    eps_reference: EpsFn,
+    schedule: VPSchedule,
+    *,
+    divergence: str = "score",
+    distance: str = "pseudo_huber",
+    huber_c: float = DEFAULT_HUBER_C,
+    form: str = "sim",
+    weight: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The divergence part of the generator loss, L_div, as a batch mean (METHOD.md §4).
+
+    x0: generator output (B, …) carrying the graph to θ.  t: LongTensor (B,).  eps: noise like x0.
+    eps_assistant(x_t, t), eps_reference(x_t, t): ε-predictions; the reference already includes its
+    conditioning and CFG. The caller keeps their parameters frozen (requires_grad False): this loss
+    differentiates through their inputs only.
+    divergence: "score" (DI*) or "kl" (Diff-Instruct / DI++).  distance: "pseudo_huber" or "l2".
+    form: "sim" (sampling measure stop-gradient) or "full" (adds + w·d(y_t)).  weight: w(t) per sample.
+    """
+    _check_choice("divergence", divergence, DIVERGENCES)
+    _check_choice("distance", distance, DISTANCES)
+    _check_choice("form", form, FORMS)
+    if distance == "pseudo_huber":
+        _check_huber_c(huber_c)
+    if x0.ndim < 1 or x0.shape[0] == 0:
+        raise ValueError(f"x0 must have a non-empty batch dimension, got shape {tuple(x0.shape)}")
+    if eps.shape != x0.shape:
+        raise ValueError(f"eps has shape {tuple(eps.shape)} but x0 has shape {tuple(x0.shape)}")
+    t = schedule.check_timesteps(t, "t")
+    if t.shape != (x0.shape[0],):
+        raise ValueError(f"t must have shape ({x0.shape[0]},) (one timestep per sample), got {tuple(t.shape)}")
+    weight = _per_sample_weight(weight, x0)
+
+    sigma = schedule.sigma(t, x0)
+    x_t = schedule.add_noise(x0, eps, t)
+
+    if divergence == "kl":
+        with torch.no_grad():
+            x_t_frozen = x_t.detach()
+            eps_psi = _call(eps_assistant, "eps_assistant", x_t_frozen, t)
+            eps_ref = _call(eps_reference, "eps_reference", x_t_frozen, t)
+            score_diff = -(eps_psi - eps_ref) / sigma
+        per_sample = (score_diff * x_t).flatten(1).sum(dim=1)
+        return (weight * per_sample).mean()
+
+    eps_psi = _call(eps_assistant, "eps_assistant", x_t, t)
+    eps_ref = _call(eps_reference, "eps_reference", x_t, t)
+    y = -(eps_psi - eps_ref) / sigma  # s_ψ − s_ref^cfg
+    # s_ψ(x_t) − ∇ log p(x_t|x0) = −(ε̂_ψ − ε)/σ_t: the kernel score is −ε/σ_t, a constant given ε.
+    score_residual = -(eps_psi - eps) / sigma
+    d_prime = score_distance_grad(y, distance, huber_c)
+    per_sample = -(d_prime * score_residual).flatten(1).sum(dim=1)
+    if form == "full":
+        per_sample = per_sample + score_distance(y, distance, huber_c)
+    return (weight * per_sample).mean()
+
+
+def assistant_loss(eps_hat: torch.Tensor, eps: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Denoising score matching in ε units: E[ λ(t) ‖ε̂_ψ(x_t, t, c) − ε‖² ], mean over non-batch dimensions.
+
+    x_t must be built from a detached generator sample, x0 = sg(g_θ(z, c)) (METHOD.md §5).
+    """
+    if eps_hat.shape != eps.shape:
+        raise ValueError(f"eps_hat has shape {tuple(eps_hat.shape)} but eps has shape {tuple(eps.shape)}")
+    if eps.ndim < 1 or eps.shape[0] == 0:
+        raise ValueError(f"eps must have a non-empty batch dimension, got shape {tuple(eps.shape)}")
+    weight = _per_sample_weight(weight, eps)
+    per_sample = (eps_hat - eps).flatten(1).pow(2).mean(dim=1) if eps.ndim > 1 else (eps_hat - eps).pow(2)
+    return (weight * per_sample).mean()
+
+
+TIME_WEIGHTINGS = ("uniform", "sigma", "sigma2")
+
+
+def time_weight(schedule: VPSchedule, t: torch.Tensor, kind: str, like: torch.Tensor) -> torch.Tensor:
+    """w(t) per sample: "uniform" 1; "sigma" σ_t (turns one factor of 1/σ_t back into ε units);
+    "sigma2" σ_t² (the L2 score divergence in ε units, the DMD/SiD scale)."""
+    _check_choice("weighting", kind, TIME_WEIGHTINGS)
+    t = schedule.check_timesteps(t)
+    sigma = schedule.sigma(t, like).reshape(-1)
+    if kind == "uniform":
+        return torch.ones_like(sigma)
+    return sigma if kind == "sigma" else sigma**2
+
+
+# -- argument checks ----------------------------------------------------------------------------
+
+
+def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name}={value!r} is not known; choose one of {', '.join(map(repr, choices))}")
+
+
+def _check_huber_c(huber_c: float) -> None:
+    if not (isinstance(huber_c, (int, float)) and huber_c > 0):
+        raise ValueError(f"huber_c must be a positive number (score units), got {huber_c!r}")
+
+
+def _per_sample_weight(weight: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+    if weight is None:
+        return torch.ones(like.shape[0], dtype=like.dtype, device=like.device)
+    weight = torch.as_tensor(weight, dtype=like.dtype, device=like.device)
+    if weight.shape != (like.shape[0],):
+        raise ValueError(f"weight must have shape ({like.shape[0]},) (one per sample), got {tuple(weight.shape)}")
+    return weight
+
+
+def _call(fn: EpsFn, name: str, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    out = fn(x_t, t)
+    if not isinstance(out, torch.Tensor) or out.shape != x_t.shape:
+        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ValueError(f"{name} must return an ε-prediction shaped like x_t {tuple(x_t.shape)}, got {shape}")
+    return out
