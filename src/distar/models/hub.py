@@ -1,0 +1,87 @@
+"""Where model weights come from: a hub id, a local directory, or an fsspec URI; optionally via the model cache.
+
+Every loader in distar resolves its source here to a local directory laid out like a hub repository,
+then reads it with the library's own `from_pretrained`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from collections.abc import Iterable
+from pathlib import Path
+
+from distar import storage
+from distar.errors import UserError
+
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def default_download_root() -> Path:
+    return Path(os.environ.get("DISTAR_DOWNLOAD_DIR", Path.home() / ".cache" / "distar" / "downloads"))
+
+
+def resolve_model_dir(
+    source: str | os.PathLike,
+    *,
+    revision: str | None = None,
+    allow_patterns: Iterable[str] | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    offline: bool | None = None,
+) -> Path:
+    """A local directory holding `source`'s files.
+
+    source: a local directory, an fsspec URI (file://, s3://, gs://, hf://), or a hub id ("org/name").
+    cache_dir: a model cache laid out as {cache_dir}/{org}/{name}/… (written by `distar cache`); when it holds
+    the source, it is used and the hub is not contacted. offline (default: HF_HUB_OFFLINE): never contact the hub.
+    """
+    source = str(source)
+    if offline is None:
+        offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+    if cache_dir is not None and HUB_ID.match(source):
+        cached = Path(cache_dir) / source
+        if cached.is_dir():
+            return cached
+        if offline:
+            raise UserError(
+                f"{source!r} is not in the model cache {str(cache_dir)!r} and offline mode is on; "
+                f"run `distar cache` for it first"
+            )
+    if storage.is_uri(source):
+        if source.startswith("file://"):
+            local = Path(source[len("file://") :])
+            if local.is_dir():
+                return local
+        digest = hashlib.sha256(source.encode()).hexdigest()[:16]
+        return storage.download_dir(source, default_download_root() / digest)
+    if Path(source).expanduser().is_dir():
+        return Path(source).expanduser()
+    if Path(source).expanduser().exists():
+        return Path(source).expanduser()
+    if HUB_ID.match(source):
+        if offline:
+            raise UserError(f"{source!r} is neither a local directory nor cached, and offline mode is on")
+        from huggingface_hub import snapshot_download
+
+        try:
+            return Path(snapshot_download(source, revision=revision, allow_patterns=list(allow_patterns or []) or None))
+        except Exception as err:  # the hub client raises many types; all mean "could not fetch"
+            raise UserError(f"could not fetch {source!r} from the hub: {err}") from err
+    raise UserError(f"model source {source!r} is not a directory, a URI or a hub id (org/name)")
+
+
+def require_files(root: Path, groups: dict[str, list[list[str]]]) -> None:
+    """Check that `root` holds, for each component, at least one file of every alternative list.
+
+    groups: {component: [[alternative paths for requirement 1], …]}. One error lists everything missing.
+    """
+    missing = []
+    for component, requirements in groups.items():
+        for alternatives in requirements:
+            if not any((root / a).is_file() for a in alternatives):
+                missing.append(f"{component}: {' or '.join(alternatives)}")
+    if missing:
+        raise UserError(
+            f"model directory {str(root)!r} is missing {len(missing)} file(s):\n  - " + "\n  - ".join(missing)
+        )

@@ -1,0 +1,340 @@
+"""SDXL's parts for DI*: the one-step generator, the CFG reference, the assistant, prompt encoding, VAE decode.
+
+Models know nothing of parallelism (FSDP and activation checkpointing are applied from outside).
+Conventions (METHOD.md §2): SDXL-base VP schedule, ε-prediction, prompt embeddings = penultimate hidden
+states of CLIP-L and OpenCLIP-bigG concatenated, pooled embedding from the second (with projection),
+add_time_ids = [H, W, 0, 0, H, W]; the unconditional branch uses zero text and pooled embeddings.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from distar.diffusion import SDXL_GENERATOR_TIMESTEP, VPSchedule
+from distar.errors import UserError
+from distar.losses import cfg
+from distar.models.hub import require_files, resolve_model_dir
+
+SDXL_BASE = "stabilityai/stable-diffusion-xl-base-1.0"
+SDXL_VAE_FP16_FIX = "madebyollin/sdxl-vae-fp16-fix"
+DMD2_REPO = "tianweiy/DMD2"
+DMD2_UNET_1STEP = "dmd2_sdxl_1step_unet_fp16.bin"
+
+_DIFFUSERS_WEIGHTS = [
+    "diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.fp16.safetensors",
+    "diffusion_pytorch_model.bin", "diffusion_pytorch_model.fp16.bin", "diffusion_pytorch_model.safetensors.index.json",
+]  # fmt: skip
+_TRANSFORMERS_WEIGHTS = [
+    "model.safetensors", "model.fp16.safetensors", "pytorch_model.bin", "model.safetensors.index.json",
+]  # fmt: skip
+_TOKENIZER_FILES = ["tokenizer.json", "vocab.json"]
+
+DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+          "fp16": torch.float16, "float16": torch.float16}  # fmt: skip
+
+
+def parse_dtype(name: str | torch.dtype) -> torch.dtype:
+    if isinstance(name, torch.dtype):
+        return name
+    if name not in DTYPES:
+        raise UserError(f"dtype {name!r} is not known; choose one of {', '.join(sorted(DTYPES))}")
+    return DTYPES[name]
+
+
+def _requirements(parts: Sequence[str]) -> dict[str, list[list[str]]]:
+    need = {}
+    for part in parts:
+        if part in ("unet", "vae"):
+            need[part] = [[f"{part}/config.json"], [f"{part}/{w}" for w in _DIFFUSERS_WEIGHTS]]
+        elif part.startswith("text_encoder"):
+            need[part] = [[f"{part}/config.json"], [f"{part}/{w}" for w in _TRANSFORMERS_WEIGHTS]]
+        elif part.startswith("tokenizer"):
+            need[part] = [[f"{part}/{f}" for f in _TOKENIZER_FILES]]
+    return need
+
+
+def locate(source: str | os.PathLike, parts: Sequence[str], **resolve_kwargs) -> Path:
+    """Resolve an SDXL pipeline source and check that the given parts are all there (one error lists what is not)."""
+    patterns = [f"{p}/*" for p in parts] + ["model_index.json"]
+    root = resolve_model_dir(source, allow_patterns=patterns, **resolve_kwargs)
+    require_files(root, _requirements(parts))
+    return root
+
+
+def _variant(root: Path, part: str) -> str | None:
+    """Prefer full-precision weights; fall back to the fp16 variant when it is all the directory holds."""
+    files = {p.name for p in (root / part).iterdir()}
+    full = any(".fp16." not in f and (f.endswith(".safetensors") or f.endswith(".bin")) for f in files)
+    return None if full else "fp16"
+
+
+def load_unet(source: str | os.PathLike, dtype: str | torch.dtype = "fp32", **resolve_kwargs):
+    from diffusers import UNet2DConditionModel
+
+    root = locate(source, ["unet"], **resolve_kwargs)
+    return UNet2DConditionModel.from_pretrained(
+        root, subfolder="unet", torch_dtype=parse_dtype(dtype), variant=_variant(root, "unet")
+    )
+
+
+def load_vae(source: str | os.PathLike, dtype: str | torch.dtype = "fp32", **resolve_kwargs):
+    """The VAE of an SDXL pipeline directory, or a standalone VAE repository (e.g. the fp16-fix VAE)."""
+    from diffusers import AutoencoderKL
+
+    root = resolve_model_dir(source, **resolve_kwargs)
+    subfolder = "vae" if (root / "vae").is_dir() else None
+    part = "vae" if subfolder else "."
+    require_files(root, {"vae": [[f"{part}/config.json"], [f"{part}/{w}" for w in _DIFFUSERS_WEIGHTS]]})
+    variant = _variant(root, part)
+    return AutoencoderKL.from_pretrained(root, subfolder=subfolder, torch_dtype=parse_dtype(dtype), variant=variant)
+
+
+def load_dmd2_unet(weights: str | os.PathLike, base: str | os.PathLike, dtype="fp32", **resolve_kwargs):
+    """The generator's initial UNet: DMD2's raw state dict (.bin or .safetensors, SDXL-UNet layout) in the
+    architecture of `base`'s UNet config. A key or shape mismatch fails naming the file and the first keys."""
+    from diffusers import UNet2DConditionModel
+
+    root = locate(base, ["unet"], **resolve_kwargs)
+    path = Path(weights)
+    if not path.exists():
+        path = _fetch_file(str(weights), **resolve_kwargs)
+    state = _read_state_dict(path)
+    config = UNet2DConditionModel.load_config(root, subfolder="unet")
+    unet = UNet2DConditionModel.from_config(config)
+    expected = unet.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    wrong = [k for k in expected if k in state and state[k].shape != expected[k].shape]
+    if missing or unexpected or wrong:
+        raise UserError(
+            f"{str(weights)!r} is not an SDXL-UNet state dict for {str(base)!r}: "
+            f"{len(missing)} missing keys (e.g. {missing[:3]}), {len(unexpected)} unexpected "
+            f"(e.g. {unexpected[:3]}), {len(wrong)} of another shape (e.g. {wrong[:3]}); "
+            f"pass DMD2's UNet file ({DMD2_UNET_1STEP})"
+        )
+    unet.load_state_dict(state)
+    return unet.to(parse_dtype(dtype))
+
+
+def _fetch_file(spec: str, **resolve_kwargs) -> Path:
+    """A single file given as a URI or as 'org/name:filename' on the hub."""
+    if ":" in spec and "://" not in spec:
+        repo, filename = spec.split(":", 1)
+        root = resolve_model_dir(repo, allow_patterns=[filename], **resolve_kwargs)
+        path = root / filename
+    else:
+        parent, name = spec.rsplit("/", 1)
+        path = resolve_model_dir(parent, **resolve_kwargs) / name
+    if not path.is_file():
+        raise UserError(f"weights file {spec!r} not found (looked at {path})")
+    return path
+
+
+def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise UserError(f"cannot read {str(path)!r} as a PyTorch state dict: {err}") from err
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise UserError(f"{str(path)!r} holds a {type(state).__name__}, not a state dict")
+    return state
+
+
+# -- conditioning -------------------------------------------------------------------------------
+
+
+@dataclass
+class SDXLConditioning:
+    """What an SDXL UNet is conditioned on, for a batch of B prompts."""
+
+    prompt_embeds: torch.Tensor  # (B, 77, D1 + D2): penultimate hidden states of both encoders
+    pooled_prompt_embeds: torch.Tensor  # (B, P): projected pooled output of the second encoder
+    add_time_ids: torch.Tensor  # (B, 6): [H, W, 0, 0, H, W]
+
+    @property
+    def batch_size(self) -> int:
+        return self.prompt_embeds.shape[0]
+
+    def null(self) -> SDXLConditioning:
+        """The unconditional branch: zero text and pooled embeddings, the same micro-conditioning."""
+        return SDXLConditioning(
+            torch.zeros_like(self.prompt_embeds), torch.zeros_like(self.pooled_prompt_embeds), self.add_time_ids
+        )
+
+    def cat(self, other: SDXLConditioning) -> SDXLConditioning:
+        return SDXLConditioning(
+            torch.cat([self.prompt_embeds, other.prompt_embeds]),
+            torch.cat([self.pooled_prompt_embeds, other.pooled_prompt_embeds]),
+            torch.cat([self.add_time_ids, other.add_time_ids]),
+        )
+
+    def to(self, device=None, dtype=None) -> SDXLConditioning:
+        return SDXLConditioning(
+            self.prompt_embeds.to(device, dtype), self.pooled_prompt_embeds.to(device, dtype),
+            self.add_time_ids.to(device, dtype),
+        )  # fmt: skip
+
+    def unet_kwargs(self) -> dict:
+        return {
+            "encoder_hidden_states": self.prompt_embeds,
+            "added_cond_kwargs": {"text_embeds": self.pooled_prompt_embeds, "time_ids": self.add_time_ids},
+        }
+
+
+def add_time_ids(batch_size: int, height: int, width: int) -> torch.Tensor:
+    """SDXL micro-conditioning: original size (H, W), crop top-left (0, 0), target size (H, W), in pixels."""
+    return torch.tensor([[height, width, 0, 0, height, width]], dtype=torch.float32).repeat(batch_size, 1)
+
+
+class PromptEncoder(nn.Module):
+    """Both SDXL text encoders, frozen; `encode` can keep its results for prompts it has seen (cache=True)."""
+
+    def __init__(self, tokenizer, tokenizer_2, text_encoder, text_encoder_2, cache: bool = False):
+        super().__init__()
+        self.tokenizers = [tokenizer, tokenizer_2]
+        self.text_encoder, self.text_encoder_2 = text_encoder, text_encoder_2
+        self.requires_grad_(False).eval()
+        self._cache: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = {} if cache else None
+
+    @classmethod
+    def from_pretrained(cls, source, dtype="fp32", cache: bool = False, **resolve_kwargs) -> PromptEncoder:
+        from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
+
+        root = locate(source, ["tokenizer", "tokenizer_2", "text_encoder", "text_encoder_2"], **resolve_kwargs)
+        dtype = parse_dtype(dtype)
+        return cls(
+            AutoTokenizer.from_pretrained(root, subfolder="tokenizer"),
+            AutoTokenizer.from_pretrained(root, subfolder="tokenizer_2"),
+            CLIPTextModel.from_pretrained(root, subfolder="text_encoder", dtype=dtype),
+            CLIPTextModelWithProjection.from_pretrained(root, subfolder="text_encoder_2", dtype=dtype),
+            cache=cache,
+        )
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.text_encoder.parameters()).device
+
+    @torch.no_grad()
+    def _encode_uncached(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        hidden, pooled = [], None
+        for tokenizer, encoder in zip(self.tokenizers, (self.text_encoder, self.text_encoder_2), strict=True):
+            ids = tokenizer(
+                prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                return_tensors="pt",
+            ).input_ids.to(self.device)  # fmt: skip
+            out = encoder(ids, output_hidden_states=True)
+            hidden.append(out.hidden_states[-2])
+            pooled = out.text_embeds if hasattr(out, "text_embeds") else None
+        return torch.cat(hidden, dim=-1), pooled
+
+    def encode(self, prompts: Sequence[str], height: int, width: int) -> SDXLConditioning:
+        prompts = list(prompts)
+        if not prompts or not all(isinstance(p, str) for p in prompts):
+            raise ValueError("prompts must be a non-empty list of strings")
+        if self._cache is None:
+            embeds, pooled = self._encode_uncached(prompts)
+        else:
+            todo = sorted({p for p in prompts if p not in self._cache})
+            if todo:
+                e, p = self._encode_uncached(todo)
+                self._cache.update({k: (e[i].cpu(), p[i].cpu()) for i, k in enumerate(todo)})
+            embeds = torch.stack([self._cache[p][0] for p in prompts]).to(self.device)
+            pooled = torch.stack([self._cache[p][1] for p in prompts]).to(self.device)
+        return SDXLConditioning(embeds, pooled, add_time_ids(len(prompts), height, width).to(self.device, embeds.dtype))
+
+
+# -- the three diffusion networks -----------------------------------------------------------------
+
+
+def _unet_eps(unet, x_t: torch.Tensor, t: torch.Tensor, cond: SDXLConditioning) -> torch.Tensor:
+    dtype = next(unet.parameters()).dtype
+    out = unet(x_t.to(dtype), t, **cond.to(x_t.device, dtype).unet_kwargs()).sample
+    return out.to(x_t.dtype)
+
+
+class OneStepGenerator(nn.Module):
+    """g_θ: noise z (read as x_{t*}) and a prompt → x0 = (z − σ_{t*} ε̂_θ(z, t*, c)) / a_{t*}."""
+
+    def __init__(self, unet, schedule: VPSchedule | None = None, t_star: int = SDXL_GENERATOR_TIMESTEP):
+        super().__init__()
+        self.unet = unet
+        self.schedule = schedule or VPSchedule.sdxl()
+        self.t_star = int(self.schedule.check_timesteps(torch.tensor(t_star), "t_star"))
+
+    def forward(self, z: torch.Tensor, cond: SDXLConditioning) -> torch.Tensor:
+        if z.shape[0] != cond.batch_size:
+            raise ValueError(f"z has batch size {z.shape[0]} but the conditioning has {cond.batch_size}")
+        t = torch.full((z.shape[0],), self.t_star, device=z.device, dtype=torch.long)
+        return self.schedule.one_step_x0(z, _unet_eps(self.unet, z, t, cond), self.t_star)
+
+
+class Reference(nn.Module):
+    """ε_ref^cfg: the frozen reference UNet with classifier-free guidance (α_cfg, default 7.5).
+
+    The conditional and unconditional branches run as one batch of 2B. The parameters are frozen, but
+    gradients flow through x_t (the DI* generator loss backpropagates through this network's input).
+    """
+
+    def __init__(self, unet, guidance_scale: float = 7.5):
+        super().__init__()
+        self.unet = unet.requires_grad_(False).eval()
+        self.guidance_scale = float(guidance_scale)
+
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor, cond: SDXLConditioning) -> torch.Tensor:
+        if self.guidance_scale == 1.0:
+            return _unet_eps(self.unet, x_t, t, cond)
+        both = _unet_eps(self.unet, torch.cat([x_t, x_t]), torch.cat([t, t]), cond.null().cat(cond))
+        eps_uncond, eps_cond = both.chunk(2)
+        return cfg(eps_uncond, eps_cond, self.guidance_scale)
+
+
+class Assistant(nn.Module):
+    """ε_ψ: a trainable diffusion model of the generator's own distribution (conditional, no CFG)."""
+
+    def __init__(self, unet):
+        super().__init__()
+        self.unet = unet.requires_grad_(True).train()
+
+    @classmethod
+    def from_reference(cls, reference_unet, init: str | os.PathLike | None = None, **resolve_kwargs) -> Assistant:
+        """A trainable copy of the reference UNet, or (init) a UNet loaded from a checkpoint."""
+        unet = copy.deepcopy(reference_unet) if init is None else load_unet(init, **resolve_kwargs)
+        return cls(unet.float() if init is None else unet)
+
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor, cond: SDXLConditioning) -> torch.Tensor:
+        return _unet_eps(self.unet, x_t, t, cond)
+
+
+# -- latents ↔ images -----------------------------------------------------------------------------
+
+
+def decode(vae, x0: torch.Tensor) -> torch.Tensor:
+    """Differentiable VAE decode of latents x0 to images in [0, 1], shape (B, 3, H, W), in x0's dtype.
+
+    The latents are divided by the VAE's scaling factor (SDXL: 0.13025) first. Pixels are clamped to [0, 1]
+    (the reward models' input range), so gradients vanish only where a pixel is already out of range.
+    """
+    vae_dtype = next(vae.parameters()).dtype
+    latents = (x0 / vae.config.scaling_factor).to(vae_dtype)
+    images = vae.decode(latents).sample
+    return (images.float() / 2 + 0.5).clamp(0, 1).to(x0.dtype)
+
+
+def encode(vae, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Images in [0, 1] → latents (sampled from the VAE posterior), scaled by the scaling factor."""
+    vae_dtype = next(vae.parameters()).dtype
+    dist = vae.encode((images * 2 - 1).to(vae_dtype)).latent_dist
+    return (dist.sample(generator) * vae.config.scaling_factor).to(images.dtype)
