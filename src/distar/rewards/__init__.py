@@ -1,0 +1,78 @@
+"""Human-preference rewards: one interface, r(images, prompts) → (B,), and a weighted combination from config."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from distar.errors import UserError
+from distar.rewards.models import AestheticHead, AestheticReward, ClipReward, RewardModel
+from distar.rewards.preprocess import check_images_and_prompts
+
+LAION_CLIP_H = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
+OPENAI_CLIP_L = "openai/clip-vit-large-patch14"
+
+# name → (default model source, default processor/tokenizer source, default extra file)
+DEFAULTS = {
+    "pickscore": ("yuvalkirstain/PickScore_v1", LAION_CLIP_H, None),
+    # The converted HPSv2.1 model as `distar cache` writes it (from xswu/HPSv2:HPS_v2.1_compressed.pt).
+    "hpsv2.1": ("xswu/HPSv2-converted", LAION_CLIP_H, None),
+    "clip": (OPENAI_CLIP_L, None, None),
+    "aesthetic": (OPENAI_CLIP_L, None, "camenduru/improved-aesthetic-predictor:sac+logos+ava1-l14-linearMSE.pth"),
+}
+KNOWN = tuple(DEFAULTS)
+
+
+@dataclass
+class RewardSpec:
+    """One term of the reward: name, weight, and where its weights come from (None: the default)."""
+
+    name: str
+    weight: float = 1.0
+    source: str | None = None
+    processor: str | None = None
+    head: str | None = None
+
+
+def load_reward(spec: RewardSpec, dtype="fp32", **resolve_kwargs) -> RewardModel:
+    if spec.name not in DEFAULTS:
+        raise UserError(f"unknown reward {spec.name!r}; known rewards: {', '.join(KNOWN)}")
+    source, processor, head = DEFAULTS[spec.name]
+    if spec.source:  # a model given explicitly brings its own tokenizer unless a processor is named too
+        source, processor = spec.source, spec.processor
+    processor, head = spec.processor or processor, spec.head or head
+    if spec.name == "aesthetic":
+        return AestheticReward.from_pretrained(source, head, processor, dtype=dtype, **resolve_kwargs)
+    return ClipReward.from_pretrained(spec.name, source, processor, dtype=dtype, **resolve_kwargs)
+
+
+class WeightedReward(nn.Module):
+    """r = Σ_i w_i r_i; `terms` returns each r_i for logging."""
+
+    def __init__(self, rewards: Sequence[RewardModel], weights: Sequence[float]):
+        super().__init__()
+        if len(rewards) != len(weights) or not rewards:
+            raise ValueError("rewards and weights must be non-empty lists of the same length")
+        self.rewards = nn.ModuleList(rewards)
+        self.weights = [float(w) for w in weights]
+
+    @classmethod
+    def from_specs(cls, specs: Sequence[RewardSpec], dtype="fp32", **resolve_kwargs) -> WeightedReward:
+        return cls([load_reward(s, dtype, **resolve_kwargs) for s in specs], [s.weight for s in specs])
+
+    def terms(self, images: torch.Tensor, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
+        check_images_and_prompts(images, prompts)
+        return {r.name: r(images, prompts) for r in self.rewards}
+
+    def forward(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
+        terms = self.terms(images, prompts)
+        return sum(w * terms[r.name] for r, w in zip(self.rewards, self.weights, strict=True))
+
+
+__all__ = [
+    "KNOWN", "AestheticHead", "AestheticReward", "ClipReward", "RewardModel", "RewardSpec", "WeightedReward",
+    "load_reward",
+]  # fmt: skip

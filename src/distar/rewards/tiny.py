@@ -1,0 +1,82 @@
+"""Tiny stand-ins for every reward, written by the same path as the real ones: config → random weights →
+save_pretrained → the real loaders."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from distar.models.tiny import write_tiny_clip_tokenizer
+from distar.rewards.models import AestheticHead
+from distar.rewards.preprocess import CLIP_MEAN, CLIP_STD
+
+TINY_IMAGE_SIZE = 32
+
+
+def tiny_clip_config(vocab_size: int, bos: int, eos: int):
+    from transformers import CLIPConfig
+
+    return CLIPConfig(
+        text_config=dict(vocab_size=vocab_size, hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+                         num_attention_heads=4, max_position_embeddings=77, hidden_act="gelu", bos_token_id=bos,
+                         eos_token_id=eos, pad_token_id=eos),
+        vision_config=dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+                           image_size=TINY_IMAGE_SIZE, patch_size=8, hidden_act="gelu"),
+        projection_dim=16,
+    )  # fmt: skip
+
+
+def _write_processor(out: Path) -> None:
+    write_tiny_clip_tokenizer(out)
+    from transformers import CLIPTokenizer
+
+    CLIPTokenizer.from_pretrained(out).save_pretrained(out)
+    (out / "preprocessor_config.json").write_text(json.dumps({
+        "crop_size": {"height": TINY_IMAGE_SIZE, "width": TINY_IMAGE_SIZE}, "size": {"shortest_edge": TINY_IMAGE_SIZE},
+        "image_mean": list(CLIP_MEAN), "image_std": list(CLIP_STD), "do_center_crop": True, "resample": 3,
+    }))  # fmt: skip
+
+
+def build_tiny_clip_reward(out_dir: str | os.PathLike, seed: int = 0) -> Path:
+    """A tiny CLIPModel directory with its tokenizer and preprocessor config (PickScore / HPSv2.1 / CLIP)."""
+    from transformers import CLIPModel, CLIPTokenizer
+
+    out = Path(out_dir)
+    _write_processor(out)
+    tok = CLIPTokenizer.from_pretrained(out)
+    torch.manual_seed(seed)
+    CLIPModel(tiny_clip_config(len(tok), tok.bos_token_id, tok.eos_token_id)).save_pretrained(out)
+    return out
+
+
+def build_tiny_aesthetic(out_dir: str | os.PathLike, seed: int = 0) -> tuple[Path, Path]:
+    """A tiny CLIP vision tower directory and an aesthetic head file; returns (source, head)."""
+    from transformers import CLIPTokenizer, CLIPVisionModelWithProjection
+
+    out = Path(out_dir)
+    _write_processor(out)
+    tok = CLIPTokenizer.from_pretrained(out)
+    torch.manual_seed(seed)
+    config = tiny_clip_config(len(tok), tok.bos_token_id, tok.eos_token_id)
+    vision_config = config.vision_config
+    vision_config.projection_dim = config.projection_dim
+    CLIPVisionModelWithProjection(vision_config).save_pretrained(out)
+    head = AestheticHead(config.projection_dim)
+    head_path = out / "aesthetic_head.safetensors"
+    save_file(head.state_dict(), str(head_path))
+    return out, head_path
+
+
+def build_tiny_rewards(out_dir: str | os.PathLike) -> dict:
+    """Every reward's tiny stand-in under out_dir; returns {name: RewardSpec kwargs} for `RewardSpec(**…)`."""
+    out = Path(out_dir)
+    specs = {}
+    for i, name in enumerate(("pickscore", "hpsv2.1", "clip")):
+        specs[name] = {"name": name, "source": str(build_tiny_clip_reward(out / name, seed=10 + i))}
+    source, head = build_tiny_aesthetic(out / "aesthetic", seed=20)
+    specs["aesthetic"] = {"name": "aesthetic", "source": str(source), "head": str(head)}
+    return specs
