@@ -106,8 +106,9 @@ def _open_clip_and_converted():
     ref = OpenCLIP(embed_dim=16, image_size=32, patch_size=8, vision_width=32, vision_layers=2, vision_heads=4,
                    vocab_size=100, context_length=77, text_width=24, text_layers=2, text_heads=4).eval()  # fmt: skip
     config = CLIPConfig(
-        text_config=dict(vocab_size=100, hidden_size=24, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-                         max_position_embeddings=77, hidden_act="gelu", bos_token_id=98, eos_token_id=99, pad_token_id=0),
+        text_config=dict(vocab_size=100, hidden_size=24, intermediate_size=96, num_hidden_layers=2,
+                         num_attention_heads=4, max_position_embeddings=77, hidden_act="gelu", bos_token_id=98,
+                         eos_token_id=99, pad_token_id=0),
         vision_config=dict(hidden_size=32, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                            image_size=32, patch_size=8, hidden_act="gelu"),
         projection_dim=16,
