@@ -182,3 +182,26 @@ def test_model_cache_is_read_for_hub_ids(tiny_sdxl, tmp_path):
     shutil.copytree(tiny_sdxl, cache / "stabilityai" / "stable-diffusion-xl-base-1.0")
     unet = load_unet("stabilityai/stable-diffusion-xl-base-1.0", cache_dir=cache, offline=True)
     assert unet.config.addition_embed_type == "text_time"
+
+
+def test_dtype_policy_keeps_the_sdxl_vae_out_of_fp16():
+    from distar.models.sdxl import DTypePolicy
+
+    assert DTypePolicy().check().vae == "fp32"
+    DTypePolicy(vae="fp16").check(vae_source="madebyollin/sdxl-vae-fp16-fix")
+    with pytest.raises(UserError, match="fp16-fix VAE"):
+        DTypePolicy(vae="fp16").check(vae_source="stabilityai/stable-diffusion-xl-base-1.0")
+    with pytest.raises(UserError, match="dtype 'fp8' is not known"):
+        DTypePolicy(reference="fp8").check()
+
+
+def test_reference_runs_in_bf16_with_fp32_io(parts):
+    import copy
+
+    _, unet, _, cond = parts
+    ref = Reference(copy.deepcopy(unet).to(torch.bfloat16))
+    x_t = torch.randn(2, 4, 32, 32)
+    out = ref(x_t, torch.tensor([300, 600]), cond)
+    assert out.dtype == torch.float32 and torch.isfinite(out).all()
+    exact = Reference(unet)(x_t, torch.tensor([300, 600]), cond)
+    assert (out - exact).abs().mean() < 0.05 * exact.abs().mean() + 0.05

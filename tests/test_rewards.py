@@ -6,8 +6,10 @@ import torch
 from distar.errors import UserError
 from distar.rewards import KNOWN, AestheticReward, ClipReward, RewardSpec, WeightedReward, load_reward
 from distar.rewards.convert import convert_hpsv2, open_clip_to_hf
+from distar.rewards.image_reward import IMAGEREWARD_MEAN, IMAGEREWARD_STD, ImageReward, convert_image_reward
 from distar.rewards.preprocess import CLIP_MEAN, CLIP_STD, normalize, resize_longest_pad, resize_shortest_center_crop
 from distar.rewards.tiny import build_tiny_rewards
+from tests.blip_reference import BertModel, ImageRewardReference, VisionTransformer
 from tests.open_clip_reference import OpenCLIP
 
 PROMPTS = ["a red cube on a blue sphere", "a watercolor painting of a fox"]
@@ -124,10 +126,8 @@ def test_open_clip_converter_computes_the_same_function(tmp_path):
     pixels = torch.randn(3, 3, 32, 32)
     text = torch.zeros(3, 77, dtype=torch.long)
     for i, n in enumerate((5, 9, 20)):  # bos, tokens, eos (the largest id), zero padding: open_clip's layout
-        text[i, 0], text[i, 1:n] = (
-            98,
-            torch.randint(1, 98, (n - 1,)),
-        )
+        text[i, 0] = 98
+        text[i, 1:n] = torch.randint(1, 98, (n - 1,))
         text[i, n] = 99
     with torch.no_grad():
         img_hf = model.get_image_features(pixel_values=pixels).pooler_output
@@ -162,14 +162,14 @@ def test_converter_rejects_other_checkpoints(tmp_path):
     ],
 )
 def test_bad_images_and_prompts_name_the_argument(rewards, images, prompts, match):
-    for reward in (rewards["pickscore"], rewards["aesthetic"]):
+    for reward in (rewards["pickscore"], rewards["aesthetic"], rewards["imagereward"]):
         with pytest.raises(ValueError, match=match):
             reward(images, prompts)
 
 
 def test_unknown_reward_lists_the_known_ones():
     with pytest.raises(
-        UserError, match="unknown reward 'pixscore'; known rewards: pickscore, hpsv2.1, clip, aesthetic"
+        UserError, match="unknown reward 'pixscore'; known rewards: pickscore, hpsv2.1, clip, aesthetic, imagereward$"
     ):
         load_reward(RewardSpec("pixscore"))
 
@@ -188,3 +188,36 @@ def test_missing_reward_files_are_listed(specs, tmp_path):
         AestheticReward.from_pretrained(
             specs["aesthetic"]["source"], specs["pickscore"]["source"] + "/model.safetensors"
         )
+
+
+def test_image_reward_converter_computes_the_same_function(specs, tmp_path):
+    from transformers import BlipTextConfig, BlipVisionConfig
+
+    torch.manual_seed(0)
+    tokenizer_dir = specs["imagereward"]["source"] + "/tokenizer"
+    vocab = 91  # the tiny BERT tokenizer's size, [DEC] and [ENC] included
+    ref = ImageRewardReference(VisionTransformer(32, 8, 32, 2, 4), BertModel(vocab, 24, 2, 4, 48, 32),
+                               IMAGEREWARD_MEAN, IMAGEREWARD_STD).eval()  # fmt: skip
+    torch.save(ref.state_dict(), tmp_path / "ImageReward.pt")
+    configs = (
+        BlipVisionConfig(hidden_size=32, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                         image_size=32, patch_size=8, layer_norm_eps=1e-6, hidden_act="gelu"),
+        BlipTextConfig(vocab_size=vocab, hidden_size=24, encoder_hidden_size=32, intermediate_size=48,
+                       num_hidden_layers=2, num_attention_heads=4, is_decoder=True, hidden_act="gelu"),
+    )  # fmt: skip
+    out = convert_image_reward(tmp_path / "ImageReward.pt", tmp_path / "ir", tokenizer_source=tokenizer_dir,
+                               configs=configs)  # fmt: skip
+    reward = ImageReward.from_pretrained(out)
+    assert len(reward.tokenizer) == vocab
+    images = _images(5)
+    ids = reward.tokenizer(PROMPTS, padding="max_length", truncation=True, max_length=35, return_tensors="pt")
+    assert ids.attention_mask[0].sum() < 35  # padding is present, so the attention mask is exercised
+    with torch.no_grad():
+        expected = ref.score(ids.input_ids, ids.attention_mask, reward.preprocess(images))
+        torch.testing.assert_close(reward(images, PROMPTS), expected, atol=1e-5, rtol=1e-4)
+
+
+def test_image_reward_converter_rejects_other_checkpoints(tmp_path):
+    torch.save({"visual.conv1.weight": torch.zeros(1)}, tmp_path / "x.pt")
+    with pytest.raises(UserError, match="not an ImageReward state dict"):
+        convert_image_reward(tmp_path / "x.pt", tmp_path / "out")

@@ -338,3 +338,26 @@ def encode(vae, images: torch.Tensor, generator: torch.Generator | None = None) 
     vae_dtype = next(vae.parameters()).dtype
     dist = vae.encode((images * 2 - 1).to(vae_dtype)).latent_dist
     return (dist.sample(generator) * vae.config.scaling_factor).to(images.dtype)
+
+
+@dataclass
+class DTypePolicy:
+    """Weight dtype of each part. The SDXL VAE overflows in fp16, so it stays fp32 unless the fp16-fix VAE
+    (madebyollin/sdxl-vae-fp16-fix) is the configured VAE."""
+
+    generator: str = "fp32"
+    reference: str = "bf16"
+    assistant: str = "fp32"
+    text_encoders: str = "bf16"
+    vae: str = "fp32"
+    reward: str = "bf16"
+
+    def check(self, vae_source: str | None = None) -> DTypePolicy:
+        for part in ("generator", "reference", "assistant", "text_encoders", "vae", "reward"):
+            parse_dtype(getattr(self, part))
+        if parse_dtype(self.vae) == torch.float16 and "fp16-fix" not in str(vae_source or ""):
+            raise UserError(
+                f"vae dtype fp16 needs the fp16-fix VAE ({SDXL_VAE_FP16_FIX}); the SDXL VAE overflows "
+                f"in fp16. Set the VAE source to it, or use vae=fp32 or bf16"
+            )
+        return self

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from distar.errors import UserError
+from distar.rewards.image_reward import ImageReward
 from distar.rewards.models import AestheticHead, AestheticReward, ClipReward, RewardModel
 from distar.rewards.preprocess import check_images_and_prompts
 
@@ -22,6 +23,8 @@ DEFAULTS = {
     "hpsv2.1": ("xswu/HPSv2-converted", LAION_CLIP_H, None),
     "clip": (OPENAI_CLIP_L, None, None),
     "aesthetic": (OPENAI_CLIP_L, None, "camenduru/improved-aesthetic-predictor:sac+logos+ava1-l14-linearMSE.pth"),
+    # The converted ImageReward as `distar cache` writes it (from THUDM/ImageReward:ImageReward.pt), tokenizer inside.
+    "imagereward": ("THUDM/ImageReward-converted", None, None),
 }
 KNOWN = tuple(DEFAULTS)
 
@@ -44,6 +47,8 @@ def load_reward(spec: RewardSpec, dtype="fp32", **resolve_kwargs) -> RewardModel
     if spec.source:  # a model given explicitly brings its own tokenizer unless a processor is named too
         source, processor = spec.source, spec.processor
     processor, head = spec.processor or processor, spec.head or head
+    if spec.name == "imagereward":
+        return ImageReward.from_pretrained(source, processor, dtype=dtype, **resolve_kwargs)
     if spec.name == "aesthetic":
         return AestheticReward.from_pretrained(source, head, processor, dtype=dtype, **resolve_kwargs)
     return ClipReward.from_pretrained(spec.name, source, processor, dtype=dtype, **resolve_kwargs)
@@ -73,6 +78,7 @@ class WeightedReward(nn.Module):
 
 
 __all__ = [
-    "KNOWN", "AestheticHead", "AestheticReward", "ClipReward", "RewardModel", "RewardSpec", "WeightedReward",
+    "KNOWN", "AestheticHead", "AestheticReward", "ClipReward", "ImageReward", "RewardModel", "RewardSpec",
+    "WeightedReward",
     "load_reward",
 ]  # fmt: skip

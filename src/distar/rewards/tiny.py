@@ -71,6 +71,47 @@ def build_tiny_aesthetic(out_dir: str | os.PathLike, seed: int = 0) -> tuple[Pat
     return out, head_path
 
 
+def write_tiny_bert_tokenizer(out_dir: str | os.PathLike) -> Path:
+    """A WordPiece tokenizer over single characters with BLIP's extra [DEC] and [ENC] tokens."""
+    from transformers import BertTokenizer
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    chars = [chr(c) for c in range(ord("a"), ord("z") + 1)] + list("0123456789.,!?'-")
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + chars + ["##" + c for c in chars]
+    (out / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    tok = BertTokenizer(str(out / "vocab.txt"))
+    tok.add_special_tokens({"bos_token": "[DEC]", "additional_special_tokens": ["[ENC]"]})
+    (out / "vocab.txt").unlink()
+    tok.save_pretrained(out)
+    return out
+
+
+def build_tiny_image_reward(out_dir: str | os.PathLike, seed: int = 0) -> Path:
+    """A tiny ImageReward directory in the layout `convert_image_reward` writes."""
+    from transformers import AutoTokenizer, BlipTextConfig, BlipTextModel, BlipVisionConfig, BlipVisionModel
+
+    from distar.rewards.image_reward import IMAGEREWARD_MAX_LENGTH, IMAGEREWARD_MEAN, IMAGEREWARD_STD, ImageRewardHead
+
+    out = Path(out_dir)
+    tok = AutoTokenizer.from_pretrained(write_tiny_bert_tokenizer(out / "tokenizer"))
+    torch.manual_seed(seed)
+    vision = BlipVisionModel(BlipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                              num_attention_heads=4, image_size=TINY_IMAGE_SIZE, patch_size=8,
+                                              layer_norm_eps=1e-6, hidden_act="gelu"))  # fmt: skip
+    text = BlipTextModel(BlipTextConfig(vocab_size=len(tok), hidden_size=24, encoder_hidden_size=32,
+                                        intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                                        max_position_embeddings=64, is_decoder=True, pad_token_id=tok.pad_token_id,
+                                        bos_token_id=tok.bos_token_id, sep_token_id=tok.sep_token_id),
+                         add_pooling_layer=False)  # fmt: skip
+    vision.save_pretrained(out / "vision")
+    text.save_pretrained(out / "text")
+    save_file(ImageRewardHead(24).state_dict(), str(out / "head.safetensors"))
+    meta = {"mean": IMAGEREWARD_MEAN, "std": IMAGEREWARD_STD, "max_length": IMAGEREWARD_MAX_LENGTH}
+    (out / "imagereward.json").write_text(json.dumps(meta))
+    return out
+
+
 def build_tiny_rewards(out_dir: str | os.PathLike) -> dict:
     """Every reward's tiny stand-in under out_dir; returns {name: RewardSpec kwargs} for `RewardSpec(**…)`."""
     out = Path(out_dir)
@@ -79,4 +120,5 @@ def build_tiny_rewards(out_dir: str | os.PathLike) -> dict:
         specs[name] = {"name": name, "source": str(build_tiny_clip_reward(out / name, seed=10 + i))}
     source, head = build_tiny_aesthetic(out / "aesthetic", seed=20)
     specs["aesthetic"] = {"name": "aesthetic", "source": str(source), "head": str(head)}
+    specs["imagereward"] = {"name": "imagereward", "source": str(build_tiny_image_reward(out / "imagereward", 30))}
     return specs
