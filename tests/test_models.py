@@ -205,3 +205,18 @@ def test_reference_runs_in_bf16_with_fp32_io(parts):
     assert out.dtype == torch.float32 and torch.isfinite(out).all()
     exact = Reference(unet)(x_t, torch.tensor([300, 600]), cond)
     assert (out - exact).abs().mean() < 0.05 * exact.abs().mean() + 0.05
+
+
+def test_stock_diffusers_one_step_sampling_equals_the_generator(tiny_sdxl, parts):
+    """The generator's convention is the one diffusers users run: LCMScheduler, timesteps=[399], no guidance."""
+    from diffusers import LCMScheduler, StableDiffusionXLPipeline
+
+    _, unet, _, cond = parts
+    pipe = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl)
+    pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)
+    z = torch.randn(2, 4, 32, 32, generator=torch.Generator().manual_seed(3))
+    latents = pipe(PROMPTS, num_inference_steps=1, timesteps=[399], guidance_scale=0.0, height=64, width=64,
+                   latents=z.clone(), output_type="latent").images  # fmt: skip
+    x0 = OneStepGenerator(unet, t_star=399)(z, cond)
+    # LCM's boundary condition keeps c_skip ≈ 1.6e-8 of the input: equal to float tolerance.
+    torch.testing.assert_close(latents, x0, atol=1e-4, rtol=1e-4)
