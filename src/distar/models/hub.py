@@ -12,6 +12,8 @@ import re
 from collections.abc import Iterable
 from pathlib import Path
 
+import torch
+
 from distar import storage
 from distar.errors import UserError
 
@@ -85,3 +87,37 @@ def require_files(root: Path, groups: dict[str, list[list[str]]]) -> None:
         raise UserError(
             f"model directory {str(root)!r} is missing {len(missing)} file(s):\n  - " + "\n  - ".join(missing)
         )
+
+
+def resolve_file(spec: str | os.PathLike, **resolve_kwargs) -> Path:
+    """A single file given as a local path, an fsspec URI, or 'org/name:filename' on the hub."""
+    spec = str(spec)
+    if Path(spec).is_file():
+        return Path(spec)
+    if "://" not in spec and ":" in spec:
+        repo, filename = spec.split(":", 1)
+        path = resolve_model_dir(repo, allow_patterns=[filename], **resolve_kwargs) / filename
+    else:
+        parent, _, filename = spec.rpartition("/")
+        path = resolve_model_dir(parent, **resolve_kwargs) / filename
+    if not path.is_file():
+        raise UserError(f"file {spec!r} not found (looked at {path})")
+    return path
+
+
+def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """A state dict from .safetensors or a torch pickle (weights only; a {"state_dict": …} wrapper is unwrapped)."""
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises several types for a file that is not a checkpoint
+        raise UserError(f"cannot read {str(path)!r} as a PyTorch state dict: {err}") from err
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise UserError(f"{str(path)!r} holds a {type(state).__name__}, not a state dict")
+    return state

@@ -20,7 +20,7 @@ from torch import nn
 from distar.diffusion import SDXL_GENERATOR_TIMESTEP, VPSchedule
 from distar.errors import UserError
 from distar.losses import cfg
-from distar.models.hub import require_files, resolve_model_dir
+from distar.models.hub import read_state_dict, require_files, resolve_file, resolve_model_dir
 
 SDXL_BASE = "stabilityai/stable-diffusion-xl-base-1.0"
 SDXL_VAE_FP16_FIX = "madebyollin/sdxl-vae-fp16-fix"
@@ -102,10 +102,7 @@ def load_dmd2_unet(weights: str | os.PathLike, base: str | os.PathLike, dtype="f
     from diffusers import UNet2DConditionModel
 
     root = locate(base, ["unet"], **resolve_kwargs)
-    path = Path(weights)
-    if not path.exists():
-        path = _fetch_file(str(weights), **resolve_kwargs)
-    state = _read_state_dict(path)
+    state = read_state_dict(resolve_file(weights, **resolve_kwargs))
     config = UNet2DConditionModel.load_config(root, subfolder="unet")
     unet = UNet2DConditionModel.from_config(config)
     expected = unet.state_dict()
@@ -121,36 +118,6 @@ def load_dmd2_unet(weights: str | os.PathLike, base: str | os.PathLike, dtype="f
         )
     unet.load_state_dict(state)
     return unet.to(parse_dtype(dtype))
-
-
-def _fetch_file(spec: str, **resolve_kwargs) -> Path:
-    """A single file given as a URI or as 'org/name:filename' on the hub."""
-    if ":" in spec and "://" not in spec:
-        repo, filename = spec.split(":", 1)
-        root = resolve_model_dir(repo, allow_patterns=[filename], **resolve_kwargs)
-        path = root / filename
-    else:
-        parent, name = spec.rsplit("/", 1)
-        path = resolve_model_dir(parent, **resolve_kwargs) / name
-    if not path.is_file():
-        raise UserError(f"weights file {spec!r} not found (looked at {path})")
-    return path
-
-
-def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path))
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise UserError(f"cannot read {str(path)!r} as a PyTorch state dict: {err}") from err
-    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
-        state = state["state_dict"]
-    if not isinstance(state, dict):
-        raise UserError(f"{str(path)!r} holds a {type(state).__name__}, not a state dict")
-    return state
 
 
 # -- conditioning -------------------------------------------------------------------------------

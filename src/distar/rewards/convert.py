@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from distar.errors import UserError
+from distar.models.hub import read_state_dict
 
 
 def hpsv2_clip_config():
@@ -84,10 +85,9 @@ def convert_hpsv2(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, con
     from transformers import CLIPModel
 
     try:
-        raw = torch.load(checkpoint, map_location="cpu", weights_only=True)
-    except Exception as err:
+        state = read_state_dict(checkpoint)
+    except UserError as err:
         raise UserError(f"cannot read the HPSv2 checkpoint {str(checkpoint)!r}: {err}") from err
-    state = raw.get("state_dict", raw) if isinstance(raw, dict) else raw
     model = CLIPModel(config or hpsv2_clip_config())
     converted = open_clip_to_hf(state)
     missing, unexpected = model.load_state_dict(converted, strict=False)

@@ -13,12 +13,11 @@ import os
 from pathlib import Path
 
 import torch
-from torch import nn
 
 from distar.errors import UserError
-from distar.models.hub import require_files, resolve_model_dir
+from distar.models.hub import read_state_dict, require_files, resolve_model_dir
 from distar.models.sdxl import parse_dtype
-from distar.rewards.models import RewardModel, _load_state
+from distar.rewards.models import PreferenceMLP, RewardModel
 from distar.rewards.preprocess import CLIP_MEAN, CLIP_STD, normalize, resize_shortest_center_crop
 
 IMAGEREWARD_MEAN = 0.16717362830052426
@@ -26,18 +25,7 @@ IMAGEREWARD_STD = 1.0333394966054072
 IMAGEREWARD_MAX_LENGTH = 35
 
 
-class ImageRewardHead(nn.Module):
-    """ImageReward's MLP (keys layers.0 … layers.7 as in ImageReward.pt under `mlp.`)."""
-
-    def __init__(self, dim: int = 768):
-        super().__init__()
-        self.layers = nn.Sequential(
-            nn.Linear(dim, 1024), nn.Dropout(0.2), nn.Linear(1024, 128), nn.Dropout(0.2), nn.Linear(128, 64),
-            nn.Dropout(0.1), nn.Linear(64, 16), nn.Linear(16, 1),
-        )  # fmt: skip
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.layers(x).squeeze(-1)
+ImageRewardHead = PreferenceMLP
 
 
 def imagereward_configs():
@@ -159,9 +147,7 @@ def convert_image_reward(checkpoint: str | os.PathLike, out_dir: str | os.PathLi
     from transformers import AutoTokenizer, BlipTextModel, BlipVisionModel
 
     vision_cfg, text_cfg = configs or imagereward_configs()
-    state = _load_state(Path(checkpoint))
-    if not isinstance(state, dict):
-        raise UserError(f"{str(checkpoint)!r} does not hold a state dict")
+    state = read_state_dict(checkpoint)
     vision_sd, text_sd, head_sd = split_image_reward_state(state)
     out = Path(out_dir)
     vision = BlipVisionModel(vision_cfg)

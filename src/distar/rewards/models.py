@@ -12,7 +12,6 @@ All parameters are frozen; gradients reach the images only.
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -20,7 +19,7 @@ import torch
 from torch import nn
 
 from distar.errors import UserError
-from distar.models.hub import require_files, resolve_model_dir
+from distar.models.hub import read_state_dict, require_files, resolve_file, resolve_model_dir
 from distar.models.sdxl import parse_dtype
 from distar.rewards.preprocess import (
     CLIP_MEAN,
@@ -114,8 +113,9 @@ class ClipReward(RewardModel):
         return cos
 
 
-class AestheticHead(nn.Module):
-    """The LAION improved aesthetic predictor's MLP (keys layers.0 … layers.7, as in its .pth files)."""
+class PreferenceMLP(nn.Module):
+    """The MLP head shared by the LAION improved aesthetic predictor and ImageReward: 1024-128-64-16-1 with
+    dropout, keys layers.0 … layers.7 exactly as in both originals' checkpoints."""
 
     def __init__(self, dim: int = 768):
         super().__init__()
@@ -128,12 +128,15 @@ class AestheticHead(nn.Module):
         return self.layers(embeds).squeeze(-1)
 
 
+AestheticHead = PreferenceMLP
+
+
 class AestheticReward(RewardModel):
     """LAION aesthetic score: the MLP head on L2-normalised CLIP ViT-L/14 image embeddings (prompts unused)."""
 
     name = "aesthetic"
 
-    def __init__(self, vision, head: AestheticHead, image_config: dict):
+    def __init__(self, vision, head: PreferenceMLP, image_config: dict):
         super().__init__()
         self.vision, self.head, self.image_config = vision, head, image_config
         self.freeze()
@@ -145,9 +148,8 @@ class AestheticReward(RewardModel):
         root = resolve_model_dir(source, **resolve_kwargs)
         require_files(root, {"aesthetic CLIP": [["config.json"], _TRANSFORMERS_WEIGHTS]})
         vision = CLIPVisionModelWithProjection.from_pretrained(root, dtype=parse_dtype(dtype))
-        head_path = _single_file(head, **resolve_kwargs)
-        state = _load_state(head_path)
-        head_module = AestheticHead(state["layers.0.weight"].shape[1] if "layers.0.weight" in state else 768)
+        state = read_state_dict(resolve_file(head, **resolve_kwargs))
+        head_module = PreferenceMLP(state["layers.0.weight"].shape[1] if "layers.0.weight" in state else 768)
         try:
             head_module.load_state_dict(state)
         except RuntimeError as err:
@@ -162,31 +164,3 @@ class AestheticReward(RewardModel):
     def score(self, pixels: torch.Tensor, prompts: list[str]) -> torch.Tensor:
         embeds = self.vision(pixel_values=pixels).image_embeds
         return self.head(embeds / embeds.norm(dim=-1, keepdim=True))
-
-
-def _single_file(spec: str | os.PathLike, **resolve_kwargs) -> Path:
-    """A file given as a local path, an fsspec URI, or 'org/name:filename' on the hub."""
-    spec = str(spec)
-    if Path(spec).is_file():
-        return Path(spec)
-    if "://" not in spec and ":" in spec:
-        repo, filename = spec.split(":", 1)
-        path = resolve_model_dir(repo, allow_patterns=[filename], **resolve_kwargs) / filename
-    else:
-        parent, _, filename = spec.rpartition("/")
-        path = resolve_model_dir(parent, **resolve_kwargs) / filename
-    if not path.is_file():
-        raise UserError(f"file {spec!r} not found (looked at {path})")
-    return path
-
-
-def _load_state(path: Path) -> dict[str, torch.Tensor]:
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path))
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise UserError(f"cannot read {str(path)!r} as a PyTorch state dict: {err}") from err
-    return state.get("state_dict", state) if isinstance(state, dict) else state
