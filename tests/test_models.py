@@ -167,6 +167,9 @@ def test_loads_from_an_fsspec_uri(tiny_sdxl, tmp_path, monkeypatch):
     unet = load_unet("memory://tiny-sdxl")
     for k, v in build_tiny_unet(seed=0).state_dict().items():
         torch.testing.assert_close(unet.state_dict()[k], v, atol=1e-6, rtol=0)
+    # The finished download is reused: every part loaded from one URI reads one copy.
+    fs.rm("/tiny-sdxl", recursive=True)
+    assert load_vae("memory://tiny-sdxl").config.scaling_factor == pytest.approx(0.13025)
     assert load_unet(f"file://{tiny_sdxl}").config.cross_attention_dim == 64
     with pytest.raises(UserError, match="does not exist"):
         load_unet("memory://no-such-model")

@@ -29,15 +29,25 @@ def filesystem(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
     return fs, path
 
 
+COMPLETE_MARKER = ".distar-download-complete"
+
+
 def download_dir(uri: str, dest: str | os.PathLike) -> Path:
-    """Copy the tree under `uri` into the local directory `dest` (created); returns `dest`."""
+    """Copy the tree under `uri` into the local directory `dest` (created); returns `dest`.
+
+    A marker written after the last file makes a finished copy reusable: every part of a model loaded from
+    the same URI (UNet, encoders, VAE) reads one download, and an interrupted copy is fetched again.
+    """
+    dest = Path(dest)
+    if (dest / COMPLETE_MARKER).is_file():
+        return dest
     fs, path = filesystem(uri)
     if not fs.exists(path):
         raise UserError(f"{uri!r} does not exist")
-    dest = Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
     if fs.isdir(path):
         fs.get(path.rstrip("/") + "/", str(dest), recursive=True)
     else:
         fs.get(path, str(dest / Path(path).name))
+    (dest / COMPLETE_MARKER).write_text(uri)
     return dest
