@@ -57,8 +57,6 @@ def resolve_model_dir(
                 return local
         digest = hashlib.sha256(source.encode()).hexdigest()[:16]
         return storage.download_dir(source, default_download_root() / digest)
-    if Path(source).expanduser().is_dir():
-        return Path(source).expanduser()
     if Path(source).expanduser().exists():
         return Path(source).expanduser()
     if HUB_ID.match(source):

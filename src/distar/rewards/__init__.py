@@ -11,7 +11,6 @@ from torch import nn
 from distar.errors import UserError
 from distar.rewards.image_reward import ImageReward
 from distar.rewards.models import AestheticHead, AestheticReward, ClipReward, RewardModel
-from distar.rewards.preprocess import check_images_and_prompts
 
 LAION_CLIP_H = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
 OPENAI_CLIP_L = "openai/clip-vit-large-patch14"
@@ -69,7 +68,6 @@ class WeightedReward(nn.Module):
         return cls([load_reward(s, dtype, **resolve_kwargs) for s in specs], [s.weight for s in specs])
 
     def terms(self, images: torch.Tensor, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
-        check_images_and_prompts(images, prompts)
         return {r.name: r(images, prompts) for r in self.rewards}
 
     def forward(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
