@@ -6,6 +6,21 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def tiny_root(tmp_path_factory):
+    """The tiny preset's models and prompts (`tiny:` sources), built once per test session; torchrun children
+    inherit the variable."""
+    root = tmp_path_factory.mktemp("tiny-preset") / "root"
+    previous = os.environ.get("DISTAR_TINY_DIR")
+    os.environ["DISTAR_TINY_DIR"] = str(root)
+    yield root
+    if previous is None:
+        os.environ.pop("DISTAR_TINY_DIR", None)
+    else:
+        os.environ["DISTAR_TINY_DIR"] = previous
 
 
 @pytest.fixture(scope="session")

@@ -271,3 +271,22 @@ def test_assistant_loss_bad_input():
         assistant_loss(torch.zeros(2, 3), torch.zeros(2, 3), torch.ones(5))
     with pytest.raises(ValueError, match="weighting='cosine'"):
         time_weight(SCHEDULE, torch.tensor([1]), "cosine", torch.zeros(1, 2))
+
+
+def test_cfg_reward_loss_gradient_is_the_scaled_detached_score_gap():
+    from distar.losses import cfg_reward_loss
+
+    schedule = VPSchedule.sdxl()
+    torch.manual_seed(0)
+    x_t = torch.randn(3, 4, 2, 2, requires_grad=True)
+    t = torch.tensor([50, 400, 900])
+    eps_c, eps_u = torch.randn(3, 4, 2, 2), torch.randn(3, 4, 2, 2)
+    w = torch.tensor([1.0, 0.5, 2.0])
+    cfg_reward_loss(x_t, t, eps_c, eps_u, schedule, 7.5, w).backward()
+    sigma = schedule.sigma(t, x_t).detach()
+    log_p_c_grad = -(eps_c - eps_u) / sigma  # s(x_t|c) − s(x_t|∅)
+    expected = -(7.5 - 1.0) * w.reshape(-1, 1, 1, 1) * log_p_c_grad / 3
+    torch.testing.assert_close(x_t.grad, expected)
+    x_t.grad = None
+    cfg_reward_loss(x_t, t, eps_c, eps_u, schedule, 1.0, w).backward()  # α_cfg = 1: no implicit reward
+    assert torch.count_nonzero(x_t.grad) == 0

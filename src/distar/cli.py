@@ -20,6 +20,14 @@ def _toy(args: argparse.Namespace) -> None:
     print(f"wrote {args.out}/metrics.json and {args.out}/toy.png")
 
 
+def _train(args: argparse.Namespace) -> None:
+    from distar.train import run
+
+    summary = run(args.config, args.overrides)
+    if summary.get("rank", 0) == 0:
+        print(json.dumps(summary))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="distar", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -34,6 +42,13 @@ def build_parser() -> argparse.ArgumentParser:
     toy.add_argument("--quiet", action="store_true", help="no progress lines")
     toy.add_argument("overrides", nargs="*", metavar="key=value")
     toy.set_defaults(func=_toy)
+
+    from distar.train import __doc__ as train_doc
+    from distar.train import build_parser as train_parser
+
+    train = sub.add_parser("train", help="DI* training (one process, or one per device under torchrun)",
+                           description=train_doc, formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    train_parser(train).set_defaults(func=_train)
     return parser
 
 

@@ -41,6 +41,51 @@ def apply_overrides(config: Any, overrides: list[str]) -> Any:
     return config
 
 
+def apply_mapping(config: Any, mapping: dict, source: str = "config") -> Any:
+    """Set the values of a nested mapping (a parsed TOML/JSON file) on a (nested) dataclass.
+
+    Tables map to nested dataclasses; an unknown key fails naming the file, the key and the closest valid one.
+    """
+    for key, value in _flatten(config, mapping):
+        try:
+            target, name = _resolve(config, key)
+            setattr(target, name, _from_value(value, typing.get_type_hints(type(target))[name], key))
+        except UserError as err:
+            raise UserError(f"{source}: {err}") from None
+    return config
+
+
+def _flatten(config: Any, mapping: dict, prefix: str = "") -> list[tuple[str, Any]]:
+    items = []
+    for key, value in mapping.items():
+        child = getattr(config, key, None) if dataclasses.is_dataclass(config) else None
+        if isinstance(value, dict) and dataclasses.is_dataclass(child):
+            items.extend(_flatten(child, value, f"{prefix}{key}."))
+        else:
+            items.append((prefix + key, value))
+    return items
+
+
+def _from_value(value: Any, annotation: Any, key: str) -> Any:
+    """A value parsed from a file, checked against the field's type (ints widen to floats)."""
+    if isinstance(value, str):
+        return _coerce(value, annotation, key)
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        if value is None:
+            return None
+        annotation = next(a for a in typing.get_args(annotation) if a is not type(None))
+        origin = typing.get_origin(annotation)
+    if annotation is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if origin in (list, tuple) and isinstance(value, list):
+        return origin(value)
+    expected = origin or annotation
+    if isinstance(expected, type) and not isinstance(value, expected):
+        raise UserError(f"config key {key!r}: {value!r} is not a valid {expected.__name__}")
+    return value
+
+
 def _resolve(config: Any, key: str) -> tuple[Any, str]:
     parts = key.split(".")
     target = config

@@ -127,6 +127,34 @@ def generator_loss(
     return (weight * per_sample).mean()
 
 
+def cfg_reward_loss(
+    x_t: torch.Tensor,
+    t: torch.Tensor,
+    eps_cond: torch.Tensor,
+    eps_uncond: torch.Tensor,
+    schedule: VPSchedule,
+    guidance_scale: float,
+    weight: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """CFG as an explicit reward (METHOD.md §2): −(α_cfg − 1) E[w(t) log p_t(c | x_t)] as a surrogate loss.
+
+    ∇_{x_t} log p_t(c|x_t) = s_ref(x_t|c) − s_ref(x_t|∅) = −(ε̂_c − ε̂_∅)/σ_t, used detached (like the KL
+    gradient): the loss's gradient w.r.t. x_t is −(α_cfg − 1) w(t) (s_c − s_∅) / B, reaching θ through x_t.
+    With the divergence taken to the conditional reference this is the "CFG outside the divergence" variant.
+    """
+    if not (eps_cond.shape == eps_uncond.shape == x_t.shape):
+        raise ValueError(
+            f"eps_cond {tuple(eps_cond.shape)}, eps_uncond {tuple(eps_uncond.shape)} and x_t {tuple(x_t.shape)} "
+            "must have the same shape"
+        )
+    t = schedule.check_timesteps(t, "t")
+    weight = _per_sample_weight(weight, x_t)
+    sigma = schedule.sigma(t, x_t)
+    log_p_c_grad = (-(eps_cond - eps_uncond) / sigma).detach()
+    per_sample = (log_p_c_grad * x_t).flatten(1).sum(dim=1)
+    return -(guidance_scale - 1.0) * (weight * per_sample).mean()
+
+
 def assistant_loss(eps_hat: torch.Tensor, eps: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
     """Denoising score matching in ε units: E[ λ(t) ‖ε̂_ψ(x_t, t, c) − ε‖² ], mean over non-batch dimensions.
 

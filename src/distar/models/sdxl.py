@@ -263,9 +263,12 @@ class Reference(nn.Module):
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, cond: SDXLConditioning) -> torch.Tensor:
         if self.guidance_scale == 1.0:
             return _unet_eps(self.unet, x_t, t, cond)
+        return cfg(*self.branches(x_t, t, cond), self.guidance_scale)
+
+    def branches(self, x_t: torch.Tensor, t: torch.Tensor, cond: SDXLConditioning):
+        """(ε_ref(x_t|∅), ε_ref(x_t|c)), computed as one batch of 2B."""
         both = _unet_eps(self.unet, torch.cat([x_t, x_t]), torch.cat([t, t]), cond.null().cat(cond))
-        eps_uncond, eps_cond = both.chunk(2)
-        return cfg(eps_uncond, eps_cond, self.guidance_scale)
+        return both.chunk(2)
 
 
 class Assistant(nn.Module):

@@ -1,0 +1,65 @@
+"""DI* training: one process per device under torchrun, or a single process.
+
+  single process:   distar train --config tiny   (or: python -m distar.train --config tiny)
+  one node:         torchrun --standalone --nproc_per_node 8 -m distar.train --config sdxl data.prompts=gs://…
+  many nodes:       torchrun --nnodes 4 --nproc_per_node 8 --node_rank $R --rdzv_backend c10d \\
+                      --rdzv_endpoint $HOST:29500 -m distar.train --config sdxl out=gs://bucket/run …
+  Kubeflow Trainer: the TrainJob's torch-distributed runtime sets PET_NNODES, PET_NPROC_PER_NODE, PET_NODE_RANK,
+                    PET_MASTER_ADDR, PET_MASTER_PORT; the command is plain `torchrun -m distar.train …`.
+Rerunning the same command resumes from the newest complete checkpoint under `out`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from distar.errors import UserError
+
+
+def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
+    parser = parser or argparse.ArgumentParser(prog="distar train", description=__doc__,
+                                               formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    parser.add_argument("--config", required=True, help="a preset (tiny, sdxl) or a TOML/JSON config file")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. steps=100 loss.alpha_rew=10")
+    return parser
+
+
+def run(config_source: str, overrides: list[str]) -> dict:
+    """Load the config, join the process group, train, leave the group; returns rank 0's summary."""
+    from distar.train import distributed
+    from distar.train.config import load_config
+    from distar.train.trainer import Trainer
+
+    config = load_config(config_source, overrides)
+    world = distributed.init(config.parallel.device, config.parallel.backend)
+    _quiet_libraries(world.is_main)
+    try:
+        return Trainer(config, world).fit()
+    finally:
+        distributed.shutdown()
+
+
+def _quiet_libraries(is_main: bool) -> None:
+    """Library progress bars off everywhere (tqdm on rank 0 is the run's progress); warnings from rank 0 only."""
+    import diffusers
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    diffusers.utils.logging.disable_progress_bar()
+    if not is_main:
+        transformers.utils.logging.set_verbosity_error()
+        diffusers.utils.logging.set_verbosity_error()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        summary = run(args.config, args.overrides)
+    except UserError as err:
+        print(f"distar train: error: {err}", file=sys.stderr)
+        return 2
+    if summary.get("rank", 0) == 0:
+        print(json.dumps(summary))
+    return 0

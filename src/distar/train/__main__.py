@@ -1,0 +1,5 @@
+import sys
+
+from distar.train import main
+
+sys.exit(main())

@@ -1,0 +1,267 @@
+"""The trainer's configuration: one tree of dataclasses, presets as TOML files, `key=value` overrides.
+
+`--config tiny` / `--config sdxl` name the presets in distar/presets/; any other value is a TOML or JSON file
+(the `config.json` saved with every checkpoint is one). Each field's docstring says what it means and, where
+the paper or its lineage fixes a value, where that value comes from (METHOD.md §6).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import tomllib
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+from distar.config import apply_mapping, apply_overrides
+from distar.diffusion import SDXL_GENERATOR_TIMESTEP
+from distar.errors import UserError
+from distar.losses import DISTANCES, DIVERGENCES, FORMS, TIME_WEIGHTINGS
+from distar.models.sdxl import DMD2_REPO, DMD2_UNET_1STEP, SDXL_BASE
+
+PRESETS = ("tiny", "sdxl")
+
+
+@dataclass
+class ModelConfig:
+    reference: str = SDXL_BASE
+    """The reference SDXL pipeline (UNet, text encoders, tokenizers, VAE): hub id, directory, fsspec URI, or
+    `tiny:sdxl` for the tiny preset's models."""
+    revision: str | None = None
+    """Hub revision of `reference` (a commit hash pins it)."""
+    generator_init: str = f"{DMD2_REPO}:{DMD2_UNET_1STEP}"
+    """The generator's initial UNet: a raw SDXL-UNet state dict (`org/name:file`, a .bin/.safetensors path or URI;
+    DMD2's 1-step UNet by default), a diffusers UNet or pipeline source, or "reference" (a copy of the reference)."""
+    assistant_init: str = "reference"
+    """The assistant's initial UNet: "reference" (a trainable copy, as in DMD2/SiD) or a diffusers UNet source."""
+    vae: str | None = None
+    """A VAE source other than the reference's (e.g. madebyollin/sdxl-vae-fp16-fix); None: the reference's."""
+    t_star: int = SDXL_GENERATOR_TIMESTEP
+    """The generator's fixed timestep t* (DMD2's 1-step convention: 399)."""
+    cache_dir: str | None = None
+    """Model cache written by `distar cache`; hub ids found there are read from it."""
+    offline: bool = False
+    """Never contact the hub (also set by HF_HUB_OFFLINE=1)."""
+    reference_dtype: str = "bf16"
+    """Weights of the frozen reference UNet."""
+    text_encoder_dtype: str = "bf16"
+    """Weights of the frozen text encoders."""
+    vae_dtype: str = "fp32"
+    """Weights of the frozen VAE (the SDXL VAE overflows in fp16; bf16 or fp16 only with the fp16-fix VAE)."""
+
+
+@dataclass
+class RewardConfig:
+    weights: dict[str, float] = field(default_factory=lambda: {"pickscore": 1.0})
+    """Reward terms and their weights, r = Σ w_i r_i (names: pickscore, hpsv2.1, imagereward, clip, aesthetic).
+    From the command line: reward.weights='{"pickscore": 1, "hpsv2.1": 0.5}'."""
+    sources: dict[str, str] = field(default_factory=dict)
+    """Model source per reward name, where not the default (hub id, directory, URI, tiny:…)."""
+    processors: dict[str, str] = field(default_factory=dict)
+    """Tokenizer/processor source per reward name, where not the default."""
+    heads: dict[str, str] = field(default_factory=dict)
+    """Head file per reward name (the aesthetic MLP), where not the default."""
+    dtype: str = "bf16"
+    """Weights of the frozen reward models."""
+
+
+@dataclass
+class LossConfig:
+    alpha_rew: float = 100.0
+    """α_rew in L_G = −α_rew·r + L_div (paper: 100)."""
+    alpha_cfg: float = 7.5
+    """α_cfg of the reference (paper: 7.5)."""
+    cfg: str = "divergence"
+    """Where CFG acts: "divergence" (DI*-IN, the paper's choice: the divergence is taken to the CFG reference) or
+    "reward" (the divergence to the conditional reference plus the implicit reward (α_cfg − 1) log p(c|x_t))."""
+    divergence: str = "score"
+    """"score" (DI*) or "kl" (the Diff-Instruct / DI++ baseline)."""
+    distance: str = "pseudo_huber"
+    """d on score differences: "pseudo_huber" or "l2"."""
+    huber_c: float = 1.0
+    """Pseudo-Huber c in score units (the paper's value is not public)."""
+    form: str = "sim"
+    """"sim" (stop-gradient sampling measure, the theorem's loss) or "full" (adds + w·d(y_t))."""
+    weighting: str = "sigma"
+    """w(t) of the divergence: "uniform", "sigma" or "sigma2"."""
+    t_min: int = 20
+    """Smallest t of the generator loss (DMD2: 20)."""
+    t_max: int = 980
+    """Largest t, exclusive, of the generator loss (DMD2: 980)."""
+    assistant_t_min: int = 0
+    """Smallest t of the assistant's denoising loss."""
+    assistant_t_max: int = 1000
+    """Largest t, exclusive, of the assistant's denoising loss."""
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 5e-7
+    """AdamW learning rate (DMD2 SDXL: 5e-7 for both networks)."""
+    beta1: float = 0.9
+    """AdamW β1 (DMD2: 0.9; SiD: 0.0)."""
+    beta2: float = 0.999
+    """AdamW β2."""
+    weight_decay: float = 0.01
+    """AdamW decoupled weight decay (DMD2: 0.01)."""
+    eps: float = 1e-8
+    """AdamW ε."""
+    grad_clip: float = 10.0
+    """Clip the gradient's global norm to this (DMD2: 10); 0 turns clipping off."""
+    warmup_steps: int = 0
+    """Linear learning-rate warm-up over this many updates of this network."""
+
+
+@dataclass
+class DataConfig:
+    prompts: str = ""
+    """The curated prompt set: a Parquet file, or a directory/URI of Parquet shards (`distar curate` writes them);
+    `tiny:prompts` for the tiny preset. Shards with prompt_embeds/pooled_prompt_embeds columns skip the text
+    encoders."""
+    prompt_column: str = "prompt"
+    """The column holding the prompt text."""
+    use_embeddings: bool = True
+    """Use precomputed text embeddings when the shards hold them."""
+    batch_size: int = 2
+    """Prompts per process per micro-batch (DMD2 SDXL: 2 per GPU)."""
+    grad_accum: int = 1
+    """Micro-batches per update: the global batch is world_size × batch_size × grad_accum."""
+    resolution: int = 1024
+    """Image side in pixels; latents are resolution / the VAE's downsampling factor."""
+    shuffle: bool = True
+    """A new deterministic permutation of the prompts every epoch."""
+
+
+@dataclass
+class ParallelConfig:
+    strategy: str = "fsdp"
+    """"fsdp" (FSDP2 fully_shard per UNet block, the SDXL setting), "ddp" (replicas, for small models) or
+    "none" (one process)."""
+    activation_checkpointing: bool = True
+    """Recompute each UNet block's activations in the backward pass (applied before sharding)."""
+    mixed_precision: str = "bf16"
+    """Compute dtype of the UNets, VAE and rewards: "bf16" (autocast and FSDP2 param dtype) or "fp32". Master
+    weights and optimizer states stay fp32; gradients are reduced in fp32."""
+    backend: str = "auto"
+    """Process-group backend: "auto" (nccl on GPUs, gloo on CPU), "nccl" or "gloo"."""
+    device: str = "auto"
+    """"auto" (the local GPU when there is one, else the CPU), "cuda" or "cpu"."""
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 500
+    """Write a checkpoint every this many steps (and always at the end)."""
+    keep_last: int = 3
+    """Keep this many complete checkpoints; older ones are deleted after a newer one is complete."""
+    resume: bool = True
+    """Load the newest complete checkpoint under the output URI, if any, before training."""
+
+
+@dataclass
+class LogConfig:
+    every: int = 10
+    """Write metrics (JSONL, TensorBoard) every this many steps."""
+    sample_every: int = 500
+    """Write a sample image grid (fixed prompts and noise) and its reward every this many steps, and at the end."""
+    sample_prompts: int = 8
+    """Prompts in the sample grid (the first of the prompt set)."""
+    tensorboard: bool = True
+    """Also write TensorBoard event files."""
+    progress: bool = True
+    """A tqdm progress bar on rank 0."""
+
+
+@dataclass
+class TrainConfig:
+    """Everything a DI* training run depends on; saved as config.json with every checkpoint."""
+
+    out: str = "runs/train"
+    """Output URI of the run (local path, file://, gs://, s3://): checkpoints/, logs/, samples/."""
+    steps: int = 20000
+    """Generator updates."""
+    assistant_updates: int = 5
+    """K_TA: assistant updates per generator update (DMD2: 5; Diff-Instruct and SiD: 1)."""
+    ema_decay: float = 0.0
+    """EMA of the generator's weights, updated after every generator update; 0 turns it off."""
+    max_nonfinite: int = 5
+    """Abort after this many non-finite updates in a row (each one is skipped and counted)."""
+    seed: int = 0
+    """Seed of the initial noise streams, data order and sample grid."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    generator_optim: OptimConfig = field(default_factory=OptimConfig)
+    assistant_optim: OptimConfig = field(default_factory=OptimConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def digest(self) -> str:
+        """A short hash of the resolved config, for lineage."""
+        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:12]
+
+    def validate(self) -> TrainConfig:
+        """Cross-field checks; each failure names the key and what to set."""
+        choices = {
+            "loss.divergence": (self.loss.divergence, DIVERGENCES), "loss.distance": (self.loss.distance, DISTANCES),
+            "loss.form": (self.loss.form, FORMS), "loss.weighting": (self.loss.weighting, TIME_WEIGHTINGS),
+            "loss.cfg": (self.loss.cfg, ("divergence", "reward")),
+            "parallel.strategy": (self.parallel.strategy, ("fsdp", "ddp", "none")),
+            "parallel.mixed_precision": (self.parallel.mixed_precision, ("bf16", "fp32")),
+            "parallel.backend": (self.parallel.backend, ("auto", "nccl", "gloo")),
+            "parallel.device": (self.parallel.device, ("auto", "cuda", "cpu")),
+        }  # fmt: skip
+        for key, (value, allowed) in choices.items():
+            if value not in allowed:
+                raise UserError(f"config key {key!r}: {value!r} is not one of {', '.join(map(repr, allowed))}")
+        positive = {
+            "steps": self.steps, "data.batch_size": self.data.batch_size, "data.grad_accum": self.data.grad_accum,
+            "data.resolution": self.data.resolution, "checkpoint.every": self.checkpoint.every,
+            "checkpoint.keep_last": self.checkpoint.keep_last, "log.every": self.log.every,
+            "log.sample_every": self.log.sample_every, "max_nonfinite": self.max_nonfinite,
+        }  # fmt: skip
+        for key, value in positive.items():
+            if value < 1:
+                raise UserError(f"config key {key!r} must be at least 1, got {value}")
+        if self.assistant_updates < 0:
+            raise UserError(f"config key 'assistant_updates' must be 0 or more, got {self.assistant_updates}")
+        if not 0 <= self.loss.t_min < self.loss.t_max <= 1000:
+            raise UserError(
+                f"loss.t_min={self.loss.t_min}, loss.t_max={self.loss.t_max}: need 0 ≤ t_min < t_max ≤ 1000"
+            )
+        if not 0 <= self.loss.assistant_t_min < self.loss.assistant_t_max <= 1000:
+            raise UserError("loss.assistant_t_min/assistant_t_max: need 0 ≤ assistant_t_min < assistant_t_max ≤ 1000")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise UserError(f"config key 'ema_decay' must be in [0, 1), got {self.ema_decay}")
+        if not self.data.prompts:
+            raise UserError("config key 'data.prompts' is empty: set it to the curated prompt shards (distar curate)")
+        if not self.reward.weights and self.loss.alpha_rew != 0:
+            raise UserError(
+                "reward.weights is empty but loss.alpha_rew is not 0: name a reward or set loss.alpha_rew=0"
+            )
+        return self
+
+
+def preset_path(name: str) -> Path:
+    return Path(str(resources.files("distar") / "presets" / f"{name}.toml"))
+
+
+def load_config(source: str, overrides: list[str] = ()) -> TrainConfig:
+    """A preset name or a TOML/JSON file, then `key=value` overrides, then validation."""
+    path = preset_path(source) if source in PRESETS else Path(source)
+    if not path.is_file():
+        raise UserError(f"--config {source!r} is neither a preset ({', '.join(PRESETS)}) nor a TOML/JSON file")
+    text = path.read_text()
+    try:
+        mapping = json.loads(text) if path.suffix == ".json" else tomllib.loads(text)
+    except (json.JSONDecodeError, tomllib.TOMLDecodeError) as err:
+        raise UserError(f"--config {str(path)!r} does not parse: {err}") from err
+    config = apply_mapping(TrainConfig(), mapping, source=str(path))
+    return apply_overrides(config, list(overrides)).validate()

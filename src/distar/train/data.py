@@ -1,0 +1,142 @@
+"""Prompts for training: curated Parquet shards, a deterministic global order, a per-rank share of every batch.
+
+The order is a function of (seed, epoch) only: epoch e visits the prompts in the permutation randperm(N, seed, e),
+and the global sample counter k (saved in every checkpoint) says where the run is. Global batch b covers samples
+[b·G, (b+1)·G) with G = world_size × batch_size; rank r takes its contiguous slice. The data position is
+therefore independent of the process count: a run resumed on another number of GPUs reads the same prompts.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from distar import storage
+from distar.errors import UserError
+
+EMBEDS = "prompt_embeds"
+POOLED = "pooled_prompt_embeds"
+SHAPE_KEY = b"distar.embedding_shapes"
+
+
+@dataclass
+class PromptBatch:
+    prompts: list[str]
+    indices: list[int]
+    prompt_embeds: torch.Tensor | None = None  # (B, 77, D) when precomputed
+    pooled_prompt_embeds: torch.Tensor | None = None  # (B, P)
+
+
+def _parquet_files(uri: str) -> tuple[object, list[str]]:
+    fs, path = storage.filesystem(uri)
+    if not fs.exists(path):
+        raise UserError(f"data.prompts {uri!r} does not exist; run `distar curate` or point it at Parquet shards")
+    files = sorted(fs.find(path)) if fs.isdir(path) else [path]
+    files = [f for f in files if f.endswith(".parquet")]
+    if not files:
+        raise UserError(f"data.prompts {uri!r} holds no .parquet files")
+    return fs, files
+
+
+class PromptSet:
+    """Every prompt of the shards under `uri` (sorted by path), with precomputed embeddings when present."""
+
+    def __init__(self, uri: str, column: str = "prompt", use_embeddings: bool = True):
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        fs, files = _parquet_files(uri)
+        prompts, embeds, pooled, shapes = [], [], [], None
+        for f in files:
+            with fs.open(f, "rb") as fh:
+                table = pq.read_table(fh)
+            if column not in table.column_names:
+                raise UserError(
+                    f"{f!r} has no column {column!r} (columns: {', '.join(table.column_names)}); set data.prompt_column"
+                )
+            prompts.append(table.column(column).cast(pa.string()))
+            has_embeds = EMBEDS in table.column_names and POOLED in table.column_names
+            if use_embeddings and has_embeds:
+                meta = json.loads((table.schema.metadata or {}).get(SHAPE_KEY, b"{}"))
+                shapes = shapes or meta
+                embeds.append(_fixed_rows(table.column(EMBEDS)))
+                pooled.append(_fixed_rows(table.column(POOLED)))
+        self.prompts = pa.chunked_array(prompts).combine_chunks()
+        if self.prompts.null_count:
+            raise UserError(f"data.prompts {uri!r}: {self.prompts.null_count} prompts are null; curate the set first")
+        self.size = len(self.prompts)
+        if self.size == 0:
+            raise UserError(f"data.prompts {uri!r} holds no prompts")
+        self.embeds = self.pooled = None
+        if embeds and len(embeds) == len(files):
+            self.embeds = np.concatenate(embeds).reshape(self.size, *shapes[EMBEDS])
+            self.pooled = np.concatenate(pooled).reshape(self.size, *shapes[POOLED])
+        self._epoch, self._order = -1, None
+
+    def __len__(self) -> int:
+        return self.size
+
+    @property
+    def has_embeddings(self) -> bool:
+        return self.embeds is not None
+
+    def order(self, epoch: int, seed: int, shuffle: bool = True) -> np.ndarray:
+        if self._epoch != epoch:
+            if shuffle:
+                g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+                self._order = torch.randperm(self.size, generator=g).numpy()
+            else:
+                self._order = np.arange(self.size)
+            self._epoch = epoch
+        return self._order
+
+    def indices(self, start: int, count: int, seed: int, shuffle: bool = True) -> list[int]:
+        """Indices of global samples start … start+count−1 (crossing epochs where needed)."""
+        out = []
+        for k in range(start, start + count):
+            epoch, pos = divmod(k, self.size)
+            out.append(int(self.order(epoch, seed, shuffle)[pos]))
+        return out
+
+    def batch(self, samples_seen: int, rank: int, world_size: int, batch_size: int, seed: int, shuffle=True):
+        """This rank's share of the global batch that starts at global sample `samples_seen`."""
+        idx = self.indices(samples_seen + rank * batch_size, batch_size, seed, shuffle)
+        batch = PromptBatch([self.prompts[i].as_py() for i in idx], idx)
+        if self.embeds is not None:
+            batch.prompt_embeds = torch.from_numpy(np.ascontiguousarray(self.embeds[idx]))
+            batch.pooled_prompt_embeds = torch.from_numpy(np.ascontiguousarray(self.pooled[idx]))
+        return batch
+
+
+def _fixed_rows(column) -> np.ndarray:
+    """A fixed-size-list (or list) column of floats → a (rows, width) array without a Python loop."""
+    import pyarrow as pa
+
+    column = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    values = column.flatten().to_numpy(zero_copy_only=False)
+    return values.reshape(len(column), -1)
+
+
+def write_embedding_shard(uri: str, prompts: list[str], prompt_embeds: torch.Tensor, pooled: torch.Tensor,
+                          dtype: str = "float16", extra: dict | None = None) -> None:  # fmt: skip
+    """One Parquet shard of prompts with their text embeddings (the layout PromptSet reads)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    np_dtype = {"float16": np.float16, "float32": np.float32}[dtype]
+    e = prompt_embeds.detach().float().cpu().numpy().astype(np_dtype)
+    p = pooled.detach().float().cpu().numpy().astype(np_dtype)
+    width_e, width_p = int(np.prod(e.shape[1:])), int(np.prod(p.shape[1:]))
+    columns = {"prompt": pa.array(prompts, pa.string()),
+               EMBEDS: pa.FixedSizeListArray.from_arrays(pa.array(e.reshape(-1)), width_e),
+               POOLED: pa.FixedSizeListArray.from_arrays(pa.array(p.reshape(-1)), width_p)}  # fmt: skip
+    columns.update({k: pa.array(v) for k, v in (extra or {}).items()})
+    shapes = json.dumps({EMBEDS: list(e.shape[1:]), POOLED: list(p.shape[1:])})
+    table = pa.table(columns).replace_schema_metadata({SHAPE_KEY: shapes.encode()})
+    fs, path = storage.filesystem(uri)
+    fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+    with fs.open(path, "wb") as fh:
+        pq.write_table(table, fh)

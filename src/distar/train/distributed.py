@@ -1,0 +1,79 @@
+"""Process-group set-up for one process per device, under torchrun or alone.
+
+torchrun sets RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT; on Kubernetes, Kubeflow Trainer's
+torch-distributed runtime sets PET_NNODES, PET_NPROC_PER_NODE, PET_NODE_RANK, PET_MASTER_ADDR, PET_MASTER_PORT,
+which torchrun reads as the defaults of its flags. A process started without torchrun is a world of one
+(a process group on an in-memory store), so the same code path — FSDP2, DCP — runs everywhere.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from distar.errors import UserError
+
+
+@dataclass
+class World:
+    rank: int
+    local_rank: int
+    size: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if dist.is_initialized():
+            dist.barrier()
+
+    def all_true(self, flag: bool) -> bool:
+        """True on every rank only when `flag` is true on every rank."""
+        t = torch.tensor([1.0 if flag else 0.0], device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MIN)
+        return bool(t.item() == 1.0)
+
+    def mean(self, values: dict[str, float]) -> dict[str, float]:
+        """The mean over ranks of each value (one all-reduce for all of them)."""
+        if not values:
+            return {}
+        keys = sorted(values)
+        t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=self.device)
+        dist.all_reduce(t)
+        return {k: v / self.size for k, v in zip(keys, t.tolist(), strict=True)}
+
+
+def init(device: str = "auto", backend: str = "auto", timeout_s: int = 1800) -> World:
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UserError("parallel.device='cuda' but no CUDA device is visible; set parallel.device=cpu")
+    if backend == "auto":
+        backend = "nccl" if device == "cuda" else "gloo"
+    rank = int(os.environ.get("RANK", 0))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    size = int(os.environ.get("WORLD_SIZE", 1))
+    if device == "cuda":
+        torch.cuda.set_device(local_rank)
+        dev = torch.device("cuda", local_rank)
+    else:
+        dev = torch.device("cpu")
+    if not dist.is_initialized():
+        timeout = timedelta(seconds=timeout_s)
+        if "MASTER_ADDR" in os.environ:
+            dist.init_process_group(backend, rank=rank, world_size=size, timeout=timeout,
+                                    device_id=dev if device == "cuda" else None)  # fmt: skip
+        else:
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
+    return World(rank=rank, local_rank=local_rank, size=size, device=dev)
+
+
+def shutdown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
