@@ -223,3 +223,13 @@ def test_stock_diffusers_one_step_sampling_equals_the_generator(tiny_sdxl, parts
     x0 = OneStepGenerator(unet, t_star=399)(z, cond)
     # LCM's boundary condition keeps c_skip ≈ 1.6e-8 of the input: equal to float tolerance.
     torch.testing.assert_close(latents, x0, atol=1e-4, rtol=1e-4)
+
+
+def test_sdxl_unet_config_has_the_published_parameter_count():
+    from diffusers import UNet2DConditionModel
+
+    from distar.models.sdxl import SDXL_UNET_CONFIG
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**SDXL_UNET_CONFIG)
+    assert sum(p.numel() for p in unet.parameters()) == 2_567_463_684

@@ -14,6 +14,7 @@ import itertools
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
 PREFIX = "tiny:"
@@ -49,22 +50,47 @@ def _build(root: Path) -> None:
     pq.write_table(table, root / "prompts" / "part-00000.parquet")
 
 
-def materialize(root: str | os.PathLike | None = None) -> Path:
-    """The tiny root, built if absent (safe to call from many processes at once)."""
+MARKER = ".complete"
+
+
+def materialize(root: str | os.PathLike | None = None, wait_s: float = 600.0) -> Path:
+    """The tiny root, built if absent (safe to call from many processes at once: each builds into its own staging
+    directory, the first rename wins, and a root counts only once its marker file is there)."""
     root = Path(root) if root is not None else tiny_root()
-    if root.is_dir():
+    if (root / MARKER).is_file():
         return root
-    root.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{root.name}-", dir=root.parent))
-    try:
-        _build(staging)
-        os.rename(staging, root)
-    except OSError:
-        if not root.is_dir():  # the rename lost to another process only if the root now exists
-            raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    # One builder per node (local rank 0) and before any process group exists: transformers' save_pretrained
+    # writes nothing on a rank other than 0 of an initialised process group.
+    builder = int(os.environ.get("LOCAL_RANK", "0")) == 0
+    if builder and not root.exists():
+        root.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{root.name}-", dir=root.parent))
+        try:
+            _build(staging)
+            (staging / MARKER).write_text(VERSION)
+            os.rename(staging, root)
+        except OSError:
+            if not root.exists():  # the rename lost to another process only if the root now exists
+                raise
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    if builder and not (root / MARKER).is_file():  # renames are atomic: a root without its marker is stale
+        raise RuntimeError(f"{root} exists but is incomplete (no {MARKER}); delete it and run again")
+    deadline = time.monotonic() + wait_s
+    while not (root / MARKER).is_file():
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{root} exists but is incomplete (no {MARKER}); delete it and run again")
+        time.sleep(0.2)
     return root
+
+
+def uses_tiny(mapping) -> bool:
+    """Whether any string in a (nested) config mapping is a `tiny:` source."""
+    if isinstance(mapping, dict):
+        return any(uses_tiny(v) for v in mapping.values())
+    if isinstance(mapping, (list, tuple)):
+        return any(uses_tiny(v) for v in mapping)
+    return isinstance(mapping, str) and mapping.startswith(PREFIX)
 
 
 def resolve(source: str | None) -> str | None:

@@ -27,6 +27,15 @@ SDXL_VAE_FP16_FIX = "madebyollin/sdxl-vae-fp16-fix"
 DMD2_REPO = "tianweiy/DMD2"
 DMD2_UNET_1STEP = "dmd2_sdxl_1step_unet_fp16.bin"
 
+# stabilityai/stable-diffusion-xl-base-1.0 unet/config.json (the structural keys): 2,567,463,684 parameters.
+SDXL_UNET_CONFIG = dict(
+    sample_size=128, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280),
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"), transformer_layers_per_block=(1, 2, 10),
+    attention_head_dim=(5, 10, 20), cross_attention_dim=2048, addition_embed_type="text_time",
+    addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816, use_linear_projection=True,
+)  # fmt: skip
+
 _DIFFUSERS_WEIGHTS = [
     "diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.fp16.safetensors",
     "diffusion_pytorch_model.bin", "diffusion_pytorch_model.fp16.bin", "diffusion_pytorch_model.safetensors.index.json",

@@ -28,11 +28,14 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
 
 def run(config_source: str, overrides: list[str]) -> dict:
     """Load the config, join the process group, train, leave the group; returns rank 0's summary."""
+    from distar import tiny_preset
     from distar.train import distributed
     from distar.train.config import load_config
     from distar.train.trainer import Trainer
 
     config = load_config(config_source, overrides)
+    if tiny_preset.uses_tiny(config.to_dict()):
+        tiny_preset.materialize()
     world = distributed.init(config.parallel.device, config.parallel.backend)
     _quiet_libraries(world.is_main)
     try:

@@ -141,6 +141,8 @@ class ParallelConfig:
     "none" (one process)."""
     activation_checkpointing: bool = True
     """Recompute each UNet block's activations in the backward pass (applied before sharding)."""
+    vae_checkpointing: bool = True
+    """Recompute the VAE decoder's ResNet blocks in the backward pass of the reward gradient."""
     mixed_precision: str = "bf16"
     """Compute dtype of the UNets, VAE and rewards: "bf16" (autocast and FSDP2 param dtype) or "fp32". Master
     weights and optimizer states stay fp32; gradients are reduced in fp32."""

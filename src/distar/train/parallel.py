@@ -41,6 +41,16 @@ def apply_activation_checkpointing(unet: nn.Module) -> nn.Module:
     return unet
 
 
+def apply_vae_checkpointing(vae: nn.Module) -> nn.Module:
+    """Recompute each ResNet block of the VAE decoder in the backward pass: at 1024×1024 the decoder's activations
+    for the reward gradient are the largest single item of the budget (docs/TRAINING.md)."""
+    blocks = [vae.decoder.mid_block.resnets] + [up.resnets for up in vae.decoder.up_blocks]
+    for resnets in blocks:
+        for i in range(len(resnets)):
+            resnets[i] = checkpoint_wrapper(resnets[i])
+    return vae
+
+
 def mesh(world_size: int, device: torch.device) -> DeviceMesh:
     return init_device_mesh(device.type, (world_size,))
 

@@ -123,6 +123,8 @@ def build_networks(config: TrainConfig, world: World, need_text_encoders: bool) 
     vae_source = tiny_preset.resolve(m.vae) or reference_source
     vae = load_vae(vae_source, dtype=m.vae_dtype, **(hub if m.vae else ref_kwargs)).to(world.device)
     vae.requires_grad_(False).eval()
+    if p.vae_checkpointing:
+        parallel.apply_vae_checkpointing(vae)
     reward = None
     if config.reward.weights:
         r = config.reward
