@@ -28,6 +28,20 @@ def _train(args: argparse.Namespace) -> None:
         print(json.dumps(summary))
 
 
+def _curate(args: argparse.Namespace) -> None:
+    from distar.curate import CurateConfig, curate
+
+    config = CurateConfig(
+        sources=args.source, out=args.out, column=args.column, category_column=args.category_column,
+        tokenizer=args.tokenizer, max_tokens=args.max_tokens, long_prompts=args.long_prompts,
+        case_insensitive=args.case_insensitive, blocklist=args.blocklist, eval_fraction=args.eval_fraction,
+        max_per_category=args.max_per_category, shard_rows=args.shard_rows,
+    )  # fmt: skip
+    stats = curate(config)
+    print(json.dumps({k: stats[k] for k in ("rows_in", "rows_out", "dropped", "truncated", "splits", "seconds")}))
+    print(f"wrote {args.out}/manifest.json, stats.json, summary.md")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="distar", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -42,6 +56,26 @@ def build_parser() -> argparse.ArgumentParser:
     toy.add_argument("--quiet", action="store_true", help="no progress lines")
     toy.add_argument("overrides", nargs="*", metavar="key=value")
     toy.set_defaults(func=_toy)
+
+    from distar.curate import CurateConfig
+    from distar.curate import __doc__ as curate_doc
+
+    d = CurateConfig([], "")
+    curate = sub.add_parser("curate", help="prompt sources → normalised, filtered, deduplicated Parquet shards",
+                            description=curate_doc)  # fmt: skip
+    curate.add_argument("--source", action="append", required=True, help="a prompt file or URI (repeatable)")
+    curate.add_argument("--out", required=True, help="output URI")
+    curate.add_argument("--column", default=None, help="the prompt column (default: prompt/Prompt/text/caption)")
+    curate.add_argument("--category-column", default=None, help="a category column (default: category/Category)")
+    curate.add_argument("--tokenizer", default=d.tokenizer, help="CLIP tokenizer that counts tokens")
+    curate.add_argument("--max-tokens", type=int, default=d.max_tokens, help="longest prompt in CLIP tokens")
+    curate.add_argument("--long-prompts", choices=["truncate", "drop"], default=d.long_prompts)
+    curate.add_argument("--case-insensitive", action="store_true", help="deduplicate ignoring case")
+    curate.add_argument("--blocklist", default=None, help="file of words/phrases to drop, one a line")
+    curate.add_argument("--eval-fraction", type=float, default=d.eval_fraction, help="share of the eval split")
+    curate.add_argument("--max-per-category", type=int, default=0, help="cap per category (0: none)")
+    curate.add_argument("--shard-rows", type=int, default=d.shard_rows, help="rows per output shard")
+    curate.set_defaults(func=_curate)
 
     from distar.train import __doc__ as train_doc
     from distar.train import build_parser as train_parser

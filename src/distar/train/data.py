@@ -31,7 +31,12 @@ class PromptBatch:
 
 
 def _parquet_files(uri: str) -> tuple[object, list[str]]:
+    from distar.curate import split_files
+
     fs, path = storage.filesystem(uri)
+    curated = split_files(uri, "train") if fs.exists(path) else None
+    if curated is not None:  # a set written by `distar curate`: its train split, as its manifest lists it
+        return fs, [storage.filesystem(f)[1] for f in curated]
     if not fs.exists(path):
         raise UserError(f"data.prompts {uri!r} does not exist; run `distar curate` or point it at Parquet shards")
     files = sorted(fs.find(path)) if fs.isdir(path) else [path]

@@ -1,0 +1,433 @@
+"""Prompt-set curation: sources (TSV, CSV, JSONL, Parquet, text; local or remote) → normalised, filtered,
+deduplicated, split Parquet shards with a manifest written last, stats.json and a Markdown summary.
+
+Rules, in order, each counted in the report: non-text (a missing or non-string value; bytes that are not
+UTF-8), empty after normalisation (Unicode NFC, whitespace collapsed), blocklist, over-long in CLIP tokens
+(dropped, or truncated at a token boundary and counted), duplicate (exact after normalisation; optionally
+case-insensitive), over the per-category cap. The split is a hash of the normalised prompt, so a prompt lands in
+the same split whatever the order or the other sources. Everything streams in batches: memory holds one batch
+and one 8-byte digest per kept prompt (about 10M prompts in 2 GB).
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import re
+import time
+import unicodedata
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+
+from distar import storage
+from distar.errors import UserError
+
+PROMPT_COLUMNS = ("prompt", "Prompt", "text", "caption", "TEXT", "Text")
+CATEGORY_COLUMNS = ("category", "Category")
+FORMATS = {".tsv": "tsv", ".csv": "csv", ".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet", ".txt": "txt"}
+RULES = ("non_text", "undecodable", "empty", "blocklist", "too_long", "duplicate", "category_cap")
+MANIFEST = "manifest.json"
+
+
+@dataclass
+class CurateConfig:
+    sources: list[str]
+    """Prompt sources: local paths or URIs (https, gs, s3, hf, …) of TSV, CSV, JSONL, Parquet or text files."""
+    out: str
+    """Output URI: train/ and eval/ shards, stats.json, summary.md, manifest.json."""
+    column: str | None = None
+    """The prompt column (default: the first of prompt, Prompt, text, caption present)."""
+    category_column: str | None = None
+    """A category column to keep and balance on (default: category or Category when present)."""
+    tokenizer: str = "openai/clip-vit-large-patch14"
+    """The CLIP tokenizer that counts tokens (hub id, directory, URI)."""
+    max_tokens: int = 77
+    """Longest prompt in CLIP tokens, with the start and end tokens (SDXL's text encoders read 77)."""
+    long_prompts: str = "truncate"
+    """Over-long prompts: "truncate" (cut at a token boundary, counted) or "drop"."""
+    case_insensitive: bool = False
+    """Deduplicate ignoring case."""
+    blocklist: str | None = None
+    """A file of words or phrases, one a line; prompts containing any (whole words, any case) are dropped."""
+    eval_fraction: float = 0.02
+    """Share of prompts in the eval split (by a hash of the normalised prompt)."""
+    max_per_category: int = 0
+    """Keep at most this many prompts per category (0: no cap)."""
+    shard_rows: int = 1_000_000
+    """Rows per output Parquet shard."""
+    batch_rows: int = 65_536
+    """Rows read and processed at a time."""
+
+
+def normalise(text: str) -> str:
+    return " ".join(unicodedata.normalize("NFC", text).split())
+
+
+def _format(uri: str) -> str:
+    name = uri.rsplit("/", 1)[-1].lower()
+    for ext, fmt in FORMATS.items():
+        if name.endswith(ext) or name.endswith(ext + ".gz"):
+            return fmt
+    raise UserError(f"source {uri!r}: unknown format; use a .tsv, .csv, .jsonl, .parquet or .txt file")
+
+
+@dataclass
+class Rows:
+    """One batch read from a source: prompt values (None = not text), categories, and undecodable rows."""
+
+    prompts: list
+    categories: list | None
+    undecodable: int = 0
+
+
+def _pick(columns: list[str], wanted: str | None, defaults: tuple[str, ...], uri: str, what: str) -> str | None:
+    if wanted is not None:
+        if wanted not in columns:
+            raise UserError(f"source {uri!r} has no {what} column {wanted!r} (columns: {', '.join(columns)})")
+        return wanted
+    found = next((c for c in defaults if c in columns), None)
+    if found is None and what == "prompt":
+        raise UserError(f"source {uri!r} has no prompt column (columns: {', '.join(columns)}); name it with --column")
+    return found
+
+
+def read_source(uri: str, config: CurateConfig) -> Iterator[Rows]:
+    fs, path = storage.filesystem(uri)
+    if not fs.exists(path):
+        raise UserError(f"source {uri!r} does not exist")
+    if fs.size(path) == 0:
+        raise UserError(f"source {uri!r} is empty")
+    fmt = _format(uri)
+    compression = "gzip" if path.endswith(".gz") else None
+    with fs.open(path, "rb", compression=compression) as fh:
+        if fmt == "parquet":
+            yield from _read_parquet(fh, uri, config)
+        elif fmt == "txt":
+            yield from _read_lines(fh, config)
+        elif fmt == "jsonl":
+            yield from _read_jsonl(fh, uri, config)
+        else:
+            yield from _read_delimited(fh, uri, config, "\t" if fmt == "tsv" else ",")
+
+
+def _read_parquet(fh, uri, config):
+    import pyarrow.parquet as pq
+
+    pf = pq.ParquetFile(fh)
+    columns = pf.schema_arrow.names
+    col = _pick(columns, config.column, PROMPT_COLUMNS, uri, "prompt")
+    cat = _pick(columns, config.category_column, CATEGORY_COLUMNS, uri, "category")
+    for batch in pf.iter_batches(batch_size=config.batch_rows, columns=[c for c in (col, cat) if c]):
+        values = batch.column(col).to_pylist()
+        cats = batch.column(cat).to_pylist() if cat else None
+        yield Rows(values, cats)
+
+
+def _decode_lines(fh) -> Iterator[str | None]:
+    """Each line of a binary stream, or None for a line that is not UTF-8."""
+    for raw in fh:
+        try:
+            yield raw.decode("utf-8").rstrip("\r\n")
+        except UnicodeDecodeError:
+            yield None
+
+
+def _read_lines(fh, config):
+    batch, bad = [], 0
+    for line in _decode_lines(fh):
+        if line is None:
+            bad += 1
+            continue
+        batch.append(line)
+        if len(batch) >= config.batch_rows:
+            yield Rows(batch, None, bad)
+            batch, bad = [], 0
+    yield Rows(batch, None, bad)
+
+
+def _read_jsonl(fh, uri, config):
+    col = cat = None
+    batch, cats, bad = [], [], 0
+    for n, line in enumerate(_decode_lines(fh), 1):
+        if line is None:
+            bad += 1
+            continue
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise UserError(f"source {uri!r} line {n} is not JSON ({err.msg}); fix or remove it") from None
+        if not isinstance(record, dict):
+            raise UserError(f"source {uri!r} line {n} is a JSON {type(record).__name__}, not an object")
+        if col is None:
+            col = _pick(list(record), config.column, PROMPT_COLUMNS, uri, "prompt")
+            cat = _pick(list(record), config.category_column, CATEGORY_COLUMNS, uri, "category")
+        batch.append(record.get(col))
+        cats.append(record.get(cat) if cat else None)
+        if len(batch) >= config.batch_rows:
+            yield Rows(batch, cats if cat else None, bad)
+            batch, cats, bad = [], [], 0
+    if col is None and not bad:
+        raise UserError(f"source {uri!r} holds no JSON records")
+    yield Rows(batch, cats if cat else None, bad)
+
+
+def _read_delimited(fh, uri, config, delimiter):
+    text = io.TextIOWrapper(fh, encoding="utf-8", errors="surrogateescape", newline="")
+    reader = csv.reader(text, delimiter=delimiter)
+    header = next(reader, None)
+    if not header:
+        raise UserError(f"source {uri!r} has no header row")
+    col = _pick(header, config.column, PROMPT_COLUMNS, uri, "prompt")
+    cat = _pick(header, config.category_column, CATEGORY_COLUMNS, uri, "category")
+    ci, ki = header.index(col), (header.index(cat) if cat else None)
+    batch, cats, bad = [], [], 0
+    for row in reader:
+        value = row[ci] if ci < len(row) else None
+        if value is not None and _has_surrogates(value):
+            bad += 1
+            continue
+        batch.append(value)
+        cats.append(row[ki] if ki is not None and ki < len(row) else None)
+        if len(batch) >= config.batch_rows:
+            yield Rows(batch, cats if cat else None, bad)
+            batch, cats, bad = [], [], 0
+    yield Rows(batch, cats if cat else None, bad)
+
+
+_SURROGATE = re.compile("[\udc80-\udcff]")
+
+
+def _has_surrogates(value: str) -> bool:
+    return _SURROGATE.search(value) is not None
+
+
+class _ShardWriter:
+    def __init__(self, out: str, split: str, shard_rows: int, with_category: bool):
+        self.fs, path = storage.filesystem(out)
+        self.dir = f"{path.rstrip('/')}/{split}"
+        self.split, self.shard_rows, self.with_category = split, shard_rows, with_category
+        self.buffer: dict[str, list] = {k: [] for k in self._columns()}
+        self.files: list[dict] = []
+        self.rows = 0
+
+    def _columns(self):
+        return ["prompt", "id", "source", "tokens"] + (["category"] if self.with_category else [])
+
+    def add(self, prompt, pid, source, tokens, category):
+        b = self.buffer
+        b["prompt"].append(prompt)
+        b["id"].append(pid)
+        b["source"].append(source)
+        b["tokens"].append(tokens)
+        if self.with_category:
+            b["category"].append(category)
+        if len(b["prompt"]) >= self.shard_rows:
+            self.flush()
+
+    def flush(self):
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        n = len(self.buffer["prompt"])
+        if n == 0:
+            return
+        table = pa.table({
+            "prompt": pa.array(self.buffer["prompt"], pa.string()), "id": pa.array(self.buffer["id"], pa.string()),
+            "source": pa.array(self.buffer["source"], pa.string()), "tokens": pa.array(self.buffer["tokens"], pa.int32()),
+            **({"category": pa.array(self.buffer["category"], pa.string())} if self.with_category else {}),
+        })  # fmt: skip
+        name = f"part-{len(self.files):05d}.parquet"
+        self.fs.makedirs(self.dir, exist_ok=True)
+        with self.fs.open(f"{self.dir}/{name}", "wb") as fh:
+            pq.write_table(table, fh)
+        self.files.append({"path": f"{self.split}/{name}", "rows": n})
+        self.rows += n
+        self.buffer = {k: [] for k in self._columns()}
+
+
+def _load_blocklist(uri: str | None) -> re.Pattern | None:
+    if not uri:
+        return None
+    fs, path = storage.filesystem(uri)
+    if not fs.exists(path):
+        raise UserError(f"blocklist {uri!r} does not exist")
+    words = [w.strip() for w in fs.cat_file(path).decode("utf-8", errors="replace").splitlines()]
+    words = [w for w in words if w and not w.startswith("#")]
+    if not words:
+        return None
+    return re.compile(r"\b(?:" + "|".join(re.escape(w) for w in words) + r")\b", re.IGNORECASE)
+
+
+def _load_tokenizer(source: str):
+    from transformers import AutoTokenizer
+
+    from distar import tiny_preset
+    from distar.models.hub import resolve_model_dir
+
+    source = tiny_preset.resolve(source)
+    root = resolve_model_dir(source, allow_patterns=["*.json", "*.txt"])
+    sub = root / "tokenizer" if (root / "tokenizer").is_dir() else root
+    tokenizer = AutoTokenizer.from_pretrained(sub, use_fast=True)
+    tokenizer.model_max_length = 1 << 30  # lengths are counted and handled here, not warned about per prompt
+    return tokenizer
+
+
+def _split(digest: bytes, eval_fraction: float) -> str:
+    return "eval" if int.from_bytes(digest[:8], "big") / 2**64 < eval_fraction else "train"
+
+
+def curate(config: CurateConfig, progress: bool = False) -> dict:
+    """Run the curation; returns the stats (also written to {out}/stats.json)."""
+    if not config.sources:
+        raise UserError("no --source given; name at least one prompt file or URI")
+    if config.long_prompts not in ("truncate", "drop"):
+        raise UserError(f"--long-prompts {config.long_prompts!r}: choose truncate or drop")
+    if not 0.0 <= config.eval_fraction < 1.0:
+        raise UserError(f"--eval-fraction must be in [0, 1), got {config.eval_fraction}")
+    if config.max_tokens < 3:
+        raise UserError(f"--max-tokens must be at least 3, got {config.max_tokens}")
+    for uri in config.sources:  # every source is checked before anything is read or written
+        _format(uri)
+        fs, path = storage.filesystem(uri)
+        if not fs.exists(path):
+            raise UserError(f"source {uri!r} does not exist")
+    started = time.perf_counter()
+    tokenizer = _load_tokenizer(config.tokenizer)
+    blocklist = _load_blocklist(config.blocklist)
+    fs, out_path = storage.filesystem(config.out)
+    if fs.exists(f"{out_path.rstrip('/')}/{MANIFEST}"):
+        raise UserError(f"{config.out!r} already holds a curated set ({MANIFEST}); choose another --out")
+    for split in ("train", "eval"):  # leftovers of an interrupted run: no manifest refers to them
+        if fs.exists(f"{out_path.rstrip('/')}/{split}"):
+            fs.rm(f"{out_path.rstrip('/')}/{split}", recursive=True)
+
+    # Categories are known after the first batch; writers are made then.
+    writers: dict[str, _ShardWriter] = {}
+    dropped = Counter()
+    truncated = 0
+    seen: set[bytes] = set()
+    per_category = Counter()
+    lengths = Counter()
+    rows_in = 0
+    per_source = {}
+    body = config.max_tokens - 2  # without the start and end tokens
+    for uri in config.sources:
+        source_in = 0
+        for rows in read_source(uri, config):
+            rows_in += len(rows.prompts) + rows.undecodable
+            source_in += len(rows.prompts) + rows.undecodable
+            dropped["undecodable"] += rows.undecodable
+            with_category = rows.categories is not None
+            if not writers:
+                writers = {s: _ShardWriter(config.out, s, config.shard_rows, with_category) for s in ("train", "eval")}
+            texts, cats = [], []
+            for i, value in enumerate(rows.prompts):
+                if not isinstance(value, str):
+                    dropped["non_text"] += 1
+                    continue
+                text = normalise(value)
+                if not text:
+                    dropped["empty"] += 1
+                    continue
+                if blocklist is not None and blocklist.search(text):
+                    dropped["blocklist"] += 1
+                    continue
+                texts.append(text)
+                cats.append(rows.categories[i] if with_category else None)
+            if not texts:
+                continue
+            enc = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
+            for text, cat, ids, offsets in zip(texts, cats, enc["input_ids"], enc["offset_mapping"], strict=True):
+                n = len(ids)
+                if n > body:
+                    if config.long_prompts == "drop":
+                        dropped["too_long"] += 1
+                        continue
+                    text = text[: offsets[body - 1][1]].rstrip()
+                    n = body
+                    truncated += 1
+                key = text.casefold() if config.case_insensitive else text
+                digest = hashlib.blake2b(key.encode(), digest_size=8).digest()
+                if digest in seen:
+                    dropped["duplicate"] += 1
+                    continue
+                cat = None if cat is None else str(cat)
+                if config.max_per_category and with_category:
+                    if per_category[cat] >= config.max_per_category:
+                        dropped["category_cap"] += 1
+                        continue
+                seen.add(digest)
+                per_category[cat] += 1
+                lengths[n + 2] += 1
+                writers[_split(digest, config.eval_fraction)].add(text, digest.hex(), uri, n + 2, cat)
+        per_source[uri] = source_in
+    for w in writers.values():
+        w.flush()
+    rows_out = sum(w.rows for w in writers.values())
+    stats = {
+        "rows_in": rows_in, "rows_out": rows_out, "dropped": {r: dropped.get(r, 0) for r in RULES},
+        "truncated": truncated, "splits": {s: w.rows for s, w in writers.items()}, "per_source": per_source,
+        "length_histogram": _histogram(lengths, config.max_tokens),
+        "categories": {str(k): v for k, v in sorted(per_category.items(), key=lambda kv: str(kv[0]))}
+        if writers and writers["train"].with_category else {},
+        "seconds": round(time.perf_counter() - started, 3), "config": asdict(config),
+    }  # fmt: skip
+    if rows_out == 0:
+        raise UserError(
+            f"no prompt is left after curation ({rows_in} rows in; dropped: "
+            + ", ".join(f"{k} {v}" for k, v in stats["dropped"].items() if v)
+            + "); check the sources, --column and the filters"
+        )
+    root = out_path.rstrip("/")
+    fs.pipe_file(f"{root}/stats.json", json.dumps(stats, indent=2).encode())
+    fs.pipe_file(f"{root}/summary.md", summary_markdown(stats).encode())
+    manifest = {
+        "kind": "distar.prompts", "version": 1, "columns": writers["train"]._columns(),
+        "splits": {s: {"rows": w.rows, "files": w.files} for s, w in writers.items()},
+        "sources": config.sources, "rows": rows_out,
+    }  # fmt: skip
+    fs.pipe_file(f"{root}/{MANIFEST}", json.dumps(manifest, indent=2).encode())
+    return stats
+
+
+def _histogram(lengths: Counter, max_tokens: int, bins: int = 8) -> list[dict]:
+    width = max(1, -(-max_tokens // bins))
+    hist = []
+    for lo in range(0, max_tokens + 1, width):
+        hi = min(lo + width - 1, max_tokens)
+        hist.append({"tokens": f"{lo}-{hi}", "prompts": sum(v for k, v in lengths.items() if lo <= k <= hi)})
+    return hist
+
+
+def summary_markdown(stats: dict) -> str:
+    lines = ["# Prompt-set curation", "", f"{stats['rows_in']} rows in, {stats['rows_out']} prompts out "
+             f"(train {stats['splits'].get('train', 0)}, eval {stats['splits'].get('eval', 0)}); "
+             f"{stats['truncated']} truncated to the token limit.", "", "| rule | dropped |", "|---|---|"]  # fmt: skip
+    lines += [f"| {rule} | {n} |" for rule, n in stats["dropped"].items()]
+    lines += ["", "| source | rows in |", "|---|---|"] + [f"| {s} | {n} |" for s, n in stats["per_source"].items()]
+    lines += ["", "| CLIP tokens | prompts |", "|---|---|"]
+    lines += [f"| {h['tokens']} | {h['prompts']} |" for h in stats["length_histogram"]]
+    if stats["categories"]:
+        lines += ["", "| category | prompts |", "|---|---|"] + [
+            f"| {k} | {v} |" for k, v in stats["categories"].items()
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def split_files(uri: str, split: str = "train") -> list[str] | None:
+    """The shard URIs of a split of a curated set (None when `uri` holds no manifest)."""
+    fs, path = storage.filesystem(uri)
+    manifest_path = f"{path.rstrip('/')}/{MANIFEST}"
+    if not fs.exists(manifest_path):
+        return None
+    manifest = json.loads(fs.cat_file(manifest_path))
+    base = str(uri).rstrip("/")
+    return [f"{base}/{f['path']}" for f in manifest["splits"][split]["files"]]
+
+
+__all__ = ["CurateConfig", "curate", "normalise", "split_files", "summary_markdown"]
