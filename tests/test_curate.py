@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+from storage_servers import s3_server
 
 from distar.curate import CurateConfig, curate
 from distar.errors import UserError
 from distar.train.data import PromptSet
-from storage_servers import s3_server
 
 PARTI = Path(__file__).resolve().parents[2] / "shared" / "data" / "PartiPrompts.tsv"
 if not PARTI.is_file():

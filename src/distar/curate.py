@@ -236,11 +236,9 @@ class _ShardWriter:
         n = len(self.buffer["prompt"])
         if n == 0:
             return
-        table = pa.table({
-            "prompt": pa.array(self.buffer["prompt"], pa.string()), "id": pa.array(self.buffer["id"], pa.string()),
-            "source": pa.array(self.buffer["source"], pa.string()), "tokens": pa.array(self.buffer["tokens"], pa.int32()),
-            **({"category": pa.array(self.buffer["category"], pa.string())} if self.with_category else {}),
-        })  # fmt: skip
+        types = {"prompt": pa.string(), "id": pa.string(), "source": pa.string(), "tokens": pa.int32(),
+                 "category": pa.string()}  # fmt: skip
+        table = pa.table({k: pa.array(v, types[k]) for k, v in self.buffer.items()})
         name = f"part-{len(self.files):05d}.parquet"
         self.fs.makedirs(self.dir, exist_ok=True)
         with self.fs.open(f"{self.dir}/{name}", "wb") as fh:
