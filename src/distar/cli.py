@@ -42,6 +42,14 @@ def _curate(args: argparse.Namespace) -> None:
     print(f"wrote {args.out}/manifest.json, stats.json, summary.md")
 
 
+def _export(args: argparse.Namespace) -> None:
+    from distar.export import ExportConfig, export
+
+    result = export(ExportConfig(args.checkpoint, args.out, ema=args.ema, single_file=args.single_file,
+                                 metrics=args.metrics))  # fmt: skip
+    print(json.dumps({k: result[k] for k in ("out", "checkpoint", "step", "t_star")}))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="distar", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -76,6 +84,17 @@ def build_parser() -> argparse.ArgumentParser:
     curate.add_argument("--max-per-category", type=int, default=0, help="cap per category (0: none)")
     curate.add_argument("--shard-rows", type=int, default=d.shard_rows, help="rows per output shard")
     curate.set_defaults(func=_curate)
+
+    from distar.export import __doc__ as export_doc
+
+    exp = sub.add_parser("export", help="training checkpoint → diffusers SDXL pipeline (one step)",
+                         description=export_doc)  # fmt: skip
+    exp.add_argument("--checkpoint", required=True, help="checkpoint directory, or a run (its newest checkpoint)")
+    exp.add_argument("--out", required=True, help="output URI of the pipeline directory")
+    exp.add_argument("--ema", action="store_true", help="also write the EMA weights (unet_ema/)")
+    exp.add_argument("--single-file", action="store_true", help="also write the UNet as one fp16 safetensors file")
+    exp.add_argument("--metrics", default=None, help="metrics.json to quote in the model card")
+    exp.set_defaults(func=_export)
 
     from distar.train import __doc__ as train_doc
     from distar.train import build_parser as train_parser

@@ -16,6 +16,7 @@ import io
 import json
 import re
 import time
+import warnings
 from typing import Any
 
 import torch
@@ -128,5 +129,7 @@ def load_unet_weights(checkpoint_uri: str, network: str = "generator") -> dict[s
     }
     if not state:
         raise RuntimeError(f"checkpoint {checkpoint_uri} holds no {network!r} weights")
-    dcp.load(state, storage_reader=FsspecReader(checkpoint_uri), no_dist=True)
+    with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+        warnings.simplefilter("ignore", UserWarning)
+        dcp.load(state, storage_reader=FsspecReader(checkpoint_uri), no_dist=True)
     return {k[len(prefix) :]: v for k, v in state.items()}

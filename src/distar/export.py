@@ -1,0 +1,169 @@
+"""Training checkpoint → a complete diffusers StableDiffusionXLPipeline directory for one-step generation.
+
+The generator's weights are read from the DCP checkpoint in one process, whatever the number of processes that
+wrote it. The directory holds the generator UNet (fp32, and fp16 as variant "fp16"), the reference's text
+encoders, tokenizers and VAE, an LCMScheduler for one step at t* (stock diffusers:
+`pipe(prompt, num_inference_steps=1, timesteps=[t*], guidance_scale=0)`), a model card, and optionally the EMA
+UNet (unet_ema/) and a single-file fp16 UNet in DMD2's layout. model_index.json is written last: a reader that
+finds it finds a complete pipeline.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from distar import storage, tiny_preset
+from distar.errors import UserError
+from distar.train.checkpoint import MARKER, Checkpointer, load_unet_weights, read_config
+
+SINGLE_FILE = "generator_unet.fp16.safetensors"
+
+
+@dataclass
+class ExportConfig:
+    checkpoint: str
+    """A checkpoint directory (…/checkpoints/step_N) or a run's output URI (its newest complete checkpoint)."""
+    out: str
+    """Output URI of the pipeline directory."""
+    ema: bool = False
+    """Also write the EMA weights as unet_ema/ (the checkpoint must hold them)."""
+    single_file: bool = False
+    """Also write the UNet as one fp16 safetensors file in DMD2's layout."""
+    metrics: str | None = None
+    """A metrics.json (from `distar evaluate`) to quote in the model card."""
+
+
+def resolve_checkpoint(uri: str) -> str:
+    """A complete checkpoint directory from a checkpoint or run URI; a clear error otherwise."""
+    fs, path = storage.filesystem(uri)
+    path = path.rstrip("/")
+    if fs.exists(f"{path}/{MARKER}"):
+        return uri.rstrip("/")
+    if fs.exists(f"{path}/.metadata"):
+        raise UserError(f"checkpoint {uri!r} is incomplete (no {MARKER}); export the run's newest complete one")
+    fs_path = f"{path}/checkpoints"
+    if fs.exists(fs_path):
+        from distar.train.distributed import World
+
+        ckpt = Checkpointer(uri, World(0, 0, 1, torch.device("cpu")))
+        latest = ckpt.latest()
+        if latest is not None:
+            return ckpt.uri(latest)
+    raise UserError(f"{uri!r} is neither a complete checkpoint nor a run holding one (checkpoints/step_*/{MARKER})")
+
+
+def _generator_unet(reference_root: Path, weights: dict[str, torch.Tensor], source: str):
+    from diffusers import UNet2DConditionModel
+
+    unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(reference_root, subfolder="unet"))
+    missing, unexpected = unet.load_state_dict(weights, strict=False)
+    if missing or unexpected:
+        example = (missing + unexpected)[:3]
+        raise UserError(f"{source}: the generator's weights do not fit the reference's UNet config "
+                        f"({len(missing)} missing, {len(unexpected)} unexpected keys, e.g. {example})")  # fmt: skip
+    return unet
+
+
+def export(config: ExportConfig) -> dict:
+    from diffusers import LCMScheduler, StableDiffusionXLPipeline
+
+    from distar.models.sdxl import load_vae, locate
+
+    checkpoint = resolve_checkpoint(config.checkpoint)
+    train = read_config(checkpoint)
+    model = train["model"]
+    hub = {"cache_dir": model["cache_dir"], "offline": True if model["offline"] else None}
+    reference = tiny_preset.resolve(model["reference"])
+    parts = ["tokenizer", "tokenizer_2", "text_encoder", "text_encoder_2", "unet"]
+    root = locate(reference, parts + ([] if model["vae"] else ["vae"]), revision=model["revision"], **hub)
+    unet = _generator_unet(root, load_unet_weights(checkpoint, "generator"), checkpoint)
+    ema_unet = None
+    if config.ema:
+        try:
+            ema_unet = _generator_unet(root, load_unet_weights(checkpoint, "ema"), checkpoint)
+        except RuntimeError as err:
+            raise UserError(
+                f"--ema: checkpoint {checkpoint!r} holds no EMA weights (train with ema_decay > 0)"
+            ) from err
+    vae = load_vae(tiny_preset.resolve(model["vae"]) or root, dtype="fp32", **hub)
+    scheduler = LCMScheduler.from_config(
+        json.loads((root / "scheduler" / "scheduler_config.json").read_text()) if (root / "scheduler").is_dir() else {}
+    )
+    pipe = StableDiffusionXLPipeline.from_pretrained(
+        root, unet=unet, vae=vae, scheduler=scheduler, torch_dtype=torch.float32,
+    )  # fmt: skip
+    trainer_state = json.loads(storage.filesystem(checkpoint)[0].cat_file(
+        f"{storage.filesystem(checkpoint)[1].rstrip('/')}/trainer_state.json"))  # fmt: skip
+    metrics = None
+    if config.metrics:
+        fs, path = storage.filesystem(config.metrics)
+        metrics = json.loads(fs.cat_file(path))
+
+    with tempfile.TemporaryDirectory(prefix="distar-export-") as tmp:
+        local = Path(tmp) / "pipeline"
+        pipe.save_pretrained(local, safe_serialization=True)
+        unet.to(torch.float16).save_pretrained(local / "unet", variant="fp16")
+        if ema_unet is not None:
+            ema_unet.save_pretrained(local / "unet_ema")
+        if config.single_file:
+            from safetensors.torch import save_file
+
+            save_file({k: v.contiguous() for k, v in unet.state_dict().items()}, str(local / SINGLE_FILE))
+        distar_meta = {
+            "checkpoint": checkpoint, "step": trainer_state["step"], "t_star": model["t_star"],
+            "reference": model["reference"], "generator_init": model["generator_init"],
+            "config_digest": trainer_state.get("config_digest"), "loss": train["loss"], "reward": train["reward"],
+        }  # fmt: skip
+        (local / "distar.json").write_text(json.dumps(distar_meta, indent=2))
+        (local / "README.md").write_text(model_card(distar_meta, metrics, ema=ema_unet is not None,
+                                                    single_file=config.single_file))  # fmt: skip
+        index = (local / "model_index.json").read_text()
+        (local / "model_index.json").unlink()
+        fs, out_path = storage.filesystem(config.out)
+        out_path = out_path.rstrip("/")
+        if fs.exists(f"{out_path}/model_index.json"):
+            raise UserError(f"{config.out!r} already holds a pipeline (model_index.json); choose another --out")
+        if storage.is_uri(config.out) and not config.out.startswith("file://"):
+            fs.put(str(local) + "/", out_path, recursive=True)
+        else:
+            Path(out_path).mkdir(parents=True, exist_ok=True)
+            shutil.copytree(local, out_path, dirs_exist_ok=True)
+        fs.pipe_file(f"{out_path}/model_index.json", index.encode())
+    return {"out": config.out, **distar_meta}
+
+
+def model_card(meta: dict, metrics: dict | None, ema: bool, single_file: bool) -> str:
+    loss, reward, t = meta["loss"], meta["reward"], meta["t_star"]
+    lines = [
+        "---", "library_name: diffusers", "pipeline_tag: text-to-image", "tags: [diff-instruct-star, one-step, sdxl]",
+        f"base_model: {meta['reference']}", "---", "",
+        "# One-step SDXL generator post-trained with Diff-Instruct* (DI*)", "",
+        f"Trained by distar for {meta['step']} generator updates from `{meta['generator_init']}` against the reference "
+        f"`{meta['reference']}` (CFG {loss['alpha_cfg']}, {loss['cfg']}): a {loss['distance']} score divergence "
+        f"({loss['divergence']}, c = {loss['huber_c']} in score units) and the reward "
+        f"{', '.join(f'{w} × {n}' for n, w in reward['weights'].items())} with α_rew = {loss['alpha_rew']}.", "",
+        "## Use", "", "```python", "import torch", "from diffusers import StableDiffusionXLPipeline", "",
+        'pipe = StableDiffusionXLPipeline.from_pretrained("PATH", torch_dtype=torch.float16, variant="fp16")',
+        'pipe = pipe.to("cuda")',
+        f'image = pipe("a photo of a cat", num_inference_steps=1, timesteps=[{t}], guidance_scale=0).images[0]',
+        "```", "",
+        f"One step at t* = {t} (the LCMScheduler is configured; pass `timesteps=[{t}]`), no CFG.",
+    ]  # fmt: skip
+    if ema:
+        lines += ["", "`unet_ema/` holds the EMA of the generator's weights: "
+                  '`UNet2DConditionModel.from_pretrained("PATH", subfolder="unet_ema")`.']  # fmt: skip
+    if single_file:
+        lines += ["", f"`{SINGLE_FILE}` is the UNet as one fp16 state dict (DMD2's file layout)."]
+    if metrics:
+        lines += ["", "## Metrics", "", "| metric | value |", "|---|---|"]
+        lines += [f"| {k} | {v:.4g} |" for k, v in metrics.items() if isinstance(v, (int, float))]
+    lines += ["", "## Provenance", "", f"- checkpoint: `{meta['checkpoint']}`",
+              f"- config digest: `{meta['config_digest']}`",
+              "- method: Luo et al., *Diff-Instruct\\**, arXiv 2410.20898"]  # fmt: skip
+    return "\n".join(lines) + "\n"
