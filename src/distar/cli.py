@@ -50,6 +50,22 @@ def _export(args: argparse.Namespace) -> None:
     print(json.dumps({k: result[k] for k in ("out", "checkpoint", "step", "t_star")}))
 
 
+def _evaluate(args: argparse.Namespace) -> None:
+    from distar.evaluate import EvaluateConfig, evaluate
+
+    d = EvaluateConfig("", "")
+    config = EvaluateConfig(
+        model=args.model, out=args.out, baseline=args.baseline, reference=args.reference,
+        prompts=args.prompts or d.prompts, hps_prompts=args.hps_prompts, rewards=args.rewards or d.rewards,
+        sources=dict(s.split("=", 1) for s in args.source), heads=dict(h.split("=", 1) for h in args.head),
+        cache_dir=args.cache_dir, max_prompts=args.max_prompts, batch_size=args.batch_size, seed=args.seed,
+        t_star=args.t_star,
+    )  # fmt: skip
+    report = evaluate(config)
+    print(json.dumps(report["results"], indent=2))
+    print(f"report: {args.out}/report.html")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="distar", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -95,6 +111,26 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--single-file", action="store_true", help="also write the UNet as one fp16 safetensors file")
     exp.add_argument("--metrics", default=None, help="metrics.json to quote in the model card")
     exp.set_defaults(func=_export)
+
+    from distar.evaluate import __doc__ as evaluate_doc
+
+    ev = sub.add_parser("evaluate", help="the paper's evaluation protocol, with an HTML report",
+                        description=evaluate_doc, formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    ev.add_argument("--model", required=True, help="exported pipeline (directory/URI) or reference:N")
+    ev.add_argument("--out", required=True, help="output URI (metrics.json, scores.parquet, images/, report.html)")
+    ev.add_argument("--baseline", default=None, help="another pipeline, or reference:N (with --reference)")
+    ev.add_argument("--reference", default=None, help="the pipeline that reference:N samples")
+    ev.add_argument("--prompts", default=None, help="Parti prompts file/URI (default: the public PartiPrompts.tsv)")
+    ev.add_argument("--hps-prompts", default=None, help="directory/URI of the HPSv2 benchmark style JSON files")
+    ev.add_argument("--rewards", nargs="*", default=None, help="metrics (default: all five)")
+    ev.add_argument("--source", action="append", default=[], metavar="NAME=SOURCE", help="a reward's model source")
+    ev.add_argument("--head", action="append", default=[], metavar="NAME=FILE", help="a reward's head file")
+    ev.add_argument("--cache-dir", default=None, help="model cache written by distar cache")
+    ev.add_argument("--max-prompts", type=int, default=0, help="first N prompts of each set (0: all)")
+    ev.add_argument("--batch-size", type=int, default=4)
+    ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--t-star", type=int, default=399)
+    ev.set_defaults(func=_evaluate)
 
     from distar.train import __doc__ as train_doc
     from distar.train import build_parser as train_parser

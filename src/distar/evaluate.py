@@ -1,0 +1,365 @@
+"""Evaluation with the paper's protocol (METHOD.md §7), resumable, with an HTML report.
+
+Parti prompts → ImageReward, aesthetic, PickScore, CLIP score; the HPSv2 benchmark prompts (anime, concept-art,
+paintings, photo) → HPSv2.1 per style and averaged. One image per prompt; the noise of a prompt comes from a seed
+derived from (seed, prompt id), so results do not depend on batching or on where a resumed run restarts. Scores
+are reported on the paper's scales (PickScore /100, HPSv2.1 ×100).
+
+Models: an exported pipeline (`distar export`), generated in one step at t*; or `reference:N`, the pipeline with
+its own scheduler, N steps and CFG (the baseline protocol of the paper's SDXL rows).
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import html
+import io
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from distar import storage, tiny_preset
+from distar.errors import UserError
+
+PARTI_URL = "https://raw.githubusercontent.com/google-research/parti/main/PartiPrompts.tsv"
+HPS_STYLES = ("anime", "concept-art", "paintings", "photo")
+PARTI_METRICS = ("imagereward", "aesthetic", "pickscore", "clip")
+# The paper's scale of each reward's raw score (README: rewards table).
+PAPER_SCALE = {"pickscore": 0.01, "hpsv2.1": 100.0, "imagereward": 1.0, "aesthetic": 1.0, "clip": 1.0}
+# METHOD.md §7, the rows a run is compared against.
+_METRIC_ORDER = ("imagereward", "aesthetic", "pickscore", "clip", "hpsv2.1")
+PAPER = {
+    label: dict(zip(_METRIC_ORDER, values, strict=True))
+    for label, values in {
+        "SDXL (50 steps)": (0.887, 5.72, 0.2274, 32.72, 29.05),
+        "DMD2 (start point)": (0.930, 5.51, 0.2249, 32.97, 27.97),
+        "DI*": (1.067, 5.74, 0.2304, 32.82, 30.22),
+        "DI* longer training": (1.140, 5.83, 0.2331, 32.75, 31.19),
+    }.items()
+}
+
+
+@dataclass
+class EvaluateConfig:
+    model: str
+    """An exported pipeline (directory or URI), or `reference:N` for a pipeline sampled with N steps and CFG."""
+    out: str
+    """Output URI: metrics.json, scores.parquet, images/, report.html."""
+    baseline: str | None = None
+    """Evaluated under the same protocol: another pipeline, or `reference:N` (with --reference)."""
+    reference: str | None = None
+    """The pipeline `reference:N` samples (SDXL base by default for the sdxl setting)."""
+    prompts: str = PARTI_URL
+    """Parti prompts (TSV with Prompt and Category columns, or any file `distar curate` reads)."""
+    hps_prompts: str | None = None
+    """HPSv2 benchmark prompts: a directory/URI of anime.json, concept-art.json, paintings.json, photo.json."""
+    rewards: list[str] = field(default_factory=lambda: ["imagereward", "aesthetic", "pickscore", "clip", "hpsv2.1"])
+    """Metrics to compute."""
+    sources: dict[str, str] = field(default_factory=dict)
+    """Model source per reward, where not the default (as in the trainer's reward.sources)."""
+    heads: dict[str, str] = field(default_factory=dict)
+    """Head file per reward (aesthetic)."""
+    cache_dir: str | None = None
+    """Model cache written by `distar cache`."""
+    max_prompts: int = 0
+    """Use only the first N prompts of each set (0: all)."""
+    batch_size: int = 4
+    """Images generated and scored at a time."""
+    seed: int = 0
+    """Seed of the per-prompt noise."""
+    t_star: int = 399
+    """The one-step generator's timestep."""
+    guidance_scale: float = 7.5
+    """CFG of `reference:N` sampling."""
+    device: str = "auto"
+
+
+@dataclass
+class Prompt:
+    id: str
+    text: str
+    group: str  # Parti category, or the HPS style
+    set: str  # "parti" or "hps"
+
+
+def _prompt_id(set_name: str, text: str, index: int) -> str:
+    return f"{set_name}-{index:05d}-{hashlib.blake2b(text.encode(), digest_size=4).hexdigest()}"
+
+
+def load_prompts(config: EvaluateConfig) -> list[Prompt]:
+    from distar.curate import CurateConfig, read_source
+
+    prompts = []
+    wanted = set(config.rewards)
+    if wanted & set(PARTI_METRICS):
+        reader = CurateConfig([], "", column=None, category_column=None)
+        texts, cats = [], []
+        for rows in read_source(tiny_preset.resolve(config.prompts), reader):
+            texts += rows.prompts
+            cats += rows.categories or [None] * len(rows.prompts)
+        for i, (t, c) in enumerate(zip(texts, cats, strict=True)):
+            if isinstance(t, str) and t.strip():
+                prompts.append(Prompt(_prompt_id("parti", t, i), t.strip(), str(c or "all"), "parti"))
+        if config.max_prompts:
+            prompts = prompts[: config.max_prompts]
+    if "hpsv2.1" in wanted:
+        if not config.hps_prompts:
+            raise UserError("hpsv2.1 is evaluated on the HPSv2 benchmark prompts: pass --hps-prompts (a directory "
+                            "of anime.json, concept-art.json, paintings.json, photo.json) or drop hpsv2.1")  # fmt: skip
+        fs, path = storage.filesystem(tiny_preset.resolve(config.hps_prompts))
+        for style in HPS_STYLES:
+            f = f"{path.rstrip('/')}/{style}.json"
+            if not fs.exists(f):
+                raise UserError(f"--hps-prompts {config.hps_prompts!r} has no {style}.json")
+            texts = json.loads(fs.cat_file(f))
+            if config.max_prompts:
+                texts = texts[: config.max_prompts]
+            prompts += [Prompt(_prompt_id(f"hps-{style}", t, i), t, style, "hps") for i, t in enumerate(texts)]
+    if not prompts:
+        raise UserError("no prompts to evaluate: check --prompts, --hps-prompts and --rewards")
+    return prompts
+
+
+class Sampler:
+    """An exported one-step pipeline, or `reference:N` (the pipeline's own scheduler, N steps, CFG)."""
+
+    def __init__(self, spec: str, config: EvaluateConfig, device: torch.device):
+        from diffusers import StableDiffusionXLPipeline
+
+        self.steps = None
+        source = spec
+        if spec.startswith("reference:"):
+            try:
+                self.steps = int(spec.split(":", 1)[1])
+            except ValueError:
+                raise UserError(f"{spec!r}: write reference:N with N the number of sampling steps") from None
+            if not config.reference:
+                raise UserError(f"{spec!r} needs --reference (the pipeline to sample with {self.steps} steps)")
+            source = config.reference
+        from distar.models.hub import resolve_model_dir
+
+        root = resolve_model_dir(tiny_preset.resolve(source), cache_dir=config.cache_dir)
+        if not (root / "model_index.json").is_file():
+            raise UserError(f"{source!r} is not a diffusers pipeline (no model_index.json); run `distar export`")
+        self.pipe = StableDiffusionXLPipeline.from_pretrained(root).to(device)
+        self.pipe.set_progress_bar_config(disable=True)
+        self.config, self.device, self.name = config, device, spec
+        self.latent_channels = self.pipe.unet.config.in_channels
+        self.side = self.pipe.unet.config.sample_size
+
+    def noise(self, prompt: Prompt) -> torch.Tensor:
+        seed = int.from_bytes(
+            hashlib.blake2b(f"{self.config.seed}/{prompt.id}".encode(), digest_size=8).digest(), "big"
+        )
+        g = torch.Generator().manual_seed(seed)
+        return torch.randn(self.latent_channels, self.side, self.side, generator=g)
+
+    @torch.no_grad()
+    def __call__(self, prompts: list[Prompt]) -> torch.Tensor:
+        latents = torch.stack([self.noise(p) for p in prompts]).to(self.device)
+        texts = [p.text for p in prompts]
+        if self.steps is None:
+            out = self.pipe(texts, latents=latents, num_inference_steps=1, timesteps=[self.config.t_star],
+                            guidance_scale=0.0, output_type="pt")  # fmt: skip
+        else:
+            latents = latents * self.pipe.scheduler.init_noise_sigma
+            out = self.pipe(texts, latents=latents, num_inference_steps=self.steps,
+                            guidance_scale=self.config.guidance_scale, output_type="pt")  # fmt: skip
+        return out.images.float().clamp(0, 1)
+
+
+def _load_metrics(config: EvaluateConfig, device):
+    from distar.rewards import RewardSpec, load_reward
+
+    models = {}
+    for name in config.rewards:
+        spec = RewardSpec(name, 1.0, tiny_preset.resolve(config.sources.get(name)),
+                          head=tiny_preset.resolve(config.heads.get(name)))  # fmt: skip
+        models[name] = load_reward(spec, cache_dir=config.cache_dir).to(device).eval()
+    return models
+
+
+def _tag(spec: str) -> str:
+    return "model" if spec is None else hashlib.blake2b(spec.encode(), digest_size=4).hexdigest()
+
+
+def _evaluate_one(spec: str, role: str, prompts, metrics, config, device, out_fs, out_path) -> dict:
+    """Generate and score every prompt not yet done for this model; returns the run's bookkeeping."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    work = f"{out_path}/work/{role}"
+    out_fs.makedirs(work, exist_ok=True)
+    done = set()
+    for f in out_fs.glob(f"{work}/scores-*.parquet"):
+        with out_fs.open(f, "rb") as fh:
+            done.update(pq.read_table(fh, columns=["id"]).column("id").to_pylist())
+    todo = [p for p in prompts if p.id not in done]
+    generated, seconds = 0, 0.0
+    sampler = Sampler(spec, config, device) if todo else None
+    for start in range(0, len(todo), config.batch_size):
+        batch = todo[start : start + config.batch_size]
+        began = time.perf_counter()
+        images = sampler(batch)
+        seconds += time.perf_counter() - began
+        rows = {"id": [p.id for p in batch], "prompt": [p.text for p in batch], "group": [p.group for p in batch],
+                "set": [p.set for p in batch], "image": [], "seconds_per_image": []}  # fmt: skip
+        for name, model in metrics.items():
+            wanted = [i for i, p in enumerate(batch) if (p.set == "hps") == (name == "hpsv2.1")]
+            values = [float("nan")] * len(batch)
+            if wanted:
+                with torch.no_grad():
+                    scores = model(images[wanted], [batch[i].text for i in wanted]).float().cpu() * PAPER_SCALE[name]
+                for i, v in zip(wanted, scores.tolist(), strict=True):
+                    values[i] = v
+            rows[name] = values
+        for p, img in zip(batch, images, strict=True):
+            name = f"images/{role}/{p.id}.png"
+            buf = io.BytesIO()
+            Image.fromarray((img.permute(1, 2, 0).cpu().numpy() * 255).round().astype("uint8")).save(buf, "PNG")
+            out_fs.makedirs(f"{out_path}/images/{role}", exist_ok=True)
+            out_fs.pipe_file(f"{out_path}/{name}", buf.getvalue())
+            rows["image"].append(name)
+            rows["seconds_per_image"].append((time.perf_counter() - began) / len(batch))
+        buf = io.BytesIO()
+        pq.write_table(pa.table(rows), buf)
+        # one shard per finished batch, named by its first prompt: a crash loses at most the batch in flight
+        out_fs.pipe_file(f"{work}/scores-{batch[0].id}.parquet", buf.getvalue())
+        generated += len(batch)
+    return {"generated": generated, "skipped": len(done), "generation_seconds": seconds}
+
+
+def _read_scores(out_fs, out_path, role):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    tables = []
+    for f in sorted(out_fs.glob(f"{out_path}/work/{role}/scores-*.parquet")):
+        with out_fs.open(f, "rb") as fh:
+            tables.append(pq.read_table(fh))
+    return pa.concat_tables(tables, promote_options="default")
+
+
+def summarise(table, rewards) -> dict:
+    import math
+
+    rows = table.to_pylist()
+    summary = {}
+    for name in rewards:
+        if name == "hpsv2.1":
+            per_style = {}
+            for style in HPS_STYLES:
+                v = [r[name] for r in rows if r["set"] == "hps" and r["group"] == style and not math.isnan(r[name])]
+                if v:
+                    per_style[style] = sum(v) / len(v)
+            if per_style:
+                summary[name] = sum(per_style.values()) / len(per_style)
+                summary.update({f"hpsv2.1/{s}": v for s, v in per_style.items()})
+        else:
+            v = [r[name] for r in rows if r["set"] == "parti" and not math.isnan(r[name])]
+            if v:
+                summary[name] = sum(v) / len(v)
+    secs = [r["seconds_per_image"] for r in rows]
+    summary["seconds_per_image"] = sum(secs) / len(secs)
+    summary["images"] = len(rows)
+    return summary
+
+
+def evaluate(config: EvaluateConfig) -> dict:
+    import pyarrow.parquet as pq
+
+    if config.batch_size < 1:
+        raise UserError(f"--batch-size must be at least 1, got {config.batch_size}")
+    unknown = sorted(set(config.rewards) - set(PAPER_SCALE))
+    if unknown:
+        raise UserError(f"unknown metric(s) {unknown}; choose from {', '.join(PAPER_SCALE)}")
+    device = torch.device("cuda" if config.device == "auto" and torch.cuda.is_available() else
+                          ("cpu" if config.device == "auto" else config.device))  # fmt: skip
+    prompts = load_prompts(config)
+    metrics = _load_metrics(config, device)
+    out_fs, out_path = storage.filesystem(config.out)
+    out_path = out_path.rstrip("/")
+    runs = {"model": _evaluate_one(config.model, "model", prompts, metrics, config, device, out_fs, out_path)}
+    if config.baseline:
+        runs["baseline"] = _evaluate_one(config.baseline, "baseline", prompts, metrics, config, device, out_fs,
+                                         out_path)  # fmt: skip
+    results, tables = {}, {}
+    for role in runs:
+        tables[role] = _read_scores(out_fs, out_path, role)
+        results[role] = summarise(tables[role], config.rewards)
+        buf = io.BytesIO()
+        pq.write_table(tables[role], buf)
+        out_fs.pipe_file(f"{out_path}/{'scores' if role == 'model' else 'baseline_scores'}.parquet", buf.getvalue())
+    report = {"model": config.model, "baseline": config.baseline, "results": results, "runs": runs, "paper": PAPER,
+              "config": asdict(config), "prompts": len(prompts)}  # fmt: skip
+    out_fs.pipe_file(f"{out_path}/metrics.json", json.dumps(report, indent=2).encode())
+    out_fs.pipe_file(f"{out_path}/report.html", render_report(report, tables, out_fs, out_path).encode())
+    return report
+
+
+def _histogram_png(values_by_role: dict[str, list[float]], name: str) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(4, 2.6), dpi=80)
+    for role, values in values_by_role.items():
+        ax.hist(values, bins=20, alpha=0.6, label=role)
+    ax.set_title(name)
+    ax.legend()
+    buf = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def render_report(report: dict, tables: dict, out_fs, out_path: str) -> str:
+    import math
+
+    e = html.escape
+    res = report["results"]
+    names = [n for n in ("imagereward", "aesthetic", "pickscore", "clip", "hpsv2.1") if n in res["model"]]
+    head = "".join(f"<th>{e(n)}</th>" for n in names) + "<th>s / image</th>"
+    rows = []
+    for role, label in (("model", report["model"]), ("baseline", report["baseline"])):
+        if role in res:
+            cells = "".join(f"<td>{res[role].get(n, float('nan')):.4g}</td>" for n in names)
+            rows.append(
+                f"<tr><td>{e(role)}: {e(str(label))}</td>{cells}<td>{res[role]['seconds_per_image']:.3g}</td></tr>"
+            )
+    for label, values in report["paper"].items():
+        cells = "".join(f"<td>{values.get(n, float('nan')):.4g}</td>" for n in names)
+        rows.append(f"<tr class='paper'><td>paper: {e(label)}</td>{cells}<td></td></tr>")
+    parts = [
+        "<!doctype html><html><head><meta charset='utf-8'><title>distar evaluation</title><style>"
+        "body{font-family:sans-serif;margin:2em}td,th{padding:4px 8px;border-bottom:1px solid #ddd}"
+        ".paper{color:#666}img{margin:2px}</style></head><body>",
+        f"<h1>distar evaluation</h1><p>{report['prompts']} prompts; model <code>{e(report['model'])}</code></p>",
+        f"<h2>Metrics</h2><table id='metrics'><tr><th>model</th>{head}</tr>{''.join(rows)}</table>",
+        "<h2>Score histograms</h2>",
+    ]
+    model_rows = tables["model"].to_pylist()
+    for n in names:
+        by_role = {role: [r[n] for r in t.to_pylist() if not math.isnan(r[n])] for role, t in tables.items()}
+        parts.append(f"<img alt='{e(n)} histogram' src='data:image/png;base64,{_histogram_png(by_role, n)}'>")
+    parts.append("<h2>Images by category</h2>")
+    groups: dict[str, list] = {}
+    for r in model_rows:
+        groups.setdefault(f"{r['set']} / {r['group']}", []).append(r)
+    for group, items in sorted(groups.items()):
+        imgs = "".join(f"<img src='{e(r['image'])}' width='128' title='{e(r['prompt'])}'>" for r in items[:8])
+        parts.append(f"<h3>{e(group)}</h3><div class='grid'>{imgs}</div>")
+    parts.append("</body></html>")
+    return "\n".join(parts)
+
+
+def load_metrics(path: str | Path) -> dict:
+    fs, p = storage.filesystem(str(path))
+    return json.loads(fs.cat_file(p))

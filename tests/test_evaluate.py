@@ -1,0 +1,101 @@
+"""`distar evaluate` on tiny models: metrics, resume, baseline, the HTML report."""
+
+from __future__ import annotations
+
+import json
+from html.parser import HTMLParser
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from distar import tiny_preset
+from distar.errors import UserError
+from distar.evaluate import EvaluateConfig, evaluate
+from distar.export import ExportConfig, export
+from distar.train import run
+
+PARTI = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "PartiPrompts.tsv"
+REWARDS = ["imagereward", "aesthetic", "pickscore", "clip", "hpsv2.1"]
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory):
+    root = tmp_path_factory.mktemp("eval")
+    summary = run("tiny", [f"out={root / 'run'}", "steps=1", "parallel.strategy=none", "log.progress=false"])
+    export(ExportConfig(summary["checkpoint"], str(root / "pipeline")))
+    hps = root / "hps"
+    hps.mkdir()
+    for style in ("anime", "concept-art", "paintings", "photo"):
+        (hps / f"{style}.json").write_text(json.dumps([f"a {style} picture of a fox", f"a {style} castle"]))
+    return root / "pipeline", hps
+
+
+def config(pipeline, out, **kwargs) -> EvaluateConfig:
+    settings = dict(
+        model=str(pipeline[0]), out=str(out), prompts=str(PARTI), hps_prompts=str(pipeline[1]), rewards=REWARDS,
+        sources={n: f"tiny:rewards/{n}" for n in REWARDS}, batch_size=3,
+        heads={"aesthetic": "tiny:rewards/aesthetic/aesthetic_head.safetensors"},
+    )  # fmt: skip
+    return EvaluateConfig(**{**settings, **kwargs})
+
+
+class _Report(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.tables, self.images, self.cells = 0, [], []
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        self.tables += tag == "table"
+        if tag == "img":
+            self.images.append(attrs.get("src", ""))
+
+    def handle_data(self, data):
+        self.cells.append(data.strip())
+
+
+def test_metrics_per_prompt_scores_resume_and_report(pipeline, tmp_path):
+    out = tmp_path / "eval"
+    first = evaluate(config(pipeline, out, max_prompts=4))
+    assert first["runs"]["model"] == {"generated": 12, "skipped": 0, "generation_seconds": pytest.approx(
+        first["runs"]["model"]["generation_seconds"])}  # 4 Parti + 4 styles × 2 HPS prompts  # fmt: skip
+    again = evaluate(config(pipeline, out, max_prompts=5))  # resumes: only the new Parti prompt is generated
+    assert again["runs"]["model"]["generated"] == 1 and again["runs"]["model"]["skipped"] == 12
+    m = again["results"]["model"]
+    for name in REWARDS + ["hpsv2.1/anime", "hpsv2.1/photo", "seconds_per_image"]:
+        assert isinstance(m[name], float) and m[name] == m[name], name  # finite, not NaN
+    assert m["images"] == 13
+    scores = pq.read_table(out / "scores.parquet").to_pylist()
+    assert len({r["id"] for r in scores}) == 13 and all((out / r["image"]).is_file() for r in scores)
+    parti = [r for r in scores if r["set"] == "parti"]
+    assert m["pickscore"] == pytest.approx(sum(r["pickscore"] for r in parti) / len(parti))
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["paper"]["DI*"]["pickscore"] == 0.2304
+    report = _Report()
+    report.feed((out / "report.html").read_text())
+    assert report.tables == 1 and "paper: DI*" in report.cells and "hpsv2.1" in report.cells
+    assert sum(src.startswith("data:image/png;base64,") for src in report.images) == len(REWARDS)
+    assert any(src.startswith("images/model/") for src in report.images)
+
+
+def test_baseline_reference_sampling_and_fixed_seeds(pipeline, tmp_path):
+    c = config(pipeline, tmp_path / "a", max_prompts=2, rewards=["pickscore"], baseline="reference:3",
+               reference="tiny:sdxl")  # fmt: skip
+    a = evaluate(c)
+    assert set(a["results"]) == {"model", "baseline"} and a["runs"]["baseline"]["generated"] == 2
+    assert a["results"]["model"]["pickscore"] != a["results"]["baseline"]["pickscore"]
+    b = evaluate(config(pipeline, tmp_path / "b", max_prompts=2, rewards=["pickscore"], batch_size=1))
+    assert b["results"]["model"]["pickscore"] == pytest.approx(a["results"]["model"]["pickscore"], abs=1e-5)
+
+
+def test_bad_inputs(pipeline, tmp_path):
+    with pytest.raises(UserError, match="--hps-prompts"):
+        evaluate(config(pipeline, tmp_path / "o", hps_prompts=None))
+    with pytest.raises(UserError, match="unknown metric"):
+        evaluate(config(pipeline, tmp_path / "o", rewards=["fid"]))
+    with pytest.raises(UserError, match="not a diffusers pipeline"):
+        evaluate(config(pipeline, tmp_path / "o", model=str(tmp_path), rewards=["clip"], max_prompts=1))
+    with pytest.raises(UserError, match="needs --reference"):
+        evaluate(config(pipeline, tmp_path / "o", model="reference:2", rewards=["clip"], max_prompts=1))
+    assert tiny_preset.resolve("tiny:sdxl")
