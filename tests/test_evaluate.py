@@ -99,3 +99,19 @@ def test_bad_inputs(pipeline, tmp_path):
     with pytest.raises(UserError, match="needs --reference"):
         evaluate(config(pipeline, tmp_path / "o", model="reference:2", rewards=["clip"], max_prompts=1))
     assert tiny_preset.resolve("tiny:sdxl")
+
+
+@pytest.mark.slow
+def test_evaluate_writes_to_gcs(pipeline, tmp_path):
+    import fsspec
+
+    from storage_servers import gcs_server
+
+    with gcs_server("evals"):
+        report = evaluate(config(pipeline, "gs://evals/tiny", max_prompts=2, rewards=["clip"]))
+        fs, _ = fsspec.core.url_to_fs("gs://evals/tiny")
+        fs.invalidate_cache()
+        assert report["results"]["model"]["images"] == 2
+        for name in ("metrics.json", "scores.parquet", "report.html"):
+            assert fs.exists(f"evals/tiny/{name}"), name
+        assert len(fs.glob("evals/tiny/images/model/*.png")) == 2
