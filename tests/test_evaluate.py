@@ -104,7 +104,6 @@ def test_bad_inputs(pipeline, tmp_path):
 @pytest.mark.slow
 def test_evaluate_writes_to_gcs(pipeline, tmp_path):
     import fsspec
-
     from storage_servers import gcs_server
 
     with gcs_server("evals"):

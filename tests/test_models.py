@@ -181,8 +181,10 @@ def test_offline_hub_id_without_cache_fails_clearly(tmp_path):
 
 
 def test_model_cache_is_read_for_hub_ids(tiny_sdxl, tmp_path):
+    from distar.cache import CacheItem, cache_models
+
     cache = tmp_path / "cache"
-    shutil.copytree(tiny_sdxl, cache / "stabilityai" / "stable-diffusion-xl-base-1.0")
+    cache_models(str(cache), [CacheItem("stabilityai/stable-diffusion-xl-base-1.0", str(tiny_sdxl))], progress=None)
     unet = load_unet("stabilityai/stable-diffusion-xl-base-1.0", cache_dir=cache, offline=True)
     assert unet.config.addition_embed_type == "text_time"
 

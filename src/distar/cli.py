@@ -66,6 +66,21 @@ def _evaluate(args: argparse.Namespace) -> None:
     print(f"report: {args.out}/report.html")
 
 
+def _cache(args: argparse.Namespace) -> None:
+    from distar.cache import cache_models, parse_models, verify_cache
+
+    if args.verify:
+        problems = {k: v for k, v in verify_cache(args.out).items() if v}
+        if problems:
+            lines = [f"{k}: {p}" for k, v in problems.items() for p in v]
+            raise UserError(f"the cache {args.out!r} does not verify:\n  - " + "\n  - ".join(lines))
+        print(f"{args.out}: every file verifies")
+        return
+    hub = {"offline": True if args.offline else None}
+    status = cache_models(args.out, parse_models(args.models), hub)
+    print(json.dumps(status, indent=2))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="distar", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -100,6 +115,18 @@ def build_parser() -> argparse.ArgumentParser:
     curate.add_argument("--max-per-category", type=int, default=0, help="cap per category (0: none)")
     curate.add_argument("--shard-rows", type=int, default=d.shard_rows, help="rows per output shard")
     curate.set_defaults(func=_curate)
+
+    from distar.cache import PRESETS
+    from distar.cache import __doc__ as cache_doc
+
+    cache = sub.add_parser("cache", help="fetch, convert and checksum every model a run needs into a cache URI",
+                           description=cache_doc, formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    models_help = f"presets ({', '.join(PRESETS)}) or KEY[=SOURCE][@REVISION] items, comma-separated"
+    cache.add_argument("--models", action="append", default=[], help=models_help)
+    cache.add_argument("--out", required=True, help="the cache URI (local, gs://, s3://)")
+    cache.add_argument("--verify", action="store_true", help="only verify every cached file against the manifest")
+    cache.add_argument("--offline", action="store_true", help="never contact the hub (sources must be local/URIs)")
+    cache.set_defaults(func=_cache)
 
     from distar.export import __doc__ as export_doc
 

@@ -35,15 +35,18 @@ def resolve_model_dir(
     """A local directory holding `source`'s files.
 
     source: a local directory, an fsspec URI (file://, s3://, gs://, hf://), or a hub id ("org/name").
-    cache_dir: a model cache laid out as {cache_dir}/{org}/{name}/… (written by `distar cache`); when it holds
-    the source, it is used and the hub is not contacted. offline (default: HF_HUB_OFFLINE): never contact the hub.
+    cache_dir: a model cache (local or URI) written by `distar cache`; when its manifest holds the source, the
+    files are verified against it and used, and the hub is not contacted.
+    offline (default: HF_HUB_OFFLINE): never contact the hub.
     """
     source = str(source)
     if offline is None:
         offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
     if cache_dir is not None and HUB_ID.match(source):
-        cached = Path(cache_dir) / source
-        if cached.is_dir():
+        from distar.cache import lookup
+
+        cached = lookup(str(cache_dir), source)
+        if cached is not None:
             return cached
         if offline:
             raise UserError(
@@ -106,7 +109,10 @@ def resolve_file(spec: str | os.PathLike, **resolve_kwargs) -> Path:
 def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """A state dict from .safetensors or a torch pickle (weights only; a {"state_dict": …} wrapper is unwrapped)."""
     path = Path(path)
-    if path.suffix == ".safetensors":
+    with open(path, "rb") as fh:
+        head = fh.read(9)
+    # safetensors: an 8-byte header length, then the JSON header; decided by content, not by the file's name
+    if path.suffix == ".safetensors" or head[8:9] == b"{":
         from safetensors.torch import load_file
 
         return load_file(str(path))
