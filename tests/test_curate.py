@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-from storage_servers import s3_server
+from storage_servers import gcs_server, s3_server
 
 from distar.curate import CurateConfig, curate
 from distar.errors import UserError
@@ -142,16 +142,22 @@ def test_cli_exit_code_2_on_bad_input(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_curate_to_s3_and_train_reads_it(tmp_path):
+@pytest.mark.parametrize("scheme", ["s3", "gs"])
+def test_curate_to_object_storage_and_train_reads_it(scheme, tmp_path):
     import fsspec
 
     parquet = tmp_path / "src.parquet"
     import pyarrow as pa
 
     pq.write_table(pa.table({"caption": [f"prompt number {i}" for i in range(50)] + ["prompt number 3"]}), parquet)
-    with s3_server("curated"):
-        stats = curate(config("s3://curated/sets/a", parquet))
+    server = s3_server if scheme == "s3" else gcs_server
+    with server("curated"):
+        uri = f"{scheme}://curated/sets/a"
+        source = f"{scheme}://curated/sources/src.parquet"  # a remote source too
+        fs, _ = fsspec.core.url_to_fs(uri)
+        fs.put_file(str(parquet), "curated/sources/src.parquet")
+        stats = curate(config(uri, source))
         assert stats["rows_out"] == 50 and stats["dropped"]["duplicate"] == 1
-        fs = fsspec.filesystem("s3")
+        fs.invalidate_cache()
         assert fs.exists("curated/sets/a/manifest.json") and fs.exists("curated/sets/a/summary.md")
-        assert len(PromptSet("s3://curated/sets/a")) == stats["splits"]["train"]
+        assert len(PromptSet(uri)) == stats["splits"]["train"]
