@@ -237,3 +237,56 @@ def test_checkpoints_and_resume_on_object_storage(scheme, local_run, tmp_path):
         assert summary["step"] == 3
         _assert_same_weights(summary["checkpoint"], local_run[1]["checkpoint"])
         _assert_same_weights(summary["checkpoint"], local_run[1]["checkpoint"], "assistant")
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["data.grad_accum=2", "assistant_updates=2"],
+        ["loss.cfg=reward"],
+        ["loss.divergence=kl"],
+        ["loss.form=full", "loss.distance=l2", "loss.weighting=sigma2"],
+        ["parallel.mixed_precision=bf16", "parallel.activation_checkpointing=true", "generator_optim.warmup_steps=4"],
+    ],
+    ids=["accumulation", "cfg-as-reward", "kl", "full-l2", "bf16-checkpointing-warmup"],
+)
+def test_loop_options_run_and_log_finite_values(overrides, tmp_path):
+    out = tmp_path / "run"
+    summary = run("tiny", [f"out={out}", "steps=1", *FAST, *overrides])
+    line = json.loads((out / "logs" / "metrics.jsonl").read_text().splitlines()[0])
+    assert summary["skipped"] == {"generator": 0, "assistant": 0}
+    for key in ("loss/generator", "loss/divergence", "loss/assistant", "divergence", "grad_norm/generator"):
+        assert np.isfinite(line[key]), key
+    if "data.grad_accum=2" in overrides:
+        assert summary["samples_seen"] == 4  # 2 micro-batches of 2
+    if "loss.cfg=reward" in overrides:
+        assert np.isfinite(line["loss/cfg_reward"]) and line["loss/cfg_reward"] != 0
+    if "generator_optim.warmup_steps=4" in overrides:
+        assert line["lr/generator"] == pytest.approx(1e-4 / 4)
+
+
+def test_precomputed_embeddings_replace_the_text_encoders(tmp_path):
+    from distar import tiny_preset
+    from distar.models.sdxl import PromptEncoder
+
+    prompts = tiny_preset.tiny_prompts()[:8]
+    encoder = PromptEncoder.from_pretrained(tiny_preset.resolve("tiny:sdxl"))
+    cond = encoder.encode(prompts, 64, 64)
+    shard = tmp_path / "emb" / "part-00000.parquet"
+    write_embedding_shard(str(shard), prompts, cond.prompt_embeds, cond.pooled_prompt_embeds, "float32")
+    from distar.train import distributed
+    from distar.train.trainer import Trainer
+
+    config = load_config("tiny", [f"out={tmp_path / 'run'}", f"data.prompts={shard.parent}", "steps=1", *FAST])
+    world = distributed.init("cpu")
+    try:
+        trainer = Trainer(config, world)
+        assert trainer.nets.prompt_encoder is None and trainer.data.has_embeddings
+        batch = trainer.data.batch(0, 0, 1, 2, seed=0)
+        got = trainer._conditioning(batch)
+        want = encoder.encode(batch.prompts, 64, 64)
+        torch.testing.assert_close(got.prompt_embeds, want.prompt_embeds)
+        torch.testing.assert_close(got.add_time_ids, want.add_time_ids)
+        assert trainer.fit()["step"] == 1
+    finally:
+        distributed.shutdown()
