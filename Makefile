@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 # The CPU wheel of torch is pinned first: a bare `torch` requirement would pull a multi-GB CUDA build.
 TORCH_CPU ?= torch==2.13.0
 
-.PHONY: venv demo test lint bench clean
+.PHONY: venv demo toy test lint bench clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -16,7 +16,12 @@ $(VENV)/.installed: pyproject.toml
 
 venv: $(VENV)/.installed
 
+# The main job: the whole pipeline (curate, cache, train with 2 torchrun processes, export, evaluate) under
+# kfp.local on the tiny preset; it prints where the report is.
 demo: venv
+	$(VENV)/bin/distar run-local --preset tiny --root runs/pipeline
+
+toy: venv
 	$(VENV)/bin/distar toy --out runs/demo-toy
 	@echo "picture: runs/demo-toy/toy.png   metrics: runs/demo-toy/metrics.json"
 

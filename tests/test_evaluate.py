@@ -76,7 +76,7 @@ def test_metrics_per_prompt_scores_resume_and_report(pipeline, tmp_path):
     report.feed((out / "report.html").read_text())
     assert report.tables == 1 and "paper: DI*" in report.cells and "hpsv2.1" in report.cells
     assert sum(src.startswith("data:image/png;base64,") for src in report.images) == len(REWARDS)
-    assert any(src.startswith("images/model/") for src in report.images)
+    assert any(src.startswith("data:image/jpeg;base64,") for src in report.images)  # self-contained thumbnails
 
 
 def test_baseline_reference_sampling_and_fixed_seeds(pipeline, tmp_path):

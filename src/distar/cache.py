@@ -99,11 +99,20 @@ def parse_models(specs: list[str]) -> list[CacheItem]:
                 key, _, revision = key.rpartition("@")
         known = {i.key: i for p in PRESETS.values() for i in p}
         base = known.get(key, CacheItem(key))
+        # a conversion applies to the original checkpoint file; a directory named instead is taken as converted
+        convert = base.convert if not source or _is_file_spec(source) else None
         items.append(CacheItem(key, source or base.source, revision or base.revision, base.allow_patterns,
-                               base.convert, base.tokenizer))  # fmt: skip
+                               convert, base.tokenizer))  # fmt: skip
     if not items:
         raise UserError(f"--models {specs!r} names nothing; use presets ({', '.join(PRESETS)}) or KEY=SOURCE items")
     return items
+
+
+def _is_file_spec(source: str) -> bool:
+    if source.endswith((".pt", ".pth", ".bin", ".safetensors")):
+        return True
+    repo, sep, _ = source.partition(":")
+    return bool(sep) and "://" not in source and "/" in repo and not source.startswith("tiny:")
 
 
 def sha256_file(path: Path) -> str:

@@ -81,6 +81,16 @@ def _cache(args: argparse.Namespace) -> None:
     print(json.dumps(status, indent=2))
 
 
+def _run_local(args: argparse.Namespace) -> None:
+    from distar.local_pipeline import run_local
+
+    run = run_local(args.preset, args.root)
+    reports = sorted(run.glob("evaluate/report*"))
+    print(f"pipeline run: {run}")
+    for report in reports:
+        print(f"report: {report}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="distar", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -158,6 +168,14 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--t-star", type=int, default=399)
     ev.set_defaults(func=_evaluate)
+
+    from distar.local_pipeline import __doc__ as local_doc
+
+    rl = sub.add_parser("run-local", help="the whole pipeline (curate, cache, train, export, evaluate) on this machine",
+                        description=local_doc)  # fmt: skip
+    rl.add_argument("--preset", default="tiny", help="tiny (CPU, minutes) or sdxl")
+    rl.add_argument("--root", default="runs/pipeline", help="kfp.local pipeline root (local directory)")
+    rl.set_defaults(func=_run_local)
 
     from distar.train import __doc__ as train_doc
     from distar.train import build_parser as train_parser

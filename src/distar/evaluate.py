@@ -354,10 +354,26 @@ def render_report(report: dict, tables: dict, out_fs, out_path: str) -> str:
     for r in model_rows:
         groups.setdefault(f"{r['set']} / {r['group']}", []).append(r)
     for group, items in sorted(groups.items()):
-        imgs = "".join(f"<img src='{e(r['image'])}' width='128' title='{e(r['prompt'])}'>" for r in items[:8])
+        imgs = "".join(
+            f"<a href='{e(r['image'])}'><img src='{_thumbnail(out_fs, out_path + '/' + r['image'])}' width='128' "
+            f"title='{e(r['prompt'])}'></a>"
+            for r in items[:8]
+        )
         parts.append(f"<h3>{e(group)}</h3><div class='grid'>{imgs}</div>")
     parts.append("</body></html>")
     return "\n".join(parts)
+
+
+def _thumbnail(fs, path: str, side: int = 128) -> str:
+    """A small JPEG as a data URI: the report stays one self-contained file (the pipeline UI shows it alone)."""
+    from PIL import Image
+
+    with fs.open(path, "rb") as fh:
+        image = Image.open(fh).convert("RGB")
+        image.thumbnail((side, side))
+    buf = io.BytesIO()
+    image.save(buf, "JPEG", quality=85)
+    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
 def load_metrics(path: str | Path) -> dict:

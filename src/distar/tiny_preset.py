@@ -5,12 +5,14 @@
   tiny:dmd2_unet.safetensors       a raw UNet state dict in DMD2's file layout (another seed: the "1-step" start)
   tiny:rewards/<name>              every reward's tiny stand-in (rewards.tiny.build_tiny_rewards)
   tiny:prompts                     a Parquet prompt set (256 prompts) in the layout `distar curate` writes
+  tiny:hps                         prompts in the HPSv2 benchmark's layout (anime, concept-art, paintings, photo .json)
 The root is built in a temporary directory and renamed into place, so concurrent processes never see half of it.
 """
 
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import shutil
 import tempfile
@@ -18,11 +20,12 @@ import time
 from pathlib import Path
 
 PREFIX = "tiny:"
-VERSION = "tiny-v1"
+VERSION = "tiny-v2"
 
 COLOURS = ["red", "blue", "green", "yellow", "purple", "orange", "white", "black"]
 OBJECTS = ["cat", "dog", "car", "house", "tree", "boat", "bird", "chair"]
 PLACES = ["on a beach", "in a forest", "in a city at night", "on the moon"]
+HPS_STYLES = ("anime", "concept-art", "paintings", "photo")
 
 
 def tiny_prompts() -> list[str]:
@@ -48,6 +51,12 @@ def _build(root: Path) -> None:
     prompts = tiny_prompts()
     table = pa.table({"prompt": prompts, "id": [f"tiny-{i:04d}" for i in range(len(prompts))]})
     pq.write_table(table, root / "prompts" / "part-00000.parquet")
+    (root / "hps").mkdir()  # the HPSv2 benchmark's layout: one JSON list of prompts per style
+    for style, (colours, objects) in zip(HPS_STYLES, [(COLOURS[:2], OBJECTS[:2]), (COLOURS[2:4], OBJECTS[2:4]),
+                                                     (COLOURS[4:6], OBJECTS[4:6]), (COLOURS[6:], OBJECTS[6:])],
+                                         strict=True):  # fmt: skip
+        styled = [f"a {style} picture of a {c} {o}" for c, o in itertools.product(colours, objects)]
+        (root / "hps" / f"{style}.json").write_text(json.dumps(styled))
 
 
 MARKER = ".complete"

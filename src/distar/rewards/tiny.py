@@ -24,8 +24,10 @@ def tiny_clip_config(vocab_size: int, bos: int, eos: int):
         text_config=dict(vocab_size=vocab_size, hidden_size=32, intermediate_size=37, num_hidden_layers=2,
                          num_attention_heads=4, max_position_embeddings=77, hidden_act="gelu", bos_token_id=bos,
                          eos_token_id=eos, pad_token_id=eos),
+        # projection_dim inside vision_config too (as openai/clip-vit-large-patch14's config has it), so that
+        # CLIPVisionModelWithProjection reads a full CLIPModel directory (the aesthetic reward does)
         vision_config=dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
-                           image_size=TINY_IMAGE_SIZE, patch_size=8, hidden_act="gelu"),
+                           image_size=TINY_IMAGE_SIZE, patch_size=8, hidden_act="gelu", projection_dim=16),
         projection_dim=16,
     )  # fmt: skip
 

@@ -1,0 +1,42 @@
+from kfp import dsl
+from kfp.dsl import HTML, Artifact, Input, Metrics, Model, Output
+
+from components import IMAGE
+
+
+@dsl.component(base_image=IMAGE, install_kfp_package=False)
+def evaluate(
+    pipeline: Input[Model],
+    model_cache: Input[Model],
+    metrics: Output[Metrics],
+    report: Output[HTML],
+    results: Output[Artifact],
+    prompts: str = "prompts/parti/PartiPrompts.tsv",
+    hps_prompts: str = "prompts/hpsv2",
+    rewards: list = ["imagereward", "aesthetic", "pickscore", "clip", "hpsv2.1"],  # noqa: B006 - read, not mutated
+    reward_sources: dict = {},  # noqa: B006
+    reward_heads: dict = {},  # noqa: B006
+    baseline: str = "",
+    reference: str = "stabilityai/stable-diffusion-xl-base-1.0",
+    max_prompts: int = 0,
+    batch_size: int = 4,
+):
+    """The paper's protocol on the exported pipeline (distar evaluate); prompt paths are inside the model cache."""
+    import shutil
+
+    from distar.evaluate import EvaluateConfig, evaluate
+
+    def in_cache(path: str) -> str:
+        return f"{model_cache.path}/{path}" if path and "://" not in path and not path.startswith("/") else path
+
+    out = evaluate(EvaluateConfig(
+        model=pipeline.path, out=results.path, baseline=baseline or None, reference=reference,
+        prompts=in_cache(prompts), hps_prompts=in_cache(hps_prompts) or None, rewards=list(rewards),
+        sources=dict(reward_sources), heads=dict(reward_heads), cache_dir=model_cache.path,
+        max_prompts=max_prompts, batch_size=batch_size,
+    ))  # fmt: skip
+    for name, value in out["results"]["model"].items():
+        if isinstance(value, (int, float)):
+            metrics.log_metric(name.replace("/", "_"), float(value))
+    shutil.copy(f"{results.path}/report.html", report.path)
+    results.metadata.update({"baseline": baseline, "prompts": out["prompts"]})

@@ -1,0 +1,71 @@
+"""The whole DAG on this machine: pipelines/distar_sdxl.py under kfp.local's SubprocessRunner, local files.
+
+The tiny arguments put the tiny models in the model cache under the hub ids the SDXL run uses, so training and
+evaluation read them exactly as a cluster run reads SDXL and the reward models: from the cache, offline.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import time
+from pathlib import Path
+
+from distar import tiny_preset
+from distar.errors import UserError
+
+SDXL = "stabilityai/stable-diffusion-xl-base-1.0"
+DMD2 = "tianweiy/DMD2:dmd2_sdxl_1step_unet_fp16.bin"
+
+
+def tiny_arguments() -> dict:
+    t = tiny_preset.PREFIX
+    cache_models = [
+        f"{SDXL}={t}sdxl", f"{DMD2}={t}dmd2_unet.safetensors",
+        f"yuvalkirstain/PickScore_v1={t}rewards/pickscore",
+        f"laion/CLIP-ViT-H-14-laion2B-s32B-b79K={t}rewards/pickscore",
+        f"openai/clip-vit-large-patch14={t}rewards/clip", f"xswu/HPSv2-converted={t}rewards/hpsv2.1",
+        f"THUDM/ImageReward-converted={t}rewards/imagereward",
+        f"camenduru/improved-aesthetic-predictor:sac+logos+ava1-l14-linearMSE.pth="
+        f"{t}rewards/aesthetic/aesthetic_head.safetensors",
+        f"prompts/parti:prompts.parquet={t}prompts/part-00000.parquet", f"prompts/hpsv2={t}hps",
+    ]  # fmt: skip
+    return {
+        "prompt_sources": [tiny_preset.resolve(f"{t}prompts/part-00000.parquet")],
+        "tokenizer": f"{t}sdxl", "eval_fraction": 0.05, "cache_models": cache_models, "preset": "tiny",
+        "train_overrides": [f"model.reference={SDXL}", f"model.generator_init={DMD2}", "reward.sources={}",
+                            "steps=4", "checkpoint.every=2", "log.progress=false"],
+        "nproc_per_node": 2, "max_restarts": 0, "eval_prompts": "prompts/parti/prompts.parquet",
+        "eval_max_prompts": 4, "eval_batch_size": 4,
+    }  # fmt: skip
+
+
+def pipeline_module():
+    path = Path(__file__).resolve().parents[2] / "pipelines" / "distar_sdxl.py"
+    if not path.is_file():
+        raise UserError(f"run-local needs the project's source checkout ({path} is missing)")
+    spec = importlib.util.spec_from_file_location("distar_sdxl_pipeline", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def run_local(preset: str, root: str | Path, overrides: dict | None = None) -> Path:
+    """Run the DAG under kfp.local; returns the run's directory ({root}/distar-sdxl-{timestamp})."""
+    from kfp import local
+
+    if preset not in ("tiny", "sdxl"):
+        raise UserError(f"--preset {preset!r}: choose tiny or sdxl")
+    arguments = tiny_arguments() if preset == "tiny" else {}
+    arguments.update(overrides or {})
+    if preset == "tiny":
+        tiny_preset.materialize()
+    root = Path(root).resolve()
+    root.mkdir(parents=True, exist_ok=True)
+    before = set(root.iterdir())
+    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root), raise_on_error=True)
+    started = time.time()
+    pipeline_module().distar_sdxl(**arguments)
+    runs = sorted(set(root.iterdir()) - before, key=lambda p: p.stat().st_mtime)
+    if not runs:
+        raise RuntimeError(f"kfp.local wrote no run under {root} (started {started})")
+    return runs[-1]
