@@ -89,6 +89,24 @@ def test_baseline_reference_sampling_and_fixed_seeds(pipeline, tmp_path):
     assert b["results"]["model"]["pickscore"] == pytest.approx(a["results"]["model"]["pickscore"], abs=1e-5)
 
 
+def test_initial_generator_baseline_from_a_raw_unet_file(pipeline, tmp_path):
+    c = config(pipeline, tmp_path / "init", max_prompts=2, rewards=["clip"], baseline="unet:tiny:dmd2_unet.safetensors",
+               reference="tiny:sdxl")  # fmt: skip
+    out = evaluate(c)
+    assert out["runs"]["baseline"]["generated"] == 2
+    # one training step moved the generator away from its initial UNet: the two sets of images differ
+    import numpy as np
+    from PIL import Image
+
+    rows = pq.read_table(tmp_path / "init" / "scores.parquet").to_pylist()
+    base = pq.read_table(tmp_path / "init" / "baseline_scores.parquet").to_pylist()
+    a = np.asarray(Image.open(tmp_path / "init" / rows[0]["image"]), dtype=float)
+    b = np.asarray(
+        Image.open(tmp_path / "init" / next(r for r in base if r["id"] == rows[0]["id"])["image"]), dtype=float
+    )
+    assert np.abs(a - b).mean() > 0.1
+
+
 def test_bad_inputs(pipeline, tmp_path):
     with pytest.raises(UserError, match="--hps-prompts"):
         evaluate(config(pipeline, tmp_path / "o", hps_prompts=None))

@@ -50,7 +50,8 @@ class EvaluateConfig:
     out: str
     """Output URI: metrics.json, scores.parquet, images/, report.html."""
     baseline: str | None = None
-    """Evaluated under the same protocol: another pipeline, or `reference:N` (with --reference)."""
+    """Evaluated under the same protocol: another pipeline, `unet:SOURCE` (the initial generator, e.g.
+    unet:tianweiy/DMD2:dmd2_sdxl_1step_unet_fp16.bin) or `reference:N` (both with --reference)."""
     reference: str | None = None
     """The pipeline `reference:N` samples (SDXL base by default for the sdxl setting)."""
     prompts: str = PARTI_URL
@@ -125,14 +126,24 @@ def load_prompts(config: EvaluateConfig) -> list[Prompt]:
 
 
 class Sampler:
-    """An exported one-step pipeline, or `reference:N` (the pipeline's own scheduler, N steps, CFG)."""
+    """An exported one-step pipeline; `unet:SOURCE`, a raw UNet state dict (the initial generator, e.g. DMD2's
+    1-step UNet) in the --reference pipeline, sampled in one step; or `reference:N`, the --reference pipeline with
+    its own scheduler, N steps and CFG."""
 
     def __init__(self, spec: str, config: EvaluateConfig, device: torch.device):
         from diffusers import StableDiffusionXLPipeline
 
         self.steps = None
-        source = spec
-        if spec.startswith("reference:"):
+        source, unet = spec, None
+        if spec.startswith("unet:"):  # the initial generator: a raw UNet state dict in the reference's pipeline
+            if not config.reference:
+                raise UserError(f"{spec!r} needs --reference (the pipeline whose UNet it replaces)")
+            from distar.models.sdxl import load_dmd2_unet
+
+            reference = tiny_preset.resolve(config.reference)
+            unet = load_dmd2_unet(tiny_preset.resolve(spec[len("unet:") :]), reference, cache_dir=config.cache_dir)
+            source = config.reference
+        elif spec.startswith("reference:"):
             try:
                 self.steps = int(spec.split(":", 1)[1])
             except ValueError:
@@ -145,7 +156,8 @@ class Sampler:
         root = resolve_model_dir(tiny_preset.resolve(source), cache_dir=config.cache_dir)
         if not (root / "model_index.json").is_file():
             raise UserError(f"{source!r} is not a diffusers pipeline (no model_index.json); run `distar export`")
-        self.pipe = StableDiffusionXLPipeline.from_pretrained(root).to(device)
+        extra = {"unet": unet} if unet is not None else {}
+        self.pipe = StableDiffusionXLPipeline.from_pretrained(root, **extra).to(device)
         self.pipe.set_progress_bar_config(disable=True)
         self.config, self.device, self.name = config, device, spec
         self.latent_channels = self.pipe.unet.config.in_channels
