@@ -91,6 +91,15 @@ def _run_local(args: argparse.Namespace) -> None:
         print(f"report: {report}")
 
 
+def _submit(args: argparse.Namespace) -> None:
+    from distar.submit import parse_arguments, submit
+
+    result = submit(args.host, args.package, parse_arguments(args.arguments), experiment=args.experiment,
+                    run_name=args.run_name, pipeline_root=args.pipeline_root,
+                    enable_caching=False if args.no_cache else None, namespace=args.namespace)  # fmt: skip
+    print(json.dumps(result))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="distar", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -176,6 +185,20 @@ def build_parser() -> argparse.ArgumentParser:
     rl.add_argument("--preset", default="tiny", help="tiny (CPU, minutes) or sdxl")
     rl.add_argument("--root", default="runs/pipeline", help="kfp.local pipeline root (local directory)")
     rl.set_defaults(func=_run_local)
+
+    from distar.submit import __doc__ as submit_doc
+
+    sb = sub.add_parser("submit", help="submit the compiled pipeline to a Kubeflow Pipelines server",
+                        description=submit_doc)  # fmt: skip
+    sb.add_argument("--host", required=True, help="the KFP API endpoint ($KFP_HOST)")
+    sb.add_argument("--package", default="pipelines/distar_sdxl.yaml", help="the compiled pipeline")
+    sb.add_argument("--experiment", default="distar")
+    sb.add_argument("--run-name", default=None)
+    sb.add_argument("--pipeline-root", default=None, help="where artifacts go (gs://…, s3://…)")
+    sb.add_argument("--namespace", default=None, help="the Kubeflow profile namespace (multi-user clusters)")
+    sb.add_argument("--no-cache", action="store_true", help="run every step, cached results or not")
+    sb.add_argument("arguments", nargs="*", metavar="key=value", help="pipeline arguments (JSON values parsed)")
+    sb.set_defaults(func=_submit)
 
     from distar.train import __doc__ as train_doc
     from distar.train import build_parser as train_parser
