@@ -16,7 +16,7 @@ from distar.models.sdxl import load_dmd2_unet, load_unet
 
 SDXL = "stabilityai/stable-diffusion-xl-base-1.0"
 DMD2 = "tianweiy/DMD2:dmd2_sdxl_1step_unet_fp16.bin"
-PARTI = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "PartiPrompts.tsv"
+PARTI = Path(__file__).resolve().parent / "data" / "PartiPrompts.tsv"
 
 
 def items():

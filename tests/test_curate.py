@@ -14,9 +14,7 @@ from distar.curate import CurateConfig, curate
 from distar.errors import UserError
 from distar.train.data import PromptSet
 
-PARTI = Path(__file__).resolve().parents[2] / "shared" / "data" / "PartiPrompts.tsv"
-if not PARTI.is_file():
-    PARTI = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "PartiPrompts.tsv"
+PARTI = Path(__file__).resolve().parent / "data" / "PartiPrompts.tsv"
 
 
 def config(out, *sources, **kwargs) -> CurateConfig:

@@ -15,7 +15,7 @@ from distar.evaluate import EvaluateConfig, evaluate
 from distar.export import ExportConfig, export
 from distar.train import run
 
-PARTI = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "PartiPrompts.tsv"
+PARTI = Path(__file__).resolve().parent / "data" / "PartiPrompts.tsv"
 REWARDS = ["imagereward", "aesthetic", "pickscore", "clip", "hpsv2.1"]
 
 
