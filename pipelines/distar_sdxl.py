@@ -30,7 +30,13 @@ def distar_sdxl(
     cache_models: list = ["sdxl", "rewards", "eval"],  # noqa: B006
     preset: str = "sdxl",
     train_overrides: list = [],  # noqa: B006
+    train_launcher: str = "trainjob",
+    num_nodes: int = 1,
     nproc_per_node: int = 8,
+    gpus_per_node: int = 8,
+    secret_env: dict = {},  # noqa: B006
+    node_selector: dict = {},  # noqa: B006
+    tolerations: list = [],  # noqa: B006
     max_restarts: int = 3,
     ema: bool = False,
     eval_prompts: str = "prompts/parti/PartiPrompts.tsv",
@@ -47,7 +53,9 @@ def distar_sdxl(
     models.set_caching_options(True)
     models.set_retry(3)  # idempotent: a retry skips what verifies
     trained = train(prompts=prompts.outputs["prompts"], model_cache=models.outputs["model_cache"], preset=preset,
-                    overrides=train_overrides, nproc_per_node=nproc_per_node, max_restarts=max_restarts)  # fmt: skip
+                    overrides=train_overrides, launcher=train_launcher, num_nodes=num_nodes,
+                    nproc_per_node=nproc_per_node, gpus_per_node=gpus_per_node, max_restarts=max_restarts,
+                    secret_env=secret_env, node_selector=node_selector, tolerations=tolerations)  # fmt: skip
     trained.set_caching_options(False)
     trained.set_retry(2)  # resumes from the newest complete checkpoint
     exported = export(checkpoints=trained.outputs["checkpoints"], ema=ema)

@@ -34,7 +34,8 @@ def tiny_arguments() -> dict:
         "tokenizer": f"{t}sdxl", "eval_fraction": 0.05, "cache_models": cache_models, "preset": "tiny",
         "train_overrides": [f"model.reference={SDXL}", f"model.generator_init={DMD2}", "reward.sources={}",
                             "steps=4", "checkpoint.every=2", "log.progress=false"],
-        "nproc_per_node": 2, "max_restarts": 0, "eval_prompts": "prompts/parti/prompts.parquet",
+        "train_launcher": "local", "nproc_per_node": 2, "gpus_per_node": 0, "max_restarts": 0,
+        "eval_prompts": "prompts/parti/prompts.parquet",
         "eval_max_prompts": 4, "eval_batch_size": 4,
     }  # fmt: skip
 

@@ -34,3 +34,43 @@ def run_local(config: str, overrides: list[str], nproc_per_node: int = 1, max_re
         raise UserError(f"training failed (torchrun exit code {proc.returncode}); its log is above")
     fs, path = storage.filesystem(resolved.out)
     return json.loads(fs.cat_file(f"{path.rstrip('/')}/summary.json"))
+
+
+def _pod_namespace() -> str:
+    path = "/var/run/secrets/kubernetes.io/serviceaccount/namespace"
+    try:
+        with open(path) as fh:
+            return fh.read().strip()
+    except OSError:
+        return os.environ.get("POD_NAMESPACE", "default")
+
+
+def run_trainjob(config: str, overrides: list[str], *, name: str, image: str, num_nodes: int, nproc_per_node: int,
+                 gpus_per_node: int, namespace: str | None = None, secret_env: dict | None = None,
+                 node_selector: dict | None = None, tolerations: list | None = None, cleanup: str = "success",
+                 api=None) -> dict:  # fmt: skip
+    """Run the training as a TrainJob (many nodes) and return the run's summary.json. `out` and the data and
+    cache URIs in `overrides` must be object-storage URIs: every node reads and writes them."""
+    import json
+
+    from distar import storage
+    from distar.train.config import load_config
+    from distar.train.trainjob import TrainJobLauncher, TrainJobSpec, manifest
+
+    resolved = load_config(config, overrides)
+    if not storage.is_uri(resolved.out) or resolved.out.startswith("file://"):
+        raise UserError(f"out={resolved.out!r}: a multi-node TrainJob writes to object storage (gs://, s3://)")
+    if api is None:
+        from kubernetes import client
+        from kubernetes import config as kube_config
+
+        kube_config.load_incluster_config()
+        api = client.CustomObjectsApi()
+    spec = TrainJobSpec(
+        name=name, namespace=namespace or _pod_namespace(), image=image, config=config, overrides=list(overrides),
+        num_nodes=num_nodes, nproc_per_node=nproc_per_node, gpus_per_node=gpus_per_node,
+        secret_env=dict(secret_env or {}), node_selector=dict(node_selector or {}), tolerations=list(tolerations or []),
+    )  # fmt: skip
+    TrainJobLauncher(api, cleanup=cleanup).run(manifest(spec))
+    fs, path = storage.filesystem(resolved.out)
+    return json.loads(fs.cat_file(f"{path.rstrip('/')}/summary.json"))
