@@ -117,10 +117,10 @@ def test_train_step_runs_a_trainjob_and_reads_the_summary_from_object_storage():
     import json
 
     import fsspec
+    from storage_servers import s3_server
 
     from distar.errors import UserError
     from distar.train.launch import run_trainjob
-    from storage_servers import s3_server
 
     common = dict(name="j", image="img", num_nodes=2, nproc_per_node=8, gpus_per_node=8, namespace="distar")
     with pytest.raises(UserError, match="writes to object storage"):
