@@ -11,7 +11,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: `components` is importable
 
-from kfp import compiler, dsl  # noqa: E402
+from kfp import compiler, dsl, kubernetes  # noqa: E402
 
 from components.cache import cache  # noqa: E402
 from components.curate import curate  # noqa: E402
@@ -45,6 +45,9 @@ def distar_sdxl(
     eval_baseline: str = "",
     eval_max_prompts: int = 0,
     eval_batch_size: int = 4,
+    eval_gpus: int = 1,
+    storage_secret: str = "distar-storage",
+    hub_secret: str = "distar-hub",
 ):
     prompts = curate(sources=prompt_sources, tokenizer=tokenizer, eval_fraction=eval_fraction)
     prompts.set_caching_options(True)  # deterministic in its inputs
@@ -65,6 +68,19 @@ def distar_sdxl(
                          baseline=eval_baseline, max_prompts=eval_max_prompts, batch_size=eval_batch_size)  # fmt: skip
     evaluated.set_caching_options(True)
     evaluated.set_retry(2)  # resumable: finished prompts are not generated again
+
+    # Where the steps run: GPU, /dev/shm, scheduling and credentials (kfp-kubernetes; kfp.local ignores them).
+    evaluated.set_accelerator_type("nvidia.com/gpu").set_accelerator_limit(eval_gpus)
+    for task in (prompts, models, trained, exported, evaluated):
+        kubernetes.empty_dir_mount(task, volume_name="dshm", mount_path="/dev/shm", medium="Memory")
+        kubernetes.add_node_selector_json(task, node_selector)
+        kubernetes.add_toleration_json(task, tolerations)
+        # object storage keys (S3/MinIO; GCS uses Workload Identity) and the hub token, when the secrets exist
+        kubernetes.use_secret_as_env(task, secret_name=storage_secret, optional=True, secret_key_to_env={
+            "AWS_ACCESS_KEY_ID": "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY": "AWS_SECRET_ACCESS_KEY",
+            "AWS_ENDPOINT_URL": "AWS_ENDPOINT_URL"})  # fmt: skip
+        kubernetes.use_secret_as_env(task, secret_name=hub_secret, optional=True,
+                                     secret_key_to_env={"HF_TOKEN": "HF_TOKEN"})  # fmt: skip
 
 
 def compile_pipeline(path=None) -> Path:

@@ -28,7 +28,7 @@ def test_committed_yaml_is_a_fresh_compile(tmp_path):
 
 
 def test_compiled_dag_and_defaults():
-    spec = yaml.safe_load(YAML.read_text())
+    spec = next(yaml.safe_load_all(YAML.read_text()))
     tasks = spec["root"]["dag"]["tasks"]
     assert set(tasks) == {"curate", "cache", "train", "export", "evaluate"}
     deps = {name: set(t.get("dependentTasks", [])) for name, t in tasks.items()}
@@ -38,6 +38,22 @@ def test_compiled_dag_and_defaults():
     assert params["preset"]["defaultValue"] == "sdxl" and params["nproc_per_node"]["defaultValue"] == 8
     assert tasks["train"]["cachingOptions"] == {} and tasks["cache"]["cachingOptions"]["enableCache"]
     assert tasks["train"]["retryPolicy"]["maxRetryCount"] == 2
+
+
+def test_kubernetes_settings_of_the_steps():
+    docs = list(yaml.safe_load_all(YAML.read_text()))
+    assert len(docs) == 2  # the pipeline spec, then the platform spec kfp-kubernetes writes
+    executors = docs[1]["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    assert len(executors) == 5
+    for name, settings in executors.items():
+        assert settings["emptyDirMounts"][0]["mountPath"] == "/dev/shm", name
+        assert settings["emptyDirMounts"][0]["medium"] == "Memory"
+        assert {s["secretNameParameter"]["componentInputParameter"] for s in settings["secretAsEnv"]} == {
+            "storage_secret", "hub_secret"}  # fmt: skip
+        assert settings["nodeSelector"]["nodeSelectorJson"]["componentInputParameter"] == "node_selector"
+    spec = docs[0]
+    evaluate = spec["deploymentSpec"]["executors"]["exec-evaluate"]["container"]["resources"]
+    assert evaluate["accelerator"]["resourceType"] == "nvidia.com/gpu"
 
 
 @pytest.mark.slow

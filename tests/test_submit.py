@@ -16,6 +16,12 @@ from distar.submit import parse_arguments, submit
 PACKAGE = Path(__file__).resolve().parents[1] / "pipelines" / "distar_sdxl.yaml"
 
 
+def _spec(body: dict) -> dict:
+    """The pipeline spec of a run request (kfp wraps it with the platform spec when there is one)."""
+    spec = body["pipeline_spec"]
+    return spec.get("pipeline_spec", spec)
+
+
 def _run_body(fake: FakeKFP) -> dict:
     posts = [body for method, path, body in fake.requests if method == "POST" and path == "/apis/v2beta1/runs"]
     assert len(posts) == 1
@@ -33,11 +39,12 @@ def test_distar_submit_sends_the_pipeline_arguments_root_and_experiment():
         assert body["runtime_config"]["pipeline_root"] == "gs://b/root"
         assert body["runtime_config"]["parameters"]["nproc_per_node"] == 4
         assert body["runtime_config"]["parameters"]["prompt_sources"] == ["gs://b/p.parquet"]
-        assert body["pipeline_spec"]["pipelineInfo"]["name"] == "distar-sdxl"
+        assert _spec(body)["pipelineInfo"]["name"] == "distar-sdxl"
+        assert "kubernetes" in body["pipeline_spec"]["platform_spec"]["platforms"]  # kfp-kubernetes settings sent
         exp = next(e for e in fake.experiments.values() if e["display_name"] == "distar")
         assert body["experiment_id"] == exp["experiment_id"]
         # caching off reaches every task of the submitted spec
-        tasks = body["pipeline_spec"]["root"]["dag"]["tasks"]
+        tasks = _spec(body)["root"]["dag"]["tasks"]
         assert all(not t.get("cachingOptions", {}).get("enableCache") for t in tasks.values())
 
 
@@ -62,4 +69,4 @@ def test_the_kfp_cli_form_the_readme_documents():
         assert proc.returncode == 0, proc.stderr[-3000:]
         body = _run_body(fake)
         assert body["runtime_config"]["parameters"]["nproc_per_node"] in (2, "2")
-        assert body["pipeline_spec"]["pipelineInfo"]["name"] == "distar-sdxl"
+        assert _spec(body)["pipelineInfo"]["name"] == "distar-sdxl"
