@@ -16,7 +16,7 @@ def train(
     nproc_per_node: int = 8,
     gpus_per_node: int = 8,
     max_restarts: int = 3,
-    image: str = IMAGE,
+    image: str = "",
     secret_env: dict = {},  # noqa: B006
     node_selector: dict = {},  # noqa: B006
     tolerations: list = [],  # noqa: B006
@@ -35,6 +35,8 @@ def train(
     args = [f"out={where[checkpoints]}", f"data.prompts={where[prompts]}", f"model.cache_dir={where[model_cache]}",
             "model.offline=true", *overrides]  # fmt: skip
     if remote:
+        if not image:
+            raise ValueError("train_launcher=trainjob needs the image the TrainJob runs (the pipeline passes it)")
         name = "distar-" + os.environ.get("HOSTNAME", "train")[-40:].lower().strip("-")
         summary = run_trainjob(preset, args, name=name, image=image, num_nodes=num_nodes,
                                nproc_per_node=nproc_per_node, gpus_per_node=gpus_per_node, secret_env=secret_env,

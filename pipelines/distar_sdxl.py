@@ -13,6 +13,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository r
 
 from kfp import compiler, dsl, kubernetes  # noqa: E402
 
+from components import IMAGE  # noqa: E402
 from components.cache import cache  # noqa: E402
 from components.curate import curate  # noqa: E402
 from components.evaluate import evaluate  # noqa: E402
@@ -56,7 +57,7 @@ def distar_sdxl(
     models.set_caching_options(True)
     models.set_retry(3)  # idempotent: a retry skips what verifies
     trained = train(prompts=prompts.outputs["prompts"], model_cache=models.outputs["model_cache"], preset=preset,
-                    overrides=train_overrides, launcher=train_launcher, num_nodes=num_nodes,
+                    overrides=train_overrides, launcher=train_launcher, num_nodes=num_nodes, image=IMAGE,
                     nproc_per_node=nproc_per_node, gpus_per_node=gpus_per_node, max_restarts=max_restarts,
                     secret_env=secret_env, node_selector=node_selector, tolerations=tolerations)  # fmt: skip
     trained.set_caching_options(False)
