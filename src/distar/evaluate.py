@@ -195,10 +195,6 @@ def _load_metrics(config: EvaluateConfig, device):
     return models
 
 
-def _tag(spec: str) -> str:
-    return "model" if spec is None else hashlib.blake2b(spec.encode(), digest_size=4).hexdigest()
-
-
 def _evaluate_one(spec: str, role: str, prompts, metrics, config, device, out_fs, out_path) -> dict:
     """Generate and score every prompt not yet done for this model; returns the run's bookkeeping."""
     import pyarrow as pa

@@ -70,9 +70,12 @@ class WeightedReward(nn.Module):
     def terms(self, images: torch.Tensor, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
         return {r.name: r(images, prompts) for r in self.rewards}
 
-    def forward(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
-        terms = self.terms(images, prompts)
+    def combine(self, terms: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Σ_i w_i r_i from the per-reward scores `terms` returns."""
         return sum(w * terms[r.name] for r, w in zip(self.rewards, self.weights, strict=True))
+
+    def forward(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
+        return self.combine(self.terms(images, prompts))
 
 
 __all__ = [

@@ -38,6 +38,7 @@ from distar.models.sdxl import (
     load_dmd2_unet,
     load_unet,
     load_vae,
+    parse_dtype,
 )
 from distar.rewards import RewardSpec, WeightedReward
 from distar.train import parallel
@@ -96,8 +97,8 @@ def build_networks(config: TrainConfig, world: World, need_text_encoders: bool) 
     assistant = Assistant.from_reference(reference_unet, init=None if assistant_init == "reference" else assistant_init,
                                          **hub)  # fmt: skip
     assistant.unet.float()
-    if _dtype(m.reference_dtype) != torch.float32:
-        reference_unet = reference_unet.to(_dtype(m.reference_dtype))
+    if parse_dtype(m.reference_dtype) != torch.float32:
+        reference_unet = reference_unet.to(parse_dtype(m.reference_dtype))
 
     p = config.parallel
     if p.strategy == "none" and world.size > 1:
@@ -136,12 +137,6 @@ def build_networks(config: TrainConfig, world: World, need_text_encoders: bool) 
         reward = WeightedReward.from_specs(specs, dtype=r.dtype, **hub).to(world.device)
         reward.requires_grad_(False).eval()
     return Networks(generator, assistant, reference, prompt_encoder, vae, reward)
-
-
-def _dtype(name: str) -> torch.dtype:
-    from distar.models.sdxl import parse_dtype
-
-    return parse_dtype(name)
 
 
 def _stream(seed: int, rank: int, step: int, micro: int, purpose: int, update: int = 0) -> torch.Generator:
@@ -332,10 +327,7 @@ class Trainer:
             with contextlib.nullcontext() if L.alpha_rew != 0 else torch.no_grad():
                 images = decode(self.nets.vae, x0)
                 terms = self.nets.reward.terms(images, prompts)
-                reward = sum(
-                    w * terms[r.name].float()
-                    for r, w in zip(self.nets.reward.rewards, self.nets.reward.weights, strict=True)
-                )
+                reward = self.nets.reward.combine({k: v.float() for k, v in terms.items()})
             parts["reward"] = reward.mean().item()
             parts.update({f"reward/{k}": v.float().mean().item() for k, v in terms.items()})
             if L.alpha_rew != 0:
@@ -425,10 +417,7 @@ class Trainer:
             values = {}
             if self.nets.reward is not None:
                 terms = self.nets.reward.terms(images, batch.prompts)
-                r = sum(
-                    w * terms[m.name].float()
-                    for m, w in zip(self.nets.reward.rewards, self.nets.reward.weights, strict=True)
-                )
+                r = self.nets.reward.combine({k: v.float() for k, v in terms.items()})
                 values = {
                     "eval/reward": r.mean().item(),
                     **{f"eval/reward/{n}": v.float().mean().item() for n, v in terms.items()},
