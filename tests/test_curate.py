@@ -159,3 +159,26 @@ def test_curate_to_object_storage_and_train_reads_it(scheme, tmp_path):
         fs.invalidate_cache()
         assert fs.exists("curated/sets/a/manifest.json") and fs.exists("curated/sets/a/summary.md")
         assert len(PromptSet(uri)) == stats["splits"]["train"]
+
+
+def test_arrow_normalisation_equals_the_python_rule_on_every_whitespace_and_unicode_form():
+    import random
+
+    import pyarrow as pa
+
+    from distar.curate import normalise, normalise_array
+
+    rng = random.Random(0)
+    alphabet = [chr(c) for c in range(0x110000) if chr(c).isspace()] + list("aZé😀\x00") + ["e\u0301", "\u212b"]
+    texts = ["".join(rng.choice(alphabet) for _ in range(rng.randint(0, 12))) for _ in range(5000)]
+    assert normalise_array(pa.array(texts + [None])).to_pylist() == [normalise(t) for t in texts] + [None]
+
+
+def test_token_counts_equal_the_tokenizers_own_lengths(tiny_root):
+    from distar.curate import _load_tokenizer, _token_counts
+
+    tokenizer = _load_tokenizer("tiny:sdxl")
+    texts = [row.split("\t")[0] for row in Path(__file__).with_name("data").joinpath("PartiPrompts.tsv")
+             .read_text().splitlines()[1:200]]  # fmt: skip
+    expected = [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+    assert _token_counts(tokenizer, texts) == expected

@@ -290,3 +290,20 @@ def test_precomputed_embeddings_replace_the_text_encoders(tmp_path):
         assert trainer.fit()["step"] == 1
     finally:
         distributed.shutdown()
+
+
+@pytest.mark.parametrize("implementation,flags", [("fused", {"fused": True}), ("foreach", {"foreach": True}),
+                                                  ("auto", {"fused": None, "foreach": None})])  # fmt: skip
+def test_optimizer_implementation_reaches_adamw(implementation, flags):
+    from distar.models.tiny import build_tiny_unet
+    from distar.train.trainer import Trainer
+
+    config = load_config("tiny", [f"generator_optim.implementation={implementation}"])
+    optimizer = Trainer._optimizer(build_tiny_unet(), config.generator_optim)
+    assert isinstance(optimizer, torch.optim.AdamW)
+    assert {k: optimizer.defaults[k] for k in flags} == flags
+
+
+def test_unknown_optimizer_implementation_is_named():
+    with pytest.raises(UserError, match="assistant_optim.implementation"):
+        load_config("tiny", ["assistant_optim.implementation=apex"])

@@ -91,6 +91,28 @@ def _run_local(args: argparse.Namespace) -> None:
         print(f"report: {report}")
 
 
+def _plan(args: argparse.Namespace) -> None:
+    import diffusers
+
+    from distar.plan import format_plan, plan
+    from distar.train.config import load_config
+
+    diffusers.utils.logging.set_verbosity_error()  # dtype casts of random meta networks: nothing to warn about
+
+    # The plan reads shapes, not data: a placeholder satisfies the preset's required prompt set.
+    config = load_config(args.config, ["data.prompts=unused-by-plan", *args.overrides])
+    arch = args.arch
+    if arch == "auto":
+        arch = "tiny" if config.model.reference.startswith("tiny:") else "sdxl"
+    result = plan(config, args.gpus, arch, text_encoders=args.text_encoders)
+    print(json.dumps(result, indent=2, default=float) if args.json else format_plan(result, args.gpu_memory))
+    if args.gpu_memory and result["peak_bytes"] / 2**30 > args.gpu_memory:
+        raise UserError(
+            f"the plan needs {result['peak_bytes'] / 2**30:.1f} GiB per GPU, over --gpu-memory "
+            f"{args.gpu_memory:g}; turn on checkpointing, shard over more GPUs or lower data.batch_size"
+        )
+
+
 def _submit(args: argparse.Namespace) -> None:
     from distar.submit import parse_arguments, submit
 
@@ -199,6 +221,25 @@ def build_parser() -> argparse.ArgumentParser:
     sb.add_argument("--no-cache", action="store_true", help="run every step, cached results or not")
     sb.add_argument("arguments", nargs="*", metavar="key=value", help="pipeline arguments (JSON values parsed)")
     sb.set_defaults(func=_submit)
+
+    pl = sub.add_parser("plan", help="predict the per-GPU memory of a training config (no GPU needed)",
+                        description="Per-GPU memory of a training config: weights, gradients, optimizer states, "
+                        "EMA, FSDP buffers and activations measured on the meta device (distar/plan.py).")  # fmt: skip
+    pl.add_argument("--config", default="sdxl", help="a preset (tiny, sdxl) or a TOML/JSON config file")
+    pl.add_argument("--gpus", type=int, default=8, help="processes (GPUs); FSDP shards over all of them")
+    pl.add_argument("--gpu-memory", type=float, default=None, help="GiB per GPU: say whether it fits (exit 2 if not)")
+    pl.add_argument(
+        "--arch",
+        default="auto",
+        choices=["auto", "tiny", "medium", "sdxl"],
+        help="network shapes (auto: tiny for tiny: sources, else SDXL's published configs)",
+    )
+    pl.add_argument(
+        "--text-encoders", action="store_true", help="prompts are encoded in the loop (no cached embeddings)"
+    )
+    pl.add_argument("--json", action="store_true", help="every item as JSON")
+    pl.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. data.batch_size=4")
+    pl.set_defaults(func=_plan)
 
     from distar.train import __doc__ as train_doc
     from distar.train import build_parser as train_parser

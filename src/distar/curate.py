@@ -66,6 +66,30 @@ def normalise(text: str) -> str:
     return " ".join(unicodedata.normalize("NFC", text).split())
 
 
+# Python's str.split() whitespace, as one RE2 character class (RE2's \s is ASCII-only).
+_WHITESPACE = "[" + "".join(f"\\x{{{c:x}}}" for c in range(0x110000) if chr(c).isspace()) + "]+"
+
+
+def normalise_array(values):
+    """`normalise` over a pyarrow string array in Arrow kernels (nulls stay null): NFC, whitespace runs → one
+    space, trimmed. Equal to the Python function for every string (tests/test_curate.py)."""
+    import pyarrow.compute as pc
+
+    collapsed = pc.replace_substring_regex(pc.utf8_normalize(values, "NFC"), _WHITESPACE, " ")
+    return pc.utf8_trim(collapsed, " ")
+
+
+def _as_string_array(values):
+    """A batch's prompt values as a pyarrow string array; values that are not text become nulls."""
+    import pyarrow as pa
+
+    if isinstance(values, pa.Array | pa.ChunkedArray):
+        if pa.types.is_string(values.type) or pa.types.is_large_string(values.type):
+            return values
+        return pa.nulls(len(values), pa.string())
+    return pa.array([v if isinstance(v, str) else None for v in values], pa.string())
+
+
 def _format(uri: str) -> str:
     name = uri.rsplit("/", 1)[-1].lower()
     for ext, fmt in FORMATS.items():
@@ -121,7 +145,7 @@ def _read_parquet(fh, uri, config):
     col = _pick(columns, config.column, PROMPT_COLUMNS, uri, "prompt")
     cat = _pick(columns, config.category_column, CATEGORY_COLUMNS, uri, "category")
     for batch in pf.iter_batches(batch_size=config.batch_rows, columns=[c for c in (col, cat) if c]):
-        values = batch.column(col).to_pylist()
+        values = batch.column(col)
         cats = batch.column(cat).to_pylist() if cat else None
         yield Rows(values, cats)
 
@@ -275,6 +299,16 @@ def _load_tokenizer(source: str):
     return tokenizer
 
 
+def _token_counts(tokenizer, texts: list[str]) -> list[int]:
+    """CLIP tokens of each text without the start and end tokens: one parallel call into the Rust tokenizer, lengths
+    only (offsets are asked for the few prompts that are cut)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+    encode = getattr(backend, "encode_batch_fast", backend.encode_batch)
+    return [len(e) for e in encode(texts, add_special_tokens=False)]
+
+
 def _split(digest: bytes, eval_fraction: float) -> str:
     return "eval" if int.from_bytes(digest[:8], "big") / 2**64 < eval_fraction else "train"
 
@@ -294,6 +328,9 @@ def curate(config: CurateConfig, progress: bool = False) -> dict:
         fs, path = storage.filesystem(uri)
         if not fs.exists(path):
             raise UserError(f"source {uri!r} does not exist")
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
     started = time.perf_counter()
     tokenizer = _load_tokenizer(config.tokenizer)
     blocklist = _load_blocklist(config.blocklist)
@@ -323,29 +360,30 @@ def curate(config: CurateConfig, progress: bool = False) -> dict:
             with_category = rows.categories is not None
             if not writers:
                 writers = {s: _ShardWriter(config.out, s, config.shard_rows, with_category) for s in ("train", "eval")}
-            texts, cats = [], []
-            for i, value in enumerate(rows.prompts):
-                if not isinstance(value, str):
-                    dropped["non_text"] += 1
-                    continue
-                text = normalise(value)
-                if not text:
-                    dropped["empty"] += 1
-                    continue
-                if blocklist is not None and blocklist.search(text):
-                    dropped["blocklist"] += 1
-                    continue
-                texts.append(text)
-                cats.append(rows.categories[i] if with_category else None)
+            values = _as_string_array(rows.prompts)
+            dropped["non_text"] += values.null_count
+            normalised = normalise_array(values)
+            keep = pc.fill_null(pc.greater(pc.utf8_length(normalised), 0), False)
+            dropped["empty"] += len(values) - values.null_count - pc.sum(keep).as_py() if len(values) else 0
+            texts = pc.filter(normalised, keep).to_pylist()
+            cats = None
+            if with_category:
+                labels = pa.array([None if c is None else str(c) for c in rows.categories], pa.string())
+                cats = pc.filter(labels, keep).to_pylist()
+            if blocklist is not None:
+                hit = [blocklist.search(t) is not None for t in texts]
+                dropped["blocklist"] += sum(hit)
+                texts = [t for t, h in zip(texts, hit, strict=True) if not h]
+                cats = [c for c, h in zip(cats, hit, strict=True) if not h] if with_category else None
             if not texts:
                 continue
-            enc = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
-            for text, cat, ids, offsets in zip(texts, cats, enc["input_ids"], enc["offset_mapping"], strict=True):
-                n = len(ids)
+            counts = _token_counts(tokenizer, texts)
+            for k, (text, n) in enumerate(zip(texts, counts, strict=True)):
                 if n > body:
                     if config.long_prompts == "drop":
                         dropped["too_long"] += 1
                         continue
+                    offsets = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
                     text = text[: offsets[body - 1][1]].rstrip()
                     n = body
                     truncated += 1
@@ -354,7 +392,7 @@ def curate(config: CurateConfig, progress: bool = False) -> dict:
                 if digest in seen:
                     dropped["duplicate"] += 1
                     continue
-                cat = None if cat is None else str(cat)
+                cat = cats[k] if with_category else None
                 if config.max_per_category and with_category:
                     if per_category[cat] >= config.max_per_category:
                         dropped["category_cap"] += 1

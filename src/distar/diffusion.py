@@ -56,10 +56,10 @@ class VPSchedule:
 
     def check_timesteps(self, t: torch.Tensor, name: str = "t") -> torch.Tensor:
         """t as an integer tensor inside [0, T); a ValueError naming `name` otherwise."""
-        t = torch.as_tensor(t)
+        t = torch.as_tensor(t)  # values on "meta" (shape-only runs: FLOP counts, memory plans) are not checked
         if t.dtype.is_floating_point or t.dtype == torch.bool or t.is_complex():
             raise ValueError(f"{name} must hold integer timesteps (a LongTensor), got dtype {t.dtype}")
-        if t.numel() and (int(t.min()) < 0 or int(t.max()) >= self.num_steps):
+        if t.numel() and t.device.type != "meta" and (int(t.min()) < 0 or int(t.max()) >= self.num_steps):
             raise ValueError(
                 f"{name} must lie in [0, {self.num_steps - 1}] for this {self.num_steps}-step schedule, "
                 f"got values in [{int(t.min())}, {int(t.max())}]"
@@ -84,7 +84,7 @@ class VPSchedule:
     def _gather(self, which: int, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         t = self.check_timesteps(t)
         table = self._tables(like)[which]
-        values = table[t.to(table.device)]
+        values = table.index_select(0, t.reshape(-1).to(table.device)).reshape(t.shape)
         if t.ndim == 0:
             return values
         if t.shape[0] != like.shape[0]:

@@ -96,10 +96,11 @@ class ClipReward(RewardModel):
     def embed_text(self, prompts: list[str]) -> torch.Tensor:
         ids = self.tokenizer(prompts, padding="max_length", truncation=True, max_length=77, return_tensors="pt")
         device = next(self.parameters()).device
+        # The padding mask cannot change CLIP's pooled (EOS) output under its causal mask; shape-only runs on "meta"
+        # leave it out because building it reads values.
+        mask = None if device.type == "meta" else ids.attention_mask.to(device)
         with torch.no_grad():
-            text = self.model.get_text_features(
-                input_ids=ids.input_ids.to(device), attention_mask=ids.attention_mask.to(device)
-            ).pooler_output
+            text = self.model.get_text_features(input_ids=ids.input_ids.to(device), attention_mask=mask).pooler_output
         return text / text.norm(dim=-1, keepdim=True)
 
     def score(self, pixels: torch.Tensor, prompts: list[str]) -> torch.Tensor:

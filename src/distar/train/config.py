@@ -22,6 +22,7 @@ from distar.losses import DISTANCES, DIVERGENCES, FORMS, TIME_WEIGHTINGS
 from distar.models.sdxl import DMD2_REPO, DMD2_UNET_1STEP, SDXL_BASE
 
 PRESETS = ("tiny", "sdxl")
+OPTIMIZER_IMPLEMENTATIONS = ("auto", "fused", "foreach")
 
 
 @dataclass
@@ -112,6 +113,9 @@ class OptimConfig:
     """Clip the gradient's global norm to this (DMD2: 10); 0 turns clipping off."""
     warmup_steps: int = 0
     """Linear learning-rate warm-up over this many updates of this network."""
+    implementation: str = "auto"
+    """AdamW kernels: "foreach" (multi-tensor passes), "fused" (one fused kernel), or "auto" (torch's default:
+    foreach on GPUs). On one H200 with FSDP2, fused was not faster than foreach (docs/PERFORMANCE.md)."""
 
 
 @dataclass
@@ -219,6 +223,8 @@ class TrainConfig:
             "parallel.mixed_precision": (self.parallel.mixed_precision, ("bf16", "fp32")),
             "parallel.backend": (self.parallel.backend, ("auto", "nccl", "gloo")),
             "parallel.device": (self.parallel.device, ("auto", "cuda", "cpu")),
+            "generator_optim.implementation": (self.generator_optim.implementation, OPTIMIZER_IMPLEMENTATIONS),
+            "assistant_optim.implementation": (self.assistant_optim.implementation, OPTIMIZER_IMPLEMENTATIONS),
         }  # fmt: skip
         for key, (value, allowed) in choices.items():
             if value not in allowed:

@@ -80,6 +80,7 @@ def _is_state_dict_file(source: str) -> bool:
 
 
 def build_networks(config: TrainConfig, world: World, need_text_encoders: bool) -> Networks:
+    """Load every network the config names, then `assemble` them."""
     m = config.model
     hub = {"cache_dir": m.cache_dir, "offline": True if m.offline else None}
     reference_source = tiny_preset.resolve(m.reference)
@@ -96,36 +97,11 @@ def build_networks(config: TrainConfig, world: World, need_text_encoders: bool) 
     assistant_init = tiny_preset.resolve(m.assistant_init)
     assistant = Assistant.from_reference(reference_unet, init=None if assistant_init == "reference" else assistant_init,
                                          **hub)  # fmt: skip
-    assistant.unet.float()
-    if parse_dtype(m.reference_dtype) != torch.float32:
-        reference_unet = reference_unet.to(parse_dtype(m.reference_dtype))
-
-    p = config.parallel
-    if p.strategy == "none" and world.size > 1:
-        raise UserError(f"parallel.strategy='none' runs one process, but WORLD_SIZE is {world.size}; use ddp or fsdp")
-    if p.activation_checkpointing:
-        for unet in (generator_unet, assistant.unet, reference_unet):
-            parallel.apply_activation_checkpointing(unet)
-    generator = OneStepGenerator(generator_unet.to(world.device), t_star=m.t_star)
-    assistant = assistant.to(world.device)
-    reference = Reference(reference_unet.to(world.device), guidance_scale=config.loss.alpha_cfg)
-    if p.strategy == "fsdp":
-        mesh = parallel.mesh(world.size, world.device)
-        parallel.shard_unet(generator.unet, mesh, p.mixed_precision, trainable=True)
-        parallel.shard_unet(assistant.unet, mesh, p.mixed_precision, trainable=True)
-        parallel.shard_unet(reference.unet, mesh, p.mixed_precision, trainable=False)
-    elif p.strategy == "ddp":
-        generator, assistant = parallel.replicate(generator, world.device), parallel.replicate(assistant, world.device)
-
     prompt_encoder = None
     if need_text_encoders:
         prompt_encoder = PromptEncoder.from_pretrained(reference_source, dtype=m.text_encoder_dtype, **ref_kwargs)
-        prompt_encoder.to(world.device)
     vae_source = tiny_preset.resolve(m.vae) or reference_source
-    vae = load_vae(vae_source, dtype=m.vae_dtype, **(hub if m.vae else ref_kwargs)).to(world.device)
-    vae.requires_grad_(False).eval()
-    if p.vae_checkpointing:
-        parallel.apply_vae_checkpointing(vae)
+    vae = load_vae(vae_source, dtype=m.vae_dtype, **(hub if m.vae else ref_kwargs))
     reward = None
     if config.reward.weights:
         r = config.reward
@@ -134,8 +110,40 @@ def build_networks(config: TrainConfig, world: World, need_text_encoders: bool) 
             RewardSpec(name, w, tiny(r.sources.get(name)), tiny(r.processors.get(name)), tiny(r.heads.get(name)))
             for name, w in r.weights.items()
         ]
-        reward = WeightedReward.from_specs(specs, dtype=r.dtype, **hub).to(world.device)
-        reward.requires_grad_(False).eval()
+        reward = WeightedReward.from_specs(specs, dtype=r.dtype, **hub)
+    return assemble(config, world, reference_unet, generator_unet, assistant.unet, vae, reward, prompt_encoder)
+
+
+def assemble(config: TrainConfig, world: World, reference_unet: nn.Module, generator_unet: nn.Module,
+             assistant_unet: nn.Module, vae: nn.Module, reward: WeightedReward | None,
+             prompt_encoder: PromptEncoder | None = None) -> Networks:  # fmt: skip
+    """The networks as the loop uses them: weight dtypes, activation checkpointing, device, then FSDP2 or DDP.
+    The trainable UNets keep fp32 weights (bf16 compute comes from autocast or FSDP's mixed precision)."""
+    m, p = config.model, config.parallel
+    if p.strategy == "none" and world.size > 1:
+        raise UserError(f"parallel.strategy='none' runs one process, but WORLD_SIZE is {world.size}; use ddp or fsdp")
+    generator_unet, assistant_unet = generator_unet.float(), assistant_unet.float()
+    reference_unet = reference_unet.to(parse_dtype(m.reference_dtype))
+    if p.activation_checkpointing:
+        for unet in (generator_unet, assistant_unet, reference_unet):
+            parallel.apply_activation_checkpointing(unet)
+    generator = OneStepGenerator(generator_unet.to(world.device), t_star=m.t_star)
+    assistant = Assistant(assistant_unet).to(world.device)
+    reference = Reference(reference_unet.to(world.device), guidance_scale=config.loss.alpha_cfg)
+    if p.strategy == "fsdp":
+        mesh = parallel.mesh(world.size, world.device)
+        parallel.shard_unet(generator.unet, mesh, p.mixed_precision, trainable=True)
+        parallel.shard_unet(assistant.unet, mesh, p.mixed_precision, trainable=True)
+        parallel.shard_unet(reference.unet, mesh, p.mixed_precision, trainable=False)
+    elif p.strategy == "ddp":
+        generator, assistant = parallel.replicate(generator, world.device), parallel.replicate(assistant, world.device)
+    if prompt_encoder is not None:
+        prompt_encoder.to(world.device, parse_dtype(m.text_encoder_dtype))
+    vae = vae.to(world.device, parse_dtype(m.vae_dtype)).requires_grad_(False).eval()
+    if p.vae_checkpointing:
+        parallel.apply_vae_checkpointing(vae)
+    if reward is not None:
+        reward = reward.to(world.device, parse_dtype(config.reward.dtype)).requires_grad_(False).eval()
     return Networks(generator, assistant, reference, prompt_encoder, vae, reward)
 
 
@@ -149,13 +157,18 @@ def _param_name(name: str) -> str:
 
 
 class Trainer:
-    def __init__(self, config: TrainConfig, world: World):
+    """The loop over one config. `data` and `nets` default to what the config names; benchmarks and
+    `distar plan`'s measurements pass networks built in memory from architecture configs instead."""
+
+    def __init__(self, config: TrainConfig, world: World, data: PromptSet | None = None, nets: Networks | None = None):
         self.config = config
         self.world = world
         self.schedule = VPSchedule.sdxl()
-        self.data = PromptSet(tiny_preset.resolve(config.data.prompts), config.data.prompt_column,
-                              config.data.use_embeddings)  # fmt: skip
-        self.nets = build_networks(config, world, need_text_encoders=not self.data.has_embeddings)
+        if data is None:
+            data = PromptSet(tiny_preset.resolve(config.data.prompts), config.data.prompt_column,
+                             config.data.use_embeddings)  # fmt: skip
+        self.data = data
+        self.nets = nets or build_networks(config, world, need_text_encoders=not self.data.has_embeddings)
         self.optimizers = {
             "generator": self._optimizer(self.nets.generator_unet, config.generator_optim),
             "assistant": self._optimizer(self.nets.assistant_unet, config.assistant_optim),
@@ -173,13 +186,16 @@ class Trainer:
         self.skipped = {"generator": 0, "assistant": 0}
         self.nonfinite_in_a_row = 0
         self.checkpointer = Checkpointer(config.out, world, config.checkpoint.keep_last)
-        self.autocast = torch.autocast(world.device.type, dtype=torch.bfloat16,
-                                       enabled=config.parallel.mixed_precision == "bf16")  # fmt: skip
+        self.autocast = contextlib.nullcontext()
+        if config.parallel.mixed_precision == "bf16":
+            self.autocast = torch.autocast(world.device.type, dtype=torch.bfloat16)
 
     @staticmethod
     def _optimizer(unet: nn.Module, o: OptimConfig) -> torch.optim.Optimizer:
         params = [p for p in unet.parameters() if p.requires_grad]
-        return torch.optim.AdamW(params, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, weight_decay=o.weight_decay)
+        kernels = {"auto": {}, "fused": {"fused": True}, "foreach": {"foreach": True}}[o.implementation]
+        return torch.optim.AdamW(params, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, weight_decay=o.weight_decay,
+                                 **kernels)  # fmt: skip
 
     # -- state ------------------------------------------------------------------------------------
 
@@ -245,8 +261,9 @@ class Trainer:
         res = self.config.data.resolution
         if batch.prompt_embeds is not None:
             n = len(batch.prompts)
+            # Shards store fp16 (half the bytes); the networks take fp32 inputs and cast to their own dtype.
             return SDXLConditioning(batch.prompt_embeds, batch.pooled_prompt_embeds, add_time_ids(n, res, res)).to(
-                self.world.device
+                self.world.device, torch.float32
             )
         return self.nets.prompt_encoder.encode(batch.prompts, res, res)
 
@@ -402,6 +419,22 @@ class Trainer:
         for name, p in self.nets.generator_unet.named_parameters():
             self.ema[_param_name(name)].lerp_(p.detach(), 1.0 - decay)
 
+    def train_step(self) -> dict[str, float]:
+        """One DI* iteration: K_TA assistant updates, then one generator update and the EMA; advances the step
+        and the sample counter."""
+        c = self.config
+        batches = list(self._micro_batches())
+        values: dict[str, float] = {}
+        for k in range(c.assistant_updates):
+            for key, v in self.assistant_update(k, batches).items():
+                values[key] = values.get(key, 0.0) + v / c.assistant_updates
+        values.update(self.generator_update(batches))
+        if self.ema is not None and values["ok/generator"]:
+            self._update_ema()
+        self.step += 1
+        self.samples_seen += self.world.size * c.data.batch_size * c.data.grad_accum
+        return values
+
     # -- samples --------------------------------------------------------------------------------
 
     @torch.no_grad()
@@ -447,16 +480,7 @@ class Trainer:
         try:
             while self.step < c.steps:
                 started = time.perf_counter()
-                batches = list(self._micro_batches())
-                values: dict[str, float] = {}
-                for k in range(c.assistant_updates):
-                    for key, v in self.assistant_update(k, batches).items():
-                        values[key] = values.get(key, 0.0) + v / c.assistant_updates
-                values.update(self.generator_update(batches))
-                if self.ema is not None and values["ok/generator"]:
-                    self._update_ema()
-                self.step += 1
-                self.samples_seen += global_batch
+                values = self.train_step()
                 elapsed = time.perf_counter() - started
                 if self.step % c.log.every == 0 or self.step == c.steps:
                     values = world.mean({k: v for k, v in values.items() if not k.startswith("ok/")})

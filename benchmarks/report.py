@@ -1,0 +1,196 @@
+"""docs/PERFORMANCE.md from the results benchmarks/run.py measured; the GPU analysis cites the torch.profiler tables
+stored beside the GPU runs in docs/gpu/."""
+
+from __future__ import annotations
+
+GiB = 2**30
+
+
+def _ms(s: float) -> str:
+    return f"{s * 1e3:.1f} ms" if s < 10 else f"{s:.2f} s"
+
+
+def _anatomy(name: str, a: dict) -> list[str]:
+    lines = [f"### {name} ({a['arch']} networks, preset {a['preset']}, {' '.join(a['overrides'])}; "
+             f"K_TA = {a['assistant_updates']})", "", "| part | median |", "|---|---|"]  # fmt: skip
+    lines += [f"| {k} | {_ms(v)} |" for k, v in a["median_s"].items()]
+    lines += ["", "| timed whole | whole | sum of parts | whole / parts |", "|---|---|---|---|"]
+    for key in ("assistant_update", "generator_update", "iteration"):
+        w = a[key]
+        lines.append(f"| {key.replace('_', ' ')} | {_ms(w['whole_s'])} | {_ms(w['parts_s'])} | {w['overhead']:.3f} |")
+    return lines + [""]
+
+
+def _passes(passes: dict) -> list[str]:
+    lines = ["| network | forward | backward | recomputed forward (checkpointing) |", "|---|---|---|---|"]
+    lines += [f"| {k} | {v['forward']} | {v['backward']} | {v['recompute']} |" for k, v in passes.items()]
+    return lines
+
+
+def performance_markdown(r: dict) -> str:
+    tiny, medium = r["anatomy"]["tiny"], r["anatomy"]["medium"]
+    s, c, m = r["sampling"], r["curation"], r["memory"]
+    worst = max(a["iteration"]["overhead"] for a in r["anatomy"].values())
+    out = [
+        "# Performance", "",
+        f"Measured by `make bench` on {r['date']} ({r['machine']}, torch {r['torch']}) unless a section names a GPU. "
+        "Each figure is a ratio of measurements taken side by side in the same run (medians after a warm-up). "
+        "The numbers are in docs/performance.json; GPU runs of benchmarks/gpu_sdxl_step.py are in docs/gpu/.", "",
+        "| target | measured | |", "|---|---|---|",
+        f"| step overhead ≤ 1.10 × sum of parts (CPU presets) | {worst:.3f} (worst iteration) | "
+        f"{'met' if worst <= 1.10 else 'not met'} |",
+        f"| one step ≤ 3 % of 50-step CFG | {100 * s['ratio']:.2f} % (CPU, tiny)"
+        + "".join(f"; {100 * g['sampling']['ratio']:.2f} % ({g['device']}, SDXL 1024²)" for g in r["gpu"]
+                  if "sampling" in g)
+        + f" | {'met' if s['ratio'] <= 0.03 else 'not met'} |",
+        f"| curation ≥ 1,000,000 prompts/min on 2 cores | {c['distar_prompts_per_min']:,.0f} /min | "
+        f"{'met' if c['distar_prompts_per_min'] >= 1e6 else 'not met'} |",
+        f"| curation ≥ 10 × plain Python | {c['speedup']:.2f} × | {'met' if c['speedup'] >= 10 else 'not met'} |",
+    ]  # fmt: skip
+    ratios = [v["ratio"] for v in m["cpu"].values()] + [v["ratio"] for v in m["gpu"].values()]
+    within = all(abs(x - 1) <= 0.15 for x in ratios)
+    out.append("| `distar plan` within 15 % of the measured peak | "
+               + ", ".join(f"{k}: {100 * (v['ratio'] - 1):+.1f} %" for k, v in {**m["cpu"], **m["gpu"]}.items())
+               + f" | {'met' if within else 'not met on every preset'} |")  # fmt: skip
+    sdxl = m["sdxl_8x80"]
+    out.append(f"| SDXL plan fits 80 GB per GPU on 8 GPUs at 2 img/GPU, 1024² | {sdxl['peak_bytes'] / GiB:.1f} GiB "
+               f"predicted | {'met' if sdxl['peak_bytes'] / GiB <= 79.6 else 'not met'} |")  # fmt: skip
+    for g in r["gpu"]:
+        if "mfu" in g or "iteration_s" in g:
+            mfu = _mfu(g, r)
+            out.append(f"| MFU of the DI* iteration ≥ 35 % in bf16 (H100) | {100 * mfu:.1f} % on {g['device']} | "
+                       f"not met: see §5 |" if mfu < 0.35 else f"| MFU ≥ 35 % | {100 * mfu:.1f} % | met |")  # fmt: skip
+    out += ["", "## 1. Training-step anatomy", "",
+            "The trainer's own `train_step`, `assistant_update` and `generator_update` timed whole, and each network "
+            "pass of them timed alone on the same networks and inputs (benchmarks/anatomy.py), in interleaved rounds. "
+            "The generator update's parts: the generator forward+backward, the VAE decode and the reward with the "
+            "backward to their inputs, the frozen assistant and the CFG reference (one pass on 2B) with the backward "
+            "to x_t, the optimizer (clip, finite check on every rank, AdamW).", ""]  # fmt: skip
+    out += _anatomy("tiny", tiny) + _anatomy("medium", medium)
+    out += [f"Whole ÷ parts stays at or under 1 (worst {worst:.3f}): the glue around the passes (noise draws, the "
+            "loss algebra, the scalar reads for logging and the finite check) costs less than what timing each pass "
+            "alone adds (its own synchronisation and cold caches). The iteration is its passes.", "",
+            "Network passes per iteration (batches of B; the reference's CFG pass is one pass on 2B), sdxl preset "
+            "(K_TA = 5, checkpointing on):", ""]  # fmt: skip
+    gpu = next((g for g in r["gpu"] if "anatomy" in g), None)
+    out += _passes(gpu["anatomy"]["passes"] if gpu else tiny["passes"])
+    out += ["", "## 2. Sampling: one step against the reference's 50-step CFG sampling", "",
+            f"CPU, tiny preset, stock diffusers StableDiffusionXLPipeline, batch {s['batch']}, latents only: one step "
+            f"(LCMScheduler at t = 399, no guidance) {_ms(s['one_step_s'])} against 50 Euler steps with CFG 7.5 "
+            f"{_ms(s['fifty_step_cfg_s'])}: **{100 * s['ratio']:.2f} %**. One step is one UNet pass on B; 50 CFG steps "
+            "are 50 passes on 2B, so the UNet-bound ratio is about 1/50 × cost(B)/cost(2B). The paper reports 1.88 % "
+            "for DI* against FLUX-dev."]  # fmt: skip
+    for g in r["gpu"]:
+        if "sampling" in g:
+            gs = g["sampling"]
+            out.append(f"On {g['device']} (SDXL UNet in bf16, 1024², batch 1, §5): {_ms(gs['one_step_s'])} against "
+                       f"{_ms(gs['many_step_cfg_s'])}, **{100 * gs['ratio']:.2f} %**.")  # fmt: skip
+    out += ["", "## 3. Curation", "",
+            f"{c['prompts']:,} synthetic prompts (an image-prompt vocabulary, 3–24 words, stray whitespace, 2 % "
+            f"repeats) in one Parquet file; tokenizer: {c['tokenizer']}.", "",
+            "| | seconds | prompts / min |", "|---|---|---|",
+            f"| `distar curate` | {c['distar_s']:.1f} | {c['distar_prompts_per_min']:,.0f} |",
+            f"| plain Python, same rules, one tokenizer call per prompt | {c['plain_python_s']:.1f} | "
+            f"{c['plain_python_prompts_per_min']:,.0f} |",
+            f"| the batched Rust tokenizer alone, on the same prompts | {c['tokenizer_alone_s']:.1f} | |", "",
+            f"Speed-up {c['speedup']:.2f} × (both keep {c['rows_out']:,} prompts: {c['same_rows_out']}). Normalisation "
+            "and the empty-row filter run as Arrow kernels (NFC, Python's whitespace set as one RE2 class, trim), "
+            "token counts come from one parallel `encode_batch_fast` call per 65,536-row batch with lengths only, "
+            "and offsets are asked for only for the prompts that are cut. What stands in the way of 10 ×: "
+            f"tokenization itself, {100 * c['tokenizer_alone_s'] / c['distar_s']:.0f} % of `distar curate`'s time "
+            "and a shared cost of both implementations (every prompt must be counted in CLIP tokens); this tokenizer "
+            "has no merges, so it makes one token per character, several times the tokens of the real CLIP "
+            "vocabulary. What would fix it: count tokens per distinct word (CLIP's BPE never merges across its "
+            "pre-tokenizer's words, and prompt sets reuse a small vocabulary) in a vectorised pass, which needs the "
+            "pre-tokenizer's regex replicated in Arrow and checked token for token against the tokenizer."]  # fmt: skip
+    out += ["", "## 4. Memory: `distar plan`", "",
+            "`distar plan --config sdxl --gpus 8` predicts each GPU's peak from exact parameter counts (weights, "
+            "gradients of one UNet at a time, AdamW states, EMA, FSDP shards and unsharded blocks in flight, "
+            "autocast's bf16 weight copies) and activations measured on the meta device: every tensor the generator "
+            "update's forward passes save for backward, counted by storage, with fused attention's saved set. The "
+            "peak is the largest of its phases (the backward through the frozen networks, the generator's "
+            "backward, the assistant update, the multi-tensor optimizer step).", "",
+            "| run | measured peak | predicted | predicted / measured |", "|---|---|---|---|"]  # fmt: skip
+    for k, v in m["cpu"].items():
+        out.append(f"| {k} (CPU, resident memory added by 3 iterations) | {v['measured_bytes'] / GiB:.3f} GiB | "
+                   f"{v['predicted_bytes'] / GiB:.3f} GiB | {v['ratio']:.3f} |")  # fmt: skip
+    for k, v in m["gpu"].items():
+        out.append(f"| SDXL, 1 × {k}, unsharded, 2 img 1024², bf16, checkpointing ({v['date'][:10]}; "
+                   f"torch.cuda.max_memory_allocated) | {v['measured_bytes'] / GiB:.2f} GiB | "
+                   f"{v['predicted_bytes'] / GiB:.2f} GiB | {v['ratio']:.3f} |")  # fmt: skip
+    out += ["", "On the CPU the measure is the resident set, which also holds what the C allocator keeps and the "
+            "Python objects of the new modules: on the tiny preset (a few hundred MB in all) that is a visible "
+            "share the plan, which counts tensors, leaves out. On the GPU the allocator's own count is exact.", "",
+            "The SDXL plan on 8 × 80 GB GPUs (FSDP over 8, 2 images per GPU at 1024², bf16, checkpointing):", "",
+            "```", _plan_text(sdxl), "```"]  # fmt: skip
+    out += _gpu_section(r)
+    return "\n".join(out) + "\n"
+
+
+def _plan_text(result: dict) -> str:
+    from distar.plan import format_plan
+
+    return format_plan(result, 79.6)
+
+
+def _mfu(g: dict, r: dict) -> float:
+    flops = r.get("sdxl_model_flops", {}).get("model", {}).get("iteration") or g.get("model_flops_per_iteration")
+    best = min(g[v]["iteration_s"] for v in g["variants"] if "iteration_s" in g.get(v, {}))
+    return flops / best / 989.4e12
+
+
+def _gpu_section(r: dict) -> list[str]:
+    out = ["", "## 5. The DI* iteration at SDXL scale on a GPU", ""]
+    if not r["gpu"]:
+        return out + [
+            "No GPU run is recorded yet: run `python benchmarks/gpu_sdxl_step.py --out docs/gpu/CARD_DATE.json`."
+        ]
+    flops = r.get("sdxl_model_flops", {})
+    model = flops.get("model", {}).get("iteration")
+    hardware = flops.get("with_checkpointing", {}).get("iteration")
+    for g in r["gpu"]:
+        out += [f"### {g['device']}, {g['date'][:10]}, torch {g['torch']} ({g['file']})", "",
+                f"benchmarks/gpu_sdxl_step.py: the SDXL UNet ×3 (2,567,463,684 parameters each, random weights, the "
+                f"published config), the SDXL VAE, a CLIP ViT-H/14 reward (PickScore's shape), {g['batch']} images at "
+                f"{g['resolution']}², the sdxl preset (K_TA = 5, bf16, activation checkpointing of the UNets' blocks "
+                "and the VAE decoder's ResNets), one GPU, no sharding.", "",
+                "| variant | iteration | images / s | peak allocated | MFU (989.4 TFLOP/s dense bf16) |",
+                "|---|---|---|---|---|"]  # fmt: skip
+        for v in g["variants"]:
+            x = g.get(v, {})
+            if "iteration_s" not in x:
+                out.append(f"| {v} | failed: {x.get('error', '?')} | | | |")
+                continue
+            mfu = f"{100 * model / x['iteration_s'] / 989.4e12:.1f} %" if model else "—"
+            out.append(f"| {v} | {x['iteration_s']:.2f} s | {x['images_per_s']:.2f} | "
+                       f"{x['memory_iterations']['peak_allocated_gb']:.1f} GiB | {mfu} |")  # fmt: skip
+        if model:
+            best = min(g[v]["iteration_s"] for v in g["variants"] if "iteration_s" in g.get(v, {}))
+            out += ["", f"Model FLOPs per iteration, counted with torch.utils.flop_counter on the meta device without "
+                    f"checkpointing: {model / 1e12:.1f} TFLOP; with the recomputation {hardware / 1e12:.1f} TFLOP, "
+                    f"and {g['hardware_flops_counted'] / 1e12:.1f} TFLOP counted on the GPU itself (its fused "
+                    f"attention kernels are counted there). Achieved: {model / best / 1e12:.0f} TFLOP/s of model "
+                    "FLOPs, "
+                    f"{100 * model / best / g['matmul_bf16_flops']:.1f} % of the "
+                    f"{g['matmul_bf16_flops'] / 1e12:.0f} "
+                    "TFLOP/s that an 8192³ bf16 matrix product reached on the same card in the same run."]  # fmt: skip
+        if "anatomy" in g:
+            a = g["anatomy"]
+            out += ["", "Anatomy on the GPU (the fsdp+fused variant):", ""]
+            out += ["| part | median |", "|---|---|"] + [f"| {k} | {_ms(v)} |" for k, v in a["median_s"].items()]
+            out += ["", f"Iteration whole ÷ parts: {a['iteration']['overhead']:.3f}."]
+    out += ["", "**Why the MFU is low, and what would fix it.** The profiles (docs/gpu/*_profile.txt, one "
+            "iteration under torch.profiler) show the GPU busy for about 2.9 s of a 5.3 s iteration: the iteration is "
+            "bound by the host, which issues about 100,000 small operations (diffusers' UNet is many small kernels at "
+            "2 × 128² latents; each matrix product averages 16 µs). Of the GPU time, about 17 % is copies (autocast's "
+            "per-operation casts of the fp32 weights to bf16, layout conversions for cuDNN), 12 % AdamW over "
+            "2 × 2.57 B "
+            "parameters, and 12 % the VAE decoder's fp32 GroupNorm at 1024² (memory-bound); FSDP2 on a single GPU "
+            "only adds its per-block copy-in (the fsdp+fused variant is slower; on 8 GPUs the same copies are the "
+            "all-gathers it exists for). What would lift it: compiling each UNet block and the VAE decoder "
+            "(torch.compile per block, as torchtitan does under FSDP2) to fuse the norms and element-wise work and "
+            "cut launches; CUDA graphs for the fixed-shape passes; keeping the bf16 weight copies across the K_TA "
+            "assistant updates; a larger per-GPU batch once FSDP over 8 GPUs frees the memory (the plan leaves "
+            f"{79.6 - r['memory']['sdxl_8x80']['peak_bytes'] / GiB:.0f} GiB of an 80 GB card free at 2 "
+            "images)."]  # fmt: skip
+    return out

@@ -1,0 +1,279 @@
+"""`distar plan`: the per-GPU memory of a training config, before any GPU is asked for.
+
+Static items are exact arithmetic on parameter counts: weights (generator and assistant in fp32, the reference,
+VAE and reward in their configured dtypes), gradients (one trainable UNet at a time: the loop frees them after
+each update), AdamW's two fp32 states of both UNets, the EMA copy; FSDP divides the three UNets' share by its
+degree and adds the unsharded bf16 parameters of the blocks in flight. Activations are measured, not guessed:
+the generator update's forward passes (generator, VAE decode, reward, assistant and CFG reference on x_t) run on
+the "meta" device, where nothing is allocated, and every tensor saved for the backward pass is counted by
+storage. With activation checkpointing a block keeps only its inputs, plus the largest block's activations
+while it is recomputed. Under bf16 autocast without FSDP, bf16 copies of the generator's fp32 weights are held
+for the update too. The peak is the larger of the generator update's backward and the optimizer step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from distar.errors import UserError
+from distar.models.architectures import ARCHITECTURES, Architecture
+from distar.train.config import TrainConfig
+
+GiB = 2**30
+_BYTES = {"fp32": 4, "float32": 4, "bf16": 2, "bfloat16": 2, "fp16": 2, "float16": 2}
+
+
+def _n(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+@dataclass
+class Activations:
+    """Bytes saved for the backward pass of the generator update, per network: as configured (checkpointed
+    networks keep their blocks' inputs), and without any checkpointing."""
+
+    without_checkpointing: dict[str, int]
+    with_checkpointing: dict[str, int]
+    recompute: dict[str, int] = field(default_factory=dict)  # the largest checkpointed block's own activations
+
+
+class _SavedBytes:
+    """Counts the storage bytes saved for backward inside a `with`, attributing them to the innermost marked block;
+    parameters are not activations and are left out."""
+
+    def __init__(self, modules: list[nn.Module], blocks: dict[str, list[nn.Module]]):
+        self.ignore = {p.untyped_storage()._cdata for m in modules for p in m.parameters()}
+        self.seen: set[int] = set()
+        self.total = 0
+        self.per_block: dict[tuple[str, int], int] = {}
+        self.block_inputs: dict[str, int] = {}
+        self.inputs_seen: dict[str, set[int]] = {}
+        self.alive: list[torch.Tensor] = []
+        self.current: list[tuple[str, int]] = []
+        self.handles = []
+        for group, mods in blocks.items():
+            for i, m in enumerate(mods):
+                self.handles.append(m.register_forward_pre_hook(self._enter(group, i), with_kwargs=True))
+                self.handles.append(m.register_forward_hook(self._leave))
+
+    def _enter(self, group, i):
+        def hook(module, args, kwargs):
+            self.current.append((group, i))
+            inputs = self.inputs_seen.setdefault(group, set())
+            for a in [*args, *kwargs.values()]:
+                if isinstance(a, torch.Tensor) and a.untyped_storage()._cdata not in inputs:
+                    self.alive.append(a)
+                    inputs.add(a.untyped_storage()._cdata)
+                    self.block_inputs[group] = self.block_inputs.get(group, 0) + a.untyped_storage().nbytes()
+
+        return hook
+
+    def _leave(self, module, args, out):
+        self.current.pop()
+
+    def _pack(self, t: torch.Tensor):
+        self.alive.append(t)  # a freed storage's address could come back for another tensor
+        storage = t.untyped_storage()
+        key = storage._cdata
+        if key not in self.ignore and key not in self.seen:
+            self.seen.add(key)
+            self.total += storage.nbytes()
+            if self.current:
+                self.per_block[self.current[-1]] = self.per_block.get(self.current[-1], 0) + storage.nbytes()
+        return t
+
+    @contextlib.contextmanager
+    def counting(self):
+        original = torch.nn.functional.scaled_dot_product_attention
+        torch.nn.functional.scaled_dot_product_attention = _flash_attention
+        try:
+            with torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t):
+                yield
+        finally:
+            torch.nn.functional.scaled_dot_product_attention = original
+            for h in self.handles:
+                h.remove()
+
+
+class _FlashAttentionSaved(torch.autograd.Function):
+    """What a fused (flash / memory-efficient) attention kernel keeps for its backward: q, k, v, the output and
+    one fp32 log-sum-exp per query. On "meta", SDPA falls back to the math path, whose L×L attention matrices
+    no GPU kernel keeps; the plan measures through this stand-in instead (it has no backward: nothing runs one)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v):
+        out = q.new_empty((*q.shape[:-1], v.shape[-1]))
+        ctx.save_for_backward(q, k, v, out, q.new_empty(q.shape[:-1], dtype=torch.float32))
+        return out
+
+
+def _flash_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **kwargs):
+    return _FlashAttentionSaved.apply(query, key, value)
+
+
+def measure_activations(config: TrainConfig, arch: Architecture) -> Activations:
+    """Run the generator update's forward passes on "meta" (batch, resolution and dtypes of `config`)."""
+    from distar.models.architectures import random_networks
+    from distar.models.sdxl import Assistant, OneStepGenerator, Reference, SDXLConditioning, add_time_ids, decode
+    from distar.train import parallel
+
+    meta = torch.device("meta")
+    nets = random_networks(arch, next(iter(config.reward.weights), "pickscore"), device=meta)
+    compute = torch.bfloat16 if config.parallel.mixed_precision == "bf16" else torch.float32
+    ref_dtype = torch.bfloat16 if _BYTES[config.model.reference_dtype] == 2 else torch.float32
+    generator = OneStepGenerator(nets["generator_unet"].to(compute), t_star=config.model.t_star)
+    assistant = Assistant(nets["assistant_unet"].to(compute)).requires_grad_(False)
+    reference = Reference(nets["reference_unet"].to(ref_dtype), config.loss.alpha_cfg)
+    # Under bf16 autocast the VAE's convolutions return bf16 whatever its weights: its activations are bf16.
+    vae = nets["vae"].to(compute if compute == torch.bfloat16 else torch.float32).requires_grad_(False)
+    reward = nets["reward"]
+    if reward is not None:
+        reward = reward.to(torch.bfloat16 if _BYTES[config.reward.dtype] == 2 else torch.float32).requires_grad_(False)
+
+    def unet_blocks(unet):
+        return [parallel._get(p, k) for p, k in parallel.unet_blocks(unet)]
+
+    vae_blocks = [r for blocks in [vae.decoder.mid_block.resnets] + [u.resnets for u in vae.decoder.up_blocks]
+                  for r in blocks]  # fmt: skip
+    blocks = {"generator": unet_blocks(generator.unet), "assistant": unet_blocks(assistant.unet),
+              "reference": unet_blocks(reference.unet), "vae": vae_blocks}  # fmt: skip
+    modules = [generator, assistant, reference, vae] + ([reward] if reward is not None else [])
+    counter = _SavedBytes(modules, blocks)
+    b, side = config.data.batch_size, config.data.resolution // arch.vae_factor
+    embeds = torch.zeros(b, 77, arch.text_dim, device=meta)
+    res = config.data.resolution
+    cond = SDXLConditioning(embeds, torch.zeros(b, arch.pooled_dim, device=meta), add_time_ids(b, res, res).to(meta))
+    z = torch.zeros(b, arch.unet["in_channels"], side, side, device=meta)
+    t = torch.full((b,), 500, dtype=torch.long, device=meta)
+    parts: dict[str, int] = {}
+    with counter.counting():
+        before = counter.total
+        x0 = generator(z, cond).float()
+        parts["generator"] = counter.total - before
+        if reward is not None:
+            before = counter.total
+            images = decode(vae, x0).float()
+            parts["vae"] = counter.total - before
+            before = counter.total
+            reward(images, [""] * b)
+            parts["reward"] = counter.total - before
+        x_t = x0 * 0.5 + torch.zeros_like(x0)
+        before = counter.total
+        assistant(x_t, t, cond)
+        parts["assistant"] = counter.total - before
+        before = counter.total
+        reference(x_t, t, cond)
+        parts["reference"] = counter.total - before
+    with_ckpt = dict(parts)
+    recompute = {}
+    for group in blocks:
+        if group not in parts:
+            continue
+        inside = {i: v for (g, i), v in counter.per_block.items() if g == group}
+        checkpointed = config.parallel.vae_checkpointing if group == "vae" else config.parallel.activation_checkpointing
+        if checkpointed and inside:
+            with_ckpt[group] = parts[group] - sum(inside.values()) + counter.block_inputs.get(group, 0)
+            recompute[group] = max(inside.values())
+    return Activations(parts, with_ckpt, recompute)
+
+
+def plan(config: TrainConfig, world_size: int, arch: Architecture | str = "sdxl",
+         text_encoders: bool = False) -> dict:  # fmt: skip
+    """Per-GPU bytes of each item and the predicted peak for `config` on `world_size` GPUs."""
+    if world_size < 1:
+        raise UserError(f"--gpus must be at least 1, got {world_size}")
+    arch = ARCHITECTURES[arch]() if isinstance(arch, str) else arch
+    from distar.models.architectures import random_networks
+
+    nets = random_networks(arch, next(iter(config.reward.weights), "pickscore"), device="meta")
+    p_unet, p_vae = _n(nets["reference_unet"]), _n(nets["vae"])
+    p_reward = _n(nets["reward"]) if nets["reward"] is not None and config.reward.weights else 0
+    p_block = max(_n(parallel_block) for parallel_block in _unet_blocks(nets["reference_unet"]))
+    strategy = config.parallel.strategy
+    shard = world_size if strategy == "fsdp" else 1
+    if strategy == "none" and world_size > 1:
+        raise UserError("parallel.strategy='none' runs one process; plan it with --gpus 1, or choose ddp or fsdp")
+    ref_b, vae_b, rew_b = (_BYTES[config.model.reference_dtype], _BYTES[config.model.vae_dtype],
+                           _BYTES[config.reward.dtype])  # fmt: skip
+    bf16 = config.parallel.mixed_precision == "bf16"
+    items = {
+        "weights: generator + assistant (fp32)": 2 * 4 * p_unet / shard,
+        "weights: reference": ref_b * p_unet / shard,
+        "weights: VAE": vae_b * p_vae,
+        "weights: reward": rew_b * p_reward,
+        "optimizer: AdamW states, both UNets (fp32)": 2 * 2 * 4 * p_unet / shard,
+        "EMA of the generator (fp32)": 4 * p_unet / shard if config.ema_decay > 0 else 0,
+        "text encoders": 2 * 817_000_000 if text_encoders else 0,
+    }
+    grads = 4 * p_unet / shard
+    in_flight = 0.0
+    if strategy == "fsdp":  # the current and the prefetched block unsharded in the compute dtype, one block's grads
+        in_flight = 2 * (2 if bf16 else 4) * p_block + 4 * p_block
+    autocast_copies = 2 * p_unet if bf16 and strategy != "fsdp" else 0
+    acts = measure_activations(config, arch)
+    used, recompute = acts.with_checkpointing, acts.recompute
+    frozen_recompute = max((v for k, v in recompute.items() if k != "generator"), default=0)
+    static = sum(items.values())
+    # The backward runs from the loss through the frozen networks (each releases its activations as it goes) and
+    # ends in the generator; its gradients exist only from then on. Multi-tensor AdamW then makes full-size
+    # temporaries (√v, the update) of one network's parameters.
+    phases = {
+        "generator update: backward through the frozen networks":
+            sum(used.values()) + frozen_recompute + autocast_copies + in_flight,
+        "generator update: generator backward":
+            used["generator"] + recompute.get("generator", 0) + grads + autocast_copies + in_flight,
+        "assistant update": grads + used["assistant"] + recompute.get("assistant", 0) + autocast_copies + in_flight,
+        "optimizer step": grads + (0 if _fused(config) else 4 * p_unet / shard),
+    }  # fmt: skip
+    peak_phase = max(phases, key=phases.get)
+    return {
+        "world_size": world_size, "strategy": strategy, "fsdp_degree": shard, "arch": arch.name,
+        "batch_per_gpu": config.data.batch_size, "resolution": config.data.resolution,
+        "activation_checkpointing": config.parallel.activation_checkpointing,
+        "vae_checkpointing": config.parallel.vae_checkpointing, "mixed_precision": config.parallel.mixed_precision,
+        "parameters": {"unet": p_unet, "vae": p_vae, "reward": p_reward, "largest_unet_block": p_block},
+        "static": items, "gradients (one UNet)": grads, "fsdp blocks in flight": in_flight,
+        "autocast bf16 weight copies": autocast_copies,
+        "activations": {"used": used, "without_checkpointing": acts.without_checkpointing, "recompute": recompute},
+        "phases": phases, "peak_phase": peak_phase, "peak_bytes": static + phases[peak_phase],
+    }  # fmt: skip
+
+
+def _fused(config: TrainConfig) -> bool:
+    return config.generator_optim.implementation == "fused" and config.assistant_optim.implementation == "fused"
+
+
+def _unet_blocks(unet):
+    from distar.train import parallel
+
+    return [parallel._get(p, k) for p, k in parallel.unet_blocks(unet)]
+
+
+def format_plan(result: dict, gpu_gib: float | None = None) -> str:
+    g = lambda b: f"{b / GiB:8.2f} GiB"  # noqa: E731
+    lines = [
+        f"distar plan: {result['arch']} on {result['world_size']} GPU(s), {result['strategy']} "
+        f"(shard degree {result['fsdp_degree']}), {result['batch_per_gpu']} image(s)/GPU at "
+        f"{result['resolution']}², {result['mixed_precision']}, activation checkpointing "
+        f"{'on' if result['activation_checkpointing'] else 'off'}, VAE checkpointing "
+        f"{'on' if result['vae_checkpointing'] else 'off'}",
+    ]
+    lines += [f"  {g(v)}  {k}" for k, v in result["static"].items() if v]
+    lines.append(f"  {g(result['gradients (one UNet)'])}  gradients (one UNet at a time, fp32)")
+    if result["fsdp blocks in flight"]:
+        lines.append(f"  {g(result['fsdp blocks in flight'])}  FSDP: unsharded blocks in flight")
+    if result["autocast bf16 weight copies"]:
+        lines.append(f"  {g(result['autocast bf16 weight copies'])}  autocast: bf16 copies of the generator's weights")
+    a = result["activations"]
+    lines.append(f"  {g(sum(a['used'].values()))}  activations kept for the generator update's backward "
+                 f"(without checkpointing: {sum(a['without_checkpointing'].values()) / GiB:.2f} GiB)")  # fmt: skip
+    lines.append(f"  {g(max(a['recompute'].values(), default=0))}  the largest checkpointed block, recomputed")
+    lines.append(f"  {g(result['peak_bytes'])}  predicted peak per GPU ({result['peak_phase']})")
+    if gpu_gib:
+        fits = result["peak_bytes"] / GiB <= gpu_gib
+        lines.append(f"  {'fits' if fits else 'does NOT fit'} in {gpu_gib:g} GiB")
+    return "\n".join(lines)
