@@ -182,3 +182,41 @@ def test_token_counts_equal_the_tokenizers_own_lengths(tiny_root):
              .read_text().splitlines()[1:200]]  # fmt: skip
     expected = [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
     assert _token_counts(tokenizer, texts) == expected
+
+
+def test_whitespace_class_is_exactly_pythons():
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    from distar.curate import _WHITESPACE
+
+    chars = [chr(c) for c in range(0x110000) if not 0xD800 <= c <= 0xDFFF]  # every code point UTF-8 can hold
+    matched = pc.match_substring_regex(pa.array(chars), f"^{_WHITESPACE}$").to_pylist()
+    assert {c for c, m in zip(chars, matched, strict=True) if m} == {c for c in chars if c.isspace()}
+
+
+def test_word_level_token_counts_equal_whole_prompt_counts(tiny_root):
+    from distar.curate import TokenCounter, _load_tokenizer, _token_counts, normalise
+
+    tokenizer = _load_tokenizer("tiny:sdxl")
+    rows = Path(__file__).with_name("data").joinpath("PartiPrompts.tsv").read_text().splitlines()[1:]
+    texts = [normalise(r.split("\t")[0]) for r in rows if normalise(r.split("\t")[0])]
+    counter = TokenCounter(tokenizer, check=0)  # no sampled check: the per-word sum itself is under test
+    assert counter(texts).tolist() == _token_counts(tokenizer, texts)
+    assert counter.per_word and len(counter.words) < sum(len(t.split()) for t in texts)
+
+
+def test_token_counter_falls_back_where_words_do_not_add_up():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from distar.curate import TokenCounter, _token_counts
+
+    # Byte-level BPE without a merge for "Ġb": "a b" is a, Ġ, b (3 tokens) but "a" + "b" is 2.
+    backend = Tokenizer(models.BPE(vocab={"a": 0, "b": 1, "Ġ": 2}, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend)
+    counter = TokenCounter(tokenizer)
+    texts = ["a b", "b a a", "ab"]
+    assert counter(texts).tolist() == _token_counts(tokenizer, texts) == [3, 5, 2]
+    assert not counter.per_word

@@ -22,6 +22,8 @@ from collections import Counter
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 
+import numpy as np
+
 from distar import storage
 from distar.errors import UserError
 
@@ -66,8 +68,11 @@ def normalise(text: str) -> str:
     return " ".join(unicodedata.normalize("NFC", text).split())
 
 
-# Python's str.split() whitespace, as one RE2 character class (RE2's \s is ASCII-only).
-_WHITESPACE = "[" + "".join(f"\\x{{{c:x}}}" for c in range(0x110000) if chr(c).isspace()) + "]+"
+# Python's str.split() whitespace (every character whose isspace() is true: tests/test_curate.py checks), as one
+# RE2 character class (RE2's \s is ASCII-only).
+_WHITESPACE = (
+    r"[\x{9}-\x{d}\x{1c}-\x{20}\x{85}\x{a0}\x{1680}\x{2000}-\x{200a}\x{2028}\x{2029}\x{202f}\x{205f}\x{3000}]+"
+)
 
 
 def normalise_array(values):
@@ -242,16 +247,15 @@ class _ShardWriter:
     def _columns(self):
         return ["prompt", "id", "source", "tokens"] + (["category"] if self.with_category else [])
 
-    def add(self, prompt, pid, source, tokens, category):
-        b = self.buffer
-        b["prompt"].append(prompt)
-        b["id"].append(pid)
-        b["source"].append(source)
-        b["tokens"].append(tokens)
-        if self.with_category:
-            b["category"].append(category)
-        if len(b["prompt"]) >= self.shard_rows:
+    def add_rows(self, columns: dict[str, list]) -> None:
+        """Append rows given as columns; full shards are written as they fill."""
+        for k in self._columns():
+            self.buffer[k].extend(columns[k])
+        while len(self.buffer["prompt"]) >= self.shard_rows:
+            rest = {k: v[self.shard_rows :] for k, v in self.buffer.items()}
+            self.buffer = {k: v[: self.shard_rows] for k, v in self.buffer.items()}
             self.flush()
+            self.buffer = rest
 
     def flush(self):
         import pyarrow as pa
@@ -309,8 +313,41 @@ def _token_counts(tokenizer, texts: list[str]) -> list[int]:
     return [len(e) for e in encode(texts, add_special_tokens=False)]
 
 
-def _split(digest: bytes, eval_fraction: float) -> str:
-    return "eval" if int.from_bytes(digest[:8], "big") / 2**64 < eval_fraction else "train"
+class TokenCounter:
+    """CLIP tokens of normalised prompts (no start and end tokens), counted once per distinct word.
+
+    CLIP's tokenizer normalises (NFC, whitespace runs to one space, lower case), splits into pre-tokens that never
+    hold a space, and runs BPE on each pre-token: so the count of a prompt whose only whitespace is single spaces
+    is the sum of the counts of its space-separated words. Prompt sets reuse a small vocabulary, so each distinct
+    word is counted once, by the tokenizer itself, and remembered. The identity is checked against the tokenizer
+    on the first prompts of every batch; for a tokenizer where it fails, every prompt is counted whole."""
+
+    def __init__(self, tokenizer, check: int = 256):
+        self.tokenizer, self.check = tokenizer, check
+        self.words: dict[str, int] = {}
+        self.per_word = True
+
+    def __call__(self, texts: list[str]) -> np.ndarray:
+        import pyarrow as pa
+        import pyarrow.compute as pc
+
+        whole = lambda: np.asarray(_token_counts(self.tokenizer, texts), dtype=np.int64)  # noqa: E731
+        if not self.per_word:
+            return whole()
+        words = pc.split_pattern(pa.array(texts, pa.string()), " ")
+        encoded = pc.dictionary_encode(pc.list_flatten(words))
+        distinct = encoded.dictionary.to_pylist()
+        new = [w for w in distinct if w not in self.words]
+        if new:
+            self.words.update(zip(new, _token_counts(self.tokenizer, new), strict=True))
+        per_distinct = np.fromiter((self.words[w] for w in distinct), dtype=np.int64, count=len(distinct))
+        offsets = words.offsets.to_numpy()
+        counts = np.add.reduceat(per_distinct[encoded.indices.to_numpy()], offsets[:-1] - offsets[0])
+        sample = texts[: self.check]
+        if _token_counts(self.tokenizer, sample) != counts[: len(sample)].tolist():
+            self.per_word = False
+            return whole()
+        return counts
 
 
 def curate(config: CurateConfig, progress: bool = False) -> dict:
@@ -333,6 +370,7 @@ def curate(config: CurateConfig, progress: bool = False) -> dict:
 
     started = time.perf_counter()
     tokenizer = _load_tokenizer(config.tokenizer)
+    counter = TokenCounter(tokenizer)
     blocklist = _load_blocklist(config.blocklist)
     fs, out_path = storage.filesystem(config.out)
     if fs.exists(f"{out_path.rstrip('/')}/{MANIFEST}"):
@@ -377,30 +415,46 @@ def curate(config: CurateConfig, progress: bool = False) -> dict:
                 cats = [c for c, h in zip(cats, hit, strict=True) if not h] if with_category else None
             if not texts:
                 continue
-            counts = _token_counts(tokenizer, texts)
-            for k, (text, n) in enumerate(zip(texts, counts, strict=True)):
-                if n > body:
-                    if config.long_prompts == "drop":
-                        dropped["too_long"] += 1
-                        continue
-                    offsets = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
-                    text = text[: offsets[body - 1][1]].rstrip()
-                    n = body
-                    truncated += 1
-                key = text.casefold() if config.case_insensitive else text
-                digest = hashlib.blake2b(key.encode(), digest_size=8).digest()
+            counts = counter(texts)
+            keep = np.ones(len(texts), dtype=bool)
+            for k in np.flatnonzero(counts > body):  # rare: cut at a token boundary, or drop
+                if config.long_prompts == "drop":
+                    dropped["too_long"] += 1
+                    keep[k] = False
+                    continue
+                offsets = tokenizer(texts[k], add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+                texts[k] = texts[k][: offsets[body - 1][1]].rstrip()
+                counts[k] = body
+                truncated += 1
+            keys = [t.casefold() for t in texts] if config.case_insensitive else texts
+            digests = [hashlib.blake2b(key.encode(), digest_size=8).digest() for key in keys]
+            cap = config.max_per_category if with_category else 0
+            for k, digest in enumerate(digests):
+                if not keep[k]:
+                    continue
                 if digest in seen:
                     dropped["duplicate"] += 1
-                    continue
-                cat = cats[k] if with_category else None
-                if config.max_per_category and with_category:
-                    if per_category[cat] >= config.max_per_category:
-                        dropped["category_cap"] += 1
-                        continue
-                seen.add(digest)
-                per_category[cat] += 1
-                lengths[n + 2] += 1
-                writers[_split(digest, config.eval_fraction)].add(text, digest.hex(), uri, n + 2, cat)
+                    keep[k] = False
+                elif cap and per_category[cats[k]] >= cap:
+                    dropped["category_cap"] += 1
+                    keep[k] = False
+                else:
+                    seen.add(digest)
+                    per_category[cats[k] if with_category else None] += 1
+            kept = np.flatnonzero(keep)
+            if not len(kept):
+                continue
+            tokens = counts[kept] + 2
+            lengths.update(dict(zip(*(v.tolist() for v in np.unique(tokens, return_counts=True)), strict=True)))
+            # A prompt's split is the position of its hash in [0, 1): the same whatever the order or the other sources.
+            position = np.frombuffer(b"".join(digests[k] for k in kept), dtype=">u8").astype(np.float64) / 2**64
+            for split, mask in (("train", position >= config.eval_fraction), ("eval", position < config.eval_fraction)):
+                rows_of_split = kept[mask]
+                writers[split].add_rows({
+                    "prompt": [texts[k] for k in rows_of_split], "id": [digests[k].hex() for k in rows_of_split],
+                    "source": [uri] * len(rows_of_split), "tokens": tokens[mask].tolist(),
+                    "category": [cats[k] for k in rows_of_split] if with_category else [],
+                })  # fmt: skip
         per_source[uri] = source_in
     for w in writers.values():
         w.flush()
