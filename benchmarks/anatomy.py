@@ -7,7 +7,8 @@ so nothing is downloaded and the text encoders are not in the loop (as in traini
 Parts of the assistant update (×K_TA per iteration): the generator's sample x0 (no gradient), the assistant's
 denoising loss forward and backward, the optimizer (clip, finite check, AdamW). Parts of the generator update:
 the generator forward and backward, the VAE decode and the reward with the backward to their inputs, the frozen
-assistant and the CFG reference (2B) with the backward to x_t, the optimizer.
+assistant and the CFG reference (2B) with the backward to x_t, the optimizer. Once per iteration: the prompt
+batch (its rows and conditioning).
 """
 
 from __future__ import annotations
@@ -165,9 +166,11 @@ def anatomy(trainer: Trainer, repeats: int = 5) -> dict:
         "assistant update": (lambda: trainer.assistant_update(0, batches), None),
         "generator update": (lambda: trainer.generator_update(batches), None),
     }
+    fns["prompt batch"] = (lambda: list(trainer._micro_batches()), None)
     samples: dict[str, list[float]] = {name: [] for name in [*whole, *fns]}
-    for round_ in range(repeats + 1):  # round 0 warms up
-        for name, (fn, setup) in [*whole.items(), *fns.items()]:
+    order = [*whole.items(), *fns.items()]
+    for round_ in range(repeats + 1):  # round 0 warms up; odd rounds run in reverse, so order effects cancel
+        for name, (fn, setup) in order if round_ % 2 == 0 else order[::-1]:
             elapsed = _timed(fn, setup, trainer)
             if round_:
                 samples[name].append(elapsed)
@@ -175,7 +178,7 @@ def anatomy(trainer: Trainer, repeats: int = 5) -> dict:
     a_parts = sum(median[p] for p in ASSISTANT_PARTS if p in median)
     g_parts = sum(median[p] for p in GENERATOR_PARTS if p in median)
     k = trainer.config.assistant_updates
-    iteration_whole, iteration_parts = median["iteration"], k * a_parts + g_parts
+    iteration_whole, iteration_parts = median["iteration"], k * a_parts + g_parts + median["prompt batch"]
     return {
         "median_s": median, "assistant_updates": k,
         "assistant_update": {"whole_s": median["assistant update"], "parts_s": a_parts,

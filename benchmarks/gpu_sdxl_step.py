@@ -151,6 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--iterations", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=3, help="rounds of the anatomy")
     parser.add_argument("--out", default="gpu_sdxl_step.json")
+    parser.add_argument("--sampling-steps", type=int, default=50, help="steps of the CFG reference sampler")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a config override for all")
     parser.add_argument("--profile", action="store_true", help="write a torch.profiler table of one iteration")
     parser.add_argument(
@@ -211,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
         result["anatomy"] = anatomy.anatomy(trainer, repeats=args.repeats)
         save("anatomy")
 
-        result["sampling"] = sampling(trainer, device)
+        result["sampling"] = sampling(trainer, device, steps=args.sampling_steps)
         save("sampling")
 
         if args.profile:

@@ -67,9 +67,9 @@ def performance_markdown(r: dict) -> str:
             "backward to their inputs, the frozen assistant and the CFG reference (one pass on 2B) with the backward "
             "to x_t, the optimizer (clip, finite check on every rank, AdamW).", ""]  # fmt: skip
     out += _anatomy("tiny", tiny) + _anatomy("medium", medium)
-    out += [f"Whole ÷ parts stays at or under 1 (worst {worst:.3f}): the glue around the passes (noise draws, the "
-            "loss algebra, the scalar reads for logging and the finite check) costs less than what timing each pass "
-            "alone adds (its own synchronisation and cold caches). The iteration is its passes.", "",
+    out += [f"Whole ÷ parts is at most {worst:.3f}: the glue around the passes (noise draws, the loss algebra, the "
+            "scalar reads for logging and the finite check) is within what timing each pass alone adds or saves (its "
+            "own synchronisation, warmer or colder caches); the iteration is its network passes.", "",
             "Network passes per iteration (batches of B; the reference's CFG pass is one pass on 2B), sdxl preset "
             "(K_TA = 5, checkpointing on):", ""]  # fmt: skip
     gpu = next((g for g in r["gpu"] if "anatomy" in g), None)
@@ -93,16 +93,18 @@ def performance_markdown(r: dict) -> str:
             f"| plain Python, same rules, one tokenizer call per prompt | {c['plain_python_s']:.1f} | "
             f"{c['plain_python_prompts_per_min']:,.0f} |",
             f"| the batched Rust tokenizer alone, on the same prompts | {c['tokenizer_alone_s']:.1f} | |", "",
-            f"Speed-up {c['speedup']:.2f} × (both keep {c['rows_out']:,} prompts: {c['same_rows_out']}). Normalisation "
-            "and the empty-row filter run as Arrow kernels (NFC, Python's whitespace set as one RE2 class, trim), "
-            "token counts come from one parallel `encode_batch_fast` call per 65,536-row batch with lengths only, "
-            "and offsets are asked for only for the prompts that are cut. What stands in the way of 10 ×: "
-            f"tokenization itself, {100 * c['tokenizer_alone_s'] / c['distar_s']:.0f} % of `distar curate`'s time "
-            "and a shared cost of both implementations (every prompt must be counted in CLIP tokens); this tokenizer "
-            "has no merges, so it makes one token per character, several times the tokens of the real CLIP "
-            "vocabulary. What would fix it: count tokens per distinct word (CLIP's BPE never merges across its "
-            "pre-tokenizer's words, and prompt sets reuse a small vocabulary) in a vectorised pass, which needs the "
-            "pre-tokenizer's regex replicated in Arrow and checked token for token against the tokenizer."]  # fmt: skip
+            f"Speed-up **{c['speedup']:.1f} ×**; both keep {c['rows_out']:,} prompts (same count: "
+            f"{c['same_rows_out']}). Where the time goes: the plain version spends most of it in one tokenizer call "
+            "per prompt (the library's per-call overhead, then offsets for every token). `distar curate` normalises "
+            "in Arrow kernels (NFC, Python's whitespace set as one RE2 class, trim), then counts CLIP tokens once per "
+            "distinct word: CLIP's normaliser and pre-tokenizer never put a space inside a pre-token and its BPE "
+            "works per pre-token, so a normalised prompt's count is the sum of its words' counts, and a prompt set "
+            "reuses a small vocabulary. The identity is checked against the tokenizer on the first 256 prompts of "
+            "every batch (a tokenizer for which it fails is used whole), and only prompts that must be cut are "
+            "tokenized with offsets. What is left is hashing (BLAKE2b per prompt for the dedupe and the split) and "
+            "moving strings between Arrow and Python. For reference, the batched Rust tokenizer run once over every "
+            f"prompt alone takes {c['tokenizer_alone_s']:.1f} s, "
+            f"{c['tokenizer_alone_s'] / c['distar_s']:.1f} × the whole of `distar curate`."]  # fmt: skip
     out += ["", "## 4. Memory: `distar plan`", "",
             "`distar plan --config sdxl --gpus 8` predicts each GPU's peak from exact parameter counts (weights, "
             "gradients of one UNet at a time, AdamW states, EMA, FSDP shards and unsharded blocks in flight, "
@@ -112,15 +114,16 @@ def performance_markdown(r: dict) -> str:
             "backward, the assistant update, the multi-tensor optimizer step).", "",
             "| run | measured peak | predicted | predicted / measured |", "|---|---|---|---|"]  # fmt: skip
     for k, v in m["cpu"].items():
-        out.append(f"| {k} (CPU, resident memory added by 3 iterations) | {v['measured_bytes'] / GiB:.3f} GiB | "
+        out.append(f"| {k} (CPU, peak of live tensor bytes over 3 iterations) | {v['measured_bytes'] / GiB:.3f} GiB | "
                    f"{v['predicted_bytes'] / GiB:.3f} GiB | {v['ratio']:.3f} |")  # fmt: skip
     for k, v in m["gpu"].items():
         out.append(f"| SDXL, 1 × {k}, unsharded, 2 img 1024², bf16, checkpointing ({v['date'][:10]}; "
                    f"torch.cuda.max_memory_allocated) | {v['measured_bytes'] / GiB:.2f} GiB | "
                    f"{v['predicted_bytes'] / GiB:.2f} GiB | {v['ratio']:.3f} |")  # fmt: skip
-    out += ["", "On the CPU the measure is the resident set, which also holds what the C allocator keeps and the "
-            "Python objects of the new modules: on the tiny preset (a few hundred MB in all) that is a visible "
-            "share the plan, which counts tensors, leaves out. On the GPU the allocator's own count is exact.", "",
+    out += ["", "On the CPU the measure is benchmarks/memory_probe.py's count of live tensor bytes (every storage an "
+            "operation creates, from its creation to its release, plus the networks' weights), the counterpart of "
+            "the GPU allocator's own count; the resident set of those processes also holds the Python runtime and "
+            "the libraries (about 0.5 GiB) and is not what the plan predicts.", "",
             "The SDXL plan on 8 × 80 GB GPUs (FSDP over 8, 2 images per GPU at 1024², bf16, checkpointing):", "",
             "```", _plan_text(sdxl), "```"]  # fmt: skip
     out += _gpu_section(r)

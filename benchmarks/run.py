@@ -246,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
     results = {
         "date": date.today().isoformat(), "torch": torch.__version__,
         "machine": f"{platform.machine()} CPU, {torch.get_num_threads()} threads",
-        "anatomy": {name: step_anatomy(name, args.repeats if name == "tiny" else 3) for name in PRESETS},
+        "anatomy": {name: step_anatomy(name, 3 * args.repeats if name == "tiny" else args.repeats) for name in PRESETS},
         "sampling": sampling(args.repeats),
         "curation": curation(args.prompts),
         "memory": memory(runs),

@@ -220,3 +220,18 @@ def test_token_counter_falls_back_where_words_do_not_add_up():
     texts = ["a b", "b a a", "ab"]
     assert counter(texts).tolist() == _token_counts(tokenizer, texts) == [3, 5, 2]
     assert not counter.per_word
+
+
+def test_word_level_cut_equals_cutting_the_whole_prompts_offsets(tiny_root):
+    from distar.curate import TokenCounter, _load_tokenizer, normalise
+
+    tokenizer = _load_tokenizer("tiny:sdxl")
+    rows = Path(__file__).with_name("data").joinpath("PartiPrompts.tsv").read_text().splitlines()[1:]
+    texts = [t for t in (normalise(r.split("\t")[0]) for r in rows) if t]
+    counter = TokenCounter(tokenizer, check=0)  # the per-word path alone
+    counts = counter(texts)
+    for body in (1, 7, 30):
+        for text, n in zip(texts, counts.tolist(), strict=True):
+            if n > body:
+                assert counter.cut(text, body) == counter._cut_whole(text, body)
+    assert counter.per_word and counter.offsets

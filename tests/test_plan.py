@@ -109,3 +109,39 @@ def test_step_anatomy_parts_add_up_to_the_iteration_flops(tmp_path):
     assert anatomy.iteration_flops(trainer, per_part) == counter.get_total_flops() > 0
     assert set(per_part) == {p for p in (*anatomy.ASSISTANT_PARTS, *anatomy.GENERATOR_PARTS)
                              if not p.startswith("optimizer")}  # fmt: skip
+
+
+def test_gpu_benchmark_script_runs_end_to_end_on_a_cpu(tmp_path):
+    """benchmarks/gpu_sdxl_step.py on the tiny shapes: both variants, the anatomy, sampling, FLOP counts, MFU fields."""
+    import json
+    import subprocess
+
+    out = tmp_path / "run.json"
+    subprocess.run([sys.executable, str(BENCHMARKS / "gpu_sdxl_step.py"), "--arch", "tiny", "--device", "cpu",
+                    "--resolution", "64", "--iterations", "1", "--repeats", "1", "--sampling-steps", "3",
+                    "--set", "parallel.mixed_precision=fp32", "--set", "assistant_updates=1", "--out", str(out)],
+                   check=True, capture_output=True, timeout=900)  # fmt: skip
+    result = json.loads(out.read_text())
+    for variant in ("autocast+foreach", "fsdp+fused"):
+        assert result[variant]["iteration_s"] > 0 and result[variant]["skipped"] == {"generator": 0, "assistant": 0}
+    assert result["anatomy"]["iteration"]["parts_s"] > 0
+    assert 0 < result["sampling"]["ratio"] < 1
+    assert result["model_flops_per_iteration"] > 0 and result["flops_meta"]["with_checkpointing"]["iteration"] > 0
+
+
+def test_memory_probe_counts_live_tensor_bytes_from_creation_to_release():
+    import gc
+
+    sys.path.insert(0, str(BENCHMARKS))
+    from memory_probe import LiveTensorBytes
+
+    existing = torch.zeros(10)
+    mode = LiveTensorBytes({existing.untyped_storage().data_ptr(): 40})
+    with mode:
+        a = torch.randn(1000)  # 4,000 bytes
+        b = a * 2  # 4,000 more: the peak
+        del a
+        gc.collect()
+        view = b[:10]  # a view allocates nothing
+        after = mode.current
+    assert mode.peak == 40 + 8000 and after == 40 + 4000 and view.numel() == 10

@@ -325,7 +325,9 @@ class TokenCounter:
     def __init__(self, tokenizer, check: int = 256):
         self.tokenizer, self.check = tokenizer, check
         self.words: dict[str, int] = {}
+        self.offsets: dict[str, list[tuple[int, int]]] = {}
         self.per_word = True
+        self.cuts_checked = 0
 
     def __call__(self, texts: list[str]) -> np.ndarray:
         import pyarrow as pa
@@ -348,6 +350,32 @@ class TokenCounter:
             self.per_word = False
             return whole()
         return counts
+
+    def cut(self, text: str, body: int) -> str:
+        """`text` cut after its body-th token, at the token's end (then right-stripped), as cutting the whole
+        prompt's token offsets would: the word holding that token is the only one tokenized, with offsets."""
+        if self.per_word:
+            start = seen = 0
+            for word in text.split(" "):
+                n = self.words[word]
+                if seen + n >= body:
+                    if word not in self.offsets:
+                        encoding = self.tokenizer(word, add_special_tokens=False, return_offsets_mapping=True)
+                        self.offsets[word] = encoding["offset_mapping"]
+                    cut = text[: start + self.offsets[word][body - seen - 1][1]].rstrip()
+                    if self.cuts_checked < self.check:  # the same check as the counts, on the first cuts
+                        self.cuts_checked += 1
+                        if cut != self._cut_whole(text, body):
+                            self.per_word = False
+                            return self._cut_whole(text, body)
+                    return cut
+                seen += n
+                start += len(word) + 1
+        return self._cut_whole(text, body)
+
+    def _cut_whole(self, text: str, body: int) -> str:
+        offsets = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+        return text[: offsets[body - 1][1]].rstrip()
 
 
 def curate(config: CurateConfig, progress: bool = False) -> dict:
@@ -422,8 +450,7 @@ def curate(config: CurateConfig, progress: bool = False) -> dict:
                     dropped["too_long"] += 1
                     keep[k] = False
                     continue
-                offsets = tokenizer(texts[k], add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
-                texts[k] = texts[k][: offsets[body - 1][1]].rstrip()
+                texts[k] = counter.cut(texts[k], body)
                 counts[k] = body
                 truncated += 1
             keys = [t.casefold() for t in texts] if config.case_insensitive else texts
