@@ -67,9 +67,13 @@ def performance_markdown(r: dict) -> str:
             "backward to their inputs, the frozen assistant and the CFG reference (one pass on 2B) with the backward "
             "to x_t, the optimizer (clip, finite check on every rank, AdamW).", ""]  # fmt: skip
     out += _anatomy("tiny", tiny) + _anatomy("medium", medium)
-    out += [f"Whole ÷ parts is at most {worst:.3f}: the glue around the passes (noise draws, the loss algebra, the "
-            "scalar reads for logging and the finite check) is within what timing each pass alone adds or saves (its "
-            "own synchronisation, warmer or colder caches); the iteration is its network passes.", "",
+    updates = [a[k]["overhead"] for a in r["anatomy"].values() for k in ("assistant_update", "generator_update")]
+    rounds = ", ".join(f"{name} {a['repeats']}" for name, a in r["anatomy"].items())
+    out += [f"The iteration's whole ÷ parts is at most {worst:.3f}; the single updates range from {min(updates):.3f} "
+            f"to {max(updates):.3f}. Timings on this 2-core virtual machine scatter by about ±10 % from round to "
+            f"round (medians of {rounds} rounds); the glue around the passes (noise draws, the "
+            "loss algebra, the scalar reads for logging, the finite check) is not separable from that scatter: the "
+            "iteration is its network passes.", "",
             "Network passes per iteration (batches of B; the reference's CFG pass is one pass on 2B), sdxl preset "
             "(K_TA = 5, checkpointing on):", ""]  # fmt: skip
     gpu = next((g for g in r["gpu"] if "anatomy" in g), None)
@@ -100,8 +104,8 @@ def performance_markdown(r: dict) -> str:
             "distinct word: CLIP's normaliser and pre-tokenizer never put a space inside a pre-token and its BPE "
             "works per pre-token, so a normalised prompt's count is the sum of its words' counts, and a prompt set "
             "reuses a small vocabulary. The identity is checked against the tokenizer on the first 256 prompts of "
-            "every batch (a tokenizer for which it fails is used whole), and only prompts that must be cut are "
-            "tokenized with offsets. What is left is hashing (BLAKE2b per prompt for the dedupe and the split) and "
+            "every batch (a tokenizer for which it fails is used whole); a prompt over the limit is cut inside the one "
+            "word that holds its last token, the only word tokenized with offsets (checked likewise). What is left is hashing (BLAKE2b per prompt for the dedupe and the split) and "
             "moving strings between Arrow and Python. For reference, the batched Rust tokenizer run once over every "
             f"prompt alone takes {c['tokenizer_alone_s']:.1f} s, "
             f"{c['tokenizer_alone_s'] / c['distar_s']:.1f} × the whole of `distar curate`."]  # fmt: skip
