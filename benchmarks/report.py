@@ -106,8 +106,9 @@ def performance_markdown(r: dict) -> str:
             "reuses a small vocabulary. The identity is checked against the tokenizer on the first 256 prompts of "
             "every batch (a tokenizer for which it fails is used whole); a prompt over the limit is cut inside the one "
             "word that holds its last token, the only word tokenized with offsets (checked likewise). What is left "
-            "is hashing (BLAKE2b per prompt for the dedupe and the split) and moving strings between Arrow and Python. For reference, the batched Rust tokenizer run once over every "
-            f"prompt alone takes {c['tokenizer_alone_s']:.1f} s, "
+            "is hashing (BLAKE2b per prompt for the dedupe and the split) and moving strings between Arrow and "
+            "Python. For reference, the batched Rust tokenizer run once over every prompt alone takes "
+            f"{c['tokenizer_alone_s']:.1f} s, "
             f"{c['tokenizer_alone_s'] / c['distar_s']:.1f} × the whole of `distar curate`."]  # fmt: skip
     out += ["", "## 4. Memory: `distar plan`", "",
             "`distar plan --config sdxl --gpus 8` predicts each GPU's peak from exact parameter counts (weights, "
