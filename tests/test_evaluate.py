@@ -133,3 +133,23 @@ def test_evaluate_writes_to_object_storage(scheme, pipeline, tmp_path):
         for name in ("metrics.json", "scores.parquet", "report.html"):
             assert fs.exists(f"evals/tiny/{name}"), name
         assert len(fs.glob("evals/tiny/images/model/*.png")) == 2
+
+
+@pytest.mark.parametrize("fmt", ["tsv", "parquet"])
+def test_prompts_load_as_text_from_every_source_format(fmt, tmp_path):
+    """The Parti prompts read the same from a TSV and from a Parquet file (curation's fast path keeps Arrow arrays)."""
+    import pyarrow as pa
+
+    from distar.evaluate import load_prompts
+
+    rows = [r.split("\t") for r in PARTI.read_text().splitlines()]
+    header, body = rows[0], rows[1:40]
+    source = tmp_path / f"prompts.{fmt}"
+    if fmt == "tsv":
+        source.write_text("\n".join("\t".join(r) for r in [header, *body]) + "\n")
+    else:
+        pq.write_table(pa.table({h: [r[i] for r in body] for i, h in enumerate(header)}), source)
+    prompts = load_prompts(EvaluateConfig(model="unused", out=str(tmp_path / "out"), prompts=str(source),
+                                          rewards=["pickscore"]))  # fmt: skip
+    assert [p.text for p in prompts] == [r[0].strip() for r in body]
+    assert all(isinstance(p.text, str) and p.group != "all" for p in prompts)

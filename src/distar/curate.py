@@ -107,9 +107,13 @@ def _format(uri: str) -> str:
 class Rows:
     """One batch read from a source: prompt values (None = not text), categories, and undecodable rows."""
 
-    prompts: list
+    prompts: list  # a pyarrow array for Parquet sources (no conversion on the fast path); see as_list
     categories: list | None
     undecodable: int = 0
+
+    def as_list(self) -> list:
+        """The prompt values as Python objects, whatever the source."""
+        return self.prompts if isinstance(self.prompts, list) else self.prompts.to_pylist()
 
 
 def _pick(columns: list[str], wanted: str | None, defaults: tuple[str, ...], uri: str, what: str) -> str | None:

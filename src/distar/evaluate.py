@@ -100,7 +100,7 @@ def load_prompts(config: EvaluateConfig) -> list[Prompt]:
         reader = CurateConfig([], "", column=None, category_column=None)
         texts, cats = [], []
         for rows in read_source(tiny_preset.resolve(config.prompts), reader):
-            texts += rows.prompts
+            texts += rows.as_list()
             cats += rows.categories or [None] * len(rows.prompts)
         for i, (t, c) in enumerate(zip(texts, cats, strict=True)):
             if isinstance(t, str) and t.strip():
