@@ -8,7 +8,7 @@ the generator update's forward passes (generator, VAE decode, reward, assistant 
 the "meta" device, where nothing is allocated, and every tensor saved for the backward pass is counted by
 storage. With activation checkpointing a block keeps only its inputs, plus the largest block's activations
 while it is recomputed. Under bf16 autocast without FSDP, bf16 copies of the generator's fp32 weights are held
-for the update too. The peak is the larger of the generator update's backward and the optimizer step.
+for the update too. The peak is the largest of the loop's phases (see `plan`).
 """
 
 from __future__ import annotations
@@ -20,11 +20,12 @@ import torch
 from torch import nn
 
 from distar.errors import UserError
-from distar.models.architectures import ARCHITECTURES, Architecture
+from distar.models.architectures import ARCHITECTURES, Architecture, random_networks
+from distar.models.sdxl import parse_dtype
+from distar.train import parallel
 from distar.train.config import TrainConfig
 
 GiB = 2**30
-_BYTES = {"fp32": 4, "float32": 4, "bf16": 2, "bfloat16": 2, "fp16": 2, "float16": 2}
 
 
 def _n(module: nn.Module) -> int:
@@ -115,32 +116,31 @@ def _flash_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal
     return _FlashAttentionSaved.apply(query, key, value)
 
 
-def measure_activations(config: TrainConfig, arch: Architecture) -> Activations:
-    """Run the generator update's forward passes on "meta" (batch, resolution and dtypes of `config`)."""
-    from distar.models.architectures import random_networks
+def _meta_networks(config: TrainConfig, arch: Architecture) -> dict:
+    return random_networks(arch, next(iter(config.reward.weights), "pickscore"), device="meta")
+
+
+def measure_activations(config: TrainConfig, arch: Architecture, nets: dict | None = None) -> Activations:
+    """Run the generator update's forward passes on "meta" (batch, resolution and dtypes of `config`); `nets` are
+    `random_networks` of `arch` on "meta" (made here when not given; their dtypes are changed)."""
     from distar.models.sdxl import Assistant, OneStepGenerator, Reference, SDXLConditioning, add_time_ids, decode
-    from distar.train import parallel
 
     meta = torch.device("meta")
-    nets = random_networks(arch, next(iter(config.reward.weights), "pickscore"), device=meta)
+    nets = nets or _meta_networks(config, arch)
+    # Under bf16 autocast the trainable UNets and the VAE compute in bf16 whatever their weights' dtype.
     compute = torch.bfloat16 if config.parallel.mixed_precision == "bf16" else torch.float32
-    ref_dtype = torch.bfloat16 if _BYTES[config.model.reference_dtype] == 2 else torch.float32
     generator = OneStepGenerator(nets["generator_unet"].to(compute), t_star=config.model.t_star)
     assistant = Assistant(nets["assistant_unet"].to(compute)).requires_grad_(False)
-    reference = Reference(nets["reference_unet"].to(ref_dtype), config.loss.alpha_cfg)
-    # Under bf16 autocast the VAE's convolutions return bf16 whatever its weights: its activations are bf16.
-    vae = nets["vae"].to(compute if compute == torch.bfloat16 else torch.float32).requires_grad_(False)
+    reference = Reference(nets["reference_unet"].to(parse_dtype(config.model.reference_dtype)), config.loss.alpha_cfg)
+    vae = nets["vae"].to(compute).requires_grad_(False)
     reward = nets["reward"]
     if reward is not None:
-        reward = reward.to(torch.bfloat16 if _BYTES[config.reward.dtype] == 2 else torch.float32).requires_grad_(False)
+        reward = reward.to(parse_dtype(config.reward.dtype)).requires_grad_(False)
 
-    def unet_blocks(unet):
-        return [parallel._get(p, k) for p, k in parallel.unet_blocks(unet)]
-
-    vae_blocks = [r for blocks in [vae.decoder.mid_block.resnets] + [u.resnets for u in vae.decoder.up_blocks]
-                  for r in blocks]  # fmt: skip
-    blocks = {"generator": unet_blocks(generator.unet), "assistant": unet_blocks(assistant.unet),
-              "reference": unet_blocks(reference.unet), "vae": vae_blocks}  # fmt: skip
+    vae_blocks = [resnet for resnets in parallel.vae_decoder_resnets(vae) for resnet in resnets]
+    blocks = {"generator": parallel.unet_block_modules(generator.unet),
+              "assistant": parallel.unet_block_modules(assistant.unet),
+              "reference": parallel.unet_block_modules(reference.unet), "vae": vae_blocks}  # fmt: skip
     modules = [generator, assistant, reference, vae] + ([reward] if reward is not None else [])
     counter = _SavedBytes(modules, blocks)
     b, side = config.data.batch_size, config.data.resolution // arch.vae_factor
@@ -187,18 +187,16 @@ def plan(config: TrainConfig, world_size: int, arch: Architecture | str = "sdxl"
     if world_size < 1:
         raise UserError(f"--gpus must be at least 1, got {world_size}")
     arch = ARCHITECTURES[arch]() if isinstance(arch, str) else arch
-    from distar.models.architectures import random_networks
-
-    nets = random_networks(arch, next(iter(config.reward.weights), "pickscore"), device="meta")
+    nets = _meta_networks(config, arch)
     p_unet, p_vae = _n(nets["reference_unet"]), _n(nets["vae"])
     p_reward = _n(nets["reward"]) if nets["reward"] is not None and config.reward.weights else 0
-    p_block = max(_n(parallel_block) for parallel_block in _unet_blocks(nets["reference_unet"]))
+    p_block = max(_n(block) for block in parallel.unet_block_modules(nets["reference_unet"]))
     strategy = config.parallel.strategy
     shard = world_size if strategy == "fsdp" else 1
     if strategy == "none" and world_size > 1:
         raise UserError("parallel.strategy='none' runs one process; plan it with --gpus 1, or choose ddp or fsdp")
-    ref_b, vae_b, rew_b = (_BYTES[config.model.reference_dtype], _BYTES[config.model.vae_dtype],
-                           _BYTES[config.reward.dtype])  # fmt: skip
+    ref_b, vae_b, rew_b = (parse_dtype(d).itemsize for d in (config.model.reference_dtype, config.model.vae_dtype,
+                                                             config.reward.dtype))  # fmt: skip
     bf16 = config.parallel.mixed_precision == "bf16"
     items = {
         "weights: generator + assistant (fp32)": 2 * 4 * p_unet / shard,
@@ -214,7 +212,7 @@ def plan(config: TrainConfig, world_size: int, arch: Architecture | str = "sdxl"
     if strategy == "fsdp":  # the current and the prefetched block unsharded in the compute dtype, one block's grads
         in_flight = 2 * (2 if bf16 else 4) * p_block + 4 * p_block
     autocast_copies = 2 * p_unet if bf16 and strategy != "fsdp" else 0
-    acts = measure_activations(config, arch)
+    acts = measure_activations(config, arch, nets)
     used, recompute = acts.with_checkpointing, acts.recompute
     frozen_recompute = max((v for k, v in recompute.items() if k != "generator"), default=0)
     static = sum(items.values())
@@ -245,12 +243,6 @@ def plan(config: TrainConfig, world_size: int, arch: Architecture | str = "sdxl"
 
 def _fused(config: TrainConfig) -> bool:
     return config.generator_optim.implementation == "fused" and config.assistant_optim.implementation == "fused"
-
-
-def _unet_blocks(unet):
-    from distar.train import parallel
-
-    return [parallel._get(p, k) for p, k in parallel.unet_blocks(unet)]
 
 
 def format_plan(result: dict, gpu_gib: float | None = None) -> str:

@@ -24,6 +24,16 @@ def unet_blocks(unet: nn.Module) -> list[tuple[nn.ModuleList | nn.Module, str | 
     return blocks
 
 
+def unet_block_modules(unet: nn.Module) -> list[nn.Module]:
+    """The blocks of `unet_blocks`, themselves."""
+    return [_get(parent, key) for parent, key in unet_blocks(unet)]
+
+
+def vae_decoder_resnets(vae: nn.Module) -> list[nn.ModuleList]:
+    """The ResNet lists of the VAE decoder's mid and up blocks: what VAE checkpointing wraps."""
+    return [vae.decoder.mid_block.resnets] + [up.resnets for up in vae.decoder.up_blocks]
+
+
 def _get(parent, key):
     return parent[key] if isinstance(key, int) else getattr(parent, key)
 
@@ -44,8 +54,7 @@ def apply_activation_checkpointing(unet: nn.Module) -> nn.Module:
 def apply_vae_checkpointing(vae: nn.Module) -> nn.Module:
     """Recompute each ResNet block of the VAE decoder in the backward pass: at 1024×1024 the decoder's activations
     for the reward gradient are the largest single item of the budget (docs/TRAINING.md)."""
-    blocks = [vae.decoder.mid_block.resnets] + [up.resnets for up in vae.decoder.up_blocks]
-    for resnets in blocks:
+    for resnets in vae_decoder_resnets(vae):
         for i in range(len(resnets)):
             resnets[i] = checkpoint_wrapper(resnets[i])
     return vae
