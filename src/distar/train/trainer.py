@@ -419,6 +419,12 @@ class Trainer:
         for name, p in self.nets.generator_unet.named_parameters():
             self.ema[_param_name(name)].lerp_(p.detach(), 1.0 - decay)
 
+    @property
+    def global_batch(self) -> int:
+        """Samples per step over all ranks and micro-batches."""
+        c = self.config.data
+        return self.world.size * c.batch_size * c.grad_accum
+
     def train_step(self) -> dict[str, float]:
         """One DI* iteration: K_TA assistant updates, then one generator update and the EMA; advances the step
         and the sample counter."""
@@ -432,7 +438,7 @@ class Trainer:
         if self.ema is not None and values["ok/generator"]:
             self._update_ema()
         self.step += 1
-        self.samples_seen += self.world.size * c.data.batch_size * c.data.grad_accum
+        self.samples_seen += self.global_batch
         return values
 
     # -- samples --------------------------------------------------------------------------------
@@ -475,7 +481,6 @@ class Trainer:
 
             progress = tqdm(total=c.steps, initial=self.step, desc="distar train", dynamic_ncols=True)
         last_eval: dict[str, float] = {}
-        global_batch = world.size * c.data.batch_size * c.data.grad_accum
         saved_at = self.step if resumed is not None else None
         try:
             while self.step < c.steps:
@@ -485,7 +490,7 @@ class Trainer:
                 if self.step % c.log.every == 0 or self.step == c.steps:
                     values = world.mean({k: v for k, v in values.items() if not k.startswith("ok/")})
                     values.update({
-                        "images_per_s": global_batch / elapsed, "step_time_s": elapsed,
+                        "images_per_s": self.global_batch / elapsed, "step_time_s": elapsed,
                         "skipped/generator": self.skipped["generator"], "skipped/assistant": self.skipped["assistant"],
                         "lr/generator": self.optimizers["generator"].param_groups[0]["lr"],
                         "lr/assistant": self.optimizers["assistant"].param_groups[0]["lr"],
