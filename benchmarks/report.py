@@ -141,10 +141,23 @@ def _plan_text(result: dict) -> str:
     return format_plan(result, 79.6)
 
 
-def _mfu(g: dict, r: dict) -> float:
+def _best_iteration_s(g: dict) -> float:
+    return min(g[v]["iteration_s"] for v in g["variants"] if "iteration_s" in g.get(v, {}))
+
+
+def _mfu(g: dict, r: dict, seconds: float | None = None) -> float:
+    """Model FLOPs per second over the card's datasheet dense bf16 peak (gpu_sdxl_step.PEAK_BF16), at `seconds` per
+    iteration (the fastest variant by default)."""
+    from gpu_sdxl_step import datasheet_peak
+
     flops = r.get("sdxl_model_flops", {}).get("model", {}).get("iteration") or g.get("model_flops_per_iteration")
-    best = min(g[v]["iteration_s"] for v in g["variants"] if "iteration_s" in g.get(v, {}))
-    return flops / best / 989.4e12
+    return flops / (seconds or _best_iteration_s(g)) / datasheet_peak(g["device"])
+
+
+def _peak_tflops(g: dict) -> str:
+    from gpu_sdxl_step import datasheet_peak
+
+    return f"{datasheet_peak(g['device']) / 1e12:g}"
 
 
 def _gpu_section(r: dict) -> list[str]:
@@ -162,18 +175,18 @@ def _gpu_section(r: dict) -> list[str]:
                 f"published config), the SDXL VAE, a CLIP ViT-H/14 reward (PickScore's shape), {g['batch']} images at "
                 f"{g['resolution']}², the sdxl preset (K_TA = 5, bf16, activation checkpointing of the UNets' blocks "
                 "and the VAE decoder's ResNets), one GPU, no sharding.", "",
-                "| variant | iteration | images / s | peak allocated | MFU (989.4 TFLOP/s dense bf16) |",
+                f"| variant | iteration | images / s | peak allocated | MFU ({_peak_tflops(g)} TFLOP/s dense bf16) |",
                 "|---|---|---|---|---|"]  # fmt: skip
         for v in g["variants"]:
             x = g.get(v, {})
             if "iteration_s" not in x:
                 out.append(f"| {v} | failed: {x.get('error', '?')} | | | |")
                 continue
-            mfu = f"{100 * model / x['iteration_s'] / 989.4e12:.1f} %" if model else "—"
+            mfu = f"{100 * _mfu(g, r, x['iteration_s']):.1f} %" if model else "—"
             out.append(f"| {v} | {x['iteration_s']:.2f} s | {x['images_per_s']:.2f} | "
                        f"{x['memory_iterations']['peak_allocated_gb']:.1f} GiB | {mfu} |")  # fmt: skip
         if model:
-            best = min(g[v]["iteration_s"] for v in g["variants"] if "iteration_s" in g.get(v, {}))
+            best = _best_iteration_s(g)
             out += ["", f"Model FLOPs per iteration, counted with torch.utils.flop_counter on the meta device without "
                     f"checkpointing: {model / 1e12:.1f} TFLOP; with the recomputation {hardware / 1e12:.1f} TFLOP, "
                     f"and {g['hardware_flops_counted'] / 1e12:.1f} TFLOP counted on the GPU itself (its fused "
