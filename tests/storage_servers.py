@@ -62,6 +62,11 @@ def gcs_server(bucket: str):
             server.stop()
 
 
+def server(scheme: str, bucket: str):
+    """The emulated object-storage server of a URI scheme ("s3" or "gs") with `bucket` in it."""
+    return {"s3": s3_server, "gs": gcs_server}[scheme](bucket)
+
+
 @contextlib.contextmanager
 def _environ(values: dict[str, str]):
     saved = {k: os.environ.get(k) for k in values}

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
-from storage_servers import gcs_server, s3_server
+from storage_servers import server
 
 from distar import tiny_preset
 from distar.cache import cache_models, lookup, parse_models, read_manifest, sha256_file, verify_cache
@@ -85,8 +85,7 @@ def test_cache_on_object_storage_is_verified_on_download(scheme, tmp_path, monke
     from distar import cache as cache_module
 
     monkeypatch.setenv("DISTAR_DOWNLOAD_DIR", str(tmp_path / "downloads"))
-    server = s3_server if scheme == "s3" else gcs_server
-    with server("model-cache"):
+    with server(scheme, "model-cache"):
         cache = f"{scheme}://model-cache/v1"
         cache_models(cache, items()[:2], progress=None)
         assert set(cache_models(cache, items()[:2], progress=None).values()) == {"present"}

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-from storage_servers import gcs_server, s3_server
+from storage_servers import server
 
 from distar.curate import CurateConfig, curate
 from distar.errors import UserError
@@ -148,8 +148,7 @@ def test_curate_to_object_storage_and_train_reads_it(scheme, tmp_path):
     import pyarrow as pa
 
     pq.write_table(pa.table({"caption": [f"prompt number {i}" for i in range(50)] + ["prompt number 3"]}), parquet)
-    server = s3_server if scheme == "s3" else gcs_server
-    with server("curated"):
+    with server(scheme, "curated"):
         uri = f"{scheme}://curated/sets/a"
         source = f"{scheme}://curated/sources/src.parquet"  # a remote source too
         fs, _ = fsspec.core.url_to_fs(uri)

@@ -123,9 +123,9 @@ def test_bad_inputs(pipeline, tmp_path):
 @pytest.mark.parametrize("scheme", ["s3", "gs"])
 def test_evaluate_writes_to_object_storage(scheme, pipeline, tmp_path):
     import fsspec
-    from storage_servers import gcs_server, s3_server
+    from storage_servers import server
 
-    with (s3_server if scheme == "s3" else gcs_server)("evals"):
+    with server(scheme, "evals"):
         report = evaluate(config(pipeline, f"{scheme}://evals/tiny", max_prompts=2, rewards=["clip"]))
         fs, _ = fsspec.core.url_to_fs(f"{scheme}://evals/tiny")
         fs.invalidate_cache()

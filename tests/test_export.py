@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from storage_servers import gcs_server, s3_server
+from storage_servers import server
 
 from distar import tiny_preset
 from distar.errors import UserError
@@ -93,8 +93,7 @@ def test_export_to_object_storage_loads_back(scheme, trained, tmp_path):
     import fsspec
     from diffusers import StableDiffusionXLPipeline
 
-    server = s3_server if scheme == "s3" else gcs_server
-    with server("exports"):
+    with server(scheme, "exports"):
         uri = f"{scheme}://exports/tiny"
         export(ExportConfig(trained[1], uri))
         fs, _ = fsspec.core.url_to_fs(uri)

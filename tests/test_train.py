@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from storage_servers import gcs_server, s3_server
+from storage_servers import server
 
 from distar.errors import UserError
 from distar.train import run
@@ -221,8 +221,7 @@ def test_non_finite_updates_are_skipped_counted_then_abort(tmp_path):
 def test_checkpoints_and_resume_on_object_storage(scheme, local_run, tmp_path):
     import fsspec
 
-    server = s3_server if scheme == "s3" else gcs_server
-    with server("distar-test"):
+    with server(scheme, "distar-test"):
         out = f"{scheme}://distar-test/runs/tiny"
         run("tiny", [f"out={out}", "steps=2", "checkpoint.every=2", *FAST])
         summary = run("tiny", [f"out={out}", "steps=3", "checkpoint.every=2", *FAST])  # resumes from step 2
