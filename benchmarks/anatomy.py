@@ -23,29 +23,48 @@ import torch
 from distar.losses import assistant_loss
 from distar.models.architectures import Architecture, random_networks
 from distar.models.sdxl import decode
-from distar.train import distributed, parallel
+from distar.train import distributed
 from distar.train.config import load_config
 from distar.train.data import PromptSet, write_embedding_shard
 from distar.train.distributed import World
-from distar.train.trainer import Trainer, assemble
+from distar.train.networks import assemble
+from distar.train.trainer import Trainer
 
 ASSISTANT_PARTS = ("generator sample (no grad)", "assistant DSM fwd+bwd", "optimizer (assistant)")
 GENERATOR_PARTS = ("generator fwd+bwd", "VAE decode fwd+bwd", "reward fwd+bwd", "assistant fwd+bwd(x_t)",
                    "reference CFG 2B fwd+bwd(x_t)", "optimizer (generator)")  # fmt: skip
 
 
-def build_trainer(arch: Architecture, preset: str, overrides: list[str], workdir: Path, device: str = "cpu",
-                  world: World | None = None, n_prompts: int = 16) -> Trainer:  # fmt: skip
+def build_trainer(
+    arch: Architecture,
+    preset: str,
+    overrides: list[str],
+    workdir: Path,
+    device: str = "cpu",
+    world: World | None = None,
+    n_prompts: int = 16,
+) -> Trainer:
     """A Trainer over random networks of `arch` and a shard of random prompt embeddings."""
     shard = workdir / "prompts" / "part-00000.parquet"
-    config = load_config(preset, [f"out={workdir / 'run'}", f"data.prompts={shard.parent}", "log.tensorboard=false",
-                                  "log.progress=false", *overrides])  # fmt: skip
+    config = load_config(
+        preset,
+        [
+            f"out={workdir / 'run'}",
+            f"data.prompts={shard.parent}",
+            "log.tensorboard=false",
+            "log.progress=false",
+            *overrides,
+        ],
+    )
     world = world or distributed.init(device)
     if not shard.exists():
         g = torch.Generator().manual_seed(0)
-        write_embedding_shard(str(shard), [f"prompt {i}" for i in range(n_prompts)],
-                              torch.randn(n_prompts, 77, arch.text_dim, generator=g),
-                              torch.randn(n_prompts, arch.pooled_dim, generator=g))  # fmt: skip
+        write_embedding_shard(
+            str(shard),
+            [f"prompt {i}" for i in range(n_prompts)],
+            torch.randn(n_prompts, 77, arch.text_dim, generator=g),
+            torch.randn(n_prompts, arch.pooled_dim, generator=g),
+        )
     data = PromptSet(str(shard.parent))
     nets = assemble(config, world, **random_networks(arch, next(iter(config.reward.weights)), world.device))
     return Trainer(config, world, data=data, nets=nets)
@@ -89,7 +108,7 @@ def parts(trainer: Trainer, batches: list) -> dict[str, tuple[Callable, Callable
     z = torch.randn((n, *trainer.latent_shape), generator=g).to(device)
     eps = torch.randn((n, *trainer.latent_shape), generator=g).to(device)
     t = torch.randint(L.t_min, L.t_max, (n,), generator=g).to(device)
-    generator = parallel.unwrap(nets.generator)
+    generator = nets.generator
     with torch.no_grad(), ac:
         x0 = generator(z, cond).float()
         images = decode(nets.vae, x0).float()
@@ -103,11 +122,11 @@ def parts(trainer: Trainer, batches: list) -> dict[str, tuple[Callable, Callable
 
     def assistant_dsm():
         with ac:
-            assistant_loss(nets.assistant(x_t, t, cond).float(), eps).backward()
+            assistant_loss(nets.assistant_train(x_t, t, cond).float(), eps).backward()
 
     def generator_fwd_bwd():
         with ac:
-            nets.generator(z, cond).float().backward(cotangent)
+            nets.generator_train(z, cond).float().backward(cotangent)
 
     def vae_decode():
         x = x0.detach().requires_grad_()
@@ -130,13 +149,19 @@ def parts(trainer: Trainer, batches: list) -> dict[str, tuple[Callable, Callable
     def optimizer(name):
         return lambda: trainer._apply(name, 0.0, 0)
 
-    assistant_fns = [(generator_sample, None), (assistant_dsm, None),
-                     (optimizer("assistant"), lambda: _fill_grads(nets.assistant_unet))]  # fmt: skip
+    assistant_fns = [
+        (generator_sample, None),
+        (assistant_dsm, None),
+        (optimizer("assistant"), lambda: _fill_grads(nets.assistant_unet)),
+    ]
     generator_fns = [
-        (generator_fwd_bwd, None), (vae_decode, None), (reward, None),
-        (through_input(parallel.unwrap(nets.assistant)), None), (through_input(nets.reference), None),
+        (generator_fwd_bwd, None),
+        (vae_decode, None),
+        (reward, None),
+        (through_input(nets.assistant), None),
+        (through_input(nets.reference), None),
         (optimizer("generator"), lambda: _fill_grads(nets.generator_unet)),
-    ]  # fmt: skip
+    ]
     fns = dict(zip(ASSISTANT_PARTS, assistant_fns, strict=True))
     fns.update(zip(GENERATOR_PARTS, generator_fns, strict=True))
     if nets.reward is None:
@@ -159,14 +184,14 @@ def _timed(fn: Callable, setup: Callable | None, trainer: Trainer) -> float:
 
 def anatomy(trainer: Trainer, repeats: int = 5) -> dict:
     """Median seconds of the whole updates and of each part, measured in interleaved rounds (drift hits both)."""
-    batches = list(trainer._micro_batches())
+    batches = trainer.method.micro_batches(trainer.samples_seen)
     fns = parts(trainer, batches)
     whole = {
         "iteration": (trainer.train_step, None),
         "assistant update": (lambda: trainer.assistant_update(0, batches), None),
         "generator update": (lambda: trainer.generator_update(batches), None),
     }
-    fns["prompt batch"] = (lambda: list(trainer._micro_batches()), None)
+    fns["prompt batch"] = (lambda: trainer.method.micro_batches(trainer.samples_seen), None)
     samples: dict[str, list[float]] = {name: [] for name in [*whole, *fns]}
     order = [*whole.items(), *fns.items()]
     for round_ in range(repeats + 1):  # round 0 warms up; odd rounds run in reverse, so order effects cancel
@@ -180,15 +205,26 @@ def anatomy(trainer: Trainer, repeats: int = 5) -> dict:
     k = trainer.config.assistant_updates
     iteration_whole, iteration_parts = median["iteration"], k * a_parts + g_parts + median["prompt batch"]
     return {
-        "median_s": median, "assistant_updates": k,
-        "assistant_update": {"whole_s": median["assistant update"], "parts_s": a_parts,
-                             "overhead": median["assistant update"] / a_parts},
-        "generator_update": {"whole_s": median["generator update"], "parts_s": g_parts,
-                             "overhead": median["generator update"] / g_parts},
-        "iteration": {"whole_s": iteration_whole, "parts_s": iteration_parts,
-                      "overhead": iteration_whole / iteration_parts},
-        "passes": passes(trainer), "repeats": repeats,
-    }  # fmt: skip
+        "median_s": median,
+        "assistant_updates": k,
+        "assistant_update": {
+            "whole_s": median["assistant update"],
+            "parts_s": a_parts,
+            "overhead": median["assistant update"] / a_parts,
+        },
+        "generator_update": {
+            "whole_s": median["generator update"],
+            "parts_s": g_parts,
+            "overhead": median["generator update"] / g_parts,
+        },
+        "iteration": {
+            "whole_s": iteration_whole,
+            "parts_s": iteration_parts,
+            "overhead": iteration_whole / iteration_parts,
+        },
+        "passes": passes(trainer),
+        "repeats": repeats,
+    }
 
 
 def passes(trainer: Trainer) -> dict[str, dict[str, int]]:
@@ -201,10 +237,13 @@ def passes(trainer: Trainer) -> dict[str, dict[str, int]]:
         "generator": {"forward": k + 1, "backward": 1, "recompute": int(ac)},
         "assistant": {"forward": k + 1, "backward": k + 1, "recompute": (k + 1) * int(ac)},
         "reference (2B)": {"forward": 1, "backward": 1, "recompute": int(ac)},
-        "VAE decoder": {"forward": int(has_reward), "backward": int(has_reward),
-                        "recompute": int(has_reward and vae_ac)},
+        "VAE decoder": {
+            "forward": int(has_reward),
+            "backward": int(has_reward),
+            "recompute": int(has_reward and vae_ac),
+        },
         "reward": {"forward": int(has_reward), "backward": int(has_reward), "recompute": 0},
-    }  # fmt: skip
+    }
 
 
 def flops_of_parts(trainer: Trainer) -> dict[str, int]:
@@ -212,7 +251,7 @@ def flops_of_parts(trainer: Trainer) -> dict[str, int]:
     this needs no memory. Optimizer parts are element-wise and count zero."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    batches = list(trainer._micro_batches())
+    batches = trainer.method.micro_batches(trainer.samples_seen)
     out = {}
     for name, (fn, _) in parts(trainer, batches).items():
         if name.startswith("optimizer"):

@@ -63,9 +63,11 @@ def matmul_ceiling(device: torch.device, n: int = 8192) -> float:
 def memory_gb(device: torch.device) -> dict[str, float]:
     if device.type != "cuda":
         return {}
-    return {"allocated_gb": torch.cuda.memory_allocated(device) / 2**30,
-            "peak_allocated_gb": torch.cuda.max_memory_allocated(device) / 2**30,
-            "reserved_gb": torch.cuda.memory_reserved(device) / 2**30}  # fmt: skip
+    return {
+        "allocated_gb": torch.cuda.memory_allocated(device) / 2**30,
+        "peak_allocated_gb": torch.cuda.max_memory_allocated(device) / 2**30,
+        "reserved_gb": torch.cuda.memory_reserved(device) / 2**30,
+    }
 
 
 def sampling(trainer, device: torch.device, steps: int = 50, repeats: int = 3) -> dict:
@@ -77,12 +79,16 @@ def sampling(trainer, device: torch.device, steps: int = 50, repeats: int = 3) -
     unet, reference = trainer.nets.reference.unet, trainer.nets.reference
     one_step = OneStepGenerator(unet, t_star=trainer.config.model.t_star)
     batch = trainer.data.batch(0, 0, 1, 1, 0, shuffle=False)
-    cond = trainer._conditioning(batch)
+    cond = trainer.method.conditioning(batch)
     z = torch.randn((1, *trainer.latent_shape), device=device)
     scheduler = EulerDiscreteScheduler(
-        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
-        timestep_spacing="leading", steps_offset=1,
-    )  # fmt: skip
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        num_train_timesteps=1000,
+        timestep_spacing="leading",
+        steps_offset=1,
+    )
 
     @torch.no_grad()
     def generate_one():
@@ -106,9 +112,18 @@ def model_flops(arch_name: str, preset: str, overrides: list[str], workdir: Path
     out = {}
     for ac in (False, True):
         world = World(0, 0, 1, torch.device("meta"))
-        trainer = anatomy.build_trainer(ARCHITECTURES[arch_name](), preset, [
-            *overrides, "parallel.mixed_precision=fp32", f"parallel.activation_checkpointing={str(ac).lower()}",
-            f"parallel.vae_checkpointing={str(ac).lower()}"], workdir / f"meta-{ac}", world=world)  # fmt: skip
+        trainer = anatomy.build_trainer(
+            ARCHITECTURES[arch_name](),
+            preset,
+            [
+                *overrides,
+                "parallel.mixed_precision=fp32",
+                f"parallel.activation_checkpointing={str(ac).lower()}",
+                f"parallel.vae_checkpointing={str(ac).lower()}",
+            ],
+            workdir / f"meta-{ac}",
+            world=world,
+        )
         per_part = anatomy.flops_of_parts(trainer)
         out["with_checkpointing" if ac else "model"] = {
             "per_part": per_part,
@@ -134,11 +149,16 @@ def iterations(args, name: str, overrides: list[str], workdir: Path, world: Worl
         values = trainer.train_step()
         anatomy.synchronize(device)
         times.append(time.perf_counter() - start)
-    out.update({
-        "iteration_s": statistics.median(times), "iteration_samples_s": times,
-        "images_per_s": args.batch / statistics.median(times), "memory_iterations": memory_gb(device),
-        "last_values": {k: v for k, v in values.items() if isinstance(v, float)}, "skipped": dict(trainer.skipped),
-    })  # fmt: skip
+    out.update(
+        {
+            "iteration_s": statistics.median(times),
+            "iteration_samples_s": times,
+            "images_per_s": args.batch / statistics.median(times),
+            "memory_iterations": memory_gb(device),
+            "last_values": {k: v for k, v in values.items() if isinstance(v, float)},
+            "skipped": dict(trainer.skipped),
+        }
+    )
     return trainer, out
 
 
@@ -170,17 +190,31 @@ def main(argv: list[str] | None = None) -> int:
     # The sdxl preset's path on one GPU (FSDP2 over a mesh of one: bf16 compute copies made once per block, fused
     # AdamW) against plain autocast over fp32 weights with multi-tensor AdamW, side by side.
     variants = {
-        "autocast+foreach": [*base, "parallel.strategy=none", "generator_optim.implementation=foreach",
-                             "assistant_optim.implementation=foreach"],
-        "fsdp+fused": [*base, "parallel.strategy=fsdp", "generator_optim.implementation=fused",
-                       "assistant_optim.implementation=fused"],
-    }  # fmt: skip
+        "autocast+foreach": [
+            *base,
+            "parallel.strategy=none",
+            "generator_optim.implementation=foreach",
+            "assistant_optim.implementation=foreach",
+        ],
+        "fsdp+fused": [
+            *base,
+            "parallel.strategy=fsdp",
+            "generator_optim.implementation=fused",
+            "assistant_optim.implementation=fused",
+        ],
+    }
     result: dict = {
-        "date": datetime.now(UTC).isoformat(timespec="seconds"), "arch": args.arch, "preset": preset,
-        "variants": variants, "torch": torch.__version__, "batch": args.batch, "resolution": args.resolution,
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda"
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "arch": args.arch,
+        "preset": preset,
+        "variants": variants,
+        "torch": torch.__version__,
+        "batch": args.batch,
+        "resolution": args.resolution,
+        "device": torch.cuda.get_device_name(device)
+        if device.type == "cuda"
         else f"CPU ({torch.get_num_threads()} threads)",
-    }  # fmt: skip
+    }
 
     def save(stage: str):
         Path(args.out).write_text(json.dumps(result, indent=2, default=float))

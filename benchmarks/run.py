@@ -82,13 +82,28 @@ def sampling(repeats: int = 5) -> dict:
 
     def one_step():
         pipe.scheduler = one
-        pipe(prompts, num_inference_steps=1, timesteps=[399], guidance_scale=0.0, height=64, width=64,
-             output_type="latent", generator=torch.Generator().manual_seed(0))  # fmt: skip
+        pipe(
+            prompts,
+            num_inference_steps=1,
+            timesteps=[399],
+            guidance_scale=0.0,
+            height=64,
+            width=64,
+            output_type="latent",
+            generator=torch.Generator().manual_seed(0),
+        )
 
     def fifty_step_cfg():
         pipe.scheduler = many
-        pipe(prompts, num_inference_steps=50, guidance_scale=7.5, height=64, width=64, output_type="latent",
-             generator=torch.Generator().manual_seed(0))  # fmt: skip
+        pipe(
+            prompts,
+            num_inference_steps=50,
+            guidance_scale=7.5,
+            height=64,
+            width=64,
+            output_type="latent",
+            generator=torch.Generator().manual_seed(0),
+        )
 
     t1, t50 = _time(one_step, repeats), _time(fifty_step_cfg, repeats)
     return {"one_step_s": t1, "fifty_step_cfg_s": t50, "ratio": t1 / t50, "batch": len(prompts), "preset": "tiny"}
@@ -96,11 +111,13 @@ def sampling(repeats: int = 5) -> dict:
 
 # -- 3. curation --------------------------------------------------------------------------------------
 
-WORDS = ("a photo of the an oil painting watercolor portrait close-up wide-angle shot cat dog horse astronaut robot "
-         "castle city forest mountain lake ocean desert street market kitchen library cathedral riding reading "
-         "flying sitting standing under over beside at night dawn sunset in rain snow fog neon golden red blue "
-         "green purple tiny giant ancient futuristic cozy detailed 4k 8k trending on artstation by greg style "
-         "of van gogh monet studio ghibli cinematic lighting bokeh").split()  # fmt: skip
+WORDS = (
+    "a photo of the an oil painting watercolor portrait close-up wide-angle shot cat dog horse astronaut robot "
+    "castle city forest mountain lake ocean desert street market kitchen library cathedral riding reading "
+    "flying sitting standing under over beside at night dawn sunset in rain snow fog neon golden red blue "
+    "green purple tiny giant ancient futuristic cozy detailed 4k 8k trending on artstation by greg style "
+    "of van gogh monet studio ghibli cinematic lighting bokeh"
+).split()
 
 
 def synthetic_prompts(n: int, seed: int = 0) -> list[str]:
@@ -139,8 +156,10 @@ def plain_python_curation(prompts: list[str], tokenizer, max_tokens: int = 77, e
         seen.add(digest)
         split = "eval" if int.from_bytes(digest, "big") / 2**64 < eval_fraction else "train"
         rows[split].append((text, digest.hex(), n + 2))
-    return {s: pa.table({"prompt": [r[0] for r in v], "id": [r[1] for r in v], "tokens": [r[2] for r in v]})
-            for s, v in rows.items()}  # fmt: skip
+    return {
+        s: pa.table({"prompt": [r[0] for r in v], "id": [r[1] for r in v], "tokens": [r[2] for r in v]})
+        for s, v in rows.items()
+    }
 
 
 def curation(n: int) -> dict:
@@ -170,11 +189,17 @@ def curation(n: int) -> dict:
         tokenize = time.perf_counter() - start
     same = stats["rows_out"] == sum(t.num_rows for t in baseline_tables.values())
     return {
-        "prompts": n, "distar_s": ours, "plain_python_s": baseline, "speedup": baseline / ours,
-        "distar_prompts_per_min": n / ours * 60, "plain_python_prompts_per_min": n / baseline * 60,
-        "tokenizer_alone_s": tokenize, "rows_out": stats["rows_out"], "same_rows_out": same,
+        "prompts": n,
+        "distar_s": ours,
+        "plain_python_s": baseline,
+        "speedup": baseline / ours,
+        "distar_prompts_per_min": n / ours * 60,
+        "plain_python_prompts_per_min": n / baseline * 60,
+        "tokenizer_alone_s": tokenize,
+        "rows_out": stats["rows_out"],
+        "same_rows_out": same,
         "tokenizer": "byte-level CLIP BPE without merges (the tiny preset's): one token per character",
-    }  # fmt: skip
+    }
 
 
 # -- 4. memory ----------------------------------------------------------------------------------------
@@ -186,8 +211,12 @@ def memory(gpu_runs: list[dict]) -> dict:
 
     out = {"cpu": {}, "gpu": {}}
     for name, (arch, preset, overrides) in PRESETS.items():
-        probe = subprocess.run([sys.executable, str(Path(__file__).parent / "memory_probe.py"), arch, preset,
-                                *overrides], capture_output=True, text=True, check=True)  # fmt: skip
+        probe = subprocess.run(
+            [sys.executable, str(Path(__file__).parent / "memory_probe.py"), arch, preset, *overrides],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         measured = json.loads(probe.stdout.strip().splitlines()[-1])["measured_bytes"]
         predicted = plan(load_config(preset, ["data.prompts=unused", *overrides]), 1, arch)["peak_bytes"]
         out["cpu"][name] = {"measured_bytes": measured, "predicted_bytes": predicted, "ratio": predicted / measured}
@@ -195,12 +224,20 @@ def memory(gpu_runs: list[dict]) -> dict:
         variant = run.get("autocast+foreach")
         if not variant or "error" in variant:
             continue
-        overrides = ["data.prompts=unused", "parallel.strategy=none", f"data.batch_size={run['batch']}",
-                     f"data.resolution={run['resolution']}"]  # fmt: skip
+        overrides = [
+            "data.prompts=unused",
+            "parallel.strategy=none",
+            f"data.batch_size={run['batch']}",
+            f"data.resolution={run['resolution']}",
+        ]
         predicted = plan(load_config("sdxl", overrides), 1, run["arch"])["peak_bytes"]
         measured = variant["memory_iterations"]["peak_allocated_gb"] * GiB
-        out["gpu"][run["device"]] = {"measured_bytes": measured, "predicted_bytes": predicted,
-                                     "ratio": predicted / measured, "date": run["date"]}  # fmt: skip
+        out["gpu"][run["device"]] = {
+            "measured_bytes": measured,
+            "predicted_bytes": predicted,
+            "ratio": predicted / measured,
+            "date": run["date"],
+        }
     sdxl = plan(load_config("sdxl", ["data.prompts=unused"]), 8, "sdxl")
     out["sdxl_8x80"] = sdxl
     return out
@@ -223,8 +260,9 @@ def sdxl_model_flops() -> dict:
     from gpu_sdxl_step import model_flops
 
     with tempfile.TemporaryDirectory() as tmp:
-        return model_flops("sdxl", "sdxl", ["data.batch_size=2", "data.resolution=1024", "parallel.strategy=none"],
-                           Path(tmp))  # fmt: skip
+        return model_flops(
+            "sdxl", "sdxl", ["data.batch_size=2", "data.resolution=1024", "parallel.strategy=none"], Path(tmp)
+        )
 
 
 # -- report -------------------------------------------------------------------------------------------
@@ -244,16 +282,18 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
     runs = gpu_runs()
     results = {
-        "date": date.today().isoformat(), "torch": torch.__version__,
+        "date": date.today().isoformat(),
+        "torch": torch.__version__,
         "machine": f"{platform.machine()} CPU, {torch.get_num_threads()} threads",
         # this 2-core machine's timings scatter by ±10 %: more rounds, medians
-        "anatomy": {name: step_anatomy(name, 3 * args.repeats if name == "tiny" else 2 * args.repeats + 1)
-                    for name in PRESETS},  # fmt: skip
+        "anatomy": {
+            name: step_anatomy(name, 3 * args.repeats if name == "tiny" else 2 * args.repeats + 1) for name in PRESETS
+        },
         "sampling": sampling(args.repeats),
         "curation": curation(args.prompts),
         "memory": memory(runs),
         "gpu": runs,
-    }  # fmt: skip
+    }
     if runs:
         results["sdxl_model_flops"] = sdxl_model_flops()
     docs = ROOT / "docs"

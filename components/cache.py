@@ -12,7 +12,11 @@ def cache(models: list, model_cache: Output[Model]):
 
     status = cache_models(model_cache.path, parse_models(models))
     entries = read_manifest(model_cache.path)["entries"]
-    model_cache.metadata.update({
-        "models": models, "status": status, "distar_version": distar.__version__,
-        "sources": {k: {"source": e["source"], "revision": e["revision"]} for k, e in entries.items()},
-    })  # fmt: skip
+    model_cache.metadata.update(
+        {
+            "models": models,
+            "status": status,
+            "distar_version": distar.__version__,
+            "sources": {k: {"source": e["source"], "revision": e["revision"]} for k, e in entries.items()},
+        }
+    )

@@ -18,10 +18,25 @@ def curate(
     import distar
     from distar.curate import CurateConfig, curate
 
-    stats = curate(CurateConfig(sources=sources, out=prompts.path, tokenizer=tokenizer, max_tokens=max_tokens,
-                                eval_fraction=eval_fraction, max_per_category=max_per_category))  # fmt: skip
+    stats = curate(
+        CurateConfig(
+            sources=sources,
+            out=prompts.path,
+            tokenizer=tokenizer,
+            max_tokens=max_tokens,
+            eval_fraction=eval_fraction,
+            max_per_category=max_per_category,
+        )
+    )
     with open(f"{prompts.path}/summary.md") as fh, open(summary.path, "w") as out:
         out.write(fh.read())
-    prompts.metadata.update({"sources": sources, "rows": stats["rows_out"], "splits": stats["splits"],
-                             "dropped": stats["dropped"], "distar_version": distar.__version__})  # fmt: skip
+    prompts.metadata.update(
+        {
+            "sources": sources,
+            "rows": stats["rows_out"],
+            "splits": stats["splits"],
+            "dropped": stats["dropped"],
+            "distar_version": distar.__version__,
+        }
+    )
     return stats["rows_out"]

@@ -29,12 +29,22 @@ def evaluate(
     def in_cache(path: str) -> str:
         return f"{model_cache.path}/{path}" if path and "://" not in path and not path.startswith("/") else path
 
-    out = evaluate(EvaluateConfig(
-        model=pipeline.path, out=results.path, baseline=baseline or None, reference=reference,
-        prompts=in_cache(prompts), hps_prompts=in_cache(hps_prompts) or None, rewards=list(rewards),
-        sources=dict(reward_sources), heads=dict(reward_heads), cache_dir=model_cache.path,
-        max_prompts=max_prompts, batch_size=batch_size,
-    ))  # fmt: skip
+    out = evaluate(
+        EvaluateConfig(
+            model=pipeline.path,
+            out=results.path,
+            baseline=baseline or None,
+            reference=reference,
+            prompts=in_cache(prompts),
+            hps_prompts=in_cache(hps_prompts) or None,
+            rewards=list(rewards),
+            sources=dict(reward_sources),
+            heads=dict(reward_heads),
+            cache_dir=model_cache.path,
+            max_prompts=max_prompts,
+            batch_size=batch_size,
+        )
+    )
     for name, value in out["results"]["model"].items():
         if isinstance(value, (int, float)):
             metrics.log_metric(name.replace("/", "_"), float(value))

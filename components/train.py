@@ -32,23 +32,43 @@ def train(
 
     remote = launcher == "trainjob"
     where = {a: (a.uri if remote else a.path) for a in (prompts, model_cache, checkpoints)}
-    args = [f"out={where[checkpoints]}", f"data.prompts={where[prompts]}", f"model.cache_dir={where[model_cache]}",
-            "model.offline=true", *overrides]  # fmt: skip
+    args = [
+        f"out={where[checkpoints]}",
+        f"data.prompts={where[prompts]}",
+        f"model.cache_dir={where[model_cache]}",
+        "model.offline=true",
+        *overrides,
+    ]
     if remote:
         if not image:
             raise ValueError("train_launcher=trainjob needs the image the TrainJob runs (the pipeline passes it)")
         name = "distar-" + os.environ.get("HOSTNAME", "train")[-40:].lower().strip("-")
-        summary = run_trainjob(preset, args, name=name, image=image, num_nodes=num_nodes,
-                               nproc_per_node=nproc_per_node, gpus_per_node=gpus_per_node, secret_env=secret_env,
-                               node_selector=node_selector, tolerations=tolerations)  # fmt: skip
+        summary = run_trainjob(
+            preset,
+            args,
+            name=name,
+            image=image,
+            num_nodes=num_nodes,
+            nproc_per_node=nproc_per_node,
+            gpus_per_node=gpus_per_node,
+            secret_env=secret_env,
+            node_selector=node_selector,
+            tolerations=tolerations,
+        )
         os.makedirs(checkpoints.path, exist_ok=True)
         with open(os.path.join(checkpoints.path, "trainjob-summary.json"), "w") as fh:
             json.dump(summary, fh)
     else:
         summary = run_local(preset, args, nproc_per_node=nproc_per_node, max_restarts=max_restarts)
-    checkpoints.metadata.update({
-        "step": summary["step"], "config_digest": summary["config_digest"], "preset": preset,
-        "overrides": list(overrides), "launcher": launcher, "distar_version": distar.__version__,
-        **{k: v for k, v in summary.items() if k.startswith("eval/")},
-    })  # fmt: skip
+    checkpoints.metadata.update(
+        {
+            "step": summary["step"],
+            "config_digest": summary["config_digest"],
+            "preset": preset,
+            "overrides": list(overrides),
+            "launcher": launcher,
+            "distar_version": distar.__version__,
+            **{k: v for k, v in summary.items() if k.startswith("eval/")},
+        }
+    )
     return summary["checkpoint"]

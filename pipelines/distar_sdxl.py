@@ -3,7 +3,7 @@
 Compile:  python pipelines/distar_sdxl.py            (writes pipelines/distar_sdxl.yaml)
 Run here: distar run-local --preset tiny             (the whole DAG under kfp.local, on 2 CPU cores)
 Submit:   kfp --endpoint $KFP_HOST run submit -e distar -f pipelines/distar_sdxl.yaml key=value ...
-Defaults are the paper's SDXL settings; the tiny values come from distar.pipeline_presets.
+Defaults are the paper's SDXL settings; the tiny values come from distar.local_pipeline.tiny_arguments.
 """
 
 import sys
@@ -19,8 +19,7 @@ from components.curate import curate  # noqa: E402
 from components.evaluate import evaluate  # noqa: E402
 from components.export import export  # noqa: E402
 from components.train import train  # noqa: E402
-
-PARTI_URL = "https://raw.githubusercontent.com/google-research/parti/main/PartiPrompts.tsv"
+from distar.prompt_sets import PARTI_URL  # noqa: E402
 
 
 @dsl.pipeline(name="distar-sdxl", description="Diff-Instruct* post-training of a one-step SDXL generator")
@@ -56,17 +55,35 @@ def distar_sdxl(
     models = cache(models=cache_models)
     models.set_caching_options(True)
     models.set_retry(3)  # idempotent: a retry skips what verifies
-    trained = train(prompts=prompts.outputs["prompts"], model_cache=models.outputs["model_cache"], preset=preset,
-                    overrides=train_overrides, launcher=train_launcher, num_nodes=num_nodes, image=IMAGE,
-                    nproc_per_node=nproc_per_node, gpus_per_node=gpus_per_node, max_restarts=max_restarts,
-                    secret_env=secret_env, node_selector=node_selector, tolerations=tolerations)  # fmt: skip
+    trained = train(
+        prompts=prompts.outputs["prompts"],
+        model_cache=models.outputs["model_cache"],
+        preset=preset,
+        overrides=train_overrides,
+        launcher=train_launcher,
+        num_nodes=num_nodes,
+        image=IMAGE,
+        nproc_per_node=nproc_per_node,
+        gpus_per_node=gpus_per_node,
+        max_restarts=max_restarts,
+        secret_env=secret_env,
+        node_selector=node_selector,
+        tolerations=tolerations,
+    )
     trained.set_caching_options(False)
     trained.set_retry(2)  # resumes from the newest complete checkpoint
     exported = export(checkpoints=trained.outputs["checkpoints"], ema=ema)
     exported.set_caching_options(True)
-    evaluated = evaluate(pipeline=exported.outputs["pipeline"], model_cache=models.outputs["model_cache"],
-                         prompts=eval_prompts, hps_prompts=eval_hps_prompts, rewards=eval_rewards,
-                         baseline=eval_baseline, max_prompts=eval_max_prompts, batch_size=eval_batch_size)  # fmt: skip
+    evaluated = evaluate(
+        pipeline=exported.outputs["pipeline"],
+        model_cache=models.outputs["model_cache"],
+        prompts=eval_prompts,
+        hps_prompts=eval_hps_prompts,
+        rewards=eval_rewards,
+        baseline=eval_baseline,
+        max_prompts=eval_max_prompts,
+        batch_size=eval_batch_size,
+    )
     evaluated.set_caching_options(True)
     evaluated.set_retry(2)  # resumable: finished prompts are not generated again
 
@@ -77,11 +94,19 @@ def distar_sdxl(
         kubernetes.add_node_selector_json(task, node_selector)
         kubernetes.add_toleration_json(task, tolerations)
         # object storage keys (S3/MinIO; GCS uses Workload Identity) and the hub token, when the secrets exist
-        kubernetes.use_secret_as_env(task, secret_name=storage_secret, optional=True, secret_key_to_env={
-            "AWS_ACCESS_KEY_ID": "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY": "AWS_SECRET_ACCESS_KEY",
-            "AWS_ENDPOINT_URL": "AWS_ENDPOINT_URL"})  # fmt: skip
-        kubernetes.use_secret_as_env(task, secret_name=hub_secret, optional=True,
-                                     secret_key_to_env={"HF_TOKEN": "HF_TOKEN"})  # fmt: skip
+        kubernetes.use_secret_as_env(
+            task,
+            secret_name=storage_secret,
+            optional=True,
+            secret_key_to_env={
+                "AWS_ACCESS_KEY_ID": "AWS_ACCESS_KEY_ID",
+                "AWS_SECRET_ACCESS_KEY": "AWS_SECRET_ACCESS_KEY",
+                "AWS_ENDPOINT_URL": "AWS_ENDPOINT_URL",
+            },
+        )
+        kubernetes.use_secret_as_env(
+            task, secret_name=hub_secret, optional=True, secret_key_to_env={"HF_TOKEN": "HF_TOKEN"}
+        )
 
 
 def compile_pipeline(path=None) -> Path:

@@ -2,26 +2,25 @@
 
 Layout: {out}/{org}/{name}/… for a repository, {out}/{org}/{name}/{file} for a single file, {out}/{key}/… for
 other items (prompt sets), and {out}/manifest.json (written after every item) with each file's path, size,
-sha256, source and revision. The loaders read a hub id from the cache when `cache_dir` is set (`lookup`): they
-verify sizes and sha256 against the manifest (a remote cache is downloaded, then verified) and fail naming the
-corrupt or missing file. A second `distar cache` skips what is present and verifies.
+sha256, source and revision. This module writes the cache; `distar.sources` reads it (a loader given `cache_dir`
+verifies sizes and sha256 against the manifest and fails naming the corrupt or missing file). A second
+`distar cache` skips what is present and verifies.
 """
 
 from __future__ import annotations
 
 import fnmatch
-import hashlib
-import json
 import shutil
 import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from distar import storage, tiny_preset
+from distar import sources, storage, tiny_preset
 from distar.errors import UserError
+from distar.prompt_sets import HPS_URL, PARTI_URL
+from distar.sources import MANIFEST, entry_dir, lookup, read_manifest, sha256_file, verify_cache, verify_entry
 
-MANIFEST = "manifest.json"
 # SDXL from the hub: the fp16 weights (half the download; the trainer keeps fp32 masters of what it trains) and
 # the fp32 VAE (the SDXL VAE overflows in fp16).
 SDXL_PARTS = [
@@ -69,14 +68,11 @@ PRESETS = {
             convert="imagereward",
             tokenizer="google-bert/bert-base-uncased",
         ),
-    ],  # fmt: skip
+    ],
     "eval": [
-        CacheItem(
-            "prompts/parti:PartiPrompts.tsv",
-            source="https://raw.githubusercontent.com/google-research/parti/main/PartiPrompts.tsv",
-        ),
-        CacheItem("prompts/hpsv2", source="hf://datasets/zhwang/HPDv2/benchmark"),
-    ],  # fmt: skip
+        CacheItem("prompts/parti:PartiPrompts.tsv", source=PARTI_URL),
+        CacheItem("prompts/hpsv2", source=HPS_URL),
+    ],
 }
 
 
@@ -101,37 +97,28 @@ def parse_models(specs: list[str]) -> list[CacheItem]:
         base = known.get(key, CacheItem(key))
         # a conversion applies to the original checkpoint file; a directory named instead is taken as converted
         convert = base.convert if not source or _is_file_spec(source) else None
-        items.append(CacheItem(key, source or base.source, revision or base.revision, base.allow_patterns,
-                               convert, base.tokenizer))  # fmt: skip
+        items.append(
+            CacheItem(
+                key, source or base.source, revision or base.revision, base.allow_patterns, convert, base.tokenizer
+            )
+        )
     if not items:
         raise UserError(f"--models {specs!r} names nothing; use presets ({', '.join(PRESETS)}) or KEY=SOURCE items")
     return items
 
 
 def _is_file_spec(source: str) -> bool:
-    if source.endswith((".pt", ".pth", ".bin", ".safetensors")):
-        return True
-    repo, sep, _ = source.partition(":")
-    return bool(sep) and "://" not in source and "/" in repo and not source.startswith("tiny:")
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    return sources.parse(source).is_file
 
 
 def _fetch(item: CacheItem, staging: Path, hub: dict) -> Path:
     """The item's files in a local directory `staging` (converted where needed); returns its root."""
-    from distar.models.hub import HUB_ID, resolve_file, resolve_model_dir
-
-    source = tiny_preset.resolve(item.source or item.key)
+    source = sources.local(item.source or item.key)
+    src = sources.parse(source)
     root = staging / "item"
     is_file_key = ":" in item.key and "://" not in item.key
     if item.convert:
-        checkpoint = resolve_file(source, **hub)
+        checkpoint = sources.resolve_file(src, **hub)
         if item.convert == "hpsv2":
             from distar.rewards.convert import convert_hpsv2
 
@@ -143,7 +130,7 @@ def _fetch(item: CacheItem, staging: Path, hub: dict) -> Path:
         raise UserError(f"{item.key}: unknown conversion {item.convert!r} (hpsv2, imagereward)")
     root.mkdir(parents=True)
     if is_file_key:
-        path = resolve_file(source, **hub)
+        path = sources.resolve_file(src, **hub)
         shutil.copy2(path, root / item.key.split(":", 1)[1])
         return root
     if storage.is_uri(source) and not source.startswith(("hf://", "file://")):
@@ -155,14 +142,14 @@ def _fetch(item: CacheItem, staging: Path, hub: dict) -> Path:
         else:
             fs.get(path, str(root / path.rsplit("/", 1)[-1]))
         return root
-    if not (HUB_ID.match(source) or Path(source).exists() or storage.is_uri(source)):
+    if src.kind == "path" and not Path(source).expanduser().exists():
         raise UserError(f"{item.key}: source {source!r} is not a directory, file, URI or hub id")
     if Path(source).is_file():
         shutil.copy2(source, root / Path(source).name)
         return root
     # allow-patterns narrow a hub download; a directory or URI the user names is taken whole
-    patterns = item.allow_patterns if HUB_ID.match(source) and not Path(source).exists() else None
-    local = resolve_model_dir(source, revision=item.revision, allow_patterns=patterns, **hub)
+    patterns = item.allow_patterns if src.kind == "hub" and not Path(source).exists() else None
+    local = sources.resolve_dir(src, revision=item.revision, allow_patterns=patterns, **hub)
     for f in sorted(local.rglob("*")):
         rel = f.relative_to(local).as_posix()
         if f.is_file() and not rel.startswith(".") and _allowed(rel, patterns):
@@ -175,54 +162,10 @@ def _allowed(rel: str, patterns: list[str] | None) -> bool:
     return not patterns or any(fnmatch.fnmatch(rel, p) for p in patterns)
 
 
-def read_manifest(cache: str) -> dict:
-    fs, path = storage.filesystem(cache)
-    mpath = f"{path.rstrip('/')}/{MANIFEST}"
-    if not fs.exists(mpath):
-        return {"version": 1, "entries": {}}
-    try:
-        return json.loads(fs.cat_file(mpath))
-    except json.JSONDecodeError as err:
-        raise UserError(f"the cache manifest {cache}/{MANIFEST} is corrupt ({err}); run `distar cache` again") from None
-
-
-def _entry_dir(key: str) -> str:
-    return key.split(":", 1)[0] if ":" in key and "://" not in key else key
-
-
-def verify_entry(cache: str, key: str, entry: dict, deep: bool = True, local_root: Path | None = None) -> list[str]:
-    """Problems with one entry's stored files (empty when it verifies): missing, wrong size, wrong sha256."""
-    fs, path = storage.filesystem(cache)
-    problems = []
-    for f in entry["files"]:
-        rel = f"{_entry_dir(key)}/{f['path']}"
-        if local_root is not None:
-            p = local_root / f["path"]
-            size = p.stat().st_size if p.is_file() else None
-        else:
-            full = f"{path.rstrip('/')}/{rel}"
-            size = fs.size(full) if fs.exists(full) else None
-        if size is None:
-            problems.append(f"{rel}: missing")
-        elif size != f["size"]:
-            problems.append(f"{rel}: {size} bytes, the manifest says {f['size']}")
-        elif deep:
-            if local_root is not None:
-                digest = sha256_file(local_root / f["path"])
-            else:
-                digest = hashlib.sha256()
-                with fs.open(f"{path.rstrip('/')}/{rel}", "rb") as fh:
-                    for chunk in iter(lambda fh=fh: fh.read(1 << 22), b""):
-                        digest.update(chunk)
-                digest = digest.hexdigest()
-            if digest != f["sha256"]:
-                problems.append(f"{rel}: sha256 differs from the manifest (corrupt or partial file)")
-    return problems
-
-
 def cache_models(out: str, items: list[CacheItem], cache_dir_hub: dict | None = None, progress=print) -> dict:
     """Fetch, convert and store each item under `out`; returns {key: "cached" | "present"}."""
     progress = progress or (lambda message: None)
+    tiny_preset.prepare([i.source or i.key for i in items])
     fs, path = storage.filesystem(out)
     path = path.rstrip("/")
     fs.makedirs(path, exist_ok=True)
@@ -246,59 +189,21 @@ def cache_models(out: str, items: list[CacheItem], cache_dir_hub: dict | None = 
                     files.append({"path": rel, "size": f.stat().st_size, "sha256": sha256_file(f)})
             if not files:
                 raise UserError(f"{item.key}: nothing was fetched from {source!r} (check the allow-patterns)")
-            dest = f"{path}/{_entry_dir(item.key)}"
+            dest = f"{path}/{entry_dir(item.key)}"
             for f in files:
                 fs.makedirs(f"{dest}/{f['path']}".rsplit("/", 1)[0], exist_ok=True)
                 fs.put_file(str(root / f["path"]), f"{dest}/{f['path']}")
-        manifest["entries"][item.key] = {"source": source, "revision": item.revision, "files": files,
-                                         "convert": item.convert, "time": time.time()}  # fmt: skip
-        fs.pipe_file(f"{path}/{MANIFEST}", json.dumps(manifest, indent=2).encode())
+        manifest["entries"][item.key] = {
+            "source": source,
+            "revision": item.revision,
+            "files": files,
+            "convert": item.convert,
+            "time": time.time(),
+        }
+        storage.write_json(fs, f"{path}/{MANIFEST}", manifest)
         status[item.key] = "cached"
         progress(f"{item.key}: cached {len(files)} files from {source}")
     return status
-
-
-_VERIFIED: set[tuple[str, str]] = set()
-
-
-def lookup(cache: str, key: str) -> Path | None:
-    """The local directory of `key` in the cache, verified against the manifest; None when the cache lacks it.
-
-    A remote cache's entry is downloaded once (to $DISTAR_DOWNLOAD_DIR) and verified there.
-    """
-    manifest = read_manifest(cache)
-    keys = [k for k in manifest["entries"] if k == key or _entry_dir(k) == key]
-    if not keys:
-        return None
-    remote = storage.is_uri(cache) and not str(cache).startswith("file://")
-    if remote:
-        from distar.models.hub import default_download_root
-
-        digest = hashlib.sha256(f"{cache}/{key}".encode()).hexdigest()[:16]
-        local = storage.download_dir(f"{str(cache).rstrip('/')}/{_entry_dir(key)}", default_download_root() / digest)
-    else:
-        local = Path(storage.filesystem(cache)[1]) / _entry_dir(key)
-    problems = []
-    for k in keys:
-        if (str(cache), k) not in _VERIFIED:
-            entry_problems = verify_entry(cache, k, manifest["entries"][k], local_root=local)
-            problems += entry_problems
-            if not entry_problems:
-                _VERIFIED.add((str(cache), k))
-    if problems:
-        if remote:
-            shutil.rmtree(local, ignore_errors=True)
-        raise UserError(f"model cache {str(cache)!r}, {key!r} does not verify:\n  - " + "\n  - ".join(problems)
-                        + "\nrun `distar cache` again to repair it")  # fmt: skip
-    return local
-
-
-def verify_cache(cache: str) -> dict[str, list[str]]:
-    """Every entry's problems (deep); empty lists everywhere when the cache verifies."""
-    manifest = read_manifest(cache)
-    if not manifest["entries"]:
-        raise UserError(f"{cache!r} holds no cache manifest ({MANIFEST}); run `distar cache` first")
-    return {key: verify_entry(cache, key, entry) for key, entry in manifest["entries"].items()}
 
 
 __all__ = ["PRESETS", "CacheItem", "cache_models", "lookup", "parse_models", "read_manifest", "verify_cache"]

@@ -32,11 +32,19 @@ def _curate(args: argparse.Namespace) -> None:
     from distar.curate import CurateConfig, curate
 
     config = CurateConfig(
-        sources=args.source, out=args.out, column=args.column, category_column=args.category_column,
-        tokenizer=args.tokenizer, max_tokens=args.max_tokens, long_prompts=args.long_prompts,
-        case_insensitive=args.case_insensitive, blocklist=args.blocklist, eval_fraction=args.eval_fraction,
-        max_per_category=args.max_per_category, shard_rows=args.shard_rows,
-    )  # fmt: skip
+        sources=args.source,
+        out=args.out,
+        column=args.column,
+        category_column=args.category_column,
+        tokenizer=args.tokenizer,
+        max_tokens=args.max_tokens,
+        long_prompts=args.long_prompts,
+        case_insensitive=args.case_insensitive,
+        blocklist=args.blocklist,
+        eval_fraction=args.eval_fraction,
+        max_per_category=args.max_per_category,
+        shard_rows=args.shard_rows,
+    )
     stats = curate(config)
     print(json.dumps({k: stats[k] for k in ("rows_in", "rows_out", "dropped", "truncated", "splits", "seconds")}))
     print(f"wrote {args.out}/manifest.json, stats.json, summary.md")
@@ -45,8 +53,9 @@ def _curate(args: argparse.Namespace) -> None:
 def _export(args: argparse.Namespace) -> None:
     from distar.export import ExportConfig, export
 
-    result = export(ExportConfig(args.checkpoint, args.out, ema=args.ema, single_file=args.single_file,
-                                 metrics=args.metrics))  # fmt: skip
+    result = export(
+        ExportConfig(args.checkpoint, args.out, ema=args.ema, single_file=args.single_file, metrics=args.metrics)
+    )
     print(json.dumps({k: result[k] for k in ("out", "checkpoint", "step", "t_star")}))
 
 
@@ -55,12 +64,21 @@ def _evaluate(args: argparse.Namespace) -> None:
 
     d = EvaluateConfig("", "")
     config = EvaluateConfig(
-        model=args.model, out=args.out, baseline=args.baseline, reference=args.reference,
-        prompts=args.prompts or d.prompts, hps_prompts=args.hps_prompts, rewards=args.rewards or d.rewards,
-        sources=dict(s.split("=", 1) for s in args.source), heads=dict(h.split("=", 1) for h in args.head),
-        cache_dir=args.cache_dir, max_prompts=args.max_prompts, batch_size=args.batch_size, seed=args.seed,
+        model=args.model,
+        out=args.out,
+        baseline=args.baseline,
+        reference=args.reference,
+        prompts=args.prompts or d.prompts,
+        hps_prompts=args.hps_prompts,
+        rewards=args.rewards or d.rewards,
+        sources=dict(s.split("=", 1) for s in args.source),
+        heads=dict(h.split("=", 1) for h in args.head),
+        cache_dir=args.cache_dir,
+        max_prompts=args.max_prompts,
+        batch_size=args.batch_size,
+        seed=args.seed,
         t_star=args.t_star,
-    )  # fmt: skip
+    )
     report = evaluate(config)
     print(json.dumps(report["results"], indent=2))
     print(f"report: {args.out}/report.html")
@@ -82,13 +100,12 @@ def _cache(args: argparse.Namespace) -> None:
 
 
 def _run_local(args: argparse.Namespace) -> None:
-    from distar.local_pipeline import run_local
+    from distar.local_pipeline import describe, run_local
 
     run = run_local(args.preset, args.root)
-    reports = sorted(run.glob("evaluate/report*"))
-    print(f"pipeline run: {run}")
-    for report in reports:
+    for report in sorted(run.glob("evaluate/report*")):
         print(f"report: {report}")
+    print("\n".join(describe(run, args.preset)))
 
 
 def _plan(args: argparse.Namespace) -> None:
@@ -116,9 +133,16 @@ def _plan(args: argparse.Namespace) -> None:
 def _submit(args: argparse.Namespace) -> None:
     from distar.submit import parse_arguments, submit
 
-    result = submit(args.host, args.package, parse_arguments(args.arguments), experiment=args.experiment,
-                    run_name=args.run_name, pipeline_root=args.pipeline_root,
-                    enable_caching=False if args.no_cache else None, namespace=args.namespace)  # fmt: skip
+    result = submit(
+        args.host,
+        args.package,
+        parse_arguments(args.arguments),
+        experiment=args.experiment,
+        run_name=args.run_name,
+        pipeline_root=args.pipeline_root,
+        enable_caching=False if args.no_cache else None,
+        namespace=args.namespace,
+    )
     print(json.dumps(result))
 
 
@@ -141,8 +165,9 @@ def build_parser() -> argparse.ArgumentParser:
     from distar.curate import __doc__ as curate_doc
 
     d = CurateConfig([], "")
-    curate = sub.add_parser("curate", help="prompt sources → normalised, filtered, deduplicated Parquet shards",
-                            description=curate_doc)  # fmt: skip
+    curate = sub.add_parser(
+        "curate", help="prompt sources → normalised, filtered, deduplicated Parquet shards", description=curate_doc
+    )
     curate.add_argument("--source", action="append", required=True, help="a prompt file or URI (repeatable)")
     curate.add_argument("--out", required=True, help="output URI")
     curate.add_argument("--column", default=None, help="the prompt column (default: prompt/Prompt/text/caption)")
@@ -160,8 +185,12 @@ def build_parser() -> argparse.ArgumentParser:
     from distar.cache import PRESETS
     from distar.cache import __doc__ as cache_doc
 
-    cache = sub.add_parser("cache", help="fetch, convert and checksum every model a run needs into a cache URI",
-                           description=cache_doc, formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    cache = sub.add_parser(
+        "cache",
+        help="fetch, convert and checksum every model a run needs into a cache URI",
+        description=cache_doc,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     models_help = f"presets ({', '.join(PRESETS)}) or KEY[=SOURCE][@REVISION] items, comma-separated"
     cache.add_argument("--models", action="append", default=[], help=models_help)
     cache.add_argument("--out", required=True, help="the cache URI (local, gs://, s3://)")
@@ -171,8 +200,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     from distar.export import __doc__ as export_doc
 
-    exp = sub.add_parser("export", help="training checkpoint → diffusers SDXL pipeline (one step)",
-                         description=export_doc)  # fmt: skip
+    exp = sub.add_parser(
+        "export", help="training checkpoint → diffusers SDXL pipeline (one step)", description=export_doc
+    )
     exp.add_argument("--checkpoint", required=True, help="checkpoint directory, or a run (its newest checkpoint)")
     exp.add_argument("--out", required=True, help="output URI of the pipeline directory")
     exp.add_argument("--ema", action="store_true", help="also write the EMA weights (unet_ema/)")
@@ -182,8 +212,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     from distar.evaluate import __doc__ as evaluate_doc
 
-    ev = sub.add_parser("evaluate", help="the paper's evaluation protocol, with an HTML report",
-                        description=evaluate_doc, formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    ev = sub.add_parser(
+        "evaluate",
+        help="the paper's evaluation protocol, with an HTML report",
+        description=evaluate_doc,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     ev.add_argument("--model", required=True, help="exported pipeline (directory/URI) or reference:N")
     ev.add_argument("--out", required=True, help="output URI (metrics.json, scores.parquet, images/, report.html)")
     ev.add_argument("--baseline", default=None, help="another pipeline, or reference:N (with --reference)")
@@ -202,16 +236,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     from distar.local_pipeline import __doc__ as local_doc
 
-    rl = sub.add_parser("run-local", help="the whole pipeline (curate, cache, train, export, evaluate) on this machine",
-                        description=local_doc)  # fmt: skip
+    rl = sub.add_parser(
+        "run-local",
+        help="the whole pipeline (curate, cache, train, export, evaluate) on this machine",
+        description=local_doc,
+    )
     rl.add_argument("--preset", default="tiny", help="tiny (CPU, minutes) or sdxl")
     rl.add_argument("--root", default="runs/pipeline", help="kfp.local pipeline root (local directory)")
     rl.set_defaults(func=_run_local)
 
     from distar.submit import __doc__ as submit_doc
 
-    sb = sub.add_parser("submit", help="submit the compiled pipeline to a Kubeflow Pipelines server",
-                        description=submit_doc)  # fmt: skip
+    sb = sub.add_parser(
+        "submit", help="submit the compiled pipeline to a Kubeflow Pipelines server", description=submit_doc
+    )
     sb.add_argument("--host", required=True, help="the KFP API endpoint ($KFP_HOST)")
     sb.add_argument("--package", default="pipelines/distar_sdxl.yaml", help="the compiled pipeline")
     sb.add_argument("--experiment", default="distar")
@@ -222,9 +260,12 @@ def build_parser() -> argparse.ArgumentParser:
     sb.add_argument("arguments", nargs="*", metavar="key=value", help="pipeline arguments (JSON values parsed)")
     sb.set_defaults(func=_submit)
 
-    pl = sub.add_parser("plan", help="predict the per-GPU memory of a training config (no GPU needed)",
-                        description="Per-GPU memory of a training config: weights, gradients, optimizer states, "
-                        "EMA, FSDP buffers and activations measured on the meta device (distar/plan.py).")  # fmt: skip
+    pl = sub.add_parser(
+        "plan",
+        help="predict the per-GPU memory of a training config (no GPU needed)",
+        description="Per-GPU memory of a training config: weights, gradients, optimizer states, "
+        "EMA, FSDP buffers and activations measured on the meta device (distar/plan.py).",
+    )
     pl.add_argument("--config", default="sdxl", help="a preset (tiny, sdxl) or a TOML/JSON config file")
     pl.add_argument("--gpus", type=int, default=8, help="processes (GPUs); FSDP shards over all of them")
     pl.add_argument("--gpu-memory", type=float, default=None, help="GiB per GPU: say whether it fits (exit 2 if not)")
@@ -244,8 +285,12 @@ def build_parser() -> argparse.ArgumentParser:
     from distar.train import __doc__ as train_doc
     from distar.train import build_parser as train_parser
 
-    train = sub.add_parser("train", help="DI* training (one process, or one per device under torchrun)",
-                           description=train_doc, formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    train = sub.add_parser(
+        "train",
+        help="DI* training (one process, or one per device under torchrun)",
+        description=train_doc,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     train_parser(train).set_defaults(func=_train)
     return parser
 

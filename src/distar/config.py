@@ -24,6 +24,19 @@ def field_names(config: Any, prefix: str = "") -> list[str]:
     return names
 
 
+def check_choices(config: Any, prefix: str = "") -> Any:
+    """Every Literal field of a (nested) dataclass holds one of its choices; the error names the key and the
+    closest valid value (for configs built in code, which the loader did not see)."""
+    hints = typing.get_type_hints(type(config))
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if dataclasses.is_dataclass(value):
+            check_choices(value, f"{prefix}{f.name}.")
+        elif typing.get_origin(hints[f.name]) is typing.Literal:
+            _choice(value, hints[f.name], prefix + f.name)
+    return config
+
+
 def apply_overrides(config: Any, overrides: list[str]) -> Any:
     """Set `a.b=value` pairs on a (nested) dataclass, coercing each value to its field's type.
 
@@ -66,8 +79,20 @@ def _flatten(config: Any, mapping: dict, prefix: str = "") -> list[tuple[str, An
     return items
 
 
+def _choice(value: Any, annotation: Any, key: str) -> Any:
+    """A value of a Literal field: one of its choices, or an error naming the closest one."""
+    choices = typing.get_args(annotation)
+    if value in choices:
+        return value
+    close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1, cutoff=0.0)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    raise UserError(f"config key {key!r}: {value!r} is not one of {', '.join(map(repr, choices))}{hint}")
+
+
 def _from_value(value: Any, annotation: Any, key: str) -> Any:
     """A value parsed from a file, checked against the field's type (ints widen to floats)."""
+    if typing.get_origin(annotation) is typing.Literal:
+        return _choice(value, annotation, key)
     if isinstance(value, str):
         return _coerce(value, annotation, key)
     origin = typing.get_origin(annotation)
@@ -104,6 +129,8 @@ def _resolve(config: Any, key: str) -> tuple[Any, str]:
 
 
 def _coerce(raw: str, annotation: Any, key: str) -> Any:
+    if typing.get_origin(annotation) is typing.Literal:
+        return _choice(raw, annotation, key)
     origin = typing.get_origin(annotation)
     args = typing.get_args(annotation)
     if origin in (typing.Union, types.UnionType):

@@ -68,8 +68,8 @@ def normalise(text: str) -> str:
     return " ".join(unicodedata.normalize("NFC", text).split())
 
 
-# Python's str.split() whitespace (every character whose isspace() is true: tests/test_curate.py checks), as one
-# RE2 character class (RE2's \s is ASCII-only).
+# Python's str.split() whitespace (every character whose isspace() is true; tests/integration/test_curate.py checks),
+# as one RE2 character class (RE2's \s is ASCII-only).
 _WHITESPACE = (
     r"[\x{9}-\x{d}\x{1c}-\x{20}\x{85}\x{a0}\x{1680}\x{2000}-\x{200a}\x{2028}\x{2029}\x{202f}\x{205f}\x{3000}]+"
 )
@@ -77,7 +77,7 @@ _WHITESPACE = (
 
 def normalise_array(values):
     """`normalise` over a pyarrow string array in Arrow kernels (nulls stay null): NFC, whitespace runs → one
-    space, trimmed. Equal to the Python function for every string (tests/test_curate.py)."""
+    space, trimmed. Equal to the Python function for every string (tests/integration/test_curate.py)."""
     import pyarrow.compute as pc
 
     collapsed = pc.replace_substring_regex(pc.utf8_normalize(values, "NFC"), _WHITESPACE, " ")
@@ -268,8 +268,13 @@ class _ShardWriter:
         n = len(self.buffer["prompt"])
         if n == 0:
             return
-        types = {"prompt": pa.string(), "id": pa.string(), "source": pa.string(), "tokens": pa.int32(),
-                 "category": pa.string()}  # fmt: skip
+        types = {
+            "prompt": pa.string(),
+            "id": pa.string(),
+            "source": pa.string(),
+            "tokens": pa.int32(),
+            "category": pa.string(),
+        }
         table = pa.table({k: pa.array(v, types[k]) for k, v in self.buffer.items()})
         name = f"part-{len(self.files):05d}.parquet"
         self.fs.makedirs(self.dir, exist_ok=True)
@@ -296,11 +301,9 @@ def _load_blocklist(uri: str | None) -> re.Pattern | None:
 def _load_tokenizer(source: str):
     from transformers import AutoTokenizer
 
-    from distar import tiny_preset
-    from distar.models.hub import resolve_model_dir
+    from distar import sources
 
-    source = tiny_preset.resolve(source)
-    root = resolve_model_dir(source, allow_patterns=["*.json", "*.txt"])
+    root = sources.resolve_dir(source, allow_patterns=["*.json", "*.txt"])
     sub = root / "tokenizer" if (root / "tokenizer").is_dir() else root
     tokenizer = AutoTokenizer.from_pretrained(sub, use_fast=True)
     tokenizer.model_max_length = 1 << 30  # lengths are counted and handled here, not warned about per prompt
@@ -386,6 +389,9 @@ def curate(config: CurateConfig, progress: bool = False) -> dict:
     """Run the curation; returns the stats (also written to {out}/stats.json)."""
     if not config.sources:
         raise UserError("no --source given; name at least one prompt file or URI")
+    from distar import tiny_preset
+
+    tiny_preset.prepare(config.tokenizer)
     if config.long_prompts not in ("truncate", "drop"):
         raise UserError(f"--long-prompts {config.long_prompts!r}: choose truncate or drop")
     if not 0.0 <= config.eval_fraction < 1.0:
@@ -481,23 +487,33 @@ def curate(config: CurateConfig, progress: bool = False) -> dict:
             position = np.frombuffer(b"".join(digests[k] for k in kept), dtype=">u8").astype(np.float64) / 2**64
             for split, mask in (("train", position >= config.eval_fraction), ("eval", position < config.eval_fraction)):
                 rows_of_split = kept[mask]
-                writers[split].add_rows({
-                    "prompt": [texts[k] for k in rows_of_split], "id": [digests[k].hex() for k in rows_of_split],
-                    "source": [uri] * len(rows_of_split), "tokens": tokens[mask].tolist(),
-                    "category": [cats[k] for k in rows_of_split] if with_category else [],
-                })  # fmt: skip
+                writers[split].add_rows(
+                    {
+                        "prompt": [texts[k] for k in rows_of_split],
+                        "id": [digests[k].hex() for k in rows_of_split],
+                        "source": [uri] * len(rows_of_split),
+                        "tokens": tokens[mask].tolist(),
+                        "category": [cats[k] for k in rows_of_split] if with_category else [],
+                    }
+                )
         per_source[uri] = source_in
     for w in writers.values():
         w.flush()
     rows_out = sum(w.rows for w in writers.values())
     stats = {
-        "rows_in": rows_in, "rows_out": rows_out, "dropped": {r: dropped.get(r, 0) for r in RULES},
-        "truncated": truncated, "splits": {s: w.rows for s, w in writers.items()}, "per_source": per_source,
+        "rows_in": rows_in,
+        "rows_out": rows_out,
+        "dropped": {r: dropped.get(r, 0) for r in RULES},
+        "truncated": truncated,
+        "splits": {s: w.rows for s, w in writers.items()},
+        "per_source": per_source,
         "length_histogram": _histogram(lengths, config.max_tokens),
         "categories": {str(k): v for k, v in sorted(per_category.items(), key=lambda kv: str(kv[0]))}
-        if writers and writers["train"].with_category else {},
-        "seconds": round(time.perf_counter() - started, 3), "config": asdict(config),
-    }  # fmt: skip
+        if writers and writers["train"].with_category
+        else {},
+        "seconds": round(time.perf_counter() - started, 3),
+        "config": asdict(config),
+    }
     if rows_out == 0:
         raise UserError(
             f"no prompt is left after curation ({rows_in} rows in; dropped: "
@@ -505,14 +521,17 @@ def curate(config: CurateConfig, progress: bool = False) -> dict:
             + "); check the sources, --column and the filters"
         )
     root = out_path.rstrip("/")
-    fs.pipe_file(f"{root}/stats.json", json.dumps(stats, indent=2).encode())
+    storage.write_json(fs, f"{root}/stats.json", stats)
     fs.pipe_file(f"{root}/summary.md", summary_markdown(stats).encode())
     manifest = {
-        "kind": "distar.prompts", "version": 1, "columns": writers["train"]._columns(),
+        "kind": "distar.prompts",
+        "version": 1,
+        "columns": writers["train"]._columns(),
         "splits": {s: {"rows": w.rows, "files": w.files} for s, w in writers.items()},
-        "sources": config.sources, "rows": rows_out,
-    }  # fmt: skip
-    fs.pipe_file(f"{root}/{MANIFEST}", json.dumps(manifest, indent=2).encode())
+        "sources": config.sources,
+        "rows": rows_out,
+    }
+    storage.write_json(fs, f"{root}/{MANIFEST}", manifest)
     return stats
 
 
@@ -526,9 +545,16 @@ def _histogram(lengths: Counter, max_tokens: int, bins: int = 8) -> list[dict]:
 
 
 def summary_markdown(stats: dict) -> str:
-    lines = ["# Prompt-set curation", "", f"{stats['rows_in']} rows in, {stats['rows_out']} prompts out "
-             f"(train {stats['splits'].get('train', 0)}, eval {stats['splits'].get('eval', 0)}); "
-             f"{stats['truncated']} truncated to the token limit.", "", "| rule | dropped |", "|---|---|"]  # fmt: skip
+    lines = [
+        "# Prompt-set curation",
+        "",
+        f"{stats['rows_in']} rows in, {stats['rows_out']} prompts out "
+        f"(train {stats['splits'].get('train', 0)}, eval {stats['splits'].get('eval', 0)}); "
+        f"{stats['truncated']} truncated to the token limit.",
+        "",
+        "| rule | dropped |",
+        "|---|---|",
+    ]
     lines += [f"| {rule} | {n} |" for rule, n in stats["dropped"].items()]
     lines += ["", "| source | rows in |", "|---|---|"] + [f"| {s} | {n} |" for s, n in stats["per_source"].items()]
     lines += ["", "| CLIP tokens | prompts |", "|---|---|"]

@@ -6,7 +6,7 @@ Kernel score        ∇_{x_t} log p(x_t | x0) = −ε / σ_t
 One-step generator  x0 = (z − σ_{t*} ε̂_θ(z, t*, c)) / a_{t*}     (DMD2 convention, t* = 399 for SDXL)
 
 No I/O, no configuration, no distributed code: every function here is checked against
-docs/METHOD.md line by line and against closed forms in tests/test_diffusion.py.
+docs/METHOD.md line by line and against closed forms in tests/unit/test_diffusion.py.
 """
 
 from __future__ import annotations

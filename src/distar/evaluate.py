@@ -22,11 +22,10 @@ from pathlib import Path
 
 import torch
 
-from distar import storage, tiny_preset
+from distar import sources, storage, tiny_preset
 from distar.errors import UserError
+from distar.prompt_sets import HPS_STYLES, PARTI_URL
 
-PARTI_URL = "https://raw.githubusercontent.com/google-research/parti/main/PartiPrompts.tsv"
-HPS_STYLES = ("anime", "concept-art", "paintings", "photo")
 PARTI_METRICS = ("imagereward", "aesthetic", "pickscore", "clip")
 # The paper's scale of each reward's raw score (README: rewards table).
 PAPER_SCALE = {"pickscore": 0.01, "hpsv2.1": 100.0, "imagereward": 1.0, "aesthetic": 1.0, "clip": 1.0}
@@ -99,7 +98,7 @@ def load_prompts(config: EvaluateConfig) -> list[Prompt]:
     if wanted & set(PARTI_METRICS):
         reader = CurateConfig([], "", column=None, category_column=None)
         texts, cats = [], []
-        for rows in read_source(tiny_preset.resolve(config.prompts), reader):
+        for rows in read_source(sources.local(config.prompts), reader):
             texts += rows.as_list()
             cats += rows.categories or [None] * len(rows.prompts)
         for i, (t, c) in enumerate(zip(texts, cats, strict=True)):
@@ -109,9 +108,11 @@ def load_prompts(config: EvaluateConfig) -> list[Prompt]:
             prompts = prompts[: config.max_prompts]
     if "hpsv2.1" in wanted:
         if not config.hps_prompts:
-            raise UserError("hpsv2.1 is evaluated on the HPSv2 benchmark prompts: pass --hps-prompts (a directory "
-                            "of anime.json, concept-art.json, paintings.json, photo.json) or drop hpsv2.1")  # fmt: skip
-        fs, path = storage.filesystem(tiny_preset.resolve(config.hps_prompts))
+            raise UserError(
+                "hpsv2.1 is evaluated on the HPSv2 benchmark prompts: pass --hps-prompts (a directory "
+                "of anime.json, concept-art.json, paintings.json, photo.json) or drop hpsv2.1"
+            )
+        fs, path = storage.filesystem(sources.local(config.hps_prompts))
         for style in HPS_STYLES:
             f = f"{path.rstrip('/')}/{style}.json"
             if not fs.exists(f):
@@ -134,26 +135,19 @@ class Sampler:
         from diffusers import StableDiffusionXLPipeline
 
         self.steps = None
+        parsed = sources.parse(spec, evaluate_forms=True)
         source, unet = spec, None
-        if spec.startswith("unet:"):  # the initial generator: a raw UNet state dict in the reference's pipeline
-            if not config.reference:
-                raise UserError(f"{spec!r} needs --reference (the pipeline whose UNet it replaces)")
+        if parsed.kind in ("unet", "reference") and not config.reference:
+            raise UserError(f"{spec!r} needs --reference (the pipeline whose UNet it replaces, or that it samples)")
+        if parsed.kind == "unet":  # the initial generator: a raw UNet state dict in the reference's pipeline
             from distar.models.sdxl import load_dmd2_unet
 
-            reference = tiny_preset.resolve(config.reference)
-            unet = load_dmd2_unet(tiny_preset.resolve(spec[len("unet:") :]), reference, cache_dir=config.cache_dir)
+            unet = load_dmd2_unet(parsed.inner.text, config.reference, cache_dir=config.cache_dir)
             source = config.reference
-        elif spec.startswith("reference:"):
-            try:
-                self.steps = int(spec.split(":", 1)[1])
-            except ValueError:
-                raise UserError(f"{spec!r}: write reference:N with N the number of sampling steps") from None
-            if not config.reference:
-                raise UserError(f"{spec!r} needs --reference (the pipeline to sample with {self.steps} steps)")
+        elif parsed.kind == "reference":
+            self.steps = parsed.steps
             source = config.reference
-        from distar.models.hub import resolve_model_dir
-
-        root = resolve_model_dir(tiny_preset.resolve(source), cache_dir=config.cache_dir)
+        root = sources.resolve_dir(source, cache_dir=config.cache_dir)
         if not (root / "model_index.json").is_file():
             raise UserError(f"{source!r} is not a diffusers pipeline (no model_index.json); run `distar export`")
         extra = {"unet": unet} if unet is not None else {}
@@ -175,12 +169,23 @@ class Sampler:
         latents = torch.stack([self.noise(p) for p in prompts]).to(self.device)
         texts = [p.text for p in prompts]
         if self.steps is None:
-            out = self.pipe(texts, latents=latents, num_inference_steps=1, timesteps=[self.config.t_star],
-                            guidance_scale=0.0, output_type="pt")  # fmt: skip
+            out = self.pipe(
+                texts,
+                latents=latents,
+                num_inference_steps=1,
+                timesteps=[self.config.t_star],
+                guidance_scale=0.0,
+                output_type="pt",
+            )
         else:
             latents = latents * self.pipe.scheduler.init_noise_sigma
-            out = self.pipe(texts, latents=latents, num_inference_steps=self.steps,
-                            guidance_scale=self.config.guidance_scale, output_type="pt")  # fmt: skip
+            out = self.pipe(
+                texts,
+                latents=latents,
+                num_inference_steps=self.steps,
+                guidance_scale=self.config.guidance_scale,
+                output_type="pt",
+            )
         return out.images.float().clamp(0, 1)
 
 
@@ -189,8 +194,7 @@ def _load_metrics(config: EvaluateConfig, device):
 
     models = {}
     for name in config.rewards:
-        spec = RewardSpec(name, 1.0, tiny_preset.resolve(config.sources.get(name)),
-                          head=tiny_preset.resolve(config.heads.get(name)))  # fmt: skip
+        spec = RewardSpec(name, 1.0, config.sources.get(name), head=config.heads.get(name))
         models[name] = load_reward(spec, cache_dir=config.cache_dir).to(device).eval()
     return models
 
@@ -215,8 +219,14 @@ def _evaluate_one(spec: str, role: str, prompts, metrics, config, device, out_fs
         began = time.perf_counter()
         images = sampler(batch)
         seconds += time.perf_counter() - began
-        rows = {"id": [p.id for p in batch], "prompt": [p.text for p in batch], "group": [p.group for p in batch],
-                "set": [p.set for p in batch], "image": [], "seconds_per_image": []}  # fmt: skip
+        rows = {
+            "id": [p.id for p in batch],
+            "prompt": [p.text for p in batch],
+            "group": [p.group for p in batch],
+            "set": [p.set for p in batch],
+            "image": [],
+            "seconds_per_image": [],
+        }
         for name, model in metrics.items():
             wanted = [i for i, p in enumerate(batch) if (p.set == "hps") == (name == "hpsv2.1")]
             values = [float("nan")] * len(batch)
@@ -286,16 +296,21 @@ def evaluate(config: EvaluateConfig) -> dict:
     unknown = sorted(set(config.rewards) - set(PAPER_SCALE))
     if unknown:
         raise UserError(f"unknown metric(s) {unknown}; choose from {', '.join(PAPER_SCALE)}")
-    device = torch.device("cuda" if config.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if config.device == "auto" else config.device))  # fmt: skip
+    device = torch.device(
+        "cuda"
+        if config.device == "auto" and torch.cuda.is_available()
+        else ("cpu" if config.device == "auto" else config.device)
+    )
+    tiny_preset.prepare(asdict(config))
     prompts = load_prompts(config)
     metrics = _load_metrics(config, device)
     out_fs, out_path = storage.filesystem(config.out)
     out_path = out_path.rstrip("/")
     runs = {"model": _evaluate_one(config.model, "model", prompts, metrics, config, device, out_fs, out_path)}
     if config.baseline:
-        runs["baseline"] = _evaluate_one(config.baseline, "baseline", prompts, metrics, config, device, out_fs,
-                                         out_path)  # fmt: skip
+        runs["baseline"] = _evaluate_one(
+            config.baseline, "baseline", prompts, metrics, config, device, out_fs, out_path
+        )
     results, tables = {}, {}
     for role in runs:
         tables[role] = _read_scores(out_fs, out_path, role)
@@ -303,9 +318,16 @@ def evaluate(config: EvaluateConfig) -> dict:
         buf = io.BytesIO()
         pq.write_table(tables[role], buf)
         out_fs.pipe_file(f"{out_path}/{'scores' if role == 'model' else 'baseline_scores'}.parquet", buf.getvalue())
-    report = {"model": config.model, "baseline": config.baseline, "results": results, "runs": runs, "paper": PAPER,
-              "config": asdict(config), "prompts": len(prompts)}  # fmt: skip
-    out_fs.pipe_file(f"{out_path}/metrics.json", json.dumps(report, indent=2).encode())
+    report = {
+        "model": config.model,
+        "baseline": config.baseline,
+        "results": results,
+        "runs": runs,
+        "paper": PAPER,
+        "config": asdict(config),
+        "prompts": len(prompts),
+    }
+    storage.write_json(out_fs, f"{out_path}/metrics.json", report)
     out_fs.pipe_file(f"{out_path}/report.html", render_report(report, tables, out_fs, out_path).encode())
     return report
 
@@ -315,12 +337,19 @@ def _histogram_png(values_by_role: dict[str, list[float]], name: str) -> str:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
-    fig, ax = plt.subplots(figsize=(4, 2.6), dpi=80)
+    fig, ax = plt.subplots(figsize=(4.8, 3.0), dpi=100)
     for role, values in values_by_role.items():
         ax.hist(values, bins=20, alpha=0.6, label=role)
-    ax.set_title(name)
-    ax.legend()
+    ax.set_title(name, fontsize=10)
+    ax.set_xlabel("score (paper scale)", fontsize=8)
+    ax.set_ylabel("images", fontsize=8)
+    # Few, small ticks: the default locator puts long float labels edge to edge on a 4-inch axis.
+    ax.xaxis.set_major_locator(MaxNLocator(nbins=5))
+    ax.yaxis.set_major_locator(MaxNLocator(nbins=4, integer=True))
+    ax.tick_params(labelsize=7)
+    ax.legend(fontsize=7)
     buf = io.BytesIO()
     fig.tight_layout()
     fig.savefig(buf, format="png")

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from distar import storage, tiny_preset
+from distar import sources, storage, tiny_preset
 from distar.errors import UserError
 from distar.train.checkpoint import MARKER, Checkpointer, load_unet_weights, read_config
 
@@ -65,8 +65,10 @@ def _generator_unet(reference_root: Path, weights: dict[str, torch.Tensor], sour
     missing, unexpected = unet.load_state_dict(weights, strict=False)
     if missing or unexpected:
         example = (missing + unexpected)[:3]
-        raise UserError(f"{source}: the generator's weights do not fit the reference's UNet config "
-                        f"({len(missing)} missing, {len(unexpected)} unexpected keys, e.g. {example})")  # fmt: skip
+        raise UserError(
+            f"{source}: the generator's weights do not fit the reference's UNet config "
+            f"({len(missing)} missing, {len(unexpected)} unexpected keys, e.g. {example})"
+        )
     return unet
 
 
@@ -78,8 +80,9 @@ def export(config: ExportConfig) -> dict:
     checkpoint = resolve_checkpoint(config.checkpoint)
     train = read_config(checkpoint)
     model = train["model"]
-    hub = {"cache_dir": model["cache_dir"], "offline": True if model["offline"] else None}
-    reference = tiny_preset.resolve(model["reference"])
+    tiny_preset.prepare(model)
+    hub = sources.hub_options(model["cache_dir"], model["offline"])
+    reference = model["reference"]
     parts = ["tokenizer", "tokenizer_2", "text_encoder", "text_encoder_2", "unet"]
     root = locate(reference, parts + ([] if model["vae"] else ["vae"]), revision=model["revision"], **hub)
     unet = _generator_unet(root, load_unet_weights(checkpoint, "generator"), checkpoint)
@@ -91,15 +94,22 @@ def export(config: ExportConfig) -> dict:
             raise UserError(
                 f"--ema: checkpoint {checkpoint!r} holds no EMA weights (train with ema_decay > 0)"
             ) from err
-    vae = load_vae(tiny_preset.resolve(model["vae"]) or root, dtype="fp32", **hub)
+    vae = load_vae(model["vae"] or root, dtype="fp32", **hub)
     scheduler = LCMScheduler.from_config(
         json.loads((root / "scheduler" / "scheduler_config.json").read_text()) if (root / "scheduler").is_dir() else {}
     )
     pipe = StableDiffusionXLPipeline.from_pretrained(
-        root, unet=unet, vae=vae, scheduler=scheduler, torch_dtype=torch.float32,
-    )  # fmt: skip
-    trainer_state = json.loads(storage.filesystem(checkpoint)[0].cat_file(
-        f"{storage.filesystem(checkpoint)[1].rstrip('/')}/trainer_state.json"))  # fmt: skip
+        root,
+        unet=unet,
+        vae=vae,
+        scheduler=scheduler,
+        torch_dtype=torch.float32,
+    )
+    trainer_state = json.loads(
+        storage.filesystem(checkpoint)[0].cat_file(
+            f"{storage.filesystem(checkpoint)[1].rstrip('/')}/trainer_state.json"
+        )
+    )
     metrics = None
     if config.metrics:
         fs, path = storage.filesystem(config.metrics)
@@ -116,13 +126,19 @@ def export(config: ExportConfig) -> dict:
 
             save_file({k: v.contiguous() for k, v in unet.state_dict().items()}, str(local / SINGLE_FILE))
         distar_meta = {
-            "checkpoint": checkpoint, "step": trainer_state["step"], "t_star": model["t_star"],
-            "reference": model["reference"], "generator_init": model["generator_init"],
-            "config_digest": trainer_state.get("config_digest"), "loss": train["loss"], "reward": train["reward"],
-        }  # fmt: skip
+            "checkpoint": checkpoint,
+            "step": trainer_state["step"],
+            "t_star": model["t_star"],
+            "reference": model["reference"],
+            "generator_init": model["generator_init"],
+            "config_digest": trainer_state.get("config_digest"),
+            "loss": train["loss"],
+            "reward": train["reward"],
+        }
         (local / "distar.json").write_text(json.dumps(distar_meta, indent=2))
-        (local / "README.md").write_text(model_card(distar_meta, metrics, ema=ema_unet is not None,
-                                                    single_file=config.single_file))  # fmt: skip
+        (local / "README.md").write_text(
+            model_card(distar_meta, metrics, ema=ema_unet is not None, single_file=config.single_file)
+        )
         index = (local / "model_index.json").read_text()
         (local / "model_index.json").unlink()
         fs, out_path = storage.filesystem(config.out)
@@ -141,29 +157,50 @@ def export(config: ExportConfig) -> dict:
 def model_card(meta: dict, metrics: dict | None, ema: bool, single_file: bool) -> str:
     loss, reward, t = meta["loss"], meta["reward"], meta["t_star"]
     lines = [
-        "---", "library_name: diffusers", "pipeline_tag: text-to-image", "tags: [diff-instruct-star, one-step, sdxl]",
-        f"base_model: {meta['reference']}", "---", "",
-        "# One-step SDXL generator post-trained with Diff-Instruct* (DI*)", "",
+        "---",
+        "library_name: diffusers",
+        "pipeline_tag: text-to-image",
+        "tags: [diff-instruct-star, one-step, sdxl]",
+        f"base_model: {meta['reference']}",
+        "---",
+        "",
+        "# One-step SDXL generator post-trained with Diff-Instruct* (DI*)",
+        "",
         f"Trained by distar for {meta['step']} generator updates from `{meta['generator_init']}` against the reference "
         f"`{meta['reference']}` (CFG {loss['alpha_cfg']}, {loss['cfg']}): a {loss['distance']} score divergence "
         f"({loss['divergence']}, c = {loss['huber_c']} in score units) and the reward "
-        f"{', '.join(f'{w} × {n}' for n, w in reward['weights'].items())} with α_rew = {loss['alpha_rew']}.", "",
-        "## Use", "", "```python", "import torch", "from diffusers import StableDiffusionXLPipeline", "",
+        f"{', '.join(f'{w} × {n}' for n, w in reward['weights'].items())} with α_rew = {loss['alpha_rew']}.",
+        "",
+        "## Use",
+        "",
+        "```python",
+        "import torch",
+        "from diffusers import StableDiffusionXLPipeline",
+        "",
         'pipe = StableDiffusionXLPipeline.from_pretrained("PATH", torch_dtype=torch.float16, variant="fp16")',
         'pipe = pipe.to("cuda")',
         f'image = pipe("a photo of a cat", num_inference_steps=1, timesteps=[{t}], guidance_scale=0).images[0]',
-        "```", "",
+        "```",
+        "",
         f"One step at t* = {t} (the LCMScheduler is configured; pass `timesteps=[{t}]`), no CFG.",
-    ]  # fmt: skip
+    ]
     if ema:
-        lines += ["", "`unet_ema/` holds the EMA of the generator's weights: "
-                  '`UNet2DConditionModel.from_pretrained("PATH", subfolder="unet_ema")`.']  # fmt: skip
+        lines += [
+            "",
+            "`unet_ema/` holds the EMA of the generator's weights: "
+            '`UNet2DConditionModel.from_pretrained("PATH", subfolder="unet_ema")`.',
+        ]
     if single_file:
         lines += ["", f"`{SINGLE_FILE}` is the UNet as one fp16 state dict (DMD2's file layout)."]
     if metrics:
         lines += ["", "## Metrics", "", "| metric | value |", "|---|---|"]
         lines += [f"| {k} | {v:.4g} |" for k, v in metrics.items() if isinstance(v, (int, float))]
-    lines += ["", "## Provenance", "", f"- checkpoint: `{meta['checkpoint']}`",
-              f"- config digest: `{meta['config_digest']}`",
-              "- method: Luo et al., *Diff-Instruct\\**, arXiv 2410.20898"]  # fmt: skip
+    lines += [
+        "",
+        "## Provenance",
+        "",
+        f"- checkpoint: `{meta['checkpoint']}`",
+        f"- config digest: `{meta['config_digest']}`",
+        "- method: Luo et al., *Diff-Instruct\\**, arXiv 2410.20898",
+    ]
     return "\n".join(lines) + "\n"

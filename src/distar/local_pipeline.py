@@ -10,7 +10,7 @@ import importlib.util
 import time
 from pathlib import Path
 
-from distar import tiny_preset
+from distar import sources, tiny_preset
 from distar.errors import UserError
 
 SDXL = "stabilityai/stable-diffusion-xl-base-1.0"
@@ -20,24 +20,40 @@ DMD2 = "tianweiy/DMD2:dmd2_sdxl_1step_unet_fp16.bin"
 def tiny_arguments() -> dict:
     t = tiny_preset.PREFIX
     cache_models = [
-        f"{SDXL}={t}sdxl", f"{DMD2}={t}dmd2_unet.safetensors",
+        f"{SDXL}={t}sdxl",
+        f"{DMD2}={t}dmd2_unet.safetensors",
         f"yuvalkirstain/PickScore_v1={t}rewards/pickscore",
         f"laion/CLIP-ViT-H-14-laion2B-s32B-b79K={t}rewards/pickscore",
-        f"openai/clip-vit-large-patch14={t}rewards/clip", f"xswu/HPSv2-converted={t}rewards/hpsv2.1",
+        f"openai/clip-vit-large-patch14={t}rewards/clip",
+        f"xswu/HPSv2-converted={t}rewards/hpsv2.1",
         f"THUDM/ImageReward-converted={t}rewards/imagereward",
         f"camenduru/improved-aesthetic-predictor:sac+logos+ava1-l14-linearMSE.pth="
         f"{t}rewards/aesthetic/aesthetic_head.safetensors",
-        f"prompts/parti:prompts.parquet={t}prompts/part-00000.parquet", f"prompts/hpsv2={t}hps",
-    ]  # fmt: skip
+        f"prompts/parti:prompts.parquet={t}prompts/part-00000.parquet",
+        f"prompts/hpsv2={t}hps",
+    ]
     return {
-        "prompt_sources": [tiny_preset.resolve(f"{t}prompts/part-00000.parquet")],
-        "tokenizer": f"{t}sdxl", "eval_fraction": 0.05, "cache_models": cache_models, "preset": "tiny",
-        "train_overrides": [f"model.reference={SDXL}", f"model.generator_init={DMD2}", "reward.sources={}",
-                            "steps=4", "checkpoint.every=2", "log.progress=false"],
-        "train_launcher": "local", "nproc_per_node": 2, "gpus_per_node": 0, "max_restarts": 0,
+        "prompt_sources": [str(sources.tiny_path("prompts/part-00000.parquet"))],
+        "tokenizer": f"{t}sdxl",
+        "eval_fraction": 0.05,
+        "cache_models": cache_models,
+        "preset": "tiny",
+        "train_overrides": [
+            f"model.reference={SDXL}",
+            f"model.generator_init={DMD2}",
+            "reward.sources={}",
+            "steps=4",
+            "checkpoint.every=2",
+            "log.progress=false",
+        ],
+        "train_launcher": "local",
+        "nproc_per_node": 2,
+        "gpus_per_node": 0,
+        "max_restarts": 0,
         "eval_prompts": "prompts/parti/prompts.parquet",
-        "eval_max_prompts": 4, "eval_batch_size": 4,
-    }  # fmt: skip
+        "eval_max_prompts": 4,
+        "eval_batch_size": 4,
+    }
 
 
 def pipeline_module():
@@ -70,3 +86,34 @@ def run_local(preset: str, root: str | Path, overrides: dict | None = None) -> P
     if not runs:
         raise RuntimeError(f"kfp.local wrote no run under {root} (started {started})")
     return runs[-1]
+
+
+# What each output of a local run shows, in the order the DAG writes them.
+OUTPUTS = [
+    ("curate/prompts", "the curated prompt set: train/ and eval/ shards; stats.json counts what each rule dropped"),
+    ("curate/summary", "the same counts as Markdown"),
+    ("cache/model_cache", "the model cache: the tiny models under the SDXL run's hub ids, manifest.json with sha256"),
+    ("train/checkpoints", "checkpoints/step_*/ (COMPLETE last), logs/metrics.jsonl (the training curves), samples/"),
+    ("export/pipeline", "a diffusers StableDiffusionXLPipeline for one-step sampling, with its model card"),
+    ("evaluate/metrics", "the evaluation metrics on the paper's scales"),
+    ("evaluate/report", "report.html: metrics against the baseline and the paper's rows, histograms, images"),
+]
+
+TINY_NOTE = (
+    "The tiny preset's models are random, so every image is noise by design. What a tiny run shows is the plumbing: "
+    "loss/generator, divergence and reward change from step to step in logs/metrics.jsonl, a checkpoint is "
+    "complete, stock diffusers loads the export, and the report lists every metric. Pictures worth looking at need "
+    "real weights: the sdxl preset on a GPU (docs/TRAINING.md)."
+)
+
+
+def describe(run: Path, preset: str) -> list[str]:
+    """Closing lines for a finished local run: where each output is and what it shows."""
+    lines = [f"pipeline run: {run}"]
+    for rel, what in OUTPUTS:
+        path = run / rel
+        if path.exists():
+            lines.append(f"  {path}\n      {what}")
+    if preset == "tiny":
+        lines.append(TINY_NOTE)
+    return lines

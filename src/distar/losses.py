@@ -14,24 +14,52 @@ Units: y is in score units (s = −ε̂/σ_t), so the pseudo-Huber constant c is
 An ε-unit difference δ gives ‖y‖ = ‖δ‖/σ_t.
 
 The losses are surrogates: their *gradients* equal the gradients of the divergences (checked
-against closed forms in tests/test_losses.py); their values are not the divergences. Use
+against closed forms in tests/unit/test_losses.py); their values are not the divergences. Use
 `score_distance` to log the divergence itself.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal, NamedTuple, get_args
 
 import torch
 
 from distar.diffusion import VPSchedule
 
 EpsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+BranchesFn = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
-DIVERGENCES = ("score", "kl")
-DISTANCES = ("pseudo_huber", "l2")
-FORMS = ("sim", "full")
+Divergence = Literal["score", "kl"]
+Distance = Literal["pseudo_huber", "l2"]
+Form = Literal["sim", "full"]
+Weighting = Literal["uniform", "sigma", "sigma2"]
+DIVERGENCES: tuple[str, ...] = get_args(Divergence)
+DISTANCES: tuple[str, ...] = get_args(Distance)
+FORMS: tuple[str, ...] = get_args(Form)
+TIME_WEIGHTINGS: tuple[str, ...] = get_args(Weighting)
 DEFAULT_HUBER_C = 1.0
+
+
+@dataclass
+class DivergenceConfig:
+    """The divergence D of the objective; the trainer's loss config and the 2-D lab's config both extend it."""
+
+    divergence: Divergence = "score"
+    """"score" (DI*) or "kl" (the Diff-Instruct / DI++ baseline)."""
+    distance: Distance = "pseudo_huber"
+    """d on score differences: "pseudo_huber" or "l2"."""
+    huber_c: float = DEFAULT_HUBER_C
+    """Pseudo-Huber c in score units (the paper's value is not public; docs/METHOD.md §3 says why 1)."""
+    form: Form = "sim"
+    """"sim" (stop-gradient sampling measure, the theorem's loss) or "full" (adds + w·d(y_t))."""
+    weighting: Weighting = "sigma"
+    """w(t) of the divergence: "uniform", "sigma" or "sigma2" (time_weight)."""
+
+    def loss_kwargs(self) -> dict:
+        """The keyword arguments of `generator_loss` this config fixes (the weight is per sample: time_weight)."""
+        return {"divergence": self.divergence, "distance": self.distance, "huber_c": self.huber_c, "form": self.form}
 
 
 def cfg(eps_uncond: torch.Tensor, eps_cond: torch.Tensor, guidance_scale: float) -> torch.Tensor:
@@ -66,7 +94,23 @@ def score_distance_grad(y: torch.Tensor, distance: str = "pseudo_huber", huber_c
     return y / norm.reshape((-1,) + (1,) * (y.ndim - 1))
 
 
-def generator_loss(
+class GeneratorLossParts(NamedTuple):
+    """What one evaluation of the divergence part of the generator loss yields."""
+
+    loss: torch.Tensor
+    """L_div, the surrogate, as a batch mean (its gradient is the divergence's)."""
+    divergence: torch.Tensor
+    """w(t)·d(y_t) per sample, detached: the Monte-Carlo integrand of D itself (for logging)."""
+    x_t: torch.Tensor
+    """The noised sample a_t x0 + σ_t ε, carrying the graph to θ."""
+
+
+def generator_loss(*args, **kwargs) -> torch.Tensor:
+    """L_div alone: `generator_loss_parts(...).loss`, with the same arguments."""
+    return generator_loss_parts(*args, **kwargs).loss
+
+
+def generator_loss_parts(
     x0: torch.Tensor,
     t: torch.Tensor,
     eps: torch.Tensor,
@@ -79,8 +123,8 @@ def generator_loss(
     huber_c: float = DEFAULT_HUBER_C,
     form: str = "sim",
     weight: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """The divergence part of the generator loss, L_div, as a batch mean (METHOD.md §4).
+) -> GeneratorLossParts:
+    """The divergence part of the generator loss, L_div, as a batch mean (METHOD.md §4), with its parts.
 
     x0: generator output (B, …) carrying the graph to θ.  t: LongTensor (B,).  eps: noise like x0.
     eps_assistant(x_t, t), eps_reference(x_t, t): ε-predictions; the reference already includes its
@@ -88,6 +132,7 @@ def generator_loss(
     differentiates through their inputs only.
     divergence: "score" (DI*) or "kl" (Diff-Instruct / DI++).  distance: "pseudo_huber" or "l2".
     form: "sim" (sampling measure stop-gradient) or "full" (adds + w·d(y_t)).  weight: w(t) per sample.
+    Returns the loss, w(t)·d(y_t) per sample and x_t.
     """
     _check_choice("divergence", divergence, DIVERGENCES)
     _check_choice("distance", distance, DISTANCES)
@@ -112,8 +157,9 @@ def generator_loss(
             eps_psi = _call(eps_assistant, "eps_assistant", x_t_frozen, t)
             eps_ref = _call(eps_reference, "eps_reference", x_t_frozen, t)
             score_diff = -(eps_psi - eps_ref) / sigma
+            value = weight * score_distance(score_diff, distance, huber_c)
         per_sample = (score_diff * x_t).flatten(1).sum(dim=1)
-        return (weight * per_sample).mean()
+        return GeneratorLossParts((weight * per_sample).mean(), value, x_t)
 
     eps_psi = _call(eps_assistant, "eps_assistant", x_t, t)
     eps_ref = _call(eps_reference, "eps_reference", x_t, t)
@@ -124,7 +170,60 @@ def generator_loss(
     per_sample = -(d_prime * score_residual).flatten(1).sum(dim=1)
     if form == "full":
         per_sample = per_sample + score_distance(y, distance, huber_c)
-    return (weight * per_sample).mean()
+    with torch.no_grad():
+        value = weight * score_distance(y, distance, huber_c)
+    return GeneratorLossParts((weight * per_sample).mean(), value, x_t)
+
+
+class GeneratorObjective(NamedTuple):
+    """L_G and its terms, each a batch mean (METHOD.md §4)."""
+
+    loss: torch.Tensor
+    """L_G = −α_rew·r + L_div (+ the CFG reward term when CFG acts outside the divergence)."""
+    reward_loss: torch.Tensor
+    """−α_rew · mean r (zero without a reward, or with α_rew = 0)."""
+    divergence_loss: torch.Tensor
+    """L_div, the surrogate."""
+    cfg_loss: torch.Tensor | None
+    """−(α_cfg − 1) E[w log p(c|x_t)] when CFG acts as a reward; None otherwise."""
+    divergence: torch.Tensor
+    """w(t)·d(y_t) per sample, detached."""
+
+
+def generator_objective(
+    x0: torch.Tensor,
+    t: torch.Tensor,
+    eps: torch.Tensor,
+    eps_assistant: EpsFn,
+    eps_reference: EpsFn,
+    schedule: VPSchedule,
+    *,
+    reward: torch.Tensor | None = None,
+    alpha_rew: float = 0.0,
+    reference_branches: BranchesFn | None = None,
+    alpha_cfg: float = 1.0,
+    weight: torch.Tensor | None = None,
+    **divergence_kwargs,
+) -> GeneratorObjective:
+    """The whole generator loss L_G = −α_rew·r + L_div (+ the CFG reward term).
+
+    reward: r per sample, carrying the graph to x0 (through decode and the reward model) when α_rew ≠ 0.
+    reference_branches(x_t, t) → (ε_ref(·|∅), ε_ref(·|c)): given when CFG acts as a reward (α_cfg ≠ 1) instead
+    of inside the divergence; eps_reference is then the conditional reference. divergence_kwargs: as in
+    `generator_loss` (divergence, distance, huber_c, form).
+    """
+    div = generator_loss_parts(x0, t, eps, eps_assistant, eps_reference, schedule, weight=weight, **divergence_kwargs)
+    reward_loss = x0.new_zeros(())
+    if reward is not None and alpha_rew != 0:
+        reward_loss = -alpha_rew * reward.mean()
+    loss = reward_loss + div.loss
+    cfg_loss = None
+    if reference_branches is not None and alpha_cfg != 1.0:
+        with torch.no_grad():
+            eps_uncond, eps_cond = reference_branches(div.x_t.detach(), t)
+        cfg_loss = cfg_reward_loss(div.x_t, t, eps_cond, eps_uncond, schedule, alpha_cfg, weight)
+        loss = loss + cfg_loss
+    return GeneratorObjective(loss, reward_loss, div.loss, cfg_loss, div.divergence)
 
 
 def cfg_reward_loss(
@@ -167,9 +266,6 @@ def assistant_loss(eps_hat: torch.Tensor, eps: torch.Tensor, weight: torch.Tenso
     weight = _per_sample_weight(weight, eps)
     per_sample = (eps_hat - eps).flatten(1).pow(2).mean(dim=1) if eps.ndim > 1 else (eps_hat - eps).pow(2)
     return (weight * per_sample).mean()
-
-
-TIME_WEIGHTINGS = ("uniform", "sigma", "sigma2")
 
 
 def time_weight(schedule: VPSchedule, t: torch.Tensor, kind: str, like: torch.Tensor) -> torch.Tensor:

@@ -21,7 +21,7 @@ from torch import nn
 
 from distar.errors import UserError
 from distar.models.architectures import ARCHITECTURES, Architecture, random_networks
-from distar.models.sdxl import parse_dtype
+from distar.sources import parse_dtype
 from distar.train import parallel
 from distar.train.config import TrainConfig
 
@@ -138,9 +138,12 @@ def measure_activations(config: TrainConfig, arch: Architecture, nets: dict | No
         reward = reward.to(parse_dtype(config.reward.dtype)).requires_grad_(False)
 
     vae_blocks = [resnet for resnets in parallel.vae_decoder_resnets(vae) for resnet in resnets]
-    blocks = {"generator": parallel.unet_block_modules(generator.unet),
-              "assistant": parallel.unet_block_modules(assistant.unet),
-              "reference": parallel.unet_block_modules(reference.unet), "vae": vae_blocks}  # fmt: skip
+    blocks = {
+        "generator": parallel.unet_block_modules(generator.unet),
+        "assistant": parallel.unet_block_modules(assistant.unet),
+        "reference": parallel.unet_block_modules(reference.unet),
+        "vae": vae_blocks,
+    }
     modules = [generator, assistant, reference, vae] + ([reward] if reward is not None else [])
     counter = _SavedBytes(modules, blocks)
     b, side = config.data.batch_size, config.data.resolution // arch.vae_factor
@@ -181,8 +184,7 @@ def measure_activations(config: TrainConfig, arch: Architecture, nets: dict | No
     return Activations(parts, with_ckpt, recompute)
 
 
-def plan(config: TrainConfig, world_size: int, arch: Architecture | str = "sdxl",
-         text_encoders: bool = False) -> dict:  # fmt: skip
+def plan(config: TrainConfig, world_size: int, arch: Architecture | str = "sdxl", text_encoders: bool = False) -> dict:
     """Per-GPU bytes of each item and the predicted peak for `config` on `world_size` GPUs."""
     if world_size < 1:
         raise UserError(f"--gpus must be at least 1, got {world_size}")
@@ -195,8 +197,9 @@ def plan(config: TrainConfig, world_size: int, arch: Architecture | str = "sdxl"
     shard = world_size if strategy == "fsdp" else 1
     if strategy == "none" and world_size > 1:
         raise UserError("parallel.strategy='none' runs one process; plan it with --gpus 1, or choose ddp or fsdp")
-    ref_b, vae_b, rew_b = (parse_dtype(d).itemsize for d in (config.model.reference_dtype, config.model.vae_dtype,
-                                                             config.reward.dtype))  # fmt: skip
+    ref_b, vae_b, rew_b = (
+        parse_dtype(d).itemsize for d in (config.model.reference_dtype, config.model.vae_dtype, config.reward.dtype)
+    )
     bf16 = config.parallel.mixed_precision == "bf16"
     items = {
         "weights: generator + assistant (fp32)": 2 * 4 * p_unet / shard,
@@ -220,25 +223,39 @@ def plan(config: TrainConfig, world_size: int, arch: Architecture | str = "sdxl"
     # ends in the generator; its gradients exist only from then on. Multi-tensor AdamW then makes full-size
     # temporaries (√v, the update) of one network's parameters.
     phases = {
-        "generator update: backward through the frozen networks":
-            sum(used.values()) + frozen_recompute + autocast_copies + in_flight,
-        "generator update: generator backward":
-            used["generator"] + recompute.get("generator", 0) + grads + autocast_copies + in_flight,
+        "generator update: backward through the frozen networks": sum(used.values())
+        + frozen_recompute
+        + autocast_copies
+        + in_flight,
+        "generator update: generator backward": used["generator"]
+        + recompute.get("generator", 0)
+        + grads
+        + autocast_copies
+        + in_flight,
         "assistant update": grads + used["assistant"] + recompute.get("assistant", 0) + autocast_copies + in_flight,
         "optimizer step": grads + (0 if _fused(config) else 4 * p_unet / shard),
-    }  # fmt: skip
+    }
     peak_phase = max(phases, key=phases.get)
     return {
-        "world_size": world_size, "strategy": strategy, "fsdp_degree": shard, "arch": arch.name,
-        "batch_per_gpu": config.data.batch_size, "resolution": config.data.resolution,
+        "world_size": world_size,
+        "strategy": strategy,
+        "fsdp_degree": shard,
+        "arch": arch.name,
+        "batch_per_gpu": config.data.batch_size,
+        "resolution": config.data.resolution,
         "activation_checkpointing": config.parallel.activation_checkpointing,
-        "vae_checkpointing": config.parallel.vae_checkpointing, "mixed_precision": config.parallel.mixed_precision,
+        "vae_checkpointing": config.parallel.vae_checkpointing,
+        "mixed_precision": config.parallel.mixed_precision,
         "parameters": {"unet": p_unet, "vae": p_vae, "reward": p_reward, "largest_unet_block": p_block},
-        "static": items, "gradients (one UNet)": grads, "fsdp blocks in flight": in_flight,
+        "static": items,
+        "gradients (one UNet)": grads,
+        "fsdp blocks in flight": in_flight,
         "autocast bf16 weight copies": autocast_copies,
         "activations": {"used": used, "without_checkpointing": acts.without_checkpointing, "recompute": recompute},
-        "phases": phases, "peak_phase": peak_phase, "peak_bytes": static + phases[peak_phase],
-    }  # fmt: skip
+        "phases": phases,
+        "peak_phase": peak_phase,
+        "peak_bytes": static + phases[peak_phase],
+    }
 
 
 def _fused(config: TrainConfig) -> bool:
@@ -261,8 +278,10 @@ def format_plan(result: dict, gpu_gib: float | None = None) -> str:
     if result["autocast bf16 weight copies"]:
         lines.append(f"  {g(result['autocast bf16 weight copies'])}  autocast: bf16 copies of the generator's weights")
     a = result["activations"]
-    lines.append(f"  {g(sum(a['used'].values()))}  activations kept for the generator update's backward "
-                 f"(without checkpointing: {sum(a['without_checkpointing'].values()) / GiB:.2f} GiB)")  # fmt: skip
+    lines.append(
+        f"  {g(sum(a['used'].values()))}  activations kept for the generator update's backward "
+        f"(without checkpointing: {sum(a['without_checkpointing'].values()) / GiB:.2f} GiB)"
+    )
     lines.append(f"  {g(max(a['recompute'].values(), default=0))}  the largest checkpointed block, recomputed")
     lines.append(f"  {g(result['peak_bytes'])}  predicted peak per GPU ({result['peak_phase']})")
     if gpu_gib:

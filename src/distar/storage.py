@@ -5,6 +5,7 @@ Only where a library needs a local path do we download, explicitly, into a direc
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -51,3 +52,8 @@ def download_dir(uri: str, dest: str | os.PathLike) -> Path:
         fs.get(path, str(dest / Path(path).name))
     (dest / COMPLETE_MARKER).write_text(uri)
     return dest
+
+
+def write_json(fs: fsspec.AbstractFileSystem, path: str, value, indent: int | None = 2) -> None:
+    """`value` as JSON at `path` on `fs`, in one write (a reader sees the whole file or none of it on object stores)."""
+    fs.pipe_file(path, json.dumps(value, indent=indent).encode())

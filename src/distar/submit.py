@@ -24,9 +24,15 @@ def parse_arguments(pairs: list[str]) -> dict:
 
 
 def submit(
-    host: str, package: str | Path, arguments: dict, experiment: str = "distar", run_name: str | None = None,
-    pipeline_root: str | None = None, enable_caching: bool | None = None, namespace: str | None = None,
-) -> dict:  # fmt: skip
+    host: str,
+    package: str | Path,
+    arguments: dict,
+    experiment: str = "distar",
+    run_name: str | None = None,
+    pipeline_root: str | None = None,
+    enable_caching: bool | None = None,
+    namespace: str | None = None,
+) -> dict:
     import kfp
     import yaml
 
@@ -43,9 +49,14 @@ def submit(
     try:
         client = kfp.Client(host=host, namespace=namespace)
         result = client.create_run_from_pipeline_package(
-            str(package), arguments=arguments, run_name=run_name, experiment_name=experiment,
-            pipeline_root=pipeline_root, enable_caching=enable_caching, namespace=namespace,
-        )  # fmt: skip
+            str(package),
+            arguments=arguments,
+            run_name=run_name,
+            experiment_name=experiment,
+            pipeline_root=pipeline_root,
+            enable_caching=enable_caching,
+            namespace=namespace,
+        )
     except Exception as err:  # the REST client raises many types; each means the server refused or was unreachable
         raise UserError(f"could not submit to {host!r}: {err}") from err
     return {"run_id": result.run_id, "run_url": f"{host.rstrip('/')}/#/runs/details/{result.run_id}"}

@@ -1,6 +1,8 @@
 """The tiny preset's models and prompts, built once from configs and read back through the real loaders.
 
-`tiny:NAME` in a config is the path NAME under the tiny root ($DISTAR_TINY_DIR, default ~/.cache/distar/tiny-v1):
+`tiny:NAME` in a config is the path NAME under the tiny root ($DISTAR_TINY_DIR, default ~/.cache/distar/tiny-v2;
+the mapping is `distar.sources.tiny_path`). Each entry point that runs on them calls `prepare` (or `materialize`)
+once, before anything resolves a `tiny:` source:
   tiny:sdxl                        an SDXL-shaped pipeline directory (models.tiny.build_tiny_sdxl)
   tiny:dmd2_unet.safetensors       a raw UNet state dict in DMD2's file layout (another seed: the "1-step" start)
   tiny:rewards/<name>              every reward's tiny stand-in (rewards.tiny.build_tiny_rewards)
@@ -19,21 +21,18 @@ import tempfile
 import time
 from pathlib import Path
 
-PREFIX = "tiny:"
-VERSION = "tiny-v2"
+from distar.prompt_sets import HPS_STYLES
+from distar.sources import TINY_PREFIX as PREFIX
+from distar.sources import TINY_VERSION as VERSION
+from distar.sources import tiny_root, uses_tiny
 
 COLOURS = ["red", "blue", "green", "yellow", "purple", "orange", "white", "black"]
 OBJECTS = ["cat", "dog", "car", "house", "tree", "boat", "bird", "chair"]
 PLACES = ["on a beach", "in a forest", "in a city at night", "on the moon"]
-HPS_STYLES = ("anime", "concept-art", "paintings", "photo")
 
 
 def tiny_prompts() -> list[str]:
     return [f"a {c} {o} {p}" for c, o, p in itertools.product(COLOURS, OBJECTS, PLACES)]
-
-
-def tiny_root() -> Path:
-    return Path(os.environ.get("DISTAR_TINY_DIR", Path.home() / ".cache" / "distar" / VERSION))
 
 
 def _build(root: Path) -> None:
@@ -52,9 +51,16 @@ def _build(root: Path) -> None:
     table = pa.table({"prompt": prompts, "id": [f"tiny-{i:04d}" for i in range(len(prompts))]})
     pq.write_table(table, root / "prompts" / "part-00000.parquet")
     (root / "hps").mkdir()  # the HPSv2 benchmark's layout: one JSON list of prompts per style
-    for style, (colours, objects) in zip(HPS_STYLES, [(COLOURS[:2], OBJECTS[:2]), (COLOURS[2:4], OBJECTS[2:4]),
-                                                     (COLOURS[4:6], OBJECTS[4:6]), (COLOURS[6:], OBJECTS[6:])],
-                                         strict=True):  # fmt: skip
+    for style, (colours, objects) in zip(
+        HPS_STYLES,
+        [
+            (COLOURS[:2], OBJECTS[:2]),
+            (COLOURS[2:4], OBJECTS[2:4]),
+            (COLOURS[4:6], OBJECTS[4:6]),
+            (COLOURS[6:], OBJECTS[6:]),
+        ],
+        strict=True,
+    ):
         styled = [f"a {style} picture of a {c} {o}" for c, o in itertools.product(colours, objects)]
         (root / "hps" / f"{style}.json").write_text(json.dumps(styled))
 
@@ -93,17 +99,10 @@ def materialize(root: str | os.PathLike | None = None, wait_s: float = 600.0) ->
     return root
 
 
-def uses_tiny(mapping) -> bool:
-    """Whether any string in a (nested) config mapping is a `tiny:` source."""
-    if isinstance(mapping, dict):
-        return any(uses_tiny(v) for v in mapping.values())
-    if isinstance(mapping, (list, tuple)):
-        return any(uses_tiny(v) for v in mapping)
-    return isinstance(mapping, str) and mapping.startswith(PREFIX)
+def prepare(*values) -> None:
+    """Build the tiny root when any of `values` (strings, or nested mappings and lists) names a `tiny:` source."""
+    if uses_tiny(list(values)):
+        materialize()
 
 
-def resolve(source: str | None) -> str | None:
-    """`tiny:NAME` → the local path of NAME (building the tiny root first); any other source unchanged."""
-    if source is None or not str(source).startswith(PREFIX):
-        return source
-    return str(materialize() / str(source)[len(PREFIX) :])
+__all__ = ["PREFIX", "VERSION", "materialize", "prepare", "tiny_prompts", "tiny_root"]

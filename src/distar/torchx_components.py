@@ -37,6 +37,14 @@ def train(
         env: extra environment variables
     """
     return dist.torchrun(
-        *script_args, m="distar.train", image=image, name="distar-train", cpu=cpu, gpu=gpus_per_node, memMB=mem_mb,
-        j=f"{nnodes}x{nproc_per_node}", env=env, max_retries=max_retries,
-    )  # fmt: skip
+        *script_args,
+        m="distar.train",
+        image=image,
+        name="distar-train",
+        cpu=cpu,
+        gpu=gpus_per_node,
+        memMB=mem_mb,
+        j=f"{nnodes}x{nproc_per_node}",
+        env=env,
+        max_retries=max_retries,
+    )

@@ -24,12 +24,13 @@ from torch import nn
 
 from distar.diffusion import VPSchedule
 from distar.errors import UserError
-from distar.losses import assistant_loss, generator_loss, time_weight
+from distar.losses import DivergenceConfig, assistant_loss, generator_loss, time_weight
 
 
 @dataclass
-class ToyConfig:
-    """Settings of the 2-D lab; the defaults run in about a minute on two CPU cores."""
+class ToyConfig(DivergenceConfig):
+    """Settings of the 2-D lab; the defaults run in about a minute on two CPU cores. The divergence's fields
+    (divergence, distance, huber_c, form, weighting) are the trainer's (losses.DivergenceConfig)."""
 
     num_modes: int = 8
     """Reference modes, evenly spaced on a circle."""
@@ -44,16 +45,6 @@ class ToyConfig:
     alpha_rew: float = 0.2
     """Reward weight α_rew in L_G = −α_rew r + L_div (the paper's SDXL value is 100, at its reward's scale).
     0 trains on the divergence alone (the SIM / Diff-Instruct setting)."""
-    divergence: str = "score"
-    """"score" (DI*) or "kl" (Diff-Instruct / DI++)."""
-    distance: str = "pseudo_huber"
-    """d on score differences: "pseudo_huber" or "l2"."""
-    huber_c: float = 1.0
-    """Pseudo-Huber c, in score units."""
-    form: str = "sim"
-    """"sim" (sampling measure stop-gradient) or "full"."""
-    weighting: str = "sigma"
-    """w(t): "uniform", "sigma" or "sigma2" (losses.time_weight)."""
     t_star: int = 399
     """The generator's fixed timestep t*."""
     t_min: int = 20
@@ -134,9 +125,14 @@ def mode_reward(x: torch.Tensor, centres: torch.Tensor, bandwidth: float) -> tor
 
 def _mlp(d_in: int, hidden: int, d_out: int) -> nn.Sequential:
     return nn.Sequential(
-        nn.Linear(d_in, hidden), nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU(), nn.Linear(hidden, hidden),
-        nn.SiLU(), nn.Linear(hidden, d_out),
-    )  # fmt: skip
+        nn.Linear(d_in, hidden),
+        nn.SiLU(),
+        nn.Linear(hidden, hidden),
+        nn.SiLU(),
+        nn.Linear(hidden, hidden),
+        nn.SiLU(),
+        nn.Linear(hidden, d_out),
+    )
 
 
 class ToyGenerator(nn.Module):
@@ -238,10 +234,15 @@ def run(config: ToyConfig, out_dir: str | Path | None = None, progress: bool = F
         t = torch.randint(config.t_min, config.t_max, (batch,), generator=gen_rng)
         eps = torch.randn(batch, 2, generator=gen_rng)
         loss_div = generator_loss(
-            x0, t, eps, assistant, reference.eps, schedule,
-            divergence=config.divergence, distance=config.distance, huber_c=config.huber_c, form=config.form,
+            x0,
+            t,
+            eps,
+            assistant,
+            reference.eps,
+            schedule,
             weight=time_weight(schedule, t, config.weighting, x0),
-        )  # fmt: skip
+            **config.loss_kwargs(),
+        )
         mean_reward = reward(x0).mean()
         loss = loss_div - config.alpha_rew * mean_reward
         opt_g.zero_grad(set_to_none=True)

@@ -19,7 +19,19 @@ from distar.models.sdxl import (
 from distar.models.tiny import build_tiny_sdxl
 
 __all__ = [
-    "Assistant", "DTypePolicy", "OneStepGenerator", "PromptEncoder", "Reference", "SDXLConditioning", "add_time_ids",
+    "Assistant",
+    "DTypePolicy",
+    "OneStepGenerator",
+    "PromptEncoder",
+    "Reference",
+    "SDXLConditioning",
+    "add_time_ids",
     "build_tiny_sdxl",
-    "decode", "encode", "load_dmd2_unet", "load_unet", "load_vae", "locate", "parse_dtype",
-]  # fmt: skip
+    "decode",
+    "encode",
+    "load_dmd2_unet",
+    "load_unet",
+    "load_vae",
+    "locate",
+    "parse_dtype",
+]

@@ -66,10 +66,17 @@ def tiny() -> Architecture:
     from distar.rewards.tiny import TINY_IMAGE_SIZE, tiny_clip_config
 
     vae = dict(
-        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(16, 32), layers_per_block=1, latent_channels=4,
-        norm_num_groups=16, sample_size=64, scaling_factor=0.13025,
-    )  # fmt: skip
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        block_out_channels=(16, 32),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=16,
+        sample_size=64,
+        scaling_factor=0.13025,
+    )
     reward = tiny_clip_config(514, 512, 513).to_dict()  # the tiny tokenizer: 512 byte tokens, BOS, EOS
     return Architecture("tiny", tiny_unet_config(), vae, reward, reward_image_size=TINY_IMAGE_SIZE)
 
@@ -80,20 +87,44 @@ def medium() -> Architecture:
     from distar.models.tiny import TINY_TEXT_HIDDEN, TINY_TIME_EMBED_DIM
 
     unet = dict(
-        SDXL_UNET_CONFIG, sample_size=32, block_out_channels=(64, 128, 256), transformer_layers_per_block=(1, 1, 2),
-        attention_head_dim=(2, 4, 8), cross_attention_dim=2 * TINY_TEXT_HIDDEN,
+        SDXL_UNET_CONFIG,
+        sample_size=32,
+        block_out_channels=(64, 128, 256),
+        transformer_layers_per_block=(1, 1, 2),
+        attention_head_dim=(2, 4, 8),
+        cross_attention_dim=2 * TINY_TEXT_HIDDEN,
         addition_time_embed_dim=TINY_TIME_EMBED_DIM,
         projection_class_embeddings_input_dim=6 * TINY_TIME_EMBED_DIM + TINY_TEXT_HIDDEN,
-    )  # fmt: skip
-    vae = dict(SDXL_VAE_CONFIG, down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
-               block_out_channels=(32, 64, 64), layers_per_block=1, sample_size=128)  # fmt: skip
+    )
+    vae = dict(
+        SDXL_VAE_CONFIG,
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
+        block_out_channels=(32, 64, 64),
+        layers_per_block=1,
+        sample_size=128,
+    )
     reward = dict(
-        text_config=dict(vocab_size=49408, hidden_size=128, intermediate_size=512, num_hidden_layers=4,
-                         num_attention_heads=4, max_position_embeddings=77, hidden_act="gelu"),
-        vision_config=dict(hidden_size=128, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
-                           image_size=112, patch_size=14, hidden_act="gelu"),
+        text_config=dict(
+            vocab_size=49408,
+            hidden_size=128,
+            intermediate_size=512,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            max_position_embeddings=77,
+            hidden_act="gelu",
+        ),
+        vision_config=dict(
+            hidden_size=128,
+            intermediate_size=512,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            image_size=112,
+            patch_size=14,
+            hidden_act="gelu",
+        ),
         projection_dim=128,
-    )  # fmt: skip
+    )
     return Architecture("medium", unet, vae, reward, reward_image_size=112)
 
 
@@ -110,8 +141,9 @@ def _tokenizer():
         return CLIPTokenizer.from_pretrained(write_tiny_clip_tokenizer(Path(tmp)))
 
 
-def random_networks(arch: Architecture, reward_name: str = "pickscore", device: str | torch.device = "cpu",
-                    seed: int = 0) -> dict:  # fmt: skip
+def random_networks(
+    arch: Architecture, reward_name: str = "pickscore", device: str | torch.device = "cpu", seed: int = 0
+) -> dict:
     """Reference, generator and assistant UNets, VAE and reward of `arch` with random weights, fp32, on `device`
     (built there: an SDXL UNet initialises in seconds on a GPU and allocates nothing on "meta").
     Returns the keyword arguments of `distar.train.trainer.assemble` after `config` and `world`."""

@@ -20,7 +20,7 @@ from torch import nn
 from distar.diffusion import SDXL_GENERATOR_TIMESTEP, VPSchedule
 from distar.errors import UserError
 from distar.losses import cfg
-from distar.models.hub import read_state_dict, require_files, resolve_file, resolve_model_dir
+from distar.sources import parse_dtype, read_state_dict, require_files, resolve_dir, resolve_file
 
 SDXL_BASE = "stabilityai/stable-diffusion-xl-base-1.0"
 SDXL_VAE_FP16_FIX = "madebyollin/sdxl-vae-fp16-fix"
@@ -45,17 +45,6 @@ _TRANSFORMERS_WEIGHTS = [
 ]  # fmt: skip
 _TOKENIZER_FILES = ["tokenizer.json", "vocab.json"]
 
-DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-          "fp16": torch.float16, "float16": torch.float16}  # fmt: skip
-
-
-def parse_dtype(name: str | torch.dtype) -> torch.dtype:
-    if isinstance(name, torch.dtype):
-        return name
-    if name not in DTYPES:
-        raise UserError(f"dtype {name!r} is not known; choose one of {', '.join(sorted(DTYPES))}")
-    return DTYPES[name]
-
 
 def _requirements(parts: Sequence[str]) -> dict[str, list[list[str]]]:
     need = {}
@@ -72,7 +61,7 @@ def _requirements(parts: Sequence[str]) -> dict[str, list[list[str]]]:
 def locate(source: str | os.PathLike, parts: Sequence[str], **resolve_kwargs) -> Path:
     """Resolve an SDXL pipeline source and check that the given parts are all there (one error lists what is not)."""
     patterns = [f"{p}/*" for p in parts] + ["model_index.json"]
-    root = resolve_model_dir(source, allow_patterns=patterns, **resolve_kwargs)
+    root = resolve_dir(source, allow_patterns=patterns, **resolve_kwargs)
     require_files(root, _requirements(parts))
     return root
 
@@ -97,7 +86,7 @@ def load_vae(source: str | os.PathLike, dtype: str | torch.dtype = "fp32", **res
     """The VAE of an SDXL pipeline directory, or a standalone VAE repository (e.g. the fp16-fix VAE)."""
     from diffusers import AutoencoderKL
 
-    root = resolve_model_dir(source, **resolve_kwargs)
+    root = resolve_dir(source, **resolve_kwargs)
     subfolder = "vae" if (root / "vae").is_dir() else None
     part = "vae" if subfolder else "."
     require_files(root, {"vae": [[f"{part}/config.json"], [f"{part}/{w}" for w in _DIFFUSERS_WEIGHTS]]})
@@ -159,9 +148,10 @@ class SDXLConditioning:
 
     def to(self, device=None, dtype=None) -> SDXLConditioning:
         return SDXLConditioning(
-            self.prompt_embeds.to(device, dtype), self.pooled_prompt_embeds.to(device, dtype),
+            self.prompt_embeds.to(device, dtype),
+            self.pooled_prompt_embeds.to(device, dtype),
             self.add_time_ids.to(device, dtype),
-        )  # fmt: skip
+        )
 
     def unet_kwargs(self) -> dict:
         return {
@@ -208,9 +198,12 @@ class PromptEncoder(nn.Module):
         hidden, pooled = [], None
         for tokenizer, encoder in zip(self.tokenizers, (self.text_encoder, self.text_encoder_2), strict=True):
             ids = tokenizer(
-                prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                prompts,
+                padding="max_length",
+                max_length=tokenizer.model_max_length,
+                truncation=True,
                 return_tensors="pt",
-            ).input_ids.to(self.device)  # fmt: skip
+            ).input_ids.to(self.device)
             out = encoder(ids, output_hidden_states=True)
             hidden.append(out.hidden_states[-2])
             pooled = out.text_embeds if hasattr(out, "text_embeds") else None
@@ -269,10 +262,15 @@ class Reference(nn.Module):
         self.unet = unet.requires_grad_(False).eval()
         self.guidance_scale = float(guidance_scale)
 
-    def forward(self, x_t: torch.Tensor, t: torch.Tensor, cond: SDXLConditioning) -> torch.Tensor:
-        if self.guidance_scale == 1.0:
+    def forward(
+        self, x_t: torch.Tensor, t: torch.Tensor, cond: SDXLConditioning, guidance_scale: float | None = None
+    ) -> torch.Tensor:
+        """ε_ref^cfg at `guidance_scale` (default: the one this reference was built with); 1 is the conditional
+        model alone, one batch of B."""
+        scale = self.guidance_scale if guidance_scale is None else float(guidance_scale)
+        if scale == 1.0:
             return _unet_eps(self.unet, x_t, t, cond)
-        return cfg(*self.branches(x_t, t, cond), self.guidance_scale)
+        return cfg(*self.branches(x_t, t, cond), scale)
 
     def branches(self, x_t: torch.Tensor, t: torch.Tensor, cond: SDXLConditioning):
         """(ε_ref(x_t|∅), ε_ref(x_t|c)), computed as one batch of 2B."""

@@ -54,21 +54,38 @@ def tiny_text_config(vocab_size: int, bos: int, eos: int, with_projection: bool)
     from transformers import CLIPTextConfig
 
     return CLIPTextConfig(
-        vocab_size=vocab_size, hidden_size=TINY_TEXT_HIDDEN, intermediate_size=37, num_hidden_layers=3,
-        num_attention_heads=4, max_position_embeddings=TINY_MAX_LENGTH, projection_dim=TINY_TEXT_HIDDEN,
-        bos_token_id=bos, eos_token_id=eos, pad_token_id=eos, hidden_act="gelu",
-    )  # fmt: skip
+        vocab_size=vocab_size,
+        hidden_size=TINY_TEXT_HIDDEN,
+        intermediate_size=37,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        max_position_embeddings=TINY_MAX_LENGTH,
+        projection_dim=TINY_TEXT_HIDDEN,
+        bos_token_id=bos,
+        eos_token_id=eos,
+        pad_token_id=eos,
+        hidden_act="gelu",
+    )
 
 
 def tiny_unet_config() -> dict:
     """The SDXL UNet's structure in miniature (ECOSYSTEM.md's tested shape)."""
     return dict(
-        sample_size=32, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        attention_head_dim=(2, 4), cross_attention_dim=2 * TINY_TEXT_HIDDEN, norm_num_groups=32,
-        addition_embed_type="text_time", addition_time_embed_dim=TINY_TIME_EMBED_DIM,
-        projection_class_embeddings_input_dim=6 * TINY_TIME_EMBED_DIM + TINY_TEXT_HIDDEN, use_linear_projection=True,
-    )  # fmt: skip
+        sample_size=32,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=1,
+        block_out_channels=(32, 64),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4),
+        cross_attention_dim=2 * TINY_TEXT_HIDDEN,
+        norm_num_groups=32,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=TINY_TIME_EMBED_DIM,
+        projection_class_embeddings_input_dim=6 * TINY_TIME_EMBED_DIM + TINY_TEXT_HIDDEN,
+        use_linear_projection=True,
+    )
 
 
 def build_tiny_unet(seed: int = 0):
@@ -91,19 +108,35 @@ def build_tiny_sdxl(out_dir: str | os.PathLike, seed: int = 0) -> Path:
     text_encoder = CLIPTextModel(tiny_text_config(len(tokenizer), bos, eos, False))
     text_encoder_2 = CLIPTextModelWithProjection(tiny_text_config(len(tokenizer), bos, eos, True))
     vae = AutoencoderKL(
-        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"), block_out_channels=(16, 32), layers_per_block=1,
-        latent_channels=4, norm_num_groups=16, sample_size=64, scaling_factor=0.13025,
-    )  # fmt: skip
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        block_out_channels=(16, 32),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=16,
+        sample_size=64,
+        scaling_factor=0.13025,
+    )
     unet = build_tiny_unet(seed)
     scheduler = EulerDiscreteScheduler(
-        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
-        timestep_spacing="leading", steps_offset=1,
-    )  # fmt: skip
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        num_train_timesteps=1000,
+        timestep_spacing="leading",
+        steps_offset=1,
+    )
     pipe = StableDiffusionXLPipeline(
-        vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer,
-        tokenizer_2=tokenizer, unet=unet, scheduler=scheduler,
-    )  # fmt: skip
+        vae=vae,
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+    )
     pipe.save_pretrained(out)
     for name in ("vocab.json", "merges.txt"):
         (tok_dir / name).unlink(missing_ok=True)

@@ -79,7 +79,13 @@ class WeightedReward(nn.Module):
 
 
 __all__ = [
-    "KNOWN", "AestheticHead", "AestheticReward", "ClipReward", "ImageReward", "RewardModel", "RewardSpec",
+    "KNOWN",
+    "AestheticHead",
+    "AestheticReward",
+    "ClipReward",
+    "ImageReward",
+    "RewardModel",
+    "RewardSpec",
     "WeightedReward",
     "load_reward",
-]  # fmt: skip
+]

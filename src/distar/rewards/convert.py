@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from distar.errors import UserError
-from distar.models.hub import read_state_dict
+from distar.sources import read_state_dict
 
 
 def hpsv2_clip_config():
@@ -23,15 +23,28 @@ def hpsv2_clip_config():
 
     return CLIPConfig(
         text_config=dict(
-            vocab_size=49408, hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
-            max_position_embeddings=77, hidden_act="gelu", bos_token_id=49406, eos_token_id=49407, pad_token_id=0,
+            vocab_size=49408,
+            hidden_size=1024,
+            intermediate_size=4096,
+            num_hidden_layers=24,
+            num_attention_heads=16,
+            max_position_embeddings=77,
+            hidden_act="gelu",
+            bos_token_id=49406,
+            eos_token_id=49407,
+            pad_token_id=0,
         ),
         vision_config=dict(
-            hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=16, image_size=224,
-            patch_size=14, hidden_act="gelu",
+            hidden_size=1280,
+            intermediate_size=5120,
+            num_hidden_layers=32,
+            num_attention_heads=16,
+            image_size=224,
+            patch_size=14,
+            hidden_act="gelu",
         ),
         projection_dim=1024,
-    )  # fmt: skip
+    )
 
 
 def _block(prefix_in: str, prefix_out: str, sd: dict, out: dict) -> None:
@@ -40,9 +53,12 @@ def _block(prefix_in: str, prefix_out: str, sd: dict, out: dict) -> None:
     for name, w, b in (("q_proj", q, qb), ("k_proj", k, kb), ("v_proj", v, vb)):
         out[f"{prefix_out}.self_attn.{name}.weight"], out[f"{prefix_out}.self_attn.{name}.bias"] = w, b
     renames = {
-        "attn.out_proj": "self_attn.out_proj", "ln_1": "layer_norm1", "ln_2": "layer_norm2",
-        "mlp.c_fc": "mlp.fc1", "mlp.c_proj": "mlp.fc2",
-    }  # fmt: skip
+        "attn.out_proj": "self_attn.out_proj",
+        "ln_1": "layer_norm1",
+        "ln_2": "layer_norm2",
+        "mlp.c_fc": "mlp.fc1",
+        "mlp.c_proj": "mlp.fc2",
+    }
     for src, dst in renames.items():
         for p in ("weight", "bias"):
             out[f"{prefix_out}.{dst}.{p}"] = sd[f"{prefix_in}.{src}.{p}"]

@@ -15,10 +15,9 @@ from pathlib import Path
 import torch
 
 from distar.errors import UserError
-from distar.models.hub import read_state_dict, require_files, resolve_model_dir
-from distar.models.sdxl import parse_dtype
 from distar.rewards.models import PreferenceMLP, RewardModel
 from distar.rewards.preprocess import CLIP_MEAN, CLIP_STD, normalize, resize_shortest_center_crop
+from distar.sources import parse_dtype, read_state_dict, require_files, resolve_dir
 
 IMAGEREWARD_MEAN = 0.16717362830052426
 IMAGEREWARD_STD = 1.0333394966054072
@@ -32,19 +31,44 @@ def imagereward_configs():
     """BLIP ViT-L/16 at 384→224 and BERT-base with cross-attention to 1024-d image tokens, as ImageReward uses."""
     from transformers import BlipTextConfig, BlipVisionConfig
 
-    vision = BlipVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
-                              image_size=224, patch_size=16, layer_norm_eps=1e-6, hidden_act="gelu")  # fmt: skip
-    text = BlipTextConfig(vocab_size=30524, hidden_size=768, encoder_hidden_size=1024, intermediate_size=3072,
-                          num_hidden_layers=12, num_attention_heads=12, max_position_embeddings=512,
-                          layer_norm_eps=1e-12, is_decoder=True)  # fmt: skip
+    vision = BlipVisionConfig(
+        hidden_size=1024,
+        intermediate_size=4096,
+        num_hidden_layers=24,
+        num_attention_heads=16,
+        image_size=224,
+        patch_size=16,
+        layer_norm_eps=1e-6,
+        hidden_act="gelu",
+    )
+    text = BlipTextConfig(
+        vocab_size=30524,
+        hidden_size=768,
+        encoder_hidden_size=1024,
+        intermediate_size=3072,
+        num_hidden_layers=12,
+        num_attention_heads=12,
+        max_position_embeddings=512,
+        layer_norm_eps=1e-12,
+        is_decoder=True,
+    )
     return vision, text
 
 
 class ImageReward(RewardModel):
     name = "imagereward"
 
-    def __init__(self, vision, text, head: ImageRewardHead, tokenizer, mean=IMAGEREWARD_MEAN, std=IMAGEREWARD_STD,
-                 image_size: int = 224, max_length: int = IMAGEREWARD_MAX_LENGTH):  # fmt: skip
+    def __init__(
+        self,
+        vision,
+        text,
+        head: ImageRewardHead,
+        tokenizer,
+        mean=IMAGEREWARD_MEAN,
+        std=IMAGEREWARD_STD,
+        image_size: int = 224,
+        max_length: int = IMAGEREWARD_MAX_LENGTH,
+    ):
         super().__init__()
         self.vision, self.text, self.head, self.tokenizer = vision, text, head, tokenizer
         self.mean, self.std, self.image_size, self.max_length = mean, std, image_size, max_length
@@ -56,7 +80,7 @@ class ImageReward(RewardModel):
         from safetensors.torch import load_file
         from transformers import AutoTokenizer, BlipTextModel, BlipVisionModel
 
-        root = resolve_model_dir(source, **resolve_kwargs)
+        root = resolve_dir(source, **resolve_kwargs)
         require_files(
             root,
             {
@@ -70,7 +94,7 @@ class ImageReward(RewardModel):
                 ]
             },
         )
-        proc = resolve_model_dir(processor, **resolve_kwargs) if processor else root / "tokenizer"
+        proc = resolve_dir(processor, **resolve_kwargs) if processor else root / "tokenizer"
         require_files(proc, {"imagereward tokenizer": [["tokenizer.json", "vocab.txt"]]})
         meta = json.loads((root / "imagereward.json").read_text())
         dtype = parse_dtype(dtype)
@@ -78,16 +102,25 @@ class ImageReward(RewardModel):
         text = BlipTextModel.from_pretrained(root / "text", dtype=dtype, add_pooling_layer=False)
         head = ImageRewardHead(text.config.hidden_size)
         head.load_state_dict(load_file(str(root / "head.safetensors")))
-        return cls(vision, text, head.to(dtype), AutoTokenizer.from_pretrained(proc), meta["mean"], meta["std"],
-                   vision.config.image_size, meta.get("max_length", IMAGEREWARD_MAX_LENGTH))  # fmt: skip
+        return cls(
+            vision,
+            text,
+            head.to(dtype),
+            AutoTokenizer.from_pretrained(proc),
+            meta["mean"],
+            meta["std"],
+            vision.config.image_size,
+            meta.get("max_length", IMAGEREWARD_MAX_LENGTH),
+        )
 
     def preprocess(self, images: torch.Tensor) -> torch.Tensor:
         return normalize(resize_shortest_center_crop(images, self.image_size), CLIP_MEAN, CLIP_STD)
 
     def score(self, pixels: torch.Tensor, prompts: list[str]) -> torch.Tensor:
         device = pixels.device
-        ids = self.tokenizer(prompts, padding="max_length", truncation=True, max_length=self.max_length,
-                             return_tensors="pt")  # fmt: skip
+        ids = self.tokenizer(
+            prompts, padding="max_length", truncation=True, max_length=self.max_length, return_tensors="pt"
+        )
         image_embeds = self.vision(pixel_values=pixels).last_hidden_state
         image_atts = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=device)
         out = self.text(
@@ -102,16 +135,24 @@ class ImageReward(RewardModel):
 
 def _vision_key(key: str) -> str | None:
     """BLIP ViT key (after `blip.visual_encoder.`) → BlipVisionModel key."""
-    fixed = {"cls_token": "embeddings.class_embedding", "pos_embed": "embeddings.position_embedding",
-             "patch_embed.proj.weight": "embeddings.patch_embedding.weight",
-             "patch_embed.proj.bias": "embeddings.patch_embedding.bias",
-             "norm.weight": "post_layernorm.weight", "norm.bias": "post_layernorm.bias"}  # fmt: skip
+    fixed = {
+        "cls_token": "embeddings.class_embedding",
+        "pos_embed": "embeddings.position_embedding",
+        "patch_embed.proj.weight": "embeddings.patch_embedding.weight",
+        "patch_embed.proj.bias": "embeddings.patch_embedding.bias",
+        "norm.weight": "post_layernorm.weight",
+        "norm.bias": "post_layernorm.bias",
+    }
     if key in fixed:
         return fixed[key]
     if key.startswith("blocks."):
         _, i, rest = key.split(".", 2)
-        rest = (rest.replace("norm1", "layer_norm1").replace("norm2", "layer_norm2")
-                .replace("attn.qkv", "self_attn.qkv").replace("attn.proj", "self_attn.projection"))  # fmt: skip
+        rest = (
+            rest.replace("norm1", "layer_norm1")
+            .replace("norm2", "layer_norm2")
+            .replace("attn.qkv", "self_attn.qkv")
+            .replace("attn.proj", "self_attn.projection")
+        )
         return f"encoder.layers.{i}.{rest}"
     return None
 
@@ -139,8 +180,9 @@ def split_image_reward_state(state: dict[str, torch.Tensor]) -> tuple[dict, dict
     return vision, text, head
 
 
-def convert_image_reward(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, tokenizer_source=None,
-                         configs=None) -> Path:  # fmt: skip
+def convert_image_reward(
+    checkpoint: str | os.PathLike, out_dir: str | os.PathLike, tokenizer_source=None, configs=None
+) -> Path:
     """ImageReward.pt → a directory `ImageReward.from_pretrained` reads. tokenizer_source: BLIP's tokenizer
     (bert-base-uncased plus [DEC] and [ENC]); when given as a directory it is copied under tokenizer/."""
     from safetensors.torch import save_file
@@ -166,5 +208,5 @@ def convert_image_reward(checkpoint: str | os.PathLike, out_dir: str | os.PathLi
     meta = {"mean": IMAGEREWARD_MEAN, "std": IMAGEREWARD_STD, "max_length": IMAGEREWARD_MAX_LENGTH}
     (out / "imagereward.json").write_text(json.dumps(meta))
     if tokenizer_source is not None:
-        AutoTokenizer.from_pretrained(resolve_model_dir(tokenizer_source)).save_pretrained(out / "tokenizer")
+        AutoTokenizer.from_pretrained(resolve_dir(tokenizer_source)).save_pretrained(out / "tokenizer")
     return out

@@ -19,8 +19,6 @@ import torch
 from torch import nn
 
 from distar.errors import UserError
-from distar.models.hub import read_state_dict, require_files, resolve_file, resolve_model_dir
-from distar.models.sdxl import parse_dtype
 from distar.rewards.preprocess import (
     CLIP_MEAN,
     CLIP_STD,
@@ -29,6 +27,7 @@ from distar.rewards.preprocess import (
     resize_longest_pad,
     resize_shortest_center_crop,
 )
+from distar.sources import parse_dtype, read_state_dict, require_files, resolve_dir, resolve_file
 
 _TRANSFORMERS_WEIGHTS = ["model.safetensors", "pytorch_model.bin", "model.safetensors.index.json"]
 _TOKENIZER_FILES = ["tokenizer.json", "vocab.json", "vocab.txt"]
@@ -79,8 +78,8 @@ class ClipReward(RewardModel):
     def from_pretrained(cls, kind: str, source, processor=None, dtype="fp32", **resolve_kwargs) -> ClipReward:
         from transformers import AutoTokenizer, CLIPModel
 
-        root = resolve_model_dir(source, **resolve_kwargs)
-        proc = resolve_model_dir(processor, **resolve_kwargs) if processor else root
+        root = resolve_dir(source, **resolve_kwargs)
+        proc = resolve_dir(processor, **resolve_kwargs) if processor else root
         require_files(root, {kind: [["config.json"], _TRANSFORMERS_WEIGHTS]})
         require_files(proc, {f"{kind} tokenizer": [_TOKENIZER_FILES]})
         model = CLIPModel.from_pretrained(root, dtype=parse_dtype(dtype))
@@ -121,9 +120,15 @@ class PreferenceMLP(nn.Module):
     def __init__(self, dim: int = 768):
         super().__init__()
         self.layers = nn.Sequential(
-            nn.Linear(dim, 1024), nn.Dropout(0.2), nn.Linear(1024, 128), nn.Dropout(0.2), nn.Linear(128, 64),
-            nn.Dropout(0.1), nn.Linear(64, 16), nn.Linear(16, 1),
-        )  # fmt: skip
+            nn.Linear(dim, 1024),
+            nn.Dropout(0.2),
+            nn.Linear(1024, 128),
+            nn.Dropout(0.2),
+            nn.Linear(128, 64),
+            nn.Dropout(0.1),
+            nn.Linear(64, 16),
+            nn.Linear(16, 1),
+        )
 
     def forward(self, embeds: torch.Tensor) -> torch.Tensor:
         return self.layers(embeds).squeeze(-1)
@@ -146,7 +151,7 @@ class AestheticReward(RewardModel):
     def from_pretrained(cls, source, head, processor=None, dtype="fp32", **resolve_kwargs) -> AestheticReward:
         from transformers import CLIPVisionModelWithProjection
 
-        root = resolve_model_dir(source, **resolve_kwargs)
+        root = resolve_dir(source, **resolve_kwargs)
         require_files(root, {"aesthetic CLIP": [["config.json"], _TRANSFORMERS_WEIGHTS]})
         vision = CLIPVisionModelWithProjection.from_pretrained(root, dtype=parse_dtype(dtype))
         state = read_state_dict(resolve_file(head, **resolve_kwargs))
@@ -155,7 +160,7 @@ class AestheticReward(RewardModel):
             head_module.load_state_dict(state)
         except RuntimeError as err:
             raise UserError(f"{str(head)!r} is not a LAION aesthetic predictor head: {err}") from err
-        proc = resolve_model_dir(processor, **resolve_kwargs) if processor else root
+        proc = resolve_dir(processor, **resolve_kwargs) if processor else root
         return cls(vision, head_module.to(parse_dtype(dtype)), _image_config(proc))
 
     def preprocess(self, images: torch.Tensor) -> torch.Tensor:

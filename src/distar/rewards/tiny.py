@@ -21,15 +21,32 @@ def tiny_clip_config(vocab_size: int, bos: int, eos: int):
     from transformers import CLIPConfig
 
     return CLIPConfig(
-        text_config=dict(vocab_size=vocab_size, hidden_size=32, intermediate_size=37, num_hidden_layers=2,
-                         num_attention_heads=4, max_position_embeddings=77, hidden_act="gelu", bos_token_id=bos,
-                         eos_token_id=eos, pad_token_id=eos),
+        text_config=dict(
+            vocab_size=vocab_size,
+            hidden_size=32,
+            intermediate_size=37,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=77,
+            hidden_act="gelu",
+            bos_token_id=bos,
+            eos_token_id=eos,
+            pad_token_id=eos,
+        ),
         # projection_dim inside vision_config too (as openai/clip-vit-large-patch14's config has it), so that
         # CLIPVisionModelWithProjection reads a full CLIPModel directory (the aesthetic reward does)
-        vision_config=dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
-                           image_size=TINY_IMAGE_SIZE, patch_size=8, hidden_act="gelu", projection_dim=16),
+        vision_config=dict(
+            hidden_size=32,
+            intermediate_size=37,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            image_size=TINY_IMAGE_SIZE,
+            patch_size=8,
+            hidden_act="gelu",
+            projection_dim=16,
+        ),
         projection_dim=16,
-    )  # fmt: skip
+    )
 
 
 def _write_processor(out: Path) -> None:
@@ -37,10 +54,18 @@ def _write_processor(out: Path) -> None:
     from transformers import CLIPTokenizer
 
     CLIPTokenizer.from_pretrained(out).save_pretrained(out)
-    (out / "preprocessor_config.json").write_text(json.dumps({
-        "crop_size": {"height": TINY_IMAGE_SIZE, "width": TINY_IMAGE_SIZE}, "size": {"shortest_edge": TINY_IMAGE_SIZE},
-        "image_mean": list(CLIP_MEAN), "image_std": list(CLIP_STD), "do_center_crop": True, "resample": 3,
-    }))  # fmt: skip
+    (out / "preprocessor_config.json").write_text(
+        json.dumps(
+            {
+                "crop_size": {"height": TINY_IMAGE_SIZE, "width": TINY_IMAGE_SIZE},
+                "size": {"shortest_edge": TINY_IMAGE_SIZE},
+                "image_mean": list(CLIP_MEAN),
+                "image_std": list(CLIP_STD),
+                "do_center_crop": True,
+                "resample": 3,
+            }
+        )
+    )
 
 
 def build_tiny_clip_reward(out_dir: str | os.PathLike, seed: int = 0) -> Path:
@@ -98,14 +123,34 @@ def build_tiny_image_reward(out_dir: str | os.PathLike, seed: int = 0) -> Path:
     out = Path(out_dir)
     tok = AutoTokenizer.from_pretrained(write_tiny_bert_tokenizer(out / "tokenizer"))
     torch.manual_seed(seed)
-    vision = BlipVisionModel(BlipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                              num_attention_heads=4, image_size=TINY_IMAGE_SIZE, patch_size=8,
-                                              layer_norm_eps=1e-6, hidden_act="gelu"))  # fmt: skip
-    text = BlipTextModel(BlipTextConfig(vocab_size=len(tok), hidden_size=24, encoder_hidden_size=32,
-                                        intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-                                        max_position_embeddings=64, is_decoder=True, pad_token_id=tok.pad_token_id,
-                                        bos_token_id=tok.bos_token_id, sep_token_id=tok.sep_token_id),
-                         add_pooling_layer=False)  # fmt: skip
+    vision = BlipVisionModel(
+        BlipVisionConfig(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            image_size=TINY_IMAGE_SIZE,
+            patch_size=8,
+            layer_norm_eps=1e-6,
+            hidden_act="gelu",
+        )
+    )
+    text = BlipTextModel(
+        BlipTextConfig(
+            vocab_size=len(tok),
+            hidden_size=24,
+            encoder_hidden_size=32,
+            intermediate_size=48,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=64,
+            is_decoder=True,
+            pad_token_id=tok.pad_token_id,
+            bos_token_id=tok.bos_token_id,
+            sep_token_id=tok.sep_token_id,
+        ),
+        add_pooling_layer=False,
+    )
     vision.save_pretrained(out / "vision")
     text.save_pretrained(out / "text")
     save_file(ImageRewardHead(24).state_dict(), str(out / "head.safetensors"))

@@ -19,8 +19,9 @@ from distar.errors import UserError
 
 
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
-    parser = parser or argparse.ArgumentParser(prog="distar train", description=__doc__,
-                                               formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    parser = parser or argparse.ArgumentParser(
+        prog="distar train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--config", required=True, help="a preset (tiny, sdxl) or a TOML/JSON config file")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. steps=100 loss.alpha_rew=10")
     return parser
@@ -34,8 +35,7 @@ def run(config_source: str, overrides: list[str]) -> dict:
     from distar.train.trainer import Trainer
 
     config = load_config(config_source, overrides)
-    if tiny_preset.uses_tiny(config.to_dict()):
-        tiny_preset.materialize()
+    tiny_preset.prepare(config.to_dict())
     world = distributed.init(config.parallel.device, config.parallel.backend)
     _quiet_libraries(world.is_main)
     try:

@@ -14,15 +14,15 @@ import tomllib
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
+from typing import Literal
 
-from distar.config import apply_mapping, apply_overrides
+from distar.config import apply_mapping, apply_overrides, check_choices
 from distar.diffusion import SDXL_GENERATOR_TIMESTEP
 from distar.errors import UserError
-from distar.losses import DISTANCES, DIVERGENCES, FORMS, TIME_WEIGHTINGS
+from distar.losses import DivergenceConfig
 from distar.models.sdxl import DMD2_REPO, DMD2_UNET_1STEP, SDXL_BASE
 
 PRESETS = ("tiny", "sdxl")
-OPTIMIZER_IMPLEMENTATIONS = ("auto", "fused", "foreach")
 
 
 @dataclass
@@ -69,24 +69,16 @@ class RewardConfig:
 
 
 @dataclass
-class LossConfig:
+class LossConfig(DivergenceConfig):
+    """The generator loss L_G = −α_rew·r + L_div: the divergence's fields (DivergenceConfig) and these."""
+
     alpha_rew: float = 100.0
     """α_rew in L_G = −α_rew·r + L_div (paper: 100)."""
     alpha_cfg: float = 7.5
     """α_cfg of the reference (paper: 7.5)."""
-    cfg: str = "divergence"
+    cfg: Literal["divergence", "reward"] = "divergence"
     """Where CFG acts: "divergence" (DI*-IN, the paper's choice: the divergence is taken to the CFG reference) or
     "reward" (the divergence to the conditional reference plus the implicit reward (α_cfg − 1) log p(c|x_t))."""
-    divergence: str = "score"
-    """"score" (DI*) or "kl" (the Diff-Instruct / DI++ baseline)."""
-    distance: str = "pseudo_huber"
-    """d on score differences: "pseudo_huber" or "l2"."""
-    huber_c: float = 1.0
-    """Pseudo-Huber c in score units (the paper's value is not public)."""
-    form: str = "sim"
-    """"sim" (stop-gradient sampling measure, the theorem's loss) or "full" (adds + w·d(y_t))."""
-    weighting: str = "sigma"
-    """w(t) of the divergence: "uniform", "sigma" or "sigma2"."""
     t_min: int = 20
     """Smallest t of the generator loss (DMD2: 20)."""
     t_max: int = 980
@@ -113,7 +105,7 @@ class OptimConfig:
     """Clip the gradient's global norm to this (DMD2: 10); 0 turns clipping off."""
     warmup_steps: int = 0
     """Linear learning-rate warm-up over this many updates of this network."""
-    implementation: str = "auto"
+    implementation: Literal["auto", "fused", "foreach"] = "auto"
     """AdamW kernels: "foreach" (multi-tensor passes), "fused" (one fused kernel), or "auto" (torch's default:
     foreach on GPUs). On one H200 with FSDP2, fused was not faster than foreach (docs/PERFORMANCE.md)."""
 
@@ -140,19 +132,19 @@ class DataConfig:
 
 @dataclass
 class ParallelConfig:
-    strategy: str = "fsdp"
+    strategy: Literal["fsdp", "ddp", "none"] = "fsdp"
     """"fsdp" (FSDP2 fully_shard per UNet block, the SDXL setting), "ddp" (replicas, for small models) or
     "none" (one process)."""
     activation_checkpointing: bool = True
     """Recompute each UNet block's activations in the backward pass (applied before sharding)."""
     vae_checkpointing: bool = True
     """Recompute the VAE decoder's ResNet blocks in the backward pass of the reward gradient."""
-    mixed_precision: str = "bf16"
+    mixed_precision: Literal["bf16", "fp32"] = "bf16"
     """Compute dtype of the UNets, VAE and rewards: "bf16" (autocast and FSDP2 param dtype) or "fp32". Master
     weights and optimizer states stay fp32; gradients are reduced in fp32."""
-    backend: str = "auto"
+    backend: Literal["auto", "nccl", "gloo"] = "auto"
     """Process-group backend: "auto" (nccl on GPUs, gloo on CPU), "nccl" or "gloo"."""
-    device: str = "auto"
+    device: Literal["auto", "cuda", "cpu"] = "auto"
     """"auto" (the local GPU when there is one, else the CPU), "cuda" or "cpu"."""
 
 
@@ -214,27 +206,20 @@ class TrainConfig:
         return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:12]
 
     def validate(self) -> TrainConfig:
-        """Cross-field checks; each failure names the key and what to set."""
-        choices = {
-            "loss.divergence": (self.loss.divergence, DIVERGENCES), "loss.distance": (self.loss.distance, DISTANCES),
-            "loss.form": (self.loss.form, FORMS), "loss.weighting": (self.loss.weighting, TIME_WEIGHTINGS),
-            "loss.cfg": (self.loss.cfg, ("divergence", "reward")),
-            "parallel.strategy": (self.parallel.strategy, ("fsdp", "ddp", "none")),
-            "parallel.mixed_precision": (self.parallel.mixed_precision, ("bf16", "fp32")),
-            "parallel.backend": (self.parallel.backend, ("auto", "nccl", "gloo")),
-            "parallel.device": (self.parallel.device, ("auto", "cuda", "cpu")),
-            "generator_optim.implementation": (self.generator_optim.implementation, OPTIMIZER_IMPLEMENTATIONS),
-            "assistant_optim.implementation": (self.assistant_optim.implementation, OPTIMIZER_IMPLEMENTATIONS),
-        }  # fmt: skip
-        for key, (value, allowed) in choices.items():
-            if value not in allowed:
-                raise UserError(f"config key {key!r}: {value!r} is not one of {', '.join(map(repr, allowed))}")
+        """Cross-field checks (the choices are checked by the loader, from each field's Literal type); each failure
+        names the key and what to set."""
+        check_choices(self)
         positive = {
-            "steps": self.steps, "data.batch_size": self.data.batch_size, "data.grad_accum": self.data.grad_accum,
-            "data.resolution": self.data.resolution, "checkpoint.every": self.checkpoint.every,
-            "checkpoint.keep_last": self.checkpoint.keep_last, "log.every": self.log.every,
-            "log.sample_every": self.log.sample_every, "max_nonfinite": self.max_nonfinite,
-        }  # fmt: skip
+            "steps": self.steps,
+            "data.batch_size": self.data.batch_size,
+            "data.grad_accum": self.data.grad_accum,
+            "data.resolution": self.data.resolution,
+            "checkpoint.every": self.checkpoint.every,
+            "checkpoint.keep_last": self.checkpoint.keep_last,
+            "log.every": self.log.every,
+            "log.sample_every": self.log.sample_every,
+            "max_nonfinite": self.max_nonfinite,
+        }
         for key, value in positive.items():
             if value < 1:
                 raise UserError(f"config key {key!r} must be at least 1, got {value}")

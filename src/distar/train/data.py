@@ -125,8 +125,14 @@ def _fixed_rows(column) -> np.ndarray:
     return values.reshape(len(column), -1)
 
 
-def write_embedding_shard(uri: str, prompts: list[str], prompt_embeds: torch.Tensor, pooled: torch.Tensor,
-                          dtype: str = "float16", extra: dict | None = None) -> None:  # fmt: skip
+def write_embedding_shard(
+    uri: str,
+    prompts: list[str],
+    prompt_embeds: torch.Tensor,
+    pooled: torch.Tensor,
+    dtype: str = "float16",
+    extra: dict | None = None,
+) -> None:
     """One Parquet shard of prompts with their text embeddings (the layout PromptSet reads)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -135,9 +141,11 @@ def write_embedding_shard(uri: str, prompts: list[str], prompt_embeds: torch.Ten
     e = prompt_embeds.detach().float().cpu().numpy().astype(np_dtype)
     p = pooled.detach().float().cpu().numpy().astype(np_dtype)
     width_e, width_p = int(np.prod(e.shape[1:])), int(np.prod(p.shape[1:]))
-    columns = {"prompt": pa.array(prompts, pa.string()),
-               EMBEDS: pa.FixedSizeListArray.from_arrays(pa.array(e.reshape(-1)), width_e),
-               POOLED: pa.FixedSizeListArray.from_arrays(pa.array(p.reshape(-1)), width_p)}  # fmt: skip
+    columns = {
+        "prompt": pa.array(prompts, pa.string()),
+        EMBEDS: pa.FixedSizeListArray.from_arrays(pa.array(e.reshape(-1)), width_e),
+        POOLED: pa.FixedSizeListArray.from_arrays(pa.array(p.reshape(-1)), width_p),
+    }
     columns.update({k: pa.array(v) for k, v in (extra or {}).items()})
     shapes = json.dumps({EMBEDS: list(e.shape[1:]), POOLED: list(p.shape[1:])})
     table = pa.table(columns).replace_schema_metadata({SHAPE_KEY: shapes.encode()})

@@ -67,8 +67,14 @@ def init(device: str = "auto", backend: str = "auto", timeout_s: int = 1800) -> 
     if not dist.is_initialized():
         timeout = timedelta(seconds=timeout_s)
         if "MASTER_ADDR" in os.environ:
-            dist.init_process_group(backend, store=_store(rank, size, timeout), rank=rank, world_size=size,
-                                    timeout=timeout, device_id=dev if device == "cuda" else None)  # fmt: skip
+            dist.init_process_group(
+                backend,
+                store=_store(rank, size, timeout),
+                rank=rank,
+                world_size=size,
+                timeout=timeout,
+                device_id=dev if device == "cuda" else None,
+            )
         else:
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
     return World(rank=rank, local_rank=local_rank, size=size, device=dev)
@@ -83,9 +89,13 @@ def _store(rank: int, size: int, timeout: timedelta) -> dist.Store:
     """
     agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
     store = dist.TCPStore(
-        os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), size, is_master=not agent_store and rank == 0,
-        timeout=timeout, multi_tenant=True,
-    )  # fmt: skip
+        os.environ["MASTER_ADDR"],
+        int(os.environ["MASTER_PORT"]),
+        size,
+        is_master=not agent_store and rank == 0,
+        timeout=timeout,
+        multi_tenant=True,
+    )
     return dist.PrefixStore(f"distar/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
 
 

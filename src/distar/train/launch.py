@@ -14,9 +14,20 @@ from distar.errors import UserError
 
 def torchrun_command(config: str, overrides: list[str], nproc_per_node: int = 1, max_restarts: int = 0) -> list[str]:
     return [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc_per_node),
-        "--max-restarts", str(max_restarts), "-m", "distar.train", "--config", config, *overrides,
-    ]  # fmt: skip
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        str(nproc_per_node),
+        "--max-restarts",
+        str(max_restarts),
+        "-m",
+        "distar.train",
+        "--config",
+        config,
+        *overrides,
+    ]
 
 
 def run_local(config: str, overrides: list[str], nproc_per_node: int = 1, max_restarts: int = 0) -> dict:
@@ -45,10 +56,22 @@ def _pod_namespace() -> str:
         return os.environ.get("POD_NAMESPACE", "default")
 
 
-def run_trainjob(config: str, overrides: list[str], *, name: str, image: str, num_nodes: int, nproc_per_node: int,
-                 gpus_per_node: int, namespace: str | None = None, secret_env: dict | None = None,
-                 node_selector: dict | None = None, tolerations: list | None = None, cleanup: str = "success",
-                 api=None) -> dict:  # fmt: skip
+def run_trainjob(
+    config: str,
+    overrides: list[str],
+    *,
+    name: str,
+    image: str,
+    num_nodes: int,
+    nproc_per_node: int,
+    gpus_per_node: int,
+    namespace: str | None = None,
+    secret_env: dict | None = None,
+    node_selector: dict | None = None,
+    tolerations: list | None = None,
+    cleanup: str = "success",
+    api=None,
+) -> dict:
     """Run the training as a TrainJob (many nodes) and return the run's summary.json. `out` and the data and
     cache URIs in `overrides` must be object-storage URIs: every node reads and writes them."""
     import json
@@ -67,10 +90,18 @@ def run_trainjob(config: str, overrides: list[str], *, name: str, image: str, nu
         kube_config.load_incluster_config()
         api = client.CustomObjectsApi()
     spec = TrainJobSpec(
-        name=name, namespace=namespace or _pod_namespace(), image=image, config=config, overrides=list(overrides),
-        num_nodes=num_nodes, nproc_per_node=nproc_per_node, gpus_per_node=gpus_per_node,
-        secret_env=dict(secret_env or {}), node_selector=dict(node_selector or {}), tolerations=list(tolerations or []),
-    )  # fmt: skip
+        name=name,
+        namespace=namespace or _pod_namespace(),
+        image=image,
+        config=config,
+        overrides=list(overrides),
+        num_nodes=num_nodes,
+        nproc_per_node=nproc_per_node,
+        gpus_per_node=gpus_per_node,
+        secret_env=dict(secret_env or {}),
+        node_selector=dict(node_selector or {}),
+        tolerations=list(tolerations or []),
+    )
     TrainJobLauncher(api, cleanup=cleanup).run(manifest(spec))
     fs, path = storage.filesystem(resolved.out)
     return json.loads(fs.cat_file(f"{path.rstrip('/')}/summary.json"))

@@ -1,11 +1,18 @@
 """Parallelism applied from outside the models: activation checkpointing, then FSDP2 or DDP.
 
-FSDP2 (`fully_shard`) shards each UNet block (down blocks, mid block, up blocks) and then the root, so only
-one block's full parameters live at a time; activation checkpointing wraps the same blocks first (the
-torchtitan / FastGen order). The frozen reference is sharded in its own (bf16) weights without gradients.
+`parallelize` is the one entry (torchtitan's per-model rule): it takes the assembled networks and the parallel
+config and returns them ready for the loop. FSDP2 (`fully_shard`) shards each UNet block (down blocks, mid block,
+up blocks) and then the root, so only one block's full parameters live at a time; activation checkpointing wraps
+the same blocks first (the torchtitan / FastGen order). The frozen reference is sharded in its own (bf16) weights
+without gradients. The loop asks this module, and nothing else, about wrappers: `gradient_sync`, `param_name`,
+`clip_grad_norm`.
 """
 
 from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
 
 import torch
 from torch import nn
@@ -74,6 +81,59 @@ def shard_unet(unet: nn.Module, device_mesh: DeviceMesh, mixed_precision: str, t
         fully_shard(_get(parent, key), mesh=device_mesh, mp_policy=policy)
     fully_shard(unet, mesh=device_mesh, mp_policy=policy)
     return unet
+
+
+def parallelize(nets, config, world):
+    """Activation checkpointing, then FSDP2 (`strategy="fsdp"`) or DDP (`"ddp"`) of the assembled networks.
+
+    nets: a `distar.train.networks.Networks` on `world.device`; config: its `ParallelConfig`. Returns the same
+    networks, where `generator_train` / `assistant_train` are what the updates call (a DDP wrapper under "ddp",
+    the network itself otherwise); `generator` / `assistant` stay the plain networks for frozen uses.
+    """
+    from distar.errors import UserError
+
+    if config.strategy == "none" and world.size > 1:
+        raise UserError(f"parallel.strategy='none' runs one process, but WORLD_SIZE is {world.size}; use ddp or fsdp")
+    if config.activation_checkpointing:
+        for unet in (nets.generator.unet, nets.assistant.unet, nets.reference.unet):
+            apply_activation_checkpointing(unet)
+    generator_train, assistant_train = nets.generator, nets.assistant
+    if config.strategy == "fsdp":
+        device_mesh = mesh(world.size, world.device)
+        shard_unet(nets.generator.unet, device_mesh, config.mixed_precision, trainable=True)
+        shard_unet(nets.assistant.unet, device_mesh, config.mixed_precision, trainable=True)
+        shard_unet(nets.reference.unet, device_mesh, config.mixed_precision, trainable=False)
+    elif config.strategy == "ddp":
+        generator_train, assistant_train = (
+            replicate(nets.generator, world.device),
+            replicate(nets.assistant, world.device),
+        )
+    if config.vae_checkpointing:
+        apply_vae_checkpointing(nets.vae)
+    return dataclasses.replace(nets, generator_train=generator_train, assistant_train=assistant_train)
+
+
+def gradient_sync(module: nn.Module, enabled: bool):
+    """A context in which `module`'s backward passes reduce gradients across ranks only when `enabled` (the last
+    micro-batch of an update): DDP's no_sync, FSDP2's requires_gradient_sync."""
+    if isinstance(module, DistributedDataParallel):
+        return contextlib.nullcontext() if enabled else module.no_sync()
+    for sub in module.modules():
+        if hasattr(sub, "set_requires_gradient_sync"):
+            sub.set_requires_gradient_sync(enabled)
+            break
+    return contextlib.nullcontext()
+
+
+def param_name(name: str) -> str:
+    """A parameter's name without the activation-checkpointing wrapper's prefix (the plain model's name)."""
+    return name.replace("_checkpoint_wrapped_module.", "")
+
+
+def clip_grad_norm(parameters: list[nn.Parameter], max_norm: float) -> float:
+    """Clip to `max_norm` (0: no clipping) and return the global gradient norm over every rank's shards."""
+    norm = torch.nn.utils.clip_grad_norm_(parameters, max_norm if max_norm > 0 else math.inf)
+    return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
 
 
 def replicate(module: nn.Module, device: torch.device) -> nn.Module:

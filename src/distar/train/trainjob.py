@@ -67,22 +67,34 @@ def manifest(spec: TrainJobSpec) -> dict:
         "volumeMounts": [{"name": "dshm", "mountPath": "/dev/shm"}],
         "env": [_secret_env(k, v) for k, v in spec.secret_env.items()],
     }
-    pod = {"volumes": [{"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": spec.shm_size}}],
-           "containers": [container]}  # fmt: skip
+    pod = {
+        "volumes": [{"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": spec.shm_size}}],
+        "containers": [container],
+    }
     if spec.node_selector:
         pod["nodeSelector"] = dict(spec.node_selector)
     if spec.tolerations:
         pod["tolerations"] = list(spec.tolerations)
     if spec.service_account:
         pod["serviceAccountName"] = spec.service_account
-    patch = {"manager": "distar", "trainingRuntimeSpec": {"template": {"spec": {"replicatedJobs": [
-        {"name": NODE, "template": {"spec": {"template": {"spec": pod}}}}]}}}}  # fmt: skip
+    patch = {
+        "manager": "distar",
+        "trainingRuntimeSpec": {
+            "template": {
+                "spec": {"replicatedJobs": [{"name": NODE, "template": {"spec": {"template": {"spec": pod}}}}]}
+            }
+        },
+    }
     return {
-        "apiVersion": f"{GROUP}/{VERSION}", "kind": KIND,
+        "apiVersion": f"{GROUP}/{VERSION}",
+        "kind": KIND,
         "metadata": {"name": spec.name, "namespace": spec.namespace, "labels": {"app.kubernetes.io/part-of": "distar"}},
-        "spec": {"runtimeRef": {"name": spec.runtime, "kind": "ClusterTrainingRuntime", "apiGroup": GROUP},
-                 "trainer": trainer, "runtimePatches": [patch]},
-    }  # fmt: skip
+        "spec": {
+            "runtimeRef": {"name": spec.runtime, "kind": "ClusterTrainingRuntime", "apiGroup": GROUP},
+            "trainer": trainer,
+            "runtimePatches": [patch],
+        },
+    }
 
 
 def _secret_env(name: str, ref: str) -> dict:
@@ -95,8 +107,15 @@ def _secret_env(name: str, ref: str) -> dict:
 class TrainJobLauncher:
     """Create a TrainJob and follow .status.conditions until Complete or Failed (kubernetes CustomObjectsApi)."""
 
-    def __init__(self, api, poll_s: float = 15.0, timeout_s: float | None = None, cleanup: str = "success",
-                 sleep=time.sleep, log=print):  # fmt: skip
+    def __init__(
+        self,
+        api,
+        poll_s: float = 15.0,
+        timeout_s: float | None = None,
+        cleanup: str = "success",
+        sleep=time.sleep,
+        log=print,
+    ):
         if cleanup not in CLEANUP:
             raise UserError(f"cleanup {cleanup!r}: choose one of {', '.join(CLEANUP)}")
         self.api, self.poll_s, self.timeout_s, self.cleanup = api, poll_s, timeout_s, cleanup
@@ -120,8 +139,14 @@ class TrainJobLauncher:
                     raise TrainJobFailed(f"TrainJob {ns}/{name} was deleted before it finished") from err
                 raise
             conditions = {c["type"]: c for c in obj.get("status", {}).get("conditions", [])}
-            state = next((t for t in ("Complete", "Failed", "Suspended", "Created") if
-                          conditions.get(t, {}).get("status") == "True"), "Pending")  # fmt: skip
+            state = next(
+                (
+                    t
+                    for t in ("Complete", "Failed", "Suspended", "Created")
+                    if conditions.get(t, {}).get("status") == "True"
+                ),
+                "Pending",
+            )
             if state != last:
                 self.log(f"TrainJob {ns}/{name}: {state}")
                 last = state

@@ -1,0 +1,185 @@
+"""The DI* method (docs/METHOD.md §3–5): the assistant's and the generator's loss-and-backward on a step's
+micro-batches, and the random streams they draw from. No optimizer, no logging, no checkpoints: the loop
+(trainer.py) owns those.
+
+Every random draw of step s (noise z, timesteps t, noise ε) comes from a generator seeded by
+(seed, rank, s, micro-batch, purpose, update), and the prompts of step s from the global sample counter, so a
+resumed run draws exactly what the interrupted one would have drawn.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterable
+
+import numpy as np
+import torch
+
+from distar.diffusion import VPSchedule
+from distar.losses import assistant_loss, generator_objective, time_weight
+from distar.models.sdxl import SDXLConditioning, add_time_ids, decode
+from distar.train import parallel
+from distar.train.config import TrainConfig
+from distar.train.data import PromptBatch, PromptSet
+from distar.train.distributed import World
+from distar.train.networks import Networks
+
+# Purposes of the counter-based random streams.
+Z, T, EPS, SAMPLES = 1, 2, 3, 4
+
+MicroBatch = tuple[int, PromptBatch, SDXLConditioning]
+
+
+def stream(seed: int, rank: int, step: int, micro: int, purpose: int, update: int = 0) -> torch.Generator:
+    entropy = np.random.SeedSequence([seed, rank, step, micro, purpose, update]).generate_state(2, dtype=np.uint32)
+    return torch.Generator().manual_seed(int(entropy[0]) << 32 | int(entropy[1]))
+
+
+class DIStar:
+    """The two updates of a DI* iteration over prebuilt networks; each leaves gradients on its network."""
+
+    def __init__(self, config: TrainConfig, world: World, nets: Networks, data: PromptSet, latent_shape: tuple):
+        self.config, self.world, self.nets, self.data = config, world, nets, data
+        self.latent_shape = latent_shape
+        self.schedule = VPSchedule.sdxl()
+        self.autocast = contextlib.nullcontext()
+        if config.parallel.mixed_precision == "bf16":
+            self.autocast = torch.autocast(world.device.type, dtype=torch.bfloat16)
+
+    # -- inputs -------------------------------------------------------------------------------------
+
+    def conditioning(self, batch: PromptBatch) -> SDXLConditioning:
+        res = self.config.data.resolution
+        if batch.prompt_embeds is not None:
+            n = len(batch.prompts)
+            # Shards store fp16 (half the bytes); the networks take fp32 inputs and cast to their own dtype.
+            return SDXLConditioning(batch.prompt_embeds, batch.pooled_prompt_embeds, add_time_ids(n, res, res)).to(
+                self.world.device, torch.float32
+            )
+        return self.nets.prompt_encoder.encode(batch.prompts, res, res)
+
+    def noise(self, gen: torch.Generator, n: int) -> torch.Tensor:
+        return torch.randn((n, *self.latent_shape), generator=gen).to(self.world.device)
+
+    def timesteps(self, gen: torch.Generator, n: int, lo: int, hi: int) -> torch.Tensor:
+        return torch.randint(lo, hi, (n,), generator=gen).to(self.world.device)
+
+    def micro_batches(self, samples_seen: int) -> list[MicroBatch]:
+        """The step's micro-batches of this rank, from the global sample counter."""
+        d, w = self.config.data, self.world
+        out = []
+        for micro in range(d.grad_accum):
+            start = samples_seen + micro * w.size * d.batch_size
+            batch = self.data.batch(start, w.rank, w.size, d.batch_size, self.config.seed, d.shuffle)
+            out.append((micro, batch, self.conditioning(batch)))
+        return out
+
+    # -- the assistant: denoising score matching on generator samples (§5) ----------------------------
+
+    def assistant_backward(self, step: int, k: int, batches: Iterable[MicroBatch]) -> dict[str, float]:
+        """The k-th assistant update of `step`: L_TA on x0 = sg(g_θ(z, c)), gradients accumulated over
+        micro-batches (reduced across ranks on the last)."""
+        c, d, rank = self.config, self.config.data, self.world.rank
+        total = 0.0
+        for micro, batch, cond in batches:
+            n = len(batch.prompts)
+            with torch.no_grad(), self.autocast:
+                x0 = self.nets.generator(self.noise(stream(c.seed, rank, step, micro, Z, k + 1), n), cond)
+            t = self.timesteps(
+                stream(c.seed, rank, step, micro, T, k + 1), n, c.loss.assistant_t_min, c.loss.assistant_t_max
+            )
+            eps = self.noise(stream(c.seed, rank, step, micro, EPS, k + 1), n)
+            x_t = self.schedule.add_noise(x0.float(), eps, t)
+            last = micro == d.grad_accum - 1
+            with parallel.gradient_sync(self.nets.assistant_train, last), self.autocast:
+                loss = assistant_loss(self.nets.assistant_train(x_t, t, cond).float(), eps)
+                (loss / d.grad_accum).backward()
+            total += loss.item() / d.grad_accum
+        return {"loss/assistant": total}
+
+    # -- the generator: L_G = −α_rew·r + L_div (§4) -------------------------------------------------
+
+    def generator_backward(self, step: int, batches: Iterable[MicroBatch]) -> dict[str, float]:
+        """The generator update of `step`: L_G's gradient accumulated over micro-batches; the assistant is
+        frozen (no parameter gradients, no DDP hooks) while the loss backpropagates through its input."""
+        c, d, L, rank = self.config, self.config.data, self.config.loss, self.world.rank
+        sums: dict[str, float] = {}
+        self.nets.assistant_unet.requires_grad_(False)
+        try:
+            for micro, batch, cond in batches:
+                n = len(batch.prompts)
+                z = self.noise(stream(c.seed, rank, step, micro, Z), n)
+                t = self.timesteps(stream(c.seed, rank, step, micro, T), n, L.t_min, L.t_max)
+                eps = self.noise(stream(c.seed, rank, step, micro, EPS), n)
+                last = micro == d.grad_accum - 1
+                with parallel.gradient_sync(self.nets.generator_train, last), self.autocast:
+                    x0 = self.nets.generator_train(z, cond).float()
+                    loss, parts = self.generator_loss(x0, t, eps, cond, batch.prompts)
+                    (loss / d.grad_accum).backward()
+                for key, value in parts.items():
+                    sums[key] = sums.get(key, 0.0) + float(value) / d.grad_accum
+        finally:
+            self.nets.assistant_unet.requires_grad_(True)
+        return sums
+
+    def generator_loss(self, x0, t, eps, cond, prompts) -> tuple[torch.Tensor, dict[str, float]]:
+        """L_G on one micro-batch and the values it logs."""
+        L, nets = self.config.loss, self.nets
+        parts: dict[str, float] = {}
+        reward = None
+        if nets.reward is not None:
+            with contextlib.nullcontext() if L.alpha_rew != 0 else torch.no_grad():
+                terms = nets.reward.terms(decode(nets.vae, x0), prompts)
+                reward = nets.reward.combine({k: v.float() for k, v in terms.items()})
+            parts["reward"] = reward.mean().item()
+            parts.update({f"reward/{k}": v.float().mean().item() for k, v in terms.items()})
+        guidance = L.alpha_cfg if L.cfg == "divergence" else 1.0
+        objective = generator_objective(
+            x0,
+            t,
+            eps,
+            lambda x_t, tt: nets.assistant(x_t, tt, cond).float(),
+            lambda x_t, tt: nets.reference(x_t, tt, cond, guidance_scale=guidance).float(),
+            self.schedule,
+            reward=reward,
+            alpha_rew=L.alpha_rew,
+            reference_branches=(lambda x_t, tt: [e.float() for e in nets.reference.branches(x_t, tt, cond)])
+            if L.cfg == "reward"
+            else None,
+            alpha_cfg=L.alpha_cfg,
+            weight=time_weight(self.schedule, t, L.weighting, x0),
+            **L.loss_kwargs(),
+        )
+        parts["divergence"] = objective.divergence.mean().item()
+        if objective.cfg_loss is not None:
+            parts["loss/cfg_reward"] = objective.cfg_loss.item()
+        parts.update(
+            {
+                "loss/generator": objective.loss.item(),
+                "loss/divergence": objective.divergence_loss.item(),
+                "loss/reward": objective.reward_loss.item(),
+            }
+        )
+        return objective.loss, parts
+
+    # -- samples --------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def sample(self) -> tuple[torch.Tensor, dict[str, float]]:
+        """The fixed sample grid: the first log.sample_prompts prompts, fixed noise; images and their reward."""
+        k = min(self.config.log.sample_prompts, len(self.data))
+        batch = self.data.batch(0, 0, 1, k, self.config.seed, shuffle=False)
+        cond = self.conditioning(batch)
+        z = self.noise(stream(self.config.seed, 0, 0, 0, SAMPLES), k)
+        with self.autocast:
+            x0 = self.nets.generator(z, cond).float()
+            images = decode(self.nets.vae, x0).float()
+            values = {}
+            if self.nets.reward is not None:
+                terms = self.nets.reward.terms(images, batch.prompts)
+                r = self.nets.reward.combine({k: v.float() for k, v in terms.items()})
+                values = {
+                    "eval/reward": r.mean().item(),
+                    **{f"eval/reward/{n}": v.float().mean().item() for n, v in terms.items()},
+                }
+        return images.cpu(), values

@@ -1,0 +1,104 @@
+"""Building the networks of a DI* run: load what the config names, set dtypes and devices, then `parallelize`.
+
+The trainable UNets keep fp32 master weights (bf16 compute comes from autocast or FSDP's mixed precision); the
+frozen reference, text encoders, VAE and rewards live in their configured dtypes.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from distar import sources
+from distar.models.sdxl import (
+    Assistant,
+    OneStepGenerator,
+    PromptEncoder,
+    Reference,
+    load_dmd2_unet,
+    load_unet,
+    load_vae,
+)
+from distar.rewards import RewardSpec, WeightedReward
+from distar.sources import parse_dtype
+from distar.train import parallel
+from distar.train.config import TrainConfig
+from distar.train.distributed import World
+
+
+@dataclass
+class Networks:
+    generator: OneStepGenerator
+    assistant: Assistant
+    reference: Reference
+    prompt_encoder: PromptEncoder | None
+    vae: nn.Module
+    reward: WeightedReward | None
+    generator_train: nn.Module | None = None
+    """What the generator update calls: the generator, or its data-parallel wrapper (set by `parallelize`)."""
+    assistant_train: nn.Module | None = None
+    """What the assistant update calls: the assistant, or its data-parallel wrapper."""
+    generator_unet: nn.Module = field(init=False)
+    assistant_unet: nn.Module = field(init=False)
+
+    def __post_init__(self):
+        self.generator_unet = self.generator.unet
+        self.assistant_unet = self.assistant.unet
+        self.generator_train = self.generator_train or self.generator
+        self.assistant_train = self.assistant_train or self.assistant
+
+
+def build_networks(config: TrainConfig, world: World, need_text_encoders: bool) -> Networks:
+    """Load every network the config names, then `assemble` them."""
+    m = config.model
+    hub = sources.hub_options(m.cache_dir, m.offline)
+    ref_options = {**hub, "revision": m.revision}
+    reference_unet = load_unet(m.reference, dtype="fp32", **ref_options)
+
+    if m.generator_init == "reference":
+        generator_unet = copy.deepcopy(reference_unet)
+    elif sources.parse(m.generator_init).is_file:
+        generator_unet = load_dmd2_unet(m.generator_init, m.reference, dtype="fp32", **ref_options)
+    else:
+        generator_unet = load_unet(m.generator_init, dtype="fp32", **hub)
+    assistant_init = None if m.assistant_init == "reference" else m.assistant_init
+    assistant = Assistant.from_reference(reference_unet, init=assistant_init, **hub)
+    prompt_encoder = None
+    if need_text_encoders:
+        prompt_encoder = PromptEncoder.from_pretrained(m.reference, dtype=m.text_encoder_dtype, **ref_options)
+    vae = load_vae(m.vae or m.reference, dtype=m.vae_dtype, **(hub if m.vae else ref_options))
+    reward = None
+    if config.reward.weights:
+        r = config.reward
+        specs = [
+            RewardSpec(name, w, r.sources.get(name), r.processors.get(name), r.heads.get(name))
+            for name, w in r.weights.items()
+        ]
+        reward = WeightedReward.from_specs(specs, dtype=r.dtype, **hub)
+    return assemble(config, world, reference_unet, generator_unet, assistant.unet, vae, reward, prompt_encoder)
+
+
+def assemble(
+    config: TrainConfig,
+    world: World,
+    reference_unet: nn.Module,
+    generator_unet: nn.Module,
+    assistant_unet: nn.Module,
+    vae: nn.Module,
+    reward: WeightedReward | None,
+    prompt_encoder: PromptEncoder | None = None,
+) -> Networks:
+    """The networks as the loop uses them: weight dtypes and device here, then `parallel.parallelize`."""
+    m = config.model
+    generator = OneStepGenerator(generator_unet.float().to(world.device), t_star=m.t_star)
+    assistant = Assistant(assistant_unet.float()).to(world.device)
+    reference = Reference(reference_unet.to(world.device, parse_dtype(m.reference_dtype)), config.loss.alpha_cfg)
+    if prompt_encoder is not None:
+        prompt_encoder.to(world.device, parse_dtype(m.text_encoder_dtype))
+    vae = vae.to(world.device, parse_dtype(m.vae_dtype)).requires_grad_(False).eval()
+    if reward is not None:
+        reward = reward.to(world.device, parse_dtype(config.reward.dtype)).requires_grad_(False).eval()
+    nets = Networks(generator, assistant, reference, prompt_encoder, vae, reward)
+    return parallel.parallelize(nets, config.parallel, world)

@@ -1,0 +1,155 @@
+"""`distar evaluate` on tiny models: metrics, resume, baseline, the HTML report."""
+
+from __future__ import annotations
+
+import json
+from html.parser import HTMLParser
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from helpers.tiny import tiny
+from distar.errors import UserError
+from distar.evaluate import EvaluateConfig, evaluate
+from distar.export import ExportConfig, export
+from distar.train import run
+
+PARTI = Path(__file__).resolve().parents[1] / "data" / "PartiPrompts.tsv"
+REWARDS = ["imagereward", "aesthetic", "pickscore", "clip", "hpsv2.1"]
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory):
+    root = tmp_path_factory.mktemp("eval")
+    summary = run("tiny", [f"out={root / 'run'}", "steps=1", "parallel.strategy=none", "log.progress=false"])
+    export(ExportConfig(summary["checkpoint"], str(root / "pipeline")))
+    hps = root / "hps"
+    hps.mkdir()
+    for style in ("anime", "concept-art", "paintings", "photo"):
+        (hps / f"{style}.json").write_text(json.dumps([f"a {style} picture of a fox", f"a {style} castle"]))
+    return root / "pipeline", hps
+
+
+def config(pipeline, out, **kwargs) -> EvaluateConfig:
+    settings = dict(
+        model=str(pipeline[0]), out=str(out), prompts=str(PARTI), hps_prompts=str(pipeline[1]), rewards=REWARDS,
+        sources={n: f"tiny:rewards/{n}" for n in REWARDS}, batch_size=3,
+        heads={"aesthetic": "tiny:rewards/aesthetic/aesthetic_head.safetensors"},
+    )  # fmt: skip
+    return EvaluateConfig(**{**settings, **kwargs})
+
+
+class _Report(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.tables, self.images, self.cells = 0, [], []
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        self.tables += tag == "table"
+        if tag == "img":
+            self.images.append(attrs.get("src", ""))
+
+    def handle_data(self, data):
+        self.cells.append(data.strip())
+
+
+def test_metrics_per_prompt_scores_resume_and_report(pipeline, tmp_path):
+    out = tmp_path / "eval"
+    first = evaluate(config(pipeline, out, max_prompts=4))
+    assert first["runs"]["model"] == {"generated": 12, "skipped": 0, "generation_seconds": pytest.approx(
+        first["runs"]["model"]["generation_seconds"])}  # 4 Parti + 4 styles × 2 HPS prompts  # fmt: skip
+    again = evaluate(config(pipeline, out, max_prompts=5))  # resumes: only the new Parti prompt is generated
+    assert again["runs"]["model"]["generated"] == 1 and again["runs"]["model"]["skipped"] == 12
+    m = again["results"]["model"]
+    for name in REWARDS + ["hpsv2.1/anime", "hpsv2.1/photo", "seconds_per_image"]:
+        assert isinstance(m[name], float) and m[name] == m[name], name  # finite, not NaN
+    assert m["images"] == 13
+    scores = pq.read_table(out / "scores.parquet").to_pylist()
+    assert len({r["id"] for r in scores}) == 13 and all((out / r["image"]).is_file() for r in scores)
+    parti = [r for r in scores if r["set"] == "parti"]
+    assert m["pickscore"] == pytest.approx(sum(r["pickscore"] for r in parti) / len(parti))
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["paper"]["DI*"]["pickscore"] == 0.2304
+    report = _Report()
+    report.feed((out / "report.html").read_text())
+    assert report.tables == 1 and "paper: DI*" in report.cells and "hpsv2.1" in report.cells
+    assert sum(src.startswith("data:image/png;base64,") for src in report.images) == len(REWARDS)
+    assert any(src.startswith("data:image/jpeg;base64,") for src in report.images)  # self-contained thumbnails
+
+
+def test_baseline_reference_sampling_and_fixed_seeds(pipeline, tmp_path):
+    c = config(pipeline, tmp_path / "a", max_prompts=2, rewards=["pickscore"], baseline="reference:3",
+               reference="tiny:sdxl")  # fmt: skip
+    a = evaluate(c)
+    assert set(a["results"]) == {"model", "baseline"} and a["runs"]["baseline"]["generated"] == 2
+    assert a["results"]["model"]["pickscore"] != a["results"]["baseline"]["pickscore"]
+    b = evaluate(config(pipeline, tmp_path / "b", max_prompts=2, rewards=["pickscore"], batch_size=1))
+    assert b["results"]["model"]["pickscore"] == pytest.approx(a["results"]["model"]["pickscore"], abs=1e-5)
+
+
+def test_initial_generator_baseline_from_a_raw_unet_file(pipeline, tmp_path):
+    c = config(pipeline, tmp_path / "init", max_prompts=2, rewards=["clip"], baseline="unet:tiny:dmd2_unet.safetensors",
+               reference="tiny:sdxl")  # fmt: skip
+    out = evaluate(c)
+    assert out["runs"]["baseline"]["generated"] == 2
+    # one training step moved the generator away from its initial UNet: the two sets of images differ
+    import numpy as np
+    from PIL import Image
+
+    rows = pq.read_table(tmp_path / "init" / "scores.parquet").to_pylist()
+    base = pq.read_table(tmp_path / "init" / "baseline_scores.parquet").to_pylist()
+    a = np.asarray(Image.open(tmp_path / "init" / rows[0]["image"]), dtype=float)
+    b = np.asarray(
+        Image.open(tmp_path / "init" / next(r for r in base if r["id"] == rows[0]["id"])["image"]), dtype=float
+    )
+    assert np.abs(a - b).mean() > 0.1
+
+
+def test_bad_inputs(pipeline, tmp_path):
+    with pytest.raises(UserError, match="--hps-prompts"):
+        evaluate(config(pipeline, tmp_path / "o", hps_prompts=None))
+    with pytest.raises(UserError, match="unknown metric"):
+        evaluate(config(pipeline, tmp_path / "o", rewards=["fid"]))
+    with pytest.raises(UserError, match="not a diffusers pipeline"):
+        evaluate(config(pipeline, tmp_path / "o", model=str(tmp_path), rewards=["clip"], max_prompts=1))
+    with pytest.raises(UserError, match="needs --reference"):
+        evaluate(config(pipeline, tmp_path / "o", model="reference:2", rewards=["clip"], max_prompts=1))
+    assert tiny("tiny:sdxl")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("scheme", ["s3", "gs"])
+def test_evaluate_writes_to_object_storage(scheme, pipeline, tmp_path):
+    import fsspec
+    from helpers.storage_servers import server
+
+    with server(scheme, "evals"):
+        report = evaluate(config(pipeline, f"{scheme}://evals/tiny", max_prompts=2, rewards=["clip"]))
+        fs, _ = fsspec.core.url_to_fs(f"{scheme}://evals/tiny")
+        fs.invalidate_cache()
+        assert report["results"]["model"]["images"] == 2
+        for name in ("metrics.json", "scores.parquet", "report.html"):
+            assert fs.exists(f"evals/tiny/{name}"), name
+        assert len(fs.glob("evals/tiny/images/model/*.png")) == 2
+
+
+@pytest.mark.parametrize("fmt", ["tsv", "parquet"])
+def test_prompts_load_as_text_from_every_source_format(fmt, tmp_path):
+    """The Parti prompts read the same from a TSV and from a Parquet file (curation's fast path keeps Arrow arrays)."""
+    import pyarrow as pa
+
+    from distar.evaluate import load_prompts
+
+    rows = [r.split("\t") for r in PARTI.read_text().splitlines()]
+    header, body = rows[0], rows[1:40]
+    source = tmp_path / f"prompts.{fmt}"
+    if fmt == "tsv":
+        source.write_text("\n".join("\t".join(r) for r in [header, *body]) + "\n")
+    else:
+        pq.write_table(pa.table({h: [r[i] for r in body] for i, h in enumerate(header)}), source)
+    prompts = load_prompts(EvaluateConfig(model="unused", out=str(tmp_path / "out"), prompts=str(source),
+                                          rewards=["pickscore"]))  # fmt: skip
+    assert [p.text for p in prompts] == [r[0].strip() for r in body]
+    assert all(isinstance(p.text, str) and p.group != "all" for p in prompts)

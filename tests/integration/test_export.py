@@ -1,0 +1,103 @@
+"""`distar export`: a training checkpoint becomes a pipeline that stock diffusers loads and runs in one step."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from helpers.tiny import tiny
+from helpers.storage_servers import server
+
+from distar.errors import UserError
+from distar.export import SINGLE_FILE, ExportConfig, export
+from distar.train import run
+from distar.train.checkpoint import MARKER, load_unet_weights
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    out = tmp_path_factory.mktemp("train") / "run"
+    summary = run("tiny", [f"out={out}", "steps=2", "ema_decay=0.5", "parallel.strategy=none", "log.progress=false"])
+    return out, summary["checkpoint"]
+
+
+@pytest.fixture(scope="module")
+def exported(trained, tmp_path_factory):
+    out = tmp_path_factory.mktemp("export") / "pipeline"
+    export(ExportConfig(str(trained[0]), str(out), ema=True, single_file=True))  # the run: its newest checkpoint
+    return out
+
+
+def test_stock_diffusers_one_step_equals_the_trainers_generator(trained, exported):
+    from diffusers import LCMScheduler, StableDiffusionXLPipeline
+
+    from distar.models.sdxl import OneStepGenerator, PromptEncoder, load_unet
+
+    pipe = StableDiffusionXLPipeline.from_pretrained(exported)
+    assert isinstance(pipe.scheduler, LCMScheduler)
+    prompts = ["a red cat on a beach", "a blue boat on the moon"]
+    z = torch.randn(2, 4, 32, 32, generator=torch.Generator().manual_seed(0))
+    latents = pipe(prompts, latents=z.clone(), num_inference_steps=1, timesteps=[399], guidance_scale=0,
+                   output_type="latent").images  # fmt: skip
+
+    unet = load_unet(tiny("tiny:sdxl"))
+    unet.load_state_dict(load_unet_weights(trained[1], "generator"))
+    encoder = PromptEncoder.from_pretrained(tiny("tiny:sdxl"))
+    with torch.no_grad():
+        x0 = OneStepGenerator(unet)(z, encoder.encode(prompts, 64, 64))
+    torch.testing.assert_close(latents, x0, atol=1e-4, rtol=1e-4)
+    assert x0.abs().mean() > 0.1  # a real comparison, not of two zero tensors
+
+
+def test_fp16_variant_ema_single_file_and_model_card(trained, exported):
+    from diffusers import UNet2DConditionModel
+    from safetensors.torch import load_file
+
+    fp32 = UNet2DConditionModel.from_pretrained(exported, subfolder="unet")
+    fp16 = UNet2DConditionModel.from_pretrained(exported, subfolder="unet", variant="fp16", torch_dtype=torch.float16)
+    for (name, a), (_, b) in zip(fp32.state_dict().items(), fp16.state_dict().items(), strict=True):
+        assert b.dtype == torch.float16 and torch.equal(a.half(), b), name
+    ema = UNet2DConditionModel.from_pretrained(exported, subfolder="unet_ema").state_dict()
+    expected = load_unet_weights(trained[1], "ema")
+    assert all(torch.equal(ema[k], expected[k]) for k in expected)
+    assert not all(torch.equal(ema[k], fp32.state_dict()[k]) for k in expected)  # EMA is not the live weights
+    single = load_file(str(exported / SINGLE_FILE))
+    assert single.keys() == fp32.state_dict().keys() and all(v.dtype == torch.float16 for v in single.values())
+    card = (exported / "README.md").read_text()
+    assert "timesteps=[399]" in card and "diff-instruct-star" in card and "unet_ema" in card
+    meta = json.loads((exported / "distar.json").read_text())
+    assert meta["step"] == 2 and meta["checkpoint"] == trained[1]
+
+
+def test_export_refuses_incomplete_checkpoints_and_existing_outputs(trained, exported, tmp_path):
+    import shutil
+
+    partial = tmp_path / "step_00000009"
+    shutil.copytree(trained[1], partial)
+    (partial / MARKER).unlink()
+    with pytest.raises(UserError, match="incomplete"):
+        export(ExportConfig(str(partial), str(tmp_path / "o")))
+    with pytest.raises(UserError, match="neither a complete checkpoint nor a run"):
+        export(ExportConfig(str(tmp_path), str(tmp_path / "o")))
+    with pytest.raises(UserError, match="already holds a pipeline"):
+        export(ExportConfig(trained[1], str(exported)))
+    no_ema = run("tiny", [f"out={tmp_path / 'r'}", "steps=1", "parallel.strategy=none", "log.progress=false"])
+    with pytest.raises(UserError, match="no EMA weights"):
+        export(ExportConfig(no_ema["checkpoint"], str(tmp_path / "o2"), ema=True))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("scheme", ["s3", "gs"])
+def test_export_to_object_storage_loads_back(scheme, trained, tmp_path):
+    import fsspec
+    from diffusers import StableDiffusionXLPipeline
+
+    with server(scheme, "exports"):
+        uri = f"{scheme}://exports/tiny"
+        export(ExportConfig(trained[1], uri))
+        fs, _ = fsspec.core.url_to_fs(uri)
+        local = tmp_path / "copy"
+        fs.get(f"{uri}/", str(local), recursive=True)
+        pipe = StableDiffusionXLPipeline.from_pretrained(local)
+        assert pipe.unet.config.sample_size == 32

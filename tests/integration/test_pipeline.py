@@ -1,0 +1,76 @@
+"""The Kubeflow pipeline: the committed YAML is a fresh compile, and the whole DAG runs under kfp.local."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+YAML = ROOT / "pipelines" / "distar_sdxl.yaml"
+
+
+def test_committed_yaml_is_a_fresh_compile(tmp_path):
+    fresh = tmp_path / "fresh.yaml"
+    env = {k: v for k, v in os.environ.items() if k != "DISTAR_IMAGE"}
+    code = f"import runpy; m = runpy.run_path({str(ROOT / 'pipelines' / 'distar_sdxl.py')!r}); " \
+           f"m['compile_pipeline']({str(fresh)!r})"  # fmt: skip
+    subprocess.run([sys.executable, "-c", code], check=True, env=env, cwd=tmp_path)
+    assert fresh.read_text() == YAML.read_text(), (
+        "pipelines/distar_sdxl.yaml is stale: run python pipelines/distar_sdxl.py"
+    )
+
+
+def test_compiled_dag_and_defaults():
+    spec = next(yaml.safe_load_all(YAML.read_text()))
+    tasks = spec["root"]["dag"]["tasks"]
+    assert set(tasks) == {"curate", "cache", "train", "export", "evaluate"}
+    deps = {name: set(t.get("dependentTasks", [])) for name, t in tasks.items()}
+    assert deps["train"] == {"curate", "cache"} and deps["export"] == {"train"}
+    assert deps["evaluate"] == {"export", "cache"}
+    params = spec["root"]["inputDefinitions"]["parameters"]
+    assert params["preset"]["defaultValue"] == "sdxl" and params["nproc_per_node"]["defaultValue"] == 8
+    assert tasks["train"]["cachingOptions"] == {} and tasks["cache"]["cachingOptions"]["enableCache"]
+    assert tasks["train"]["retryPolicy"]["maxRetryCount"] == 2
+
+
+def test_kubernetes_settings_of_the_steps():
+    docs = list(yaml.safe_load_all(YAML.read_text()))
+    assert len(docs) == 2  # the pipeline spec, then the platform spec kfp-kubernetes writes
+    executors = docs[1]["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    assert len(executors) == 5
+    for name, settings in executors.items():
+        assert settings["emptyDirMounts"][0]["mountPath"] == "/dev/shm", name
+        assert settings["emptyDirMounts"][0]["medium"] == "Memory"
+        assert {s["secretNameParameter"]["componentInputParameter"] for s in settings["secretAsEnv"]} == {
+            "storage_secret", "hub_secret"}  # fmt: skip
+        assert settings["nodeSelector"]["nodeSelectorJson"]["componentInputParameter"] == "node_selector"
+    spec = docs[0]
+    evaluate = spec["deploymentSpec"]["executors"]["exec-evaluate"]["container"]["resources"]
+    assert evaluate["accelerator"]["resourceType"] == "nvidia.com/gpu"
+
+
+@pytest.mark.slow
+def test_the_whole_dag_runs_locally_on_the_tiny_preset(tmp_path):
+    from distar.local_pipeline import run_local
+
+    run = run_local("tiny", tmp_path / "root")
+    prompts = json.loads((run / "curate" / "prompts" / "manifest.json").read_text())
+    assert prompts["rows"] > 200
+    cache = json.loads((run / "cache" / "model_cache" / "manifest.json").read_text())
+    assert "stabilityai/stable-diffusion-xl-base-1.0" in cache["entries"]
+    assert (run / "train" / "checkpoints" / "checkpoints" / "step_00000004" / "COMPLETE").is_file()
+    assert (run / "export" / "pipeline" / "model_index.json").is_file()
+    outputs = json.loads((run / "evaluate" / "executor_output.json").read_text())["artifacts"]
+    metrics = outputs["metrics"]["artifacts"][0]["metadata"]
+    for name in ("imagereward", "aesthetic", "pickscore", "clip", "hpsv2.1"):
+        assert math.isfinite(metrics[name]), name
+    assert "<table id='metrics'>" in (run / "evaluate" / "report").read_text()
+    lineage = json.loads((run / "train" / "executor_output.json").read_text())["artifacts"]["checkpoints"]
+    assert lineage["artifacts"][0]["metadata"]["step"] == 4

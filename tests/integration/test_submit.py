@@ -1,0 +1,72 @@
+"""Submitting the compiled pipeline: `distar submit` (kfp.Client) and the kfp CLI, against a fake KFP server."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from helpers.fake_kfp import FakeKFP
+
+from distar.errors import UserError
+from distar.submit import parse_arguments, submit
+
+PACKAGE = Path(__file__).resolve().parents[2] / "pipelines" / "distar_sdxl.yaml"
+
+
+def _spec(body: dict) -> dict:
+    """The pipeline spec of a run request (kfp wraps it with the platform spec when there is one)."""
+    spec = body["pipeline_spec"]
+    return spec.get("pipeline_spec", spec)
+
+
+def _run_body(fake: FakeKFP) -> dict:
+    posts = [body for method, path, body in fake.requests if method == "POST" and path == "/apis/v2beta1/runs"]
+    assert len(posts) == 1
+    return posts[0]
+
+
+def test_distar_submit_sends_the_pipeline_arguments_root_and_experiment():
+    with FakeKFP() as fake:
+        args = parse_arguments(["nproc_per_node=4", 'prompt_sources=["gs://b/p.parquet"]', "preset=sdxl"])
+        result = submit(fake.url, PACKAGE, args, experiment="distar", run_name="r1",
+                        pipeline_root="gs://b/root", enable_caching=False)  # fmt: skip
+        body = _run_body(fake)
+        assert result["run_id"] in fake.runs and result["run_url"].endswith(result["run_id"])
+        assert body["display_name"] == "r1"
+        assert body["runtime_config"]["pipeline_root"] == "gs://b/root"
+        assert body["runtime_config"]["parameters"]["nproc_per_node"] == 4
+        assert body["runtime_config"]["parameters"]["prompt_sources"] == ["gs://b/p.parquet"]
+        assert _spec(body)["pipelineInfo"]["name"] == "distar-sdxl"
+        assert "kubernetes" in body["pipeline_spec"]["platform_spec"]["platforms"]  # kfp-kubernetes settings sent
+        exp = next(e for e in fake.experiments.values() if e["display_name"] == "distar")
+        assert body["experiment_id"] == exp["experiment_id"]
+        # caching off reaches every task of the submitted spec
+        tasks = _spec(body)["root"]["dag"]["tasks"]
+        assert all(not t.get("cachingOptions", {}).get("enableCache") for t in tasks.values())
+
+
+def test_submit_refuses_unknown_arguments_and_unreachable_servers(tmp_path):
+    with pytest.raises(UserError, match=r"unknown pipeline argument\(s\) \['stepz'\]"):
+        submit("http://127.0.0.1:9", PACKAGE, {"stepz": 3})
+    with pytest.raises(UserError, match="does not exist"):
+        submit("http://127.0.0.1:9", tmp_path / "none.yaml", {})
+    with pytest.raises(UserError, match="could not submit"):
+        submit("http://127.0.0.1:9", PACKAGE, {})
+    with pytest.raises(UserError, match="not key=value"):
+        parse_arguments(["preset"])
+
+
+def test_the_kfp_cli_form_the_readme_documents():
+    kfp = Path(sys.executable).parent / "kfp"
+    with FakeKFP() as fake:
+        proc = subprocess.run(
+            [str(kfp), "--endpoint", fake.url, "run", "submit", "-e", "distar", "-f", str(PACKAGE), "preset=sdxl",
+             "nproc_per_node=2"], capture_output=True, text=True, timeout=120, env=os.environ.copy(),
+        )  # fmt: skip
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        body = _run_body(fake)
+        assert body["runtime_config"]["parameters"]["nproc_per_node"] in (2, "2")
+        assert _spec(body)["pipelineInfo"]["name"] == "distar-sdxl"

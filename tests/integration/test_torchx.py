@@ -1,0 +1,39 @@
+"""torchx: the `distar.train` component resolves through the entry point and runs 2 processes locally."""
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_component_builds_a_torchrun_job_for_a_cluster():
+    from distar.torchx_components import train
+
+    app = train("--config", "sdxl", "out=gs://b/run", nnodes=4, nproc_per_node=8, gpus_per_node=8, max_retries=3)
+    (role,) = app.roles
+    assert role.num_replicas == 4 and role.resource.gpu == 8 and role.max_retries == 3
+    command = " ".join([role.entrypoint, *role.args])
+    assert "torchrun" in command and "--nproc_per_node 8" in command and "-m distar.train" in command
+    assert command.endswith("--config sdxl out=gs://b/run")
+
+
+@pytest.mark.slow
+def test_torchx_run_local_cwd_with_two_processes(tmp_path):
+    shutil.copy(ROOT / ".torchxconfig", tmp_path / ".torchxconfig")  # read from the working directory
+    bin_dir = Path(sys.executable).parent
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
+    out = tmp_path / "run"
+    proc = subprocess.run(
+        [str(bin_dir / "torchx"), "run", "-s", "local_cwd", "distar.train", "--nproc_per_node", "2", "--",
+         "--config", "tiny", f"out={out}", "steps=2", "log.progress=false"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "world size 2" in proc.stdout + proc.stderr
+    assert (out / "checkpoints" / "step_00000002" / "COMPLETE").is_file()
+    assert (tmp_path / "runs" / "torchx").is_dir()  # the log_dir of .torchxconfig's [local_cwd] section

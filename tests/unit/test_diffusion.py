@@ -1,0 +1,111 @@
+"""The VP schedule and its conversions, against hand computations and diffusers' own scheduler."""
+
+import math
+
+import pytest
+import torch
+
+from distar.diffusion import VPSchedule
+
+
+def test_sdxl_schedule_matches_the_scaled_linear_definition():
+    s = VPSchedule.sdxl()
+    assert s.num_steps == 1000
+    betas = [(0.00085**0.5 + (0.012**0.5 - 0.00085**0.5) * i / 999) ** 2 for i in range(1000)]
+    abar = 1.0
+    for i, b in enumerate(betas):
+        abar *= 1.0 - b
+        if i in (0, 399, 999):
+            assert float(s.alphas_cumprod[i]) == pytest.approx(abar, rel=1e-12)
+
+
+def test_sdxl_schedule_agrees_with_diffusers_scheduler():
+    from diffusers import EulerDiscreteScheduler
+
+    ref = EulerDiscreteScheduler(
+        beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, num_train_timesteps=1000
+    )
+    ours = VPSchedule.sdxl().alphas_cumprod
+    # diffusers computes in float32; ours is float64.
+    torch.testing.assert_close(ref.alphas_cumprod.double(), ours, rtol=1e-5, atol=1e-6)
+
+
+def test_a_and_sigma_broadcast_and_satisfy_vp_identity():
+    s = VPSchedule.sdxl()
+    x = torch.zeros(3, 4, 5, 5)
+    t = torch.tensor([0, 399, 999])
+    a, sig = s.a(t, x), s.sigma(t, x)
+    assert a.shape == (3, 1, 1, 1) and sig.shape == (3, 1, 1, 1)
+    torch.testing.assert_close(a**2 + sig**2, torch.ones_like(a))
+    assert float(sig[1]) == pytest.approx(math.sqrt(1 - float(s.alphas_cumprod[399])), rel=1e-6)
+
+
+def test_conversions_are_mutually_inverse_and_match_hand_formulas():
+    g = torch.Generator().manual_seed(0)
+    s = VPSchedule.sdxl()
+    x0 = torch.randn(4, 2, 3, generator=g, dtype=torch.float64)
+    eps = torch.randn(4, 2, 3, generator=g, dtype=torch.float64)
+    t = torch.tensor([5, 250, 600, 990])
+    x_t = s.add_noise(x0, eps, t)
+    a = s.alphas_cumprod[t].sqrt().reshape(4, 1, 1)
+    sig = (1 - s.alphas_cumprod[t]).sqrt().reshape(4, 1, 1)
+    torch.testing.assert_close(x_t, a * x0 + sig * eps)
+    torch.testing.assert_close(s.eps_to_x0(x_t, eps, t), x0)
+    torch.testing.assert_close(s.x0_to_eps(x_t, x0, t), eps)
+    score = s.eps_to_score(eps, t)
+    torch.testing.assert_close(score, -eps / sig)
+    torch.testing.assert_close(s.score_to_eps(score, t), eps)
+    torch.testing.assert_close(s.kernel_score(eps, t), -(x_t - a * x0) / sig**2)
+
+
+def test_one_step_generator_map_by_hand():
+    s = VPSchedule.sdxl()
+    z = torch.tensor([[1.0, -2.0]], dtype=torch.float64)
+    eps_hat = torch.tensor([[0.5, 0.25]], dtype=torch.float64)
+    abar = float(s.alphas_cumprod[399])
+    expected = (z - math.sqrt(1 - abar) * eps_hat) / math.sqrt(abar)
+    torch.testing.assert_close(s.one_step_x0(z, eps_hat, 399), expected)
+
+
+def test_exact_gaussian_denoiser_recovers_the_score():
+    """For x0 ~ N(m, r²) the true ε-prediction is σ (x_t − a m)/(a² r² + σ²); its score is the density's."""
+    s = VPSchedule.sdxl()
+    m, r = 0.7, 0.4
+    t = torch.tensor([300])
+    x_t = torch.linspace(-3, 3, 7, dtype=torch.float64).reshape(7, 1)
+    a, sig = float(s._a[300]), float(s._sigma[300])
+    v = a**2 * r**2 + sig**2
+    eps_true = sig * (x_t - a * m) / v
+    score = s.eps_to_score(eps_true, t.expand(7))
+    x = x_t.clone().requires_grad_(True)
+    logp = (-((x - a * m) ** 2) / (2 * v)).sum()
+    (grad,) = torch.autograd.grad(logp, x)
+    torch.testing.assert_close(score, grad)
+
+
+@pytest.mark.parametrize(
+    "bad, match",
+    [
+        (torch.tensor([1000]), "t must lie in"),
+        (torch.tensor([-1]), "t must lie in"),
+        (torch.tensor([0.5]), "integer timesteps"),
+    ],
+)
+def test_bad_timesteps_name_the_argument(bad, match):
+    s = VPSchedule.sdxl()
+    with pytest.raises(ValueError, match=match):
+        s.add_noise(torch.zeros(1, 2), torch.zeros(1, 2), bad)
+
+
+def test_bad_schedule_and_shapes_raise():
+    with pytest.raises(ValueError, match="alphas_cumprod"):
+        VPSchedule(torch.tensor([0.5, 1.0]))
+    with pytest.raises(ValueError, match="alphas_cumprod"):
+        VPSchedule(torch.ones(2, 2) * 0.5)
+    s = VPSchedule(torch.tensor([0.9, 0.5, 0.1]))
+    with pytest.raises(ValueError, match="eps has shape"):
+        s.add_noise(torch.zeros(2, 3), torch.zeros(2, 4), torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match="batch size"):
+        s.add_noise(torch.zeros(2, 3), torch.zeros(2, 3), torch.tensor([0, 1, 2]))
+    with pytest.raises(ValueError, match="t must lie in"):
+        s.add_noise(torch.zeros(1, 3), torch.zeros(1, 3), torch.tensor([3]))

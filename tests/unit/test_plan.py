@@ -1,0 +1,147 @@
+"""`distar plan` (src/distar/plan.py), the real architectures it plans for, and the step anatomy's accounting."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from distar.cli import main as cli_main
+from distar.errors import UserError
+from distar.models.architectures import ARCHITECTURES, random_networks
+from distar.plan import _SavedBytes, measure_activations, plan
+from distar.train.config import load_config
+
+BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
+
+
+def _config(preset="tiny", *overrides):
+    return load_config(preset, ["data.prompts=unused", "parallel.strategy=none", *overrides])
+
+
+def test_real_architectures_have_the_published_parameter_counts():
+    nets = random_networks(ARCHITECTURES["sdxl"](), device="meta")
+    count = {k: sum(p.numel() for p in v.parameters()) for k, v in nets.items()}
+    assert count["reference_unet"] == count["generator_unet"] == count["assistant_unet"] == 2_567_463_684
+    assert count["vae"] == 83_653_863
+    assert count["reward"] == 986_109_441  # CLIP ViT-H/14, PickScore's and HPSv2.1's shape
+    assert all(p.device.type == "meta" for p in nets["vae"].parameters())
+
+
+def test_random_networks_start_the_assistant_and_generator_as_the_reference():
+    nets = random_networks(ARCHITECTURES["tiny"]())
+    ref = nets["reference_unet"].state_dict()
+    for name in ("generator_unet", "assistant_unet"):
+        other = nets[name].state_dict()
+        assert all(torch.equal(ref[k], other[k]) for k in ref)
+
+
+def test_static_items_are_exact_arithmetic_and_fsdp_divides_the_unets():
+    config = _config("sdxl", "parallel.strategy=fsdp", "ema_decay=0.999")
+    one, eight = plan(config, 1, "tiny"), plan(config, 8, "tiny")
+    p = one["parameters"]["unet"]
+    assert p == sum(
+        x.numel() for x in random_networks(ARCHITECTURES["tiny"](), device="meta")["reference_unet"].parameters()
+    )
+    assert one["static"]["weights: generator + assistant (fp32)"] == 2 * 4 * p
+    assert one["static"]["weights: reference"] == 2 * p  # bf16 in the sdxl preset
+    assert one["static"]["optimizer: AdamW states, both UNets (fp32)"] == 16 * p
+    assert one["static"]["EMA of the generator (fp32)"] == 4 * p
+    for key in ("weights: generator + assistant (fp32)", "weights: reference", "optimizer: AdamW states, both UNets "
+                "(fp32)", "EMA of the generator (fp32)"):  # fmt: skip
+        assert eight["static"][key] == pytest.approx(one["static"][key] / 8)
+    assert eight["static"]["weights: VAE"] == one["static"]["weights: VAE"]  # replicated
+    assert eight["gradients (one UNet)"] == pytest.approx(4 * p / 8)
+    assert eight["fsdp blocks in flight"] > 0 and one["autocast bf16 weight copies"] == 0
+
+
+def test_flash_attention_stand_in_saves_what_a_fused_kernel_keeps():
+    q = torch.empty(2, 4, 100, 8, device="meta", requires_grad=True)
+    original = torch.nn.functional.scaled_dot_product_attention
+    counter = _SavedBytes([], {})
+    with counter.counting():
+        torch.nn.functional.scaled_dot_product_attention(q, q * 1, q * 2)
+    # q, k, v, out (2·4·100·8 floats each) and one fp32 log-sum-exp per query; no 100×100 matrix
+    assert counter.total == 4 * (2 * 4 * 100 * 8) * 4 + (2 * 4 * 100) * 4
+    assert torch.nn.functional.scaled_dot_product_attention is original  # restored on the way out
+
+
+def test_activations_grow_with_the_batch_and_checkpointing_keeps_less():
+    small = measure_activations(_config("tiny", "data.batch_size=2"), ARCHITECTURES["tiny"]())
+    large = measure_activations(_config("tiny", "data.batch_size=4"), ARCHITECTURES["tiny"]())
+    ratio = sum(large.without_checkpointing.values()) / sum(small.without_checkpointing.values())
+    assert 1.9 < ratio <= 2.0
+    ckpt = measure_activations(_config("tiny", "parallel.activation_checkpointing=true"), ARCHITECTURES["tiny"]())
+    for unet in ("generator", "assistant", "reference"):
+        assert ckpt.with_checkpointing[unet] < ckpt.without_checkpointing[unet]
+        assert 0 < ckpt.recompute[unet] < ckpt.without_checkpointing[unet]
+
+
+def test_plan_refuses_one_process_on_many_gpus():
+    with pytest.raises(UserError, match="strategy='none'"):
+        plan(_config(), 8, "tiny")
+
+
+def test_plan_command_prints_the_plan_and_fails_when_it_does_not_fit(capsys):
+    args = ["plan", "--config", "tiny", "--gpus", "1", "parallel.strategy=none"]
+    assert cli_main(args) == 0
+    out = capsys.readouterr().out
+    assert "predicted peak per GPU" in out and "tiny on 1 GPU(s)" in out
+    assert cli_main([*args, "--gpu-memory", "0.001"]) == 2
+    assert "over --gpu-memory 0.001" in capsys.readouterr().err
+
+
+def test_step_anatomy_parts_add_up_to_the_iteration_flops(tmp_path):
+    """The anatomy's parts are the iteration's network passes: their FLOPs, counted alone, sum to the FLOPs of
+    the trainer's own train_step (K_TA = 2, checkpointing on)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    sys.path.insert(0, str(BENCHMARKS))
+    import anatomy
+
+    overrides = ["parallel.strategy=none", "assistant_updates=2", "parallel.activation_checkpointing=true"]
+    trainer = anatomy.build_trainer(ARCHITECTURES["tiny"](), "tiny", overrides, tmp_path)
+    per_part = anatomy.flops_of_parts(trainer)
+    with FlopCounterMode(display=False) as counter:
+        trainer.train_step()
+    assert anatomy.iteration_flops(trainer, per_part) == counter.get_total_flops() > 0
+    assert set(per_part) == {p for p in (*anatomy.ASSISTANT_PARTS, *anatomy.GENERATOR_PARTS)
+                             if not p.startswith("optimizer")}  # fmt: skip
+
+
+def test_gpu_benchmark_script_runs_end_to_end_on_a_cpu(tmp_path):
+    """benchmarks/gpu_sdxl_step.py on the tiny shapes: both variants, the anatomy, sampling, FLOP counts, MFU fields."""
+    import json
+    import subprocess
+
+    out = tmp_path / "run.json"
+    subprocess.run([sys.executable, str(BENCHMARKS / "gpu_sdxl_step.py"), "--arch", "tiny", "--device", "cpu",
+                    "--resolution", "64", "--iterations", "1", "--repeats", "1", "--sampling-steps", "3",
+                    "--set", "parallel.mixed_precision=fp32", "--set", "assistant_updates=1", "--out", str(out)],
+                   check=True, capture_output=True, timeout=900)  # fmt: skip
+    result = json.loads(out.read_text())
+    for variant in ("autocast+foreach", "fsdp+fused"):
+        assert result[variant]["iteration_s"] > 0 and result[variant]["skipped"] == {"generator": 0, "assistant": 0}
+    assert result["anatomy"]["iteration"]["parts_s"] > 0
+    assert 0 < result["sampling"]["ratio"] < 1
+    assert result["model_flops_per_iteration"] > 0 and result["flops_meta"]["with_checkpointing"]["iteration"] > 0
+
+
+def test_memory_probe_counts_live_tensor_bytes_from_creation_to_release():
+    import gc
+
+    sys.path.insert(0, str(BENCHMARKS))
+    from memory_probe import LiveTensorBytes
+
+    existing = torch.zeros(10)
+    mode = LiveTensorBytes({existing.untyped_storage().data_ptr(): 40})
+    with mode:
+        a = torch.randn(1000)  # 4,000 bytes
+        b = a * 2  # 4,000 more: the peak
+        del a
+        gc.collect()
+        view = b[:10]  # a view allocates nothing
+        after = mode.current
+    assert mode.peak == 40 + 8000 and after == 40 + 4000 and view.numel() == 10
