@@ -54,8 +54,12 @@ class FakeKFP:
                 body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"{}")
                 fake.requests.append(("POST", url.path, body))
                 if url.path == "/apis/v2beta1/experiments":
-                    exp = {"experiment_id": str(uuid.uuid4()), "display_name": body["display_name"],
-                           "namespace": body.get("namespace", ""), "created_at": _now()}  # fmt: skip
+                    exp = {
+                        "experiment_id": str(uuid.uuid4()),
+                        "display_name": body["display_name"],
+                        "namespace": body.get("namespace", ""),
+                        "created_at": _now(),
+                    }
                     fake.experiments[exp["experiment_id"]] = exp
                     return self._reply(200, exp)
                 if url.path == "/apis/v2beta1/runs":

@@ -7,8 +7,8 @@ import json
 from pathlib import Path
 
 import pytest
-from helpers.tiny import tiny
 from helpers.storage_servers import server
+from helpers.tiny import tiny
 
 from distar.cache import cache_models, lookup, parse_models, read_manifest, sha256_file, verify_cache
 from distar.errors import UserError
@@ -20,10 +20,14 @@ PARTI = Path(__file__).resolve().parents[1] / "data" / "PartiPrompts.tsv"
 
 
 def items():
-    return parse_models([
-        f"{SDXL}=tiny:sdxl", f"{DMD2}=tiny:dmd2_unet.safetensors",
-        "yuvalkirstain/PickScore_v1=tiny:rewards/pickscore", f"prompts/parti:PartiPrompts.tsv={PARTI}",
-    ])  # fmt: skip
+    return parse_models(
+        [
+            f"{SDXL}=tiny:sdxl",
+            f"{DMD2}=tiny:dmd2_unet.safetensors",
+            "yuvalkirstain/PickScore_v1=tiny:rewards/pickscore",
+            f"prompts/parti:PartiPrompts.tsv={PARTI}",
+        ]
+    )
 
 
 def test_presets_and_items_parse():
@@ -41,8 +45,11 @@ def test_local_cache_manifest_idempotence_loading_and_corruption(tmp_path):
     cache = str(tmp_path / "cache")
     assert set(cache_models(cache, items(), progress=None).values()) == {"cached"}
     manifest = read_manifest(cache)
-    unet_file = next(f for f in manifest["entries"][SDXL]["files"] if f["path"].startswith("unet/") and
-                     f["path"].endswith(".safetensors"))  # fmt: skip
+    unet_file = next(
+        f
+        for f in manifest["entries"][SDXL]["files"]
+        if f["path"].startswith("unet/") and f["path"].endswith(".safetensors")
+    )
     stored = tmp_path / "cache" / SDXL / unet_file["path"]
     assert unet_file["sha256"] == sha256_file(stored) and unet_file["size"] == stored.stat().st_size
     assert manifest["entries"][SDXL]["source"] == "tiny:sdxl"
@@ -92,8 +99,11 @@ def test_cache_on_object_storage_is_verified_on_download(scheme, tmp_path, monke
         assert load_unet(SDXL, cache_dir=cache, offline=True).config.cross_attention_dim == 64
         fs, _ = fsspec.core.url_to_fs(cache)
         manifest = json.loads(fs.cat_file("model-cache/v1/manifest.json"))
-        name = next(f["path"] for f in manifest["entries"][SDXL]["files"] if f["path"].startswith("vae/") and
-                    f["path"].endswith(".safetensors"))  # fmt: skip
+        name = next(
+            f["path"]
+            for f in manifest["entries"][SDXL]["files"]
+            if f["path"].startswith("vae/") and f["path"].endswith(".safetensors")
+        )
         blob = bytearray(fs.cat_file(f"model-cache/v1/{SDXL}/{name}"))
         blob[100] ^= 0x01
         fs.pipe_file(f"model-cache/v1/{SDXL}/{name}", bytes(blob))

@@ -82,10 +82,26 @@ def test_rules_blocklist_case_dedupe_category_cap_and_drop(tmp_path):
     )
     block = tmp_path / "block.txt"
     block.write_text("# weapons\ngun\n")
-    stats = curate(config(tmp_path / "o1", src, blocklist=str(block), case_insensitive=True, long_prompts="drop",
-                          max_per_category=1, eval_fraction=0.0))  # fmt: skip
-    assert stats["dropped"] == {"non_text": 0, "undecodable": 0, "empty": 1, "blocklist": 1, "too_long": 1,
-                                "duplicate": 2, "category_cap": 1}  # fmt: skip
+    stats = curate(
+        config(
+            tmp_path / "o1",
+            src,
+            blocklist=str(block),
+            case_insensitive=True,
+            long_prompts="drop",
+            max_per_category=1,
+            eval_fraction=0.0,
+        )
+    )
+    assert stats["dropped"] == {
+        "non_text": 0,
+        "undecodable": 0,
+        "empty": 1,
+        "blocklist": 1,
+        "too_long": 1,
+        "duplicate": 2,
+        "category_cap": 1,
+    }
     kept = sorted(r["prompt"] for r in read_split(tmp_path / "o1", "train"))
     assert kept == ["A Red Cat", "Café at night"]  # NFC: the two spellings of Café are one prompt
 
@@ -177,8 +193,7 @@ def test_token_counts_equal_the_tokenizers_own_lengths(tiny_root):
     from distar.curate import _load_tokenizer, _token_counts
 
     tokenizer = _load_tokenizer("tiny:sdxl")
-    texts = [row.split("\t")[0] for row in PARTI
-             .read_text().splitlines()[1:200]]  # fmt: skip
+    texts = [row.split("\t")[0] for row in PARTI.read_text().splitlines()[1:200]]
     expected = [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
     assert _token_counts(tokenizer, texts) == expected
 

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-
 from helpers.tiny import tiny
+
 from distar.errors import UserError
 from distar.evaluate import EvaluateConfig, evaluate
 from distar.export import ExportConfig, export
@@ -33,10 +33,15 @@ def pipeline(tmp_path_factory):
 
 def config(pipeline, out, **kwargs) -> EvaluateConfig:
     settings = dict(
-        model=str(pipeline[0]), out=str(out), prompts=str(PARTI), hps_prompts=str(pipeline[1]), rewards=REWARDS,
-        sources={n: f"tiny:rewards/{n}" for n in REWARDS}, batch_size=3,
+        model=str(pipeline[0]),
+        out=str(out),
+        prompts=str(PARTI),
+        hps_prompts=str(pipeline[1]),
+        rewards=REWARDS,
+        sources={n: f"tiny:rewards/{n}" for n in REWARDS},
+        batch_size=3,
         heads={"aesthetic": "tiny:rewards/aesthetic/aesthetic_head.safetensors"},
-    )  # fmt: skip
+    )
     return EvaluateConfig(**{**settings, **kwargs})
 
 
@@ -58,8 +63,11 @@ class _Report(HTMLParser):
 def test_metrics_per_prompt_scores_resume_and_report(pipeline, tmp_path):
     out = tmp_path / "eval"
     first = evaluate(config(pipeline, out, max_prompts=4))
-    assert first["runs"]["model"] == {"generated": 12, "skipped": 0, "generation_seconds": pytest.approx(
-        first["runs"]["model"]["generation_seconds"])}  # 4 Parti + 4 styles × 2 HPS prompts  # fmt: skip
+    assert first["runs"]["model"] == {
+        "generated": 12,
+        "skipped": 0,
+        "generation_seconds": pytest.approx(first["runs"]["model"]["generation_seconds"]),
+    }  # 4 Parti + 4 styles × 2 HPS prompts
     again = evaluate(config(pipeline, out, max_prompts=5))  # resumes: only the new Parti prompt is generated
     assert again["runs"]["model"]["generated"] == 1 and again["runs"]["model"]["skipped"] == 12
     m = again["results"]["model"]
@@ -80,8 +88,9 @@ def test_metrics_per_prompt_scores_resume_and_report(pipeline, tmp_path):
 
 
 def test_baseline_reference_sampling_and_fixed_seeds(pipeline, tmp_path):
-    c = config(pipeline, tmp_path / "a", max_prompts=2, rewards=["pickscore"], baseline="reference:3",
-               reference="tiny:sdxl")  # fmt: skip
+    c = config(
+        pipeline, tmp_path / "a", max_prompts=2, rewards=["pickscore"], baseline="reference:3", reference="tiny:sdxl"
+    )
     a = evaluate(c)
     assert set(a["results"]) == {"model", "baseline"} and a["runs"]["baseline"]["generated"] == 2
     assert a["results"]["model"]["pickscore"] != a["results"]["baseline"]["pickscore"]
@@ -90,8 +99,14 @@ def test_baseline_reference_sampling_and_fixed_seeds(pipeline, tmp_path):
 
 
 def test_initial_generator_baseline_from_a_raw_unet_file(pipeline, tmp_path):
-    c = config(pipeline, tmp_path / "init", max_prompts=2, rewards=["clip"], baseline="unet:tiny:dmd2_unet.safetensors",
-               reference="tiny:sdxl")  # fmt: skip
+    c = config(
+        pipeline,
+        tmp_path / "init",
+        max_prompts=2,
+        rewards=["clip"],
+        baseline="unet:tiny:dmd2_unet.safetensors",
+        reference="tiny:sdxl",
+    )
     out = evaluate(c)
     assert out["runs"]["baseline"]["generated"] == 2
     # one training step moved the generator away from its initial UNet: the two sets of images differ
@@ -149,7 +164,8 @@ def test_prompts_load_as_text_from_every_source_format(fmt, tmp_path):
         source.write_text("\n".join("\t".join(r) for r in [header, *body]) + "\n")
     else:
         pq.write_table(pa.table({h: [r[i] for r in body] for i, h in enumerate(header)}), source)
-    prompts = load_prompts(EvaluateConfig(model="unused", out=str(tmp_path / "out"), prompts=str(source),
-                                          rewards=["pickscore"]))  # fmt: skip
+    prompts = load_prompts(
+        EvaluateConfig(model="unused", out=str(tmp_path / "out"), prompts=str(source), rewards=["pickscore"])
+    )
     assert [p.text for p in prompts] == [r[0].strip() for r in body]
     assert all(isinstance(p.text, str) and p.group != "all" for p in prompts)

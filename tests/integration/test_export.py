@@ -6,8 +6,8 @@ import json
 
 import pytest
 import torch
-from helpers.tiny import tiny
 from helpers.storage_servers import server
+from helpers.tiny import tiny
 
 from distar.errors import UserError
 from distar.export import SINGLE_FILE, ExportConfig, export
@@ -38,8 +38,9 @@ def test_stock_diffusers_one_step_equals_the_trainers_generator(trained, exporte
     assert isinstance(pipe.scheduler, LCMScheduler)
     prompts = ["a red cat on a beach", "a blue boat on the moon"]
     z = torch.randn(2, 4, 32, 32, generator=torch.Generator().manual_seed(0))
-    latents = pipe(prompts, latents=z.clone(), num_inference_steps=1, timesteps=[399], guidance_scale=0,
-                   output_type="latent").images  # fmt: skip
+    latents = pipe(
+        prompts, latents=z.clone(), num_inference_steps=1, timesteps=[399], guidance_scale=0, output_type="latent"
+    ).images
 
     unet = load_unet(tiny("tiny:sdxl"))
     unet.load_state_dict(load_unet_weights(trained[1], "generator"))

@@ -19,8 +19,10 @@ YAML = ROOT / "pipelines" / "distar_sdxl.yaml"
 def test_committed_yaml_is_a_fresh_compile(tmp_path):
     fresh = tmp_path / "fresh.yaml"
     env = {k: v for k, v in os.environ.items() if k != "DISTAR_IMAGE"}
-    code = f"import runpy; m = runpy.run_path({str(ROOT / 'pipelines' / 'distar_sdxl.py')!r}); " \
-           f"m['compile_pipeline']({str(fresh)!r})"  # fmt: skip
+    code = (
+        f"import runpy; m = runpy.run_path({str(ROOT / 'pipelines' / 'distar_sdxl.py')!r}); "
+        f"m['compile_pipeline']({str(fresh)!r})"
+    )
     subprocess.run([sys.executable, "-c", code], check=True, env=env, cwd=tmp_path)
     assert fresh.read_text() == YAML.read_text(), (
         "pipelines/distar_sdxl.yaml is stale: run python pipelines/distar_sdxl.py"
@@ -49,7 +51,9 @@ def test_kubernetes_settings_of_the_steps():
         assert settings["emptyDirMounts"][0]["mountPath"] == "/dev/shm", name
         assert settings["emptyDirMounts"][0]["medium"] == "Memory"
         assert {s["secretNameParameter"]["componentInputParameter"] for s in settings["secretAsEnv"]} == {
-            "storage_secret", "hub_secret"}  # fmt: skip
+            "storage_secret",
+            "hub_secret",
+        }
         assert settings["nodeSelector"]["nodeSelectorJson"]["componentInputParameter"] == "node_selector"
     spec = docs[0]
     evaluate = spec["deploymentSpec"]["executors"]["exec-evaluate"]["container"]["resources"]

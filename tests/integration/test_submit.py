@@ -31,8 +31,15 @@ def _run_body(fake: FakeKFP) -> dict:
 def test_distar_submit_sends_the_pipeline_arguments_root_and_experiment():
     with FakeKFP() as fake:
         args = parse_arguments(["nproc_per_node=4", 'prompt_sources=["gs://b/p.parquet"]', "preset=sdxl"])
-        result = submit(fake.url, PACKAGE, args, experiment="distar", run_name="r1",
-                        pipeline_root="gs://b/root", enable_caching=False)  # fmt: skip
+        result = submit(
+            fake.url,
+            PACKAGE,
+            args,
+            experiment="distar",
+            run_name="r1",
+            pipeline_root="gs://b/root",
+            enable_caching=False,
+        )
         body = _run_body(fake)
         assert result["run_id"] in fake.runs and result["run_url"].endswith(result["run_id"])
         assert body["display_name"] == "r1"
@@ -63,9 +70,24 @@ def test_the_kfp_cli_form_the_readme_documents():
     kfp = Path(sys.executable).parent / "kfp"
     with FakeKFP() as fake:
         proc = subprocess.run(
-            [str(kfp), "--endpoint", fake.url, "run", "submit", "-e", "distar", "-f", str(PACKAGE), "preset=sdxl",
-             "nproc_per_node=2"], capture_output=True, text=True, timeout=120, env=os.environ.copy(),
-        )  # fmt: skip
+            [
+                str(kfp),
+                "--endpoint",
+                fake.url,
+                "run",
+                "submit",
+                "-e",
+                "distar",
+                "-f",
+                str(PACKAGE),
+                "preset=sdxl",
+                "nproc_per_node=2",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env=os.environ.copy(),
+        )
         assert proc.returncode == 0, proc.stderr[-3000:]
         body = _run_body(fake)
         assert body["runtime_config"]["parameters"]["nproc_per_node"] in (2, "2")

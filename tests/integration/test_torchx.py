@@ -29,10 +29,27 @@ def test_torchx_run_local_cwd_with_two_processes(tmp_path):
     env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
     out = tmp_path / "run"
     proc = subprocess.run(
-        [str(bin_dir / "torchx"), "run", "-s", "local_cwd", "distar.train", "--nproc_per_node", "2", "--",
-         "--config", "tiny", f"out={out}", "steps=2", "log.progress=false"],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
+        [
+            str(bin_dir / "torchx"),
+            "run",
+            "-s",
+            "local_cwd",
+            "distar.train",
+            "--nproc_per_node",
+            "2",
+            "--",
+            "--config",
+            "tiny",
+            f"out={out}",
+            "steps=2",
+            "log.progress=false",
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "world size 2" in proc.stdout + proc.stderr
     assert (out / "checkpoints" / "step_00000002" / "COMPLETE").is_file()

@@ -7,8 +7,8 @@ import json
 import numpy as np
 import pytest
 import torch
-from helpers.tiny import tiny
 from helpers.storage_servers import server
+from helpers.tiny import tiny
 
 from distar.errors import UserError
 from distar.train import run
@@ -218,8 +218,19 @@ def test_non_finite_updates_are_skipped_counted_then_abort(tmp_path):
 
     from distar.cli import main
 
-    rc = main(["train", "--config", "tiny", f"out={tmp_path / 'abort'}", "steps=5", "loss.alpha_rew=inf",
-               "assistant_updates=0", "max_nonfinite=2", *FAST])  # fmt: skip
+    rc = main(
+        [
+            "train",
+            "--config",
+            "tiny",
+            f"out={tmp_path / 'abort'}",
+            "steps=5",
+            "loss.alpha_rew=inf",
+            "assistant_updates=0",
+            "max_nonfinite=2",
+            *FAST,
+        ]
+    )
     assert rc == 2
 
 
@@ -234,8 +245,14 @@ def test_checkpoints_and_resume_on_object_storage(scheme, local_run, tmp_path):
         summary = run("tiny", [f"out={out}", "steps=3", "checkpoint.every=2", *FAST])  # resumes from step 2
         fs, _ = fsspec.core.url_to_fs(out)
         fs.invalidate_cache()
-        for name in ("config.json", "summary.json", "logs/metrics.jsonl", "samples/step_00000003.png",
-                     "checkpoints/step_00000003/COMPLETE", "checkpoints/step_00000003/.metadata"):  # fmt: skip
+        for name in (
+            "config.json",
+            "summary.json",
+            "logs/metrics.jsonl",
+            "samples/step_00000003.png",
+            "checkpoints/step_00000003/COMPLETE",
+            "checkpoints/step_00000003/.metadata",
+        ):
             assert fs.exists(f"{out}/{name}"), name
         assert fs.glob(f"{out}/logs/tensorboard/events.out.tfevents.*")
         steps = [json.loads(x)["step"] for x in fs.cat_file(f"{out}/logs/metrics.jsonl").decode().splitlines()]

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from helpers.tiny import tiny
+
 from distar.train.checkpoint import MARKER, load_unet_weights
 
 pytestmark = pytest.mark.slow
@@ -23,8 +23,20 @@ COMMON = ["log.progress=false", "log.tensorboard=false", "checkpoint.every=2", "
 
 
 def torchrun(out: Path, *overrides: str, flags=("--nproc_per_node", "2"), env=None, timeout=600):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", *flags,
-           "-m", "distar.train", "--config", "tiny", f"out={out}", *COMMON, *overrides]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        *flags,
+        "-m",
+        "distar.train",
+        "--config",
+        "tiny",
+        f"out={out}",
+        *COMMON,
+        *overrides,
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     return proc
@@ -45,8 +57,8 @@ def assert_same_weights(a: str, b: str, atol=1e-6):
 
 
 def initial_weights(network: str) -> dict[str, torch.Tensor]:
-    from distar.sources import read_state_dict
     from distar.models.sdxl import load_unet
+    from distar.sources import read_state_dict
 
     if network == "generator":
         return read_state_dict(tiny("tiny:dmd2_unet.safetensors"))
@@ -95,8 +107,23 @@ def test_worker_killed_with_sigkill_restarts_from_the_last_complete_checkpoint(u
     import psutil
 
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "--max-restarts",
-           "1", "-m", "distar.train", "--config", "tiny", f"out={out}", *COMMON, "steps=6"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "--max-restarts",
+        "1",
+        "-m",
+        "distar.train",
+        "--config",
+        "tiny",
+        f"out={out}",
+        *COMMON,
+        "steps=6",
+    ]
     agent = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     killed = None
     deadline = time.time() + 300

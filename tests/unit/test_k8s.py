@@ -19,8 +19,13 @@ def kubectl() -> str:
 
 
 def render(overlay: str) -> list[dict]:
-    out = subprocess.run([kubectl(), "kustomize", str(ROOT / "k8s" / "overlays" / overlay)], capture_output=True,
-                         text=True, check=True, timeout=60)  # fmt: skip
+    out = subprocess.run(
+        [kubectl(), "kustomize", str(ROOT / "k8s" / "overlays" / overlay)],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    )
     return [d for d in yaml.safe_load_all(out.stdout) if d]
 
 
@@ -30,8 +35,13 @@ def test_overlay_renders_and_validates(overlay):
 
     docs = render(overlay)
     kinds = {(d["kind"], d["metadata"]["name"]) for d in docs}
-    assert {("Namespace", "distar"), ("ServiceAccount", "distar-pipeline"), ("Role", "distar-trainjobs"),
-            ("RoleBinding", "distar-trainjobs"), ("ConfigMap", "kfp-launcher")} <= kinds  # fmt: skip
+    assert {
+        ("Namespace", "distar"),
+        ("ServiceAccount", "distar-pipeline"),
+        ("Role", "distar-trainjobs"),
+        ("RoleBinding", "distar-trainjobs"),
+        ("ConfigMap", "kfp-launcher"),
+    } <= kinds
     for doc in docs:
         kubernetes_validate.validate(doc, "1.30", strict=True)
         if doc["kind"] != "Namespace":

@@ -313,8 +313,19 @@ def test_generator_objective_is_the_reward_term_plus_the_divergence_and_the_cfg_
     def branches(x_t, tt):  # a conditional and an unconditional Gaussian reference
         return _eps_fn(M_REF * 0, R_REF)(x_t, tt), EPS_REFERENCE(x_t, tt)
 
-    whole = generator_objective(x0, t, eps, EPS_GENERATOR, EPS_REFERENCE, SCHEDULE, reward=reward, alpha_rew=alpha,
-                                reference_branches=branches, alpha_cfg=4.5, weight=weight)  # fmt: skip
+    whole = generator_objective(
+        x0,
+        t,
+        eps,
+        EPS_GENERATOR,
+        EPS_REFERENCE,
+        SCHEDULE,
+        reward=reward,
+        alpha_rew=alpha,
+        reference_branches=branches,
+        alpha_cfg=4.5,
+        weight=weight,
+    )
     (grad_whole,) = torch.autograd.grad(whole.loss, x0, retain_graph=True)
 
     div = generator_loss_parts(x0, t, eps, EPS_GENERATOR, EPS_REFERENCE, SCHEDULE, weight=weight)

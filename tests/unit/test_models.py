@@ -96,6 +96,10 @@ def test_reference_cfg_combines_both_branches_and_passes_gradient_to_its_input(p
     assert x_t.grad is not None and x_t.grad.abs().sum() > 0
     assert all(p.grad is None and not p.requires_grad for p in ref.parameters())
     torch.testing.assert_close(Reference(ref.unet, 1.0)(x_t, t, cond), e_c, atol=1e-5, rtol=1e-5)
+    # the guidance scale as an argument: the same network at another scale, no second Reference
+    torch.testing.assert_close(ref(x_t, t, cond, guidance_scale=1.0), e_c, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ref(x_t, t, cond, guidance_scale=4.5), e_u + 4.5 * (e_c - e_u), atol=1e-4, rtol=1e-4)
+    assert ref.guidance_scale == 7.5
 
 
 def load_unet_copy(unet):
@@ -220,8 +224,16 @@ def test_stock_diffusers_one_step_sampling_equals_the_generator(tiny_sdxl, parts
     pipe = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl)
     pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)
     z = torch.randn(2, 4, 32, 32, generator=torch.Generator().manual_seed(3))
-    latents = pipe(PROMPTS, num_inference_steps=1, timesteps=[399], guidance_scale=0.0, height=64, width=64,
-                   latents=z.clone(), output_type="latent").images  # fmt: skip
+    latents = pipe(
+        PROMPTS,
+        num_inference_steps=1,
+        timesteps=[399],
+        guidance_scale=0.0,
+        height=64,
+        width=64,
+        latents=z.clone(),
+        output_type="latent",
+    ).images
     x0 = OneStepGenerator(unet, t_star=399)(z, cond)
     # LCM's boundary condition keeps c_skip ≈ 1.6e-8 of the input: equal to float tolerance.
     torch.testing.assert_close(latents, x0, atol=1e-4, rtol=1e-4)

@@ -49,8 +49,12 @@ def test_static_items_are_exact_arithmetic_and_fsdp_divides_the_unets():
     assert one["static"]["weights: reference"] == 2 * p  # bf16 in the sdxl preset
     assert one["static"]["optimizer: AdamW states, both UNets (fp32)"] == 16 * p
     assert one["static"]["EMA of the generator (fp32)"] == 4 * p
-    for key in ("weights: generator + assistant (fp32)", "weights: reference", "optimizer: AdamW states, both UNets "
-                "(fp32)", "EMA of the generator (fp32)"):  # fmt: skip
+    for key in (
+        "weights: generator + assistant (fp32)",
+        "weights: reference",
+        "optimizer: AdamW states, both UNets (fp32)",
+        "EMA of the generator (fp32)",
+    ):
         assert eight["static"][key] == pytest.approx(one["static"][key] / 8)
     assert eight["static"]["weights: VAE"] == one["static"]["weights: VAE"]  # replicated
     assert eight["gradients (one UNet)"] == pytest.approx(4 * p / 8)
@@ -107,8 +111,9 @@ def test_step_anatomy_parts_add_up_to_the_iteration_flops(tmp_path):
     with FlopCounterMode(display=False) as counter:
         trainer.train_step()
     assert anatomy.iteration_flops(trainer, per_part) == counter.get_total_flops() > 0
-    assert set(per_part) == {p for p in (*anatomy.ASSISTANT_PARTS, *anatomy.GENERATOR_PARTS)
-                             if not p.startswith("optimizer")}  # fmt: skip
+    assert set(per_part) == {
+        p for p in (*anatomy.ASSISTANT_PARTS, *anatomy.GENERATOR_PARTS) if not p.startswith("optimizer")
+    }
 
 
 def test_gpu_benchmark_script_runs_end_to_end_on_a_cpu(tmp_path):
@@ -117,10 +122,33 @@ def test_gpu_benchmark_script_runs_end_to_end_on_a_cpu(tmp_path):
     import subprocess
 
     out = tmp_path / "run.json"
-    subprocess.run([sys.executable, str(BENCHMARKS / "gpu_sdxl_step.py"), "--arch", "tiny", "--device", "cpu",
-                    "--resolution", "64", "--iterations", "1", "--repeats", "1", "--sampling-steps", "3",
-                    "--set", "parallel.mixed_precision=fp32", "--set", "assistant_updates=1", "--out", str(out)],
-                   check=True, capture_output=True, timeout=900)  # fmt: skip
+    subprocess.run(
+        [
+            sys.executable,
+            str(BENCHMARKS / "gpu_sdxl_step.py"),
+            "--arch",
+            "tiny",
+            "--device",
+            "cpu",
+            "--resolution",
+            "64",
+            "--iterations",
+            "1",
+            "--repeats",
+            "1",
+            "--sampling-steps",
+            "3",
+            "--set",
+            "parallel.mixed_precision=fp32",
+            "--set",
+            "assistant_updates=1",
+            "--out",
+            str(out),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=900,
+    )
     result = json.loads(out.read_text())
     for variant in ("autocast+foreach", "fsdp+fused"):
         assert result[variant]["iteration_s"] > 0 and result[variant]["skipped"] == {"generator": 0, "assistant": 0}

@@ -2,6 +2,8 @@
 
 import pytest
 import torch
+from helpers.blip_reference import BertModel, ImageRewardReference, VisionTransformer
+from helpers.open_clip_reference import OpenCLIP
 
 from distar.errors import UserError
 from distar.rewards import KNOWN, AestheticReward, ClipReward, RewardSpec, WeightedReward, load_reward
@@ -9,8 +11,6 @@ from distar.rewards.convert import convert_hpsv2, open_clip_to_hf
 from distar.rewards.image_reward import IMAGEREWARD_MEAN, IMAGEREWARD_STD, ImageReward, convert_image_reward
 from distar.rewards.preprocess import CLIP_MEAN, CLIP_STD, normalize, resize_longest_pad, resize_shortest_center_crop
 from distar.rewards.tiny import build_tiny_rewards
-from helpers.blip_reference import BertModel, ImageRewardReference, VisionTransformer
-from helpers.open_clip_reference import OpenCLIP
 
 PROMPTS = ["a red cube on a blue sphere", "a watercolor painting of a fox"]
 
@@ -64,8 +64,9 @@ def test_aesthetic_is_the_head_on_normalised_image_embeddings(rewards):
 
 
 def test_weighted_reward_sums_its_terms(specs, rewards):
-    combo = WeightedReward.from_specs([RewardSpec(weight=0.5, **specs["pickscore"]),
-                                       RewardSpec(weight=2.0, **specs["aesthetic"])])  # fmt: skip
+    combo = WeightedReward.from_specs(
+        [RewardSpec(weight=0.5, **specs["pickscore"]), RewardSpec(weight=2.0, **specs["aesthetic"])]
+    )
     images = _images(3)
     with torch.no_grad():
         expected = 0.5 * rewards["pickscore"](images, PROMPTS) + 2.0 * rewards["aesthetic"](images, PROMPTS)
@@ -105,16 +106,43 @@ def _open_clip_and_converted():
     from transformers import CLIPConfig, CLIPModel
 
     torch.manual_seed(0)
-    ref = OpenCLIP(embed_dim=16, image_size=32, patch_size=8, vision_width=32, vision_layers=2, vision_heads=4,
-                   vocab_size=100, context_length=77, text_width=24, text_layers=2, text_heads=4).eval()  # fmt: skip
+    ref = OpenCLIP(
+        embed_dim=16,
+        image_size=32,
+        patch_size=8,
+        vision_width=32,
+        vision_layers=2,
+        vision_heads=4,
+        vocab_size=100,
+        context_length=77,
+        text_width=24,
+        text_layers=2,
+        text_heads=4,
+    ).eval()
     config = CLIPConfig(
-        text_config=dict(vocab_size=100, hidden_size=24, intermediate_size=96, num_hidden_layers=2,
-                         num_attention_heads=4, max_position_embeddings=77, hidden_act="gelu", bos_token_id=98,
-                         eos_token_id=99, pad_token_id=0),
-        vision_config=dict(hidden_size=32, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                           image_size=32, patch_size=8, hidden_act="gelu"),
+        text_config=dict(
+            vocab_size=100,
+            hidden_size=24,
+            intermediate_size=96,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=77,
+            hidden_act="gelu",
+            bos_token_id=98,
+            eos_token_id=99,
+            pad_token_id=0,
+        ),
+        vision_config=dict(
+            hidden_size=32,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            image_size=32,
+            patch_size=8,
+            hidden_act="gelu",
+        ),
         projection_dim=16,
-    )  # fmt: skip
+    )
     return ref, config, CLIPModel
 
 
@@ -196,17 +224,35 @@ def test_image_reward_converter_computes_the_same_function(specs, tmp_path):
     torch.manual_seed(0)
     tokenizer_dir = specs["imagereward"]["source"] + "/tokenizer"
     vocab = 91  # the tiny BERT tokenizer's size, [DEC] and [ENC] included
-    ref = ImageRewardReference(VisionTransformer(32, 8, 32, 2, 4), BertModel(vocab, 24, 2, 4, 48, 32),
-                               IMAGEREWARD_MEAN, IMAGEREWARD_STD).eval()  # fmt: skip
+    ref = ImageRewardReference(
+        VisionTransformer(32, 8, 32, 2, 4), BertModel(vocab, 24, 2, 4, 48, 32), IMAGEREWARD_MEAN, IMAGEREWARD_STD
+    ).eval()
     torch.save(ref.state_dict(), tmp_path / "ImageReward.pt")
     configs = (
-        BlipVisionConfig(hidden_size=32, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                         image_size=32, patch_size=8, layer_norm_eps=1e-6, hidden_act="gelu"),
-        BlipTextConfig(vocab_size=vocab, hidden_size=24, encoder_hidden_size=32, intermediate_size=48,
-                       num_hidden_layers=2, num_attention_heads=4, is_decoder=True, hidden_act="gelu"),
-    )  # fmt: skip
-    out = convert_image_reward(tmp_path / "ImageReward.pt", tmp_path / "ir", tokenizer_source=tokenizer_dir,
-                               configs=configs)  # fmt: skip
+        BlipVisionConfig(
+            hidden_size=32,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            image_size=32,
+            patch_size=8,
+            layer_norm_eps=1e-6,
+            hidden_act="gelu",
+        ),
+        BlipTextConfig(
+            vocab_size=vocab,
+            hidden_size=24,
+            encoder_hidden_size=32,
+            intermediate_size=48,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            is_decoder=True,
+            hidden_act="gelu",
+        ),
+    )
+    out = convert_image_reward(
+        tmp_path / "ImageReward.pt", tmp_path / "ir", tokenizer_source=tokenizer_dir, configs=configs
+    )
     reward = ImageReward.from_pretrained(out)
     assert len(reward.tokenizer) == vocab
     images = _images(5)

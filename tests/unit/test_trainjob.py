@@ -12,12 +12,22 @@ from distar.train.trainjob import GROUP, PLURAL, TrainJobFailed, TrainJobLaunche
 
 
 def spec(**kwargs) -> TrainJobSpec:
-    base = dict(name="di-star-1", namespace="distar", image="reg/distar:0.1.0", overrides=["out=gs://b/run"],
-                num_nodes=4, nproc_per_node=8, gpus_per_node=8, cpu_per_node="90", memory_per_node="900Gi",
-                env={"HF_HUB_OFFLINE": "1"}, secret_env={"HF_TOKEN": "distar-hub/token"},
-                node_selector={"cloud.google.com/gke-accelerator": "nvidia-h100-80gb"},
-                tolerations=[{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
-                service_account="distar-pipeline")  # fmt: skip
+    base = dict(
+        name="di-star-1",
+        namespace="distar",
+        image="reg/distar:0.1.0",
+        overrides=["out=gs://b/run"],
+        num_nodes=4,
+        nproc_per_node=8,
+        gpus_per_node=8,
+        cpu_per_node="90",
+        memory_per_node="900Gi",
+        env={"HF_HUB_OFFLINE": "1"},
+        secret_env={"HF_TOKEN": "distar-hub/token"},
+        node_selector={"cloud.google.com/gke-accelerator": "nvidia-h100-80gb"},
+        tolerations=[{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
+        service_account="distar-pipeline",
+    )
     return TrainJobSpec(**{**base, **kwargs})
 
 
@@ -72,8 +82,11 @@ class FakeCustomObjects:
             raise ApiException(status=404, reason="Not Found")
         state = self.states[min(self.gets, len(self.states) - 1)]
         self.gets += 1
-        conditions = [] if state == "Pending" else [{"type": state, "status": "True", "reason": f"{state}Reason",
-                                                      "message": f"job {state.lower()}"}]  # fmt: skip
+        conditions = (
+            []
+            if state == "Pending"
+            else [{"type": state, "status": "True", "reason": f"{state}Reason", "message": f"job {state.lower()}"}]
+        )
         return {**self.job, "status": {"conditions": conditions}}
 
     def delete_namespaced_custom_object(self, group, version, namespace, plural, name):

@@ -1,0 +1,46 @@
+"""A recorded loss curve (torchtitan's guard): a short tiny-preset run on the CPU, fixed seed, one process, checked
+step by step against tests/data/loss_curve_tiny.json. A silent change in the training math (a loss term, a
+weighting, a random stream, the optimizer) moves these numbers far beyond the tolerance, which only absorbs the
+rounding differences between CPU types.
+
+After an intended change of the math, record the curve again and say why in the commit:
+    DISTAR_RECORD_LOSS_CURVE=1 .venv/bin/python -m pytest tests/integration/test_loss_curve.py
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from distar.train import run
+
+RECORD = Path(__file__).resolve().parents[1] / "data" / "loss_curve_tiny.json"
+OVERRIDES = ["steps=6", "assistant_updates=2", "parallel.strategy=none", "log.every=1", "log.sample_every=100",
+             "log.progress=false", "log.tensorboard=false", "checkpoint.every=100", "loss.alpha_rew=10"]  # fmt: skip
+KEYS = ("loss/generator", "loss/divergence", "loss/reward", "loss/assistant", "divergence", "reward",
+        "grad_norm/generator", "grad_norm/assistant")  # fmt: skip
+# Float32 sums differ in their last bits between CPU kernels (AVX2, AVX-512, Arm); six steps keep that far below 1e-3.
+RTOL, ATOL = 1e-3, 1e-6
+
+
+def _curve(out: Path) -> list[dict]:
+    run("tiny", [f"out={out}", *OVERRIDES])
+    lines = [json.loads(line) for line in (out / "logs" / "metrics.jsonl").read_text().splitlines()]
+    return [{"step": line["step"], **{k: line[k] for k in KEYS}} for line in lines if "loss/generator" in line]
+
+
+def test_the_tiny_run_follows_its_recorded_loss_curve(tmp_path):
+    curve = _curve(tmp_path / "run")
+    assert [c["step"] for c in curve] == list(range(1, 7))
+    if os.environ.get("DISTAR_RECORD_LOSS_CURVE") == "1":
+        RECORD.write_text(json.dumps({"overrides": OVERRIDES, "curve": curve}, indent=1) + "\n")
+    recorded = json.loads(RECORD.read_text())
+    assert recorded["overrides"] == OVERRIDES, "the recorded run used other settings: record it again"
+    for got, want in zip(curve, recorded["curve"], strict=True):
+        for key in KEYS:
+            assert got[key] == pytest.approx(want[key], rel=RTOL, abs=ATOL), f"step {got['step']}, {key}"
+    # the curve moves: a run that trained nothing would match a flat record too
+    assert curve[0]["loss/assistant"] != curve[-1]["loss/assistant"]
