@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 # The CPU wheel of torch is pinned first: a bare `torch` requirement would pull a multi-GB CUDA build.
 TORCH_CPU ?= torch==2.13.0
 
-.PHONY: venv demo toy test lint bench clean
+.PHONY: venv demo toy test test-fast lint bench clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -25,12 +25,20 @@ toy: venv
 	$(VENV)/bin/distar toy --out runs/demo-toy
 	@echo "picture: runs/demo-toy/toy.png   metrics: runs/demo-toy/metrics.json"
 
+# Everything CI runs: tests/unit (math, parsing, converters, bad input) and tests/integration (torchrun, the DAG,
+# emulated object stores and API servers).
 test: venv
 	$(PY) -m pytest $(PYTEST_ARGS)
 
+# The unit layer alone: a few minutes, for the edit-test loop.
+test-fast: venv
+	$(PY) -m pytest tests/unit $(PYTEST_ARGS)
+
+# Style, formatting, and the layer contract of docs/ARCHITECTURE.md (pyproject.toml [tool.importlinter]).
 lint: venv
 	$(VENV)/bin/ruff check src tests components pipelines benchmarks
 	$(VENV)/bin/ruff format --check src tests components pipelines benchmarks
+	$(VENV)/bin/lint-imports
 
 bench: venv
 	$(PY) benchmarks/run.py
