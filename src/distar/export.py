@@ -20,7 +20,7 @@ import torch
 
 from distar import sources, storage, tiny_preset
 from distar.errors import UserError
-from distar.train.checkpoint import MARKER, Checkpointer, load_unet_weights, read_config
+from distar.train.checkpoint import MARKER, Checkpointer, load_unet_weights, read_config, verify_checkpoint
 
 SINGLE_FILE = "generator_unet.fp16.safetensors"
 
@@ -78,6 +78,7 @@ def export(config: ExportConfig) -> dict:
     from distar.models.sdxl import load_vae, locate
 
     checkpoint = resolve_checkpoint(config.checkpoint)
+    verify_checkpoint(checkpoint)  # before anything in it is parsed
     train = read_config(checkpoint)
     model = train["model"]
     tiny_preset.prepare(model)

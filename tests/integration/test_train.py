@@ -157,7 +157,7 @@ def test_only_complete_checkpoints_are_found_and_old_ones_pruned(tmp_path):
     assert trainer_state == {"step": 3, "world_size": 1, "config_digest": "d"} and state.counters == {"step": 3}
     assert torch.equal(state.parts["generator"].tensors["w"], torch.full((3,), 3.0))
     assert not torch.equal(torch.get_rng_state(), saved_rng)  # the rank's random state came back from the file
-    with pytest.raises(RuntimeError, match="not complete"):
+    with pytest.raises(UserError, match="not complete"):
         ckpt.load(4, state)
     # saving step 4 again replaces the partial directory
     _save(ckpt, 4, 40)

@@ -5,9 +5,16 @@ Layout of {out}/checkpoints/step_00001000/:
   rank/rank_00000.pt …           each process's RNG states (tensors and numbers only: read with weights_only)
   trainer_state.json             step, global sample position, counters, world size
   config.json                    the resolved config
-  COMPLETE                       written last, after every process has finished writing
+  COMPLETE                       written last, after every process has finished writing: the step, the world size
+                                 and the size and sha256 of every other file of the checkpoint
 A directory without COMPLETE is never loaded: it is an interrupted save, deleted before that step is saved again.
 Older complete checkpoints beyond keep_last are deleted only after a newer one is complete.
+
+Nothing read from a checkpoint can run code: every file is checked against COMPLETE's sha256 before anything is
+parsed (`verify`: a flipped byte, a truncated or a missing file is named and the checkpoint refused), DCP's pickled
+.metadata is read by an unpickler that admits only DCP's own metadata classes (`SafeFsspecReader`), DCP's
+non-tensor items are read with torch.load(weights_only=True) (`SafeLoadPlanner`), and the RNG files hold tensors
+and numbers only (weights_only too). A checkpoint whose COMPLETE lists no files is refused.
 
 What is saved is a `TrainState`: the Stateful parts DCP shards (each network's weights and optimizer state, the
 EMA), the counters (JSON) and each rank's random-number state.
@@ -15,8 +22,10 @@ EMA), the counters (JSON) and each rank's random-number state.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
+import pickle
 import random
 import re
 import time
@@ -27,10 +36,72 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader, FsspecWriter
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.stateful import Stateful
 
 from distar import storage
+from distar.errors import UserError
 from distar.train.distributed import World
+
+
+class CheckpointError(UserError):
+    """A checkpoint that is corrupt, incomplete, or holds something that would have to execute code to load."""
+
+
+# DCP's metadata is a pickle of these classes (torch.distributed.checkpoint.metadata and filesystem); the restricted
+# unpickler admits them and nothing else, so a planted .metadata cannot name a callable such as os.system.
+_DCP = "torch.distributed.checkpoint"
+_METADATA_GLOBALS = {
+    (f"{_DCP}.metadata", name)
+    for name in ("Metadata", "MetadataIndex", "StorageMeta", "TensorProperties", "TensorStorageMetadata",
+                 "ChunkStorageMetadata", "BytesStorageMetadata", "_MEM_FORMAT_ENCODING")
+} | {(f"{_DCP}.filesystem", "_StorageInfo"), ("torch", "Size"), ("torch.serialization", "_get_layout"),
+     ("collections", "OrderedDict")}  # fmt: skip
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str):
+        if (module, name) in _METADATA_GLOBALS:
+            return super().find_class(module, name)
+        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+            return getattr(torch, name)
+        raise pickle.UnpicklingError(f"{module}.{name} is not part of a DCP checkpoint's metadata")
+
+
+class SafeFsspecReader(FsspecReader):
+    """DCP's fsspec reader with a metadata unpickler that cannot execute code."""
+
+    def read_metadata(self, *args, **kwargs):
+        from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
+
+        path = self._get_metadata_path(kwargs.get("rank"))
+        with self.fs.create_stream(path, "rb") as fh:
+            try:
+                metadata = _MetadataUnpickler(fh).load()
+            except (pickle.UnpicklingError, EOFError, AttributeError, ValueError, TypeError) as err:
+                raise CheckpointError(f"{self.path}: .metadata is not a DCP checkpoint's metadata ({err})") from None
+        if not isinstance(metadata, Metadata):
+            raise CheckpointError(f"{self.path}: .metadata holds a {type(metadata).__name__}, not DCP metadata")
+        if getattr(metadata, "storage_meta", None) is None:
+            metadata.storage_meta = StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
+
+
+class SafeLoadPlanner(DefaultLoadPlanner):
+    """DCP's load planner with the non-tensor items (optimizer hyper-parameters) read as weights only."""
+
+    def load_bytes(self, read_item, value: io.BytesIO) -> None:
+        try:
+            obj = torch.load(value, weights_only=True)
+        except pickle.UnpicklingError as err:
+            raise CheckpointError(f"checkpoint item {read_item.dest_index.fqn!r} is not plain data ({err})") from None
+        if self.flatten_state_dict:
+            from torch.distributed.checkpoint._traverse import set_element  # what DefaultLoadPlanner itself uses
+
+            set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], obj)
+        else:
+            self.state_dict[read_item.dest_index.fqn] = obj
 
 
 class ModelState(Stateful):
@@ -182,18 +253,89 @@ class Checkpointer:
         dcp.save(dict(train_state.parts), storage_writer=FsspecWriter(uri))
         buf = io.BytesIO()
         torch.save(train_state.rank_state(), buf)
+        written = {f"rank/rank_{self.world.rank:05d}.pt": buf.getvalue()}
+        if self.world.is_main:
+            written["trainer_state.json"] = json.dumps(train_state.trainer_state(), indent=2).encode()
+            written["config.json"] = json.dumps(config, indent=2).encode()
         self.fs.makedirs(f"{path}/rank", exist_ok=True)
-        self.fs.pipe_file(f"{path}/rank/rank_{self.world.rank:05d}.pt", buf.getvalue())
-        if self.world.is_main:
-            storage.write_json(self.fs, f"{path}/trainer_state.json", train_state.trainer_state())
-            storage.write_json(self.fs, f"{path}/config.json", config)
+        for rel, data in written.items():
+            self.fs.pipe_file(f"{path}/{rel}", data)
         self.world.barrier()
+        # Each rank hashes what it wrote: its DCP shards (read back: DCP writes them), its own small files (from
+        # memory); rank 0 also the DCP metadata. COMPLETE then lists every file of the directory.
+        mine = {rel: _digest(data) for rel, data in written.items()}
+        own = [
+            f
+            for f in self._files(path)
+            if f.startswith(f"__{self.world.rank}_") or (self.world.is_main and f == ".metadata")
+        ]
+        mine.update({rel: self._hash(f"{path}/{rel}") for rel in own})
+        files = {rel: entry for part in self.world.gather(mine) for rel, entry in part.items()}
         if self.world.is_main:
-            marker = {"step": step, "world_size": self.world.size, "time": time.time()}
-            storage.write_json(self.fs, f"{path}/{MARKER}", marker, indent=None)
+            unlisted = sorted(set(self._files(path)) - set(files))
+            if unlisted:
+                raise RuntimeError(f"checkpoint {uri}: files no process wrote: {unlisted}")
+            marker = {"step": step, "world_size": self.world.size, "time": time.time(), "files": files}
+            storage.write_json(self.fs, f"{path}/{MARKER}", marker)
             self._prune()
         self.world.barrier()
         return uri
+
+    def _files(self, path: str) -> list[str]:
+        """Every file under a checkpoint directory, relative to it (the marker excepted)."""
+        self.fs.invalidate_cache()
+        found = []
+        for full in self.fs.find(path):
+            rel = full[len(path.rstrip("/")) + 1 :] if full.startswith(path.rstrip("/") + "/") else full
+            if rel != MARKER:
+                found.append(rel)
+        return sorted(found)
+
+    def _hash(self, full: str) -> dict:
+        h, size = hashlib.sha256(), 0
+        with self.fs.open(full, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 22), b""):
+                h.update(chunk)
+                size += len(chunk)
+        return {"size": size, "sha256": h.hexdigest()}
+
+    def marker(self, step: int) -> dict:
+        """The COMPLETE record of checkpoint `step`."""
+        _, path = storage.filesystem(self.uri(step))
+        try:
+            return json.loads(self.fs.cat_file(f"{path}/{MARKER}"))
+        except FileNotFoundError:
+            raise CheckpointError(f"checkpoint {self.uri(step)} is not complete (no {MARKER})") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise CheckpointError(f"checkpoint {self.uri(step)}: {MARKER} is corrupt ({err})") from None
+
+    def verify(self, step: int) -> dict:
+        """Check every file of checkpoint `step` against COMPLETE (size, then sha256) before anything is parsed;
+        the files are shared out over the ranks, and every rank raises the same CheckpointError naming each bad
+        file. Returns the marker."""
+        uri = self.uri(step)
+        _, path = storage.filesystem(uri)
+        marker = self.marker(step)
+        files = marker.get("files")
+        if not isinstance(files, dict) or not files:
+            raise CheckpointError(f"checkpoint {uri}: {MARKER} lists no files, so nothing in it can be verified")
+        problems = []
+        for i, (rel, want) in enumerate(sorted(files.items())):
+            if i % self.world.size != self.world.rank:
+                continue
+            full = f"{path}/{rel}"
+            if ".." in rel.split("/") or not self.fs.exists(full):
+                problems.append(f"{rel}: missing")
+                continue
+            size = self.fs.size(full)
+            if size != want.get("size"):
+                problems.append(f"{rel}: {size} bytes, {MARKER} says {want.get('size')} (truncated or replaced)")
+            elif self._hash(full)["sha256"] != want.get("sha256"):
+                problems.append(f"{rel}: sha256 differs from {MARKER} (corrupt or replaced)")
+        problems = sorted(p for part in self.world.gather(problems) for p in part)
+        if problems:
+            raise CheckpointError(f"checkpoint {uri} does not verify:\n  - " + "\n  - ".join(problems))
+        return marker
 
     def _prune(self) -> None:
         complete = self.complete_steps()
@@ -202,19 +344,36 @@ class Checkpointer:
             self.fs.rm(dirs[step], recursive=True)
 
     def load(self, step: int, train_state: TrainState) -> dict:
-        """Fill `train_state` in place from checkpoint `step` (this rank's random-number state too, when the
-        checkpoint was written by at least as many processes); returns the checkpoint's trainer_state.json."""
+        """Verify checkpoint `step`, then fill `train_state` in place from it (this rank's random-number state too,
+        when the checkpoint was written by at least as many processes); returns its trainer_state.json."""
         uri = self.uri(step)
         _, path = storage.filesystem(uri)
-        if not self.fs.exists(f"{path}/{MARKER}"):
-            raise RuntimeError(f"checkpoint {uri} is not complete (no {MARKER}); refusing to load it")
-        dcp.load(dict(train_state.parts), storage_reader=FsspecReader(uri))
+        files = self.verify(step)["files"]
+        dcp.load(dict(train_state.parts), storage_reader=SafeFsspecReader(uri), planner=SafeLoadPlanner())
         trainer_state = json.loads(self.fs.cat_file(f"{path}/trainer_state.json"))
         train_state.load_trainer_state(trainer_state)
-        rank_file = f"{path}/rank/rank_{self.world.rank:05d}.pt"
-        if self.fs.exists(rank_file):
-            train_state.load_rank_state(torch.load(io.BytesIO(self.fs.cat_file(rank_file)), weights_only=True))
+        rank_file = f"rank/rank_{self.world.rank:05d}.pt"
+        if rank_file in files:
+            try:
+                rank_state = torch.load(io.BytesIO(self.fs.cat_file(f"{path}/{rank_file}")), weights_only=True)
+            except pickle.UnpicklingError as err:
+                raise CheckpointError(f"checkpoint {uri}: {rank_file} is not plain data ({err})") from None
+            train_state.load_rank_state(rank_state)
         return trainer_state
+
+
+def _digest(data: bytes) -> dict:
+    return {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+
+def verify_checkpoint(checkpoint_uri: str) -> dict:
+    """`Checkpointer.verify` of one checkpoint directory, in one process (export); returns its marker."""
+    uri = checkpoint_uri.rstrip("/")
+    root, _, name = uri.rpartition("/")
+    m = STEP_DIR.search(name)
+    if not root.endswith("/checkpoints") or m is None:
+        raise CheckpointError(f"{checkpoint_uri!r} is not a checkpoint directory (…/checkpoints/step_NNNNNNNN)")
+    return Checkpointer(root[: -len("/checkpoints")], World(0, 0, 1, torch.device("cpu"))).verify(int(m.group(1)))
 
 
 def read_config(checkpoint_uri: str) -> dict:
@@ -227,7 +386,7 @@ def load_unet_weights(checkpoint_uri: str, network: str = "generator") -> dict[s
     (no process group needed): diffusers UNet keys → tensors."""
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-    reader = FsspecReader(checkpoint_uri)
+    reader = SafeFsspecReader(checkpoint_uri)
     metadata = reader.read_metadata()
     prefix = f"{network}."
     state = {
@@ -239,5 +398,5 @@ def load_unet_weights(checkpoint_uri: str, network: str = "generator") -> dict[s
         raise RuntimeError(f"checkpoint {checkpoint_uri} holds no {network!r} weights")
     with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
         warnings.simplefilter("ignore", UserWarning)
-        dcp.load(state, storage_reader=FsspecReader(checkpoint_uri), no_dist=True)
+        dcp.load(state, storage_reader=SafeFsspecReader(checkpoint_uri), planner=SafeLoadPlanner(), no_dist=True)
     return {k[len(prefix) :]: v for k, v in state.items()}

@@ -39,6 +39,22 @@ class World:
         dist.all_reduce(t, op=dist.ReduceOp.MIN)
         return bool(t.item() == 1.0)
 
+    def gather(self, value) -> list:
+        """Every rank's `value` (a picklable object), in rank order, on every rank; [value] without a group."""
+        if not dist.is_initialized() or self.size == 1:
+            return [value]
+        out = [None] * self.size
+        dist.all_gather_object(out, value)
+        return out
+
+    def any_true(self, flag: bool) -> bool:
+        """True on every rank when `flag` is true on any rank (False without a process group and flag False)."""
+        if not dist.is_initialized():
+            return flag
+        t = torch.tensor([1.0 if flag else 0.0], device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item() == 1.0)
+
     def mean(self, values: dict[str, float]) -> dict[str, float]:
         """The mean over ranks of each value (one all-reduce for all of them)."""
         if not values:

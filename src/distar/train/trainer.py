@@ -19,7 +19,7 @@ from torch import nn
 from distar import sources, storage
 from distar.errors import UserError
 from distar.train import parallel
-from distar.train.checkpoint import Checkpointer, ModelState, OptimizerState, TensorsState, TrainState
+from distar.train.checkpoint import Checkpointer, CheckpointError, ModelState, OptimizerState, TensorsState, TrainState
 from distar.train.config import OptimConfig, TrainConfig
 from distar.train.data import PromptSet
 from distar.train.di_star import DIStar
@@ -96,12 +96,28 @@ class Trainer:
         return self.checkpointer.save(self.step, self.state, self.config.to_dict())
 
     def resume(self) -> int | None:
-        """Load the newest complete checkpoint under the output URI; returns its step (None: fresh start)."""
-        latest = self.checkpointer.latest() if self.config.checkpoint.resume else None
-        if latest is None:
+        """Load the newest complete checkpoint under the output URI that verifies; returns its step (None: fresh
+        start). A checkpoint that does not verify is named and skipped for the one before it; when none verifies
+        the run stops rather than start over on top of them."""
+        if not self.config.checkpoint.resume:
             return None
-        self.checkpointer.load(latest, self.state)
-        return latest
+        steps = self.checkpointer.complete_steps()
+        refused = []
+        for step in reversed(steps):
+            try:
+                self.checkpointer.load(step, self.state)
+            except CheckpointError as err:
+                refused.append(str(err))
+                if self.world.is_main:
+                    print(f"distar train: warning: {err}\n  falling back to the previous checkpoint", flush=True)
+                continue
+            return step
+        if refused:
+            raise CheckpointError(
+                f"no checkpoint under {self.checkpointer.root} verifies ({len(refused)} tried); move them away to "
+                f"start over, or restore them:\n" + "\n".join(refused)
+            )
+        return None
 
     # -- one iteration --------------------------------------------------------------------------
 
