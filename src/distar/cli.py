@@ -23,7 +23,7 @@ def _toy(args: argparse.Namespace) -> None:
 def _train(args: argparse.Namespace) -> None:
     from distar.train import run
 
-    summary = run(args.config, args.overrides)
+    summary = run(args.config, args.overrides, allow_config_change=args.allow_config_change)
     if summary.get("rank", 0) == 0:
         print(json.dumps(summary))
 
@@ -54,7 +54,14 @@ def _export(args: argparse.Namespace) -> None:
     from distar.export import ExportConfig, export
 
     result = export(
-        ExportConfig(args.checkpoint, args.out, ema=args.ema, single_file=args.single_file, metrics=args.metrics)
+        ExportConfig(
+            args.checkpoint,
+            args.out,
+            ema=args.ema,
+            single_file=args.single_file,
+            metrics=args.metrics,
+            force=args.force,
+        )
     )
     print(json.dumps({k: result[k] for k in ("out", "checkpoint", "step", "t_star")}))
 
@@ -208,6 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--ema", action="store_true", help="also write the EMA weights (unet_ema/)")
     exp.add_argument("--single-file", action="store_true", help="also write the UNet as one fp16 safetensors file")
     exp.add_argument("--metrics", default=None, help="metrics.json to quote in the model card")
+    exp.add_argument("--force", action="store_true", help="write into a non-empty --out (same-named files replaced)")
     exp.set_defaults(func=_export)
 
     from distar.evaluate import __doc__ as evaluate_doc
@@ -297,10 +305,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from distar import storage
+    from distar.errors import redact
+    from distar.train import PREEMPTED, Preempted
+
     try:
         args.func(args)
     except UserError as err:
-        print(f"distar {args.command}: error: {err}", file=sys.stderr)
+        print(f"distar {args.command}: error: {redact(err)}", file=sys.stderr)
+        return 2
+    except Preempted as err:
+        print(f"distar {args.command}: {err}", file=sys.stderr)
+        return PREEMPTED
+    except Exception as err:  # storage failures a user causes get one message; everything else is a bug
+        translated = storage.user_error(err)
+        if translated is None:
+            raise
+        print(f"distar {args.command}: error: {redact(translated)}", file=sys.stderr)
         return 2
     return 0
 

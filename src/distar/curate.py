@@ -62,6 +62,10 @@ class CurateConfig:
     """Rows per output Parquet shard."""
     batch_rows: int = 65_536
     """Rows read and processed at a time."""
+    max_chars: int = 4096
+    """Cut every row to this many characters before normalising and tokenizing (counted as `cut_chars`): 77 CLIP
+    tokens never span that many, so no result changes, and a single multi-megabyte line costs no more than a
+    prompt."""
 
 
 def normalise(text: str) -> str:
@@ -427,6 +431,7 @@ def curate(config: CurateConfig, progress: bool = False) -> dict:
     rows_in = 0
     per_source = {}
     body = config.max_tokens - 2  # without the start and end tokens
+    cut_chars = 0
     for uri in config.sources:
         source_in = 0
         for rows in read_source(uri, config):
@@ -437,6 +442,10 @@ def curate(config: CurateConfig, progress: bool = False) -> dict:
             if not writers:
                 writers = {s: _ShardWriter(config.out, s, config.shard_rows, with_category) for s in ("train", "eval")}
             values = _as_string_array(rows.prompts)
+            over = pc.fill_null(pc.greater(pc.utf8_length(values), config.max_chars), False)
+            if pc.any(over).as_py():
+                cut_chars += pc.sum(over).as_py()
+                values = pc.utf8_slice_codeunits(values, 0, config.max_chars)
             dropped["non_text"] += values.null_count
             normalised = normalise_array(values)
             keep = pc.fill_null(pc.greater(pc.utf8_length(normalised), 0), False)
@@ -505,6 +514,7 @@ def curate(config: CurateConfig, progress: bool = False) -> dict:
         "rows_out": rows_out,
         "dropped": {r: dropped.get(r, 0) for r in RULES},
         "truncated": truncated,
+        "cut_chars": cut_chars,
         "splits": {s: w.rows for s, w in writers.items()},
         "per_source": per_source,
         "length_histogram": _histogram(lengths, config.max_tokens),
@@ -572,9 +582,16 @@ def split_files(uri: str, split: str = "train") -> list[str] | None:
     manifest_path = f"{path.rstrip('/')}/{MANIFEST}"
     if not fs.exists(manifest_path):
         return None
-    manifest = json.loads(fs.cat_file(manifest_path))
+    try:
+        manifest = json.loads(fs.cat_file(manifest_path))
+        files = manifest["splits"][split]["files"]
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as err:
+        raise UserError(f"{uri}/{MANIFEST} is corrupt ({err!r}); run `distar curate` again") from None
     base = str(uri).rstrip("/")
-    return [f"{base}/{f['path']}" for f in manifest["splits"][split]["files"]]
+    missing = [f["path"] for f in files if not fs.exists(f"{path.rstrip('/')}/{f['path']}")]
+    if missing:
+        raise UserError(f"{uri}: shards its manifest lists are missing ({missing[:3]}); run `distar curate` again")
+    return [f"{base}/{f['path']}" for f in files]
 
 
 __all__ = ["CurateConfig", "curate", "normalise", "split_files", "summary_markdown"]

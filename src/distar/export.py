@@ -11,6 +11,7 @@ finds it finds a complete pipeline.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -37,6 +38,27 @@ class ExportConfig:
     """Also write the UNet as one fp16 safetensors file in DMD2's layout."""
     metrics: str | None = None
     """A metrics.json (from `distar evaluate`) to quote in the model card."""
+    force: bool = False
+    """Write into a non-empty output directory (files of the same names are replaced)."""
+
+
+def check_out(out: str, checkpoint: str, force: bool) -> None:
+    """Refuse an output that would lose files: empty or a root, inside the training run, or non-empty without
+    force. Runs before anything is read, so a refusal costs nothing."""
+    fs, path = storage.filesystem(out)
+    path = path.rstrip("/")
+    if out.strip() in ("", ".", "~") or not path or path == "/" or re.fullmatch(r"[A-Za-z][\w+.-]*:/*", out.strip()):
+        raise UserError(f"--out {out!r}: name the pipeline's own directory or URI (e.g. --out exports/r1)")
+    run_uri = checkpoint.rstrip("/").rsplit("/checkpoints/", 1)[0]
+    run_path = storage.filesystem(run_uri)[1].rstrip("/")
+    if type(fs) is type(storage.filesystem(run_uri)[0]) and (path == run_path or path.startswith(run_path + "/")):
+        raise UserError(f"--out {out!r} is inside the training run {run_uri!r}; export next to it, not into it")
+    if fs.exists(path) and not fs.isdir(path):
+        raise UserError(f"--out {out!r} is a file; name a directory")
+    if fs.exists(path) and fs.ls(path) and not force:
+        raise UserError(
+            f"--out {out!r} is not empty; choose an empty or new directory, or pass --force to write into it"
+        )
 
 
 def resolve_checkpoint(uri: str) -> str:
@@ -78,6 +100,7 @@ def export(config: ExportConfig) -> dict:
     from distar.models.sdxl import load_vae, locate
 
     checkpoint = resolve_checkpoint(config.checkpoint)
+    check_out(config.out, checkpoint, config.force)
     verify_checkpoint(checkpoint)  # before anything in it is parsed
     train = read_config(checkpoint)
     model = train["model"]
@@ -144,7 +167,7 @@ def export(config: ExportConfig) -> dict:
         (local / "model_index.json").unlink()
         fs, out_path = storage.filesystem(config.out)
         out_path = out_path.rstrip("/")
-        if fs.exists(f"{out_path}/model_index.json"):
+        if fs.exists(f"{out_path}/model_index.json") and not config.force:
             raise UserError(f"{config.out!r} already holds a pipeline (model_index.json); choose another --out")
         if storage.is_uri(config.out) and not config.out.startswith("file://"):
             fs.put(str(local) + "/", out_path, recursive=True)

@@ -57,3 +57,38 @@ def download_dir(uri: str, dest: str | os.PathLike) -> Path:
 def write_json(fs: fsspec.AbstractFileSystem, path: str, value, indent: int | None = 2) -> None:
     """`value` as JSON at `path` on `fs`, in one write (a reader sees the whole file or none of it on object stores)."""
     fs.pipe_file(path, json.dumps(value, indent=indent).encode())
+
+
+def user_error(err: BaseException) -> UserError | None:
+    """The one message for a storage failure a user causes (credentials, endpoints, permissions, full or read-only
+    disks, missing files); None for anything else, which stays a bug with its traceback."""
+    import errno
+
+    name = type(err).__name__
+    where = getattr(err, "filename", None) or ""
+    where = f" ({where})" if where else ""
+    if name in ("NoCredentialsError", "PartialCredentialsError"):
+        return UserError(f"no S3 credentials: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or a profile, or the "
+                         f"pod's role) for s3:// URIs ({err})")  # fmt: skip
+    if name in ("DefaultCredentialsError", "RefreshError"):
+        return UserError(f"no usable GCS credentials: set GOOGLE_APPLICATION_CREDENTIALS or run where Workload "
+                         f"Identity is set up, for gs:// URIs ({err})")  # fmt: skip
+    if name in ("EndpointConnectionError", "ConnectTimeoutError", "ClientConnectorError", "ServerTimeoutError",
+                "ConnectionError", "ConnectTimeout", "TimeoutError"):  # fmt: skip
+        return UserError(f"cannot reach the storage endpoint: {err}. Check the URI, the network and "
+                         f"AWS_ENDPOINT_URL / STORAGE_EMULATOR_HOST")  # fmt: skip
+    if isinstance(err, OSError):
+        if err.errno == errno.ENOSPC:
+            return UserError(f"the disk is full (ENOSPC){where}: free space there or write the output elsewhere")
+        if err.errno == errno.EROFS:
+            return UserError(f"the output is on a read-only filesystem{where}: choose a writable out / --out")
+        if isinstance(err, PermissionError):
+            return UserError(f"permission denied{where}: check the path's permissions, or the bucket's credentials "
+                             f"and IAM role ({err})")  # fmt: skip
+        if isinstance(err, IsADirectoryError):
+            return UserError(f"a directory where a file is expected{where}")
+        if isinstance(err, NotADirectoryError):
+            return UserError(f"a file where a directory is expected{where}")
+        if isinstance(err, FileNotFoundError):
+            return UserError(f"not found{where or ': ' + str(err)}")
+    return None

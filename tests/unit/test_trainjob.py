@@ -46,7 +46,10 @@ def test_manifest_is_a_valid_trainjob_with_no_unknown_keys():
     parsed = TrainerV1alpha1TrainJob.from_dict(copy.deepcopy(job))
     assert _strip_none(parsed.to_dict()) == job  # the models accept unknown keys: a dropped key shows up here
     trainer = job["spec"]["trainer"]
-    assert trainer["command"][:3] == ["torchrun", "-m", "distar.train"] and trainer["numNodes"] == 4
+    assert (
+        trainer["command"][:5] == ["torchrun", "--shutdown-timeout", "600", "-m", "distar.train"]
+        and trainer["numNodes"] == 4
+    )
     assert trainer["resourcesPerNode"]["limits"] == {"nvidia.com/gpu": "8"}
     pod = job["spec"]["runtimePatches"][0]["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"][0]
     pod = pod["template"]["spec"]["template"]["spec"]

@@ -6,7 +6,13 @@
                       --rdzv_endpoint $HOST:29500 -m distar.train --config sdxl out=gs://bucket/run …
   Kubeflow Trainer: the TrainJob's torch-distributed runtime sets PET_NNODES, PET_NPROC_PER_NODE, PET_NODE_RANK,
                     PET_MASTER_ADDR, PET_MASTER_PORT; the command is plain `torchrun -m distar.train …`.
-Rerunning the same command resumes from the newest complete checkpoint under `out`.
+Rerunning the same command resumes from the newest complete checkpoint under `out` (a changed config is refused
+unless --allow-config-change names the intent).
+
+Exit codes: 0 done; 2 a user error (one message, no traceback); 75 (EX_TEMPFAIL) preempted: SIGTERM or SIGINT
+arrived, the step in flight finished, a complete checkpoint was written and the logs flushed, and rerunning the
+same command resumes there. Under torchrun pass --shutdown-timeout (seconds; torchrun's default is 30) longer
+than a checkpoint takes, and give the pod a terminationGracePeriodSeconds longer still.
 """
 
 from __future__ import annotations
@@ -23,11 +29,24 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
         prog="distar train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--config", required=True, help="a preset (tiny, sdxl) or a TOML/JSON config file")
+    parser.add_argument(
+        "--allow-config-change",
+        action="store_true",
+        help="resume although the config differs from the checkpoint's (beyond steps, logging, checkpointing)",
+    )
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. steps=100 loss.alpha_rew=10")
     return parser
 
 
-def run(config_source: str, overrides: list[str]) -> dict:
+PREEMPTED = 75
+"""The exit code of a run stopped by SIGTERM/SIGINT after a complete checkpoint (EX_TEMPFAIL: rerun resumes)."""
+
+
+class Preempted(Exception):
+    """SIGTERM or SIGINT stopped the run after a complete checkpoint; rerunning resumes from it."""
+
+
+def run(config_source: str, overrides: list[str], allow_config_change: bool = False) -> dict:
     """Load the config, join the process group, train, leave the group; returns rank 0's summary."""
     from distar import tiny_preset
     from distar.train import distributed
@@ -39,7 +58,7 @@ def run(config_source: str, overrides: list[str]) -> dict:
     world = distributed.init(config.parallel.device, config.parallel.backend)
     _quiet_libraries(world.is_main)
     try:
-        return Trainer(config, world).fit()
+        return Trainer(config, world).fit(allow_config_change=allow_config_change)
     finally:
         distributed.shutdown()
 
@@ -57,11 +76,25 @@ def _quiet_libraries(is_main: bool) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    import os
+
+    from distar import storage
+    from distar.errors import redact
+
     args = build_parser().parse_args(argv)
+    quiet = os.environ.get("RANK", "0") != "0"  # under torchrun every rank fails alike: rank 0 says it once
     try:
-        summary = run(args.config, args.overrides)
-    except UserError as err:
-        print(f"distar train: error: {err}", file=sys.stderr)
+        summary = run(args.config, args.overrides, allow_config_change=args.allow_config_change)
+    except Preempted as err:
+        if not quiet:
+            print(f"distar train: {err}", file=sys.stderr)
+        return PREEMPTED
+    except Exception as err:  # a user error, or a storage failure a user causes: one message; else a bug
+        translated = err if isinstance(err, UserError) else storage.user_error(err)
+        if translated is None:
+            raise
+        if not quiet:
+            print(f"distar train: error: {redact(translated)}", file=sys.stderr)
         return 2
     if summary.get("rank", 0) == 0:
         print(json.dumps(summary))

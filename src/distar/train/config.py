@@ -10,6 +10,8 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
+import re
 import tomllib
 from dataclasses import dataclass, field
 from importlib import resources
@@ -18,7 +20,7 @@ from typing import Literal
 
 from distar.config import apply_mapping, apply_overrides, check_choices
 from distar.diffusion import SDXL_GENERATOR_TIMESTEP
-from distar.errors import UserError
+from distar.errors import UserError, redact
 from distar.losses import DivergenceConfig
 from distar.models.sdxl import DMD2_REPO, DMD2_UNET_1STEP, SDXL_BASE
 
@@ -159,6 +161,15 @@ class CheckpointConfig:
 
 
 @dataclass
+class LeaseConfig:
+    stale_minutes: float = 30.0
+    """A lease (LEASE.json under `out`) whose heartbeat is older than this belongs to a dead run
+    (distar/train/lease.py)."""
+    take_over: bool = False
+    """Take over a stale lease; a live one is never taken."""
+
+
+@dataclass
 class LogConfig:
     every: int = 10
     """Write metrics (JSONL, TensorBoard) every this many steps."""
@@ -197,18 +208,46 @@ class TrainConfig:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    lease: LeaseConfig = field(default_factory=LeaseConfig)
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """The resolved config as written beside every checkpoint: credentials inside URIs are redacted."""
+        return redact_values(dataclasses.asdict(self))
 
     def digest(self) -> str:
         """A short hash of the resolved config, for lineage."""
         return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:12]
 
+    def changed_keys(self, saved: dict) -> list[str]:
+        """Keys whose value differs from a saved config.json, except those a resumed run may change
+        (RESUME_SAFE_KEYS)."""
+        now, before = _flat(self.to_dict()), _flat(saved)
+        keys = sorted(set(now) | set(before))
+        changed = [k for k in keys if now.get(k) != before.get(k)]
+        return [k for k in changed if not any(k == s or k.startswith(s + ".") for s in RESUME_SAFE_KEYS)]
+
     def validate(self) -> TrainConfig:
         """Cross-field checks (the choices are checked by the loader, from each field's Literal type); each failure
         names the key and what to set."""
         check_choices(self)
+        if self.out.strip() in ("", "/", ".", "./", "~") or re.fullmatch(r"[A-Za-z][\w+.-]*:/*", self.out.strip()):
+            raise UserError(
+                f"config key 'out' is {self.out!r}: name the run's own directory or URI (e.g. out=runs/r1 or "
+                "out=gs://BUCKET/runs/r1); a root or empty output would scatter checkpoints and logs"
+            )
+        for key, value, lo, lo_open in self._domains():
+            if not math.isfinite(value) or value < lo or (lo_open and value == lo):
+                bound = f"> {lo:g}" if lo_open else f"≥ {lo:g}"
+                raise UserError(f"config key {key!r} must be a finite number {bound}, got {value}")
+        for key in ("generator_optim.beta1", "generator_optim.beta2", "assistant_optim.beta1", "assistant_optim.beta2"):
+            section, name = key.split(".")
+            if not 0.0 <= getattr(getattr(self, section), name) < 1.0:
+                raise UserError(f"config key {key!r} must be in [0, 1), got {getattr(getattr(self, section), name)}")
+        if not 0 <= self.model.t_star < 1000:
+            raise UserError(f"config key 'model.t_star' must be in [0, 1000), got {self.model.t_star}")
+        bad_weights = {k: w for k, w in self.reward.weights.items() if not math.isfinite(w)}
+        if bad_weights:
+            raise UserError(f"config key 'reward.weights': every weight must be finite, got {bad_weights}")
         positive = {
             "steps": self.steps,
             "data.batch_size": self.data.batch_size,
@@ -240,6 +279,45 @@ class TrainConfig:
                 "reward.weights is empty but loss.alpha_rew is not 0: name a reward or set loss.alpha_rew=0"
             )
         return self
+
+    def _domains(self):
+        """(key, value, lower bound, bound excluded) of every bounded numeric field."""
+        yield "loss.alpha_rew", self.loss.alpha_rew, 0.0, False
+        yield "loss.alpha_cfg", self.loss.alpha_cfg, 0.0, False
+        yield "loss.huber_c", self.loss.huber_c, 0.0, True
+        for name in ("generator_optim", "assistant_optim"):
+            o = getattr(self, name)
+            yield f"{name}.lr", o.lr, 0.0, True
+            yield f"{name}.eps", o.eps, 0.0, True
+            yield f"{name}.weight_decay", o.weight_decay, 0.0, False
+            yield f"{name}.grad_clip", o.grad_clip, 0.0, False
+            yield f"{name}.warmup_steps", float(o.warmup_steps), 0.0, False
+        yield "lease.stale_minutes", self.lease.stale_minutes, 0.0, True
+
+
+# What a resumed run may change without --allow-config-change: how long it runs, how it logs and checkpoints,
+# where it reads the model cache from, how it is parallelised (DCP reshards), the lease.
+RESUME_SAFE_KEYS = ("out", "steps", "log", "checkpoint", "lease", "parallel", "model.cache_dir", "model.offline")
+
+
+def redact_values(value):
+    if isinstance(value, str):
+        return redact(value)
+    if isinstance(value, dict):
+        return {k: redact_values(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(redact_values(v) for v in value)
+    return value
+
+
+def _flat(mapping: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in mapping.items():
+        if isinstance(value, dict) and key not in ("weights", "sources", "processors", "heads"):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[prefix + key] = value
+    return out
 
 
 def preset_path(name: str) -> Path:

@@ -39,6 +39,11 @@ def _parquet_files(uri: str) -> tuple[object, list[str]]:
         return fs, [storage.filesystem(f)[1] for f in curated]
     if not fs.exists(path):
         raise UserError(f"data.prompts {uri!r} does not exist; run `distar curate` or point it at Parquet shards")
+    if fs.isdir(path) and any(fs.exists(f"{path.rstrip('/')}/{part}") for part in ("train", "eval", "stats.json")):
+        raise UserError(
+            f"data.prompts {uri!r} is a curated set without its manifest.json: its curation did not finish, so its "
+            f"shards may be partial. Run `distar curate` again for it (the manifest is written last)"
+        )
     files = sorted(fs.find(path)) if fs.isdir(path) else [path]
     files = [f for f in files if f.endswith(".parquet")]
     if not files:

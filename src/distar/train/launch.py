@@ -10,14 +10,19 @@ import subprocess
 import sys
 
 from distar.errors import UserError
+from distar.train import PREEMPTED, Preempted
 
 
 def torchrun_command(config: str, overrides: list[str], nproc_per_node: int = 1, max_restarts: int = 0) -> list[str]:
+    from distar.train.trainjob import SHUTDOWN_TIMEOUT_S
+
     return [
         sys.executable,
         "-m",
         "torch.distributed.run",
         "--standalone",
+        "--shutdown-timeout",
+        str(SHUTDOWN_TIMEOUT_S),
         "--nproc_per_node",
         str(nproc_per_node),
         "--max-restarts",
@@ -41,6 +46,11 @@ def run_local(config: str, overrides: list[str], nproc_per_node: int = 1, max_re
     cmd = torchrun_command(config, overrides, nproc_per_node, max_restarts)
     print("+", " ".join(cmd), flush=True)
     proc = subprocess.run(cmd, env=os.environ.copy())
+    if proc.returncode == PREEMPTED:
+        raise Preempted(
+            f"training was preempted (exit code {PREEMPTED}) after a complete checkpoint under {resolved.out}; "
+            "rerunning this step resumes there"
+        )
     if proc.returncode != 0:
         raise UserError(f"training failed (torchrun exit code {proc.returncode}); its log is above")
     fs, path = storage.filesystem(resolved.out)

@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import math
 import resource
+import signal
+import sys
+import threading
 import time
 
 import torch
@@ -18,12 +21,21 @@ from torch import nn
 
 from distar import sources, storage
 from distar.errors import UserError
-from distar.train import parallel
-from distar.train.checkpoint import Checkpointer, CheckpointError, ModelState, OptimizerState, TensorsState, TrainState
+from distar.train import Preempted, parallel
+from distar.train.checkpoint import (
+    Checkpointer,
+    CheckpointError,
+    ModelState,
+    OptimizerState,
+    TensorsState,
+    TrainState,
+    read_config,
+)
 from distar.train.config import OptimConfig, TrainConfig
 from distar.train.data import PromptSet
 from distar.train.di_star import DIStar
 from distar.train.distributed import World
+from distar.train.lease import Lease, LeaseHeldError
 from distar.train.metrics import MetricLogger, image_grid
 from distar.train.networks import Networks, assemble, build_networks
 
@@ -109,7 +121,11 @@ class Trainer:
             except CheckpointError as err:
                 refused.append(str(err))
                 if self.world.is_main:
-                    print(f"distar train: warning: {err}\n  falling back to the previous checkpoint", flush=True)
+                    print(
+                        f"distar train: warning: {err}\n  falling back to the previous checkpoint",
+                        file=sys.stderr,
+                        flush=True,
+                    )
                 continue
             return step
         if refused:
@@ -191,7 +207,56 @@ class Trainer:
 
     # -- the loop -------------------------------------------------------------------------------
 
-    def fit(self) -> dict:
+    def _hold_lease(self) -> Lease | None:
+        """Rank 0 takes the output's lease; every rank raises the same error when another trainer holds it."""
+        lease = Lease(self.config.out, self.config.lease.stale_minutes, self.config.lease.take_over)
+        error = None
+        if self.world.is_main:
+            try:
+                lease.acquire()
+            except LeaseHeldError as err:
+                error = str(err)
+        error = self.world.gather(error)[0]
+        if error is not None:
+            raise LeaseHeldError(error)
+        return lease if self.world.is_main else None
+
+    def _check_config(self, allow_change: bool) -> None:
+        """Refuse to resume with a config that differs from the newest checkpoint's beyond RESUME_SAFE_KEYS."""
+        latest = self.checkpointer.latest() if self.config.checkpoint.resume else None
+        if latest is None:
+            return
+        try:
+            saved = read_config(self.checkpointer.uri(latest))
+        except (FileNotFoundError, ValueError):
+            return  # the checkpoint's own verification names what is wrong with it
+        changed = self.config.changed_keys(saved)
+        if changed and not allow_change:
+            raise UserError(
+                f"the config differs from the one checkpoint step {latest} was trained with, in: {', '.join(changed)}. "
+                f"Resume with the same settings, or pass --allow-config-change to continue with the new ones"
+            )
+        if changed and self.world.is_main:
+            print(f"distar train: resuming with changed {', '.join(changed)} (--allow-config-change)", flush=True)
+
+    def fit(self, allow_config_change: bool = False) -> dict:
+        """Train to `steps`: check the config against the checkpoint's, take the lease, resume, loop; on SIGTERM or
+        SIGINT finish the step in flight, write a complete checkpoint and raise Preempted."""
+        c, world = self.config, self.world
+        self._check_config(allow_config_change)
+        lease = self._hold_lease()
+        try:
+            with StopSignals() as stop:
+                summary = self._fit(stop, lease)
+        finally:  # a process that gets here writes nothing more; only a killed one leaves its lease to go stale
+            if lease is not None:
+                lease.release()
+        if world.is_main:
+            fs, path = storage.filesystem(c.out)
+            storage.write_json(fs, f"{path.rstrip('/')}/summary.json", summary)
+        return {**summary, "rank": world.rank}
+
+    def _fit(self, stop: StopSignals, lease: Lease | None) -> dict:
         c, world = self.config, self.world
         resumed = self.resume()
         if world.is_main:
@@ -227,6 +292,8 @@ class Trainer:
                         }
                     )
                     logger.log(self.step, values)
+                    if lease is not None:
+                        lease.heartbeat()
                 if self.step % c.log.sample_every == 0 or self.step == c.steps:
                     images, last_eval = self.sample()
                     logger.log(self.step, last_eval)
@@ -241,13 +308,22 @@ class Trainer:
                         reward=f"{values.get('reward', float('nan')):.4g}",
                         div=f"{values.get('divergence', float('nan')):.4g}",
                     )
+                if world.any_true(stop.received is not None):  # every rank stops after the same step
+                    if saved_at != self.step:
+                        self.save()
+                        saved_at = self.step
+                    logger.flush()
+                    raise Preempted(
+                        f"stopped by {stop.received or 'a signal on another rank'} after step {self.step}: checkpoint "
+                        f"{self.checkpointer.uri(self.step)} is complete; rerun the same command to resume"
+                    )
             if saved_at != self.step:
                 self.save()
         finally:
             if progress is not None:
                 progress.close()
             logger.close()
-        summary = {
+        return {
             "step": self.step,
             "samples_seen": self.samples_seen,
             "skipped": self.skipped,
@@ -255,10 +331,30 @@ class Trainer:
             "config_digest": c.digest(),
             **last_eval,
         }
-        if world.is_main:
-            fs, path = storage.filesystem(c.out)
-            storage.write_json(fs, f"{path.rstrip('/')}/summary.json", summary)
-        return {**summary, "rank": world.rank}
+
+
+class StopSignals:
+    """SIGTERM (what Kubernetes and Kueue send before killing a pod) and SIGINT set a flag instead of ending the
+    process; the loop reads it after each step. The previous handlers come back on exit."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self):
+        self.received: str | None = None
+        self._previous = {}
+
+    def _handle(self, signum, frame):
+        self.received = signal.Signals(signum).name
+
+    def __enter__(self) -> StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
 
 
 def _peak_memory_gb(device: torch.device) -> float:

@@ -14,6 +14,10 @@ from dataclasses import dataclass, field
 
 from distar.errors import UserError
 
+# Seconds torchrun waits after forwarding SIGTERM before it kills the workers: longer than the SDXL checkpoint
+# (docs/TRAINING.md, "Preemption"), shorter than the pod's grace period that a cluster sets for preemptible work.
+SHUTDOWN_TIMEOUT_S = 600
+
 GROUP, VERSION, PLURAL, KIND = "trainer.kubeflow.org", "v1alpha1", "trainjobs", "TrainJob"
 NODE = "node"  # the torch-distributed runtime's replicated job and container name
 CLEANUP = ("always", "success", "never")
@@ -56,7 +60,16 @@ def manifest(spec: TrainJobSpec) -> dict:
             requests[key] = value
     trainer = {
         "image": spec.image,
-        "command": ["torchrun", "-m", "distar.train", "--config", spec.config, *spec.overrides],
+        "command": [
+            "torchrun",
+            "--shutdown-timeout",
+            str(SHUTDOWN_TIMEOUT_S),
+            "-m",
+            "distar.train",
+            "--config",
+            spec.config,
+            *spec.overrides,
+        ],
         "numNodes": spec.num_nodes,
         "numProcPerNode": spec.nproc_per_node,
         "resourcesPerNode": {k: v for k, v in (("limits", limits), ("requests", requests)) if v},

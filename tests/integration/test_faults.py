@@ -1,0 +1,326 @@
+"""Hostile and unlucky inputs, from the command line: each case asserts the exit code, the message, and that
+nothing written earlier was lost. Real files, real signals, the S3 emulator; no fake of the failing part."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from helpers.storage_servers import server
+
+from distar import cli
+from distar.train import PREEMPTED
+from distar.train import main as train_main
+from distar.train.checkpoint import MARKER
+
+TINY = ["log.progress=false", "log.tensorboard=false", "parallel.strategy=none", "log.sample_every=100"]
+
+
+class _Planted:
+    """A pickle that, when unpickled by a loader that executes code, creates the file `path`."""
+
+    def __init__(self, path: Path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def _train(out, *extra, capsys=None) -> tuple[int, str]:
+    code = train_main(["--config", "tiny", f"out={out}", *TINY, *extra])
+    err = capsys.readouterr().err if capsys is not None else ""
+    return code, err
+
+
+def _rehash(step_dir: Path, rel: str) -> None:
+    """Rewrite COMPLETE as an attacker who can write the bucket would, so the planted file passes the hash check:
+    what stops it then is the loader that cannot execute code."""
+    import hashlib
+
+    marker = json.loads((step_dir / MARKER).read_text())
+    data = (step_dir / rel).read_bytes()
+    marker["files"][rel] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    (step_dir / MARKER).write_text(json.dumps(marker))
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    """A tiny run with two complete checkpoints (steps 2 and 4), copied fresh for each test that damages it."""
+    out = tmp_path_factory.mktemp("faults") / "run"
+    assert train_main(["--config", "tiny", f"out={out}", "steps=4", "checkpoint.every=2", *TINY]) == 0
+    return out
+
+
+@pytest.fixture
+def run_copy(finished_run, tmp_path):
+    import shutil
+
+    copy = tmp_path / "run"
+    shutil.copytree(finished_run, copy)
+    return copy
+
+
+# -- nothing runs that a file plants ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("rehash", [False, True], ids=["planted", "planted-and-rehashed"])
+def test_a_planted_rng_pickle_never_runs_on_resume(run_copy, tmp_path, capsys, rehash):
+    sentinel = tmp_path / "code-ran"
+    newest = run_copy / "checkpoints" / "step_00000004"
+    (newest / "rank" / "rank_00000.pt").write_bytes(pickle.dumps(_Planted(sentinel)))
+    if rehash:
+        _rehash(newest, "rank/rank_00000.pt")
+    code, err = _train(run_copy, "steps=6", "checkpoint.every=2", capsys=capsys)
+    assert not sentinel.exists()
+    assert code == 0  # resumed from step 2, the previous checkpoint that verifies
+    assert "rank/rank_00000.pt" in err and "falling back" in err
+    assert json.loads((run_copy / "summary.json").read_text())["step"] == 6
+
+
+@pytest.mark.parametrize("rehash", [False, True], ids=["planted", "planted-and-rehashed"])
+def test_a_planted_dcp_metadata_never_runs_on_export(run_copy, tmp_path, capsys, rehash):
+    sentinel = tmp_path / "code-ran"
+    newest = run_copy / "checkpoints" / "step_00000004"
+    (newest / ".metadata").write_bytes(pickle.dumps(_Planted(sentinel)))
+    if rehash:
+        _rehash(newest, ".metadata")
+    code = cli.main(["export", "--checkpoint", str(newest), "--out", str(tmp_path / "export")])
+    err = capsys.readouterr().err
+    assert code == 2 and not sentinel.exists()
+    assert ".metadata" in err and "Traceback" not in err
+    assert not (tmp_path / "export" / "model_index.json").exists()
+
+
+# -- nothing corrupt is trained on or shipped ----------------------------------------------------------------
+
+
+def _damage(step_dir: Path, how: str) -> str:
+    shard = next(p for p in sorted(step_dir.iterdir()) if p.name.endswith(".distcp"))
+    if how == "flipped":
+        data = bytearray(shard.read_bytes())
+        data[len(data) // 2] ^= 0x01
+        shard.write_bytes(bytes(data))
+    elif how == "truncated":
+        shard.write_bytes(shard.read_bytes()[:-100])
+    else:
+        shard.unlink()
+    return shard.name
+
+
+@pytest.mark.parametrize("how", ["flipped", "truncated", "missing"])
+def test_a_damaged_newest_checkpoint_is_named_and_resume_falls_back(run_copy, capsys, how):
+    name = _damage(run_copy / "checkpoints" / "step_00000004", how)
+    code, err = _train(run_copy, "steps=5", "checkpoint.every=2", capsys=capsys)
+    assert code == 0 and name in err and "falling back" in err
+    log = [json.loads(line) for line in (run_copy / "logs" / "metrics.jsonl").read_text().splitlines()]
+    assert [line["step"] for line in log if "loss/generator" in line][-3:] == [3, 4, 5]  # steps 3 and 4 again
+
+
+@pytest.mark.parametrize("how", ["flipped", "truncated", "missing"])
+def test_export_of_a_damaged_checkpoint_fails_naming_the_file(run_copy, tmp_path, capsys, how):
+    newest = run_copy / "checkpoints" / "step_00000004"
+    name = _damage(newest, how)
+    code = cli.main(["export", "--checkpoint", str(newest), "--out", str(tmp_path / "export")])
+    err = capsys.readouterr().err
+    assert code == 2 and name in err and "Traceback" not in err
+
+
+def test_on_object_storage_a_flipped_byte_is_caught_and_resume_falls_back(tmp_path, capsys):
+    import s3fs
+
+    with server("s3", "distar-faults"):
+        out = "s3://distar-faults/run"
+        assert train_main(["--config", "tiny", f"out={out}", "steps=4", "checkpoint.every=2", *TINY]) == 0
+        fs = s3fs.S3FileSystem()
+        shard = sorted(f for f in fs.ls("distar-faults/run/checkpoints/step_00000004") if f.endswith(".distcp"))[0]
+        data = bytearray(fs.cat_file(shard))
+        data[len(data) // 2] ^= 0x01
+        fs.pipe_file(shard, bytes(data))
+        capsys.readouterr()
+        code = train_main(["--config", "tiny", f"out={out}", "steps=5", "checkpoint.every=2", *TINY])
+        err = capsys.readouterr().err
+        assert code == 0 and shard.rsplit("/", 1)[1] in err and "falling back" in err
+        code = cli.main(["export", "--checkpoint", "s3://" + shard.rsplit("/", 1)[0], "--out", str(tmp_path / "e")])
+        # step 4 was written again by the resumed run, so it verifies now
+        assert code == 0, capsys.readouterr().err
+
+
+# -- nothing is lost on preemption --------------------------------------------------------------------------
+
+
+def test_sigterm_finishes_the_step_checkpoints_and_exits_75_then_resume_continues(tmp_path):
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "distar.train", "--config", "tiny", f"out={out}", "steps=500", "checkpoint.every=1000",
+           "log.every=1", *TINY]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=os.environ.copy())
+    metrics = out / "logs" / "metrics.jsonl"
+    deadline = time.monotonic() + 300
+    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 2):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == PREEMPTED, err
+    assert "stopped by SIGTERM" in err and "rerun the same command to resume" in err
+    steps = sorted(int(p.name.split("_")[1]) for p in (out / "checkpoints").iterdir() if (p / MARKER).exists())
+    assert steps and steps[-1] >= 2  # a complete checkpoint of the last finished step, far before checkpoint.every
+    logged = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
+    assert max(logged) == steps[-1]  # the logs were flushed up to it
+    assert not (out / "LEASE.json").exists()  # released for the rerun
+    code = train_main(["--config", "tiny", f"out={out}", f"steps={steps[-1] + 1}", "checkpoint.every=1000",
+                       "log.every=1", *TINY])  # fmt: skip
+    assert code == 0
+    assert json.loads((out / "summary.json").read_text())["step"] == steps[-1] + 1
+
+
+# -- one writer per run ---------------------------------------------------------------------------------------
+
+
+def test_a_second_trainer_is_refused_and_a_stale_lease_is_taken_only_when_asked(tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    lease = {"holder": "node-7/abc", "host": "node-7", "pid": 4242, "started": time.time(), "heartbeat": time.time()}
+    (out / "LEASE.json").write_text(json.dumps(lease))
+    code, err = _train(out, "steps=1", capsys=capsys)
+    assert code == 2 and "node-7/abc" in err and "pid 4242" in err and "Traceback" not in err
+    assert not (out / "checkpoints").exists()  # refused before anything was written
+    lease["heartbeat"] = time.time() - 3600
+    (out / "LEASE.json").write_text(json.dumps(lease))
+    code, err = _train(out, "steps=1", capsys=capsys)
+    assert code == 2 and "looks dead" in err and "lease.take_over=true" in err
+    code, err = _train(out, "steps=1", "lease.take_over=true", capsys=capsys)
+    assert code == 0 and not (out / "LEASE.json").exists()
+
+
+def test_two_trainers_started_together_get_one_lease(tmp_path):
+    from distar.train.lease import Lease, LeaseHeldError
+
+    first, second = Lease(str(tmp_path)), Lease(str(tmp_path))
+    second.record["holder"] = "other-host/1"
+    first.acquire()
+    with pytest.raises(LeaseHeldError, match="held by another trainer"):
+        second.acquire()
+    first.release()
+    second.acquire()
+
+
+# -- inputs must be complete; no destructive defaults -------------------------------------------------------
+
+
+def test_a_curated_set_without_its_manifest_is_refused(tmp_path, capsys):
+    prompts = tmp_path / "prompts"
+    code = cli.main(["curate", "--source", str(Path(__file__).parents[1] / "data" / "PartiPrompts.tsv"), "--out",
+                     str(prompts), "--tokenizer", "tiny:sdxl"])  # fmt: skip
+    assert code == 0
+    (prompts / "manifest.json").unlink()  # as a curation killed before its last write leaves it
+    capsys.readouterr()
+    code, err = _train(tmp_path / "run", f"data.prompts={prompts}", "steps=1", capsys=capsys)
+    assert code == 2 and "without its manifest.json" in err and "distar curate" in err
+
+
+@pytest.mark.parametrize("out", ["", "/", "file:///", "s3://"])
+def test_an_empty_or_root_output_is_refused(out, capsys):
+    code, err = _train(out, "steps=1", capsys=capsys)
+    assert code == 2 and "config key 'out'" in err
+
+
+def test_export_never_overwrites_a_users_files_or_writes_into_the_run(run_copy, tmp_path, capsys):
+    target = tmp_path / "mine"
+    target.mkdir()
+    (target / "README.md").write_text("my notes")
+    newest = str(run_copy / "checkpoints" / "step_00000004")
+    assert cli.main(["export", "--checkpoint", newest, "--out", str(target)]) == 2
+    assert "not empty" in capsys.readouterr().err and (target / "README.md").read_text() == "my notes"
+    assert cli.main(["export", "--checkpoint", newest, "--out", str(run_copy / "export")]) == 2
+    assert "inside the training run" in capsys.readouterr().err
+    assert cli.main(["export", "--checkpoint", newest, "--out", str(target), "--force"]) == 0
+    assert (target / "model_index.json").is_file()
+
+
+# -- one message, exit 2 ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [("loss.alpha_rew=-1", "'loss.alpha_rew' must be a finite number ≥ 0"),
+     ("loss.alpha_rew=nan", "'loss.alpha_rew' must be a finite number ≥ 0"),
+     ("generator_optim.lr=0", "'generator_optim.lr' must be a finite number > 0"),
+     ("loss.huber_c=inf", "'loss.huber_c' must be a finite number > 0"),
+     ("assistant_optim.beta2=1", "'assistant_optim.beta2' must be in [0, 1)")],
+)  # fmt: skip
+def test_numeric_fields_outside_their_domain_are_refused(tmp_path, capsys, override, message):
+    code, err = _train(tmp_path / "run", override, capsys=capsys)
+    assert code == 2 and message in err and not (tmp_path / "run").exists()
+
+
+def test_resuming_with_a_changed_config_lists_the_keys_and_needs_the_flag(finished_run, tmp_path, capsys):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)
+    code, err = _train(run, "steps=5", "loss.alpha_rew=3", "generator_optim.lr=2e-4", capsys=capsys)
+    assert code == 2 and "generator_optim.lr" in err and "loss.alpha_rew" in err and "--allow-config-change" in err
+    assert "steps" not in err.split("in:")[1].split(".")[0]  # steps is a safe key
+    code = train_main(["--config", "tiny", f"out={run}", *TINY, "steps=5", "loss.alpha_rew=3",
+                       "--allow-config-change"])  # fmt: skip
+    assert code == 0
+
+
+def test_credentials_in_uris_are_redacted_in_config_json_and_errors(tmp_path, capsys):
+    secret = "https://alice:s3cr3t-token@models.example.org/sdxl"
+    code, err = _train(tmp_path / "run", "steps=1", f"model.vae={secret}", "model.offline=true", capsys=capsys)
+    assert code == 2 and "s3cr3t-token" not in err and "https://***@models.example.org" in err
+    from distar.train.config import load_config
+
+    config = load_config("tiny", [f"model.vae={secret}"])
+    assert "s3cr3t-token" not in json.dumps(config.to_dict())
+
+
+def test_storage_failures_are_one_message(tmp_path, capsys):
+    out = tmp_path / "toy"
+    out.mkdir()
+    (out / "metrics.json").symlink_to("/dev/full")  # every write there fails with ENOSPC, as on a full disk
+    code = cli.main(["toy", "--out", str(out), "steps=2", "assistant_warmup=1", "eval_samples=100", "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2 and "ENOSPC" in err and "Traceback" not in err
+    code = cli.main(["export", "--checkpoint", str(tmp_path), "--out", str(tmp_path / "e")])
+    assert code == 2 and "neither a complete checkpoint" in capsys.readouterr().err
+    corrupt = tmp_path / "cache"
+    corrupt.mkdir()
+    (corrupt / "manifest.json").write_text("{not json")
+    code = cli.main(["cache", "--verify", "--out", str(corrupt)])
+    assert code == 2 and "is corrupt" in capsys.readouterr().err
+
+
+def test_an_s3_bucket_without_credentials_is_one_message(tmp_path, capsys, monkeypatch):
+    with server("s3", "distar-nocreds") as env:
+        for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+            monkeypatch.delenv(key, raising=False)
+        monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+        monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+        monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+        import s3fs
+
+        s3fs.S3FileSystem.clear_instance_cache()
+        code = cli.main(["curate", "--source", "s3://distar-nocreds/prompts.txt", "--out", str(tmp_path / "p"),
+                         "--tokenizer", "tiny:sdxl"])  # fmt: skip
+        err = capsys.readouterr().err
+        last = err.strip().splitlines()[-1]  # (botocore's own logging may print above it)
+        assert env and code == 2 and last.startswith("distar curate: error:") and "credentials" in last.lower()
+        s3fs.S3FileSystem.clear_instance_cache()
+
+
+def test_a_ten_megabyte_line_is_cut_before_tokenizing(tmp_path):
+    source = tmp_path / "one-line.txt"
+    source.write_text("a red cube " * 1_000_000 + "\nshort prompt\n")
+    code = cli.main(["curate", "--source", str(source), "--out", str(tmp_path / "p"), "--tokenizer", "tiny:sdxl"])
+    assert code == 0
+    stats = json.loads((tmp_path / "p" / "stats.json").read_text())
+    assert stats["cut_chars"] == 1 and stats["rows_out"] == 2 and stats["truncated"] == 1
