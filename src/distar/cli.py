@@ -21,7 +21,10 @@ def _toy(args: argparse.Namespace) -> None:
 
 
 def _train(args: argparse.Namespace) -> None:
-    from distar.train import run
+    from distar.train import exec_torchrun, run
+
+    if args.nproc_per_node is not None:
+        exec_torchrun(args.config, args.overrides, args.nproc_per_node, args.allow_config_change)
 
     summary = run(args.config, args.overrides, allow_config_change=args.allow_config_change)
     if summary.get("rank", 0) == 0:

@@ -27,7 +27,46 @@ def filesystem(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
             f"cannot open {uri!r}: {err}. Install the filesystem package for its scheme "
             "(gcsfs for gs://, s3fs for s3://) or pass a local path."
         ) from err
+    endpoint = _endpoint(str(uri))
+    if endpoint is not None:
+        _check_reachable(*endpoint, uri=str(uri))
     return fs, path
+
+
+CONNECT_TIMEOUT_S = 5.0
+_REACHED: set[tuple[str, int]] = set()
+
+
+def _endpoint(uri: str) -> tuple[str, int] | None:
+    """The host and port an object-store URI is served from (emulators included), or None for other schemes."""
+    from urllib.parse import urlparse
+
+    scheme = uri.split("://", 1)[0].lower() if "://" in uri else ""
+    if scheme in ("gs", "gcs"):
+        url = os.environ.get("STORAGE_EMULATOR_HOST") or "https://storage.googleapis.com"
+    elif scheme in ("s3", "s3a"):
+        url = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or "https://s3.amazonaws.com"
+    else:
+        return None
+    parsed = urlparse(url if "://" in url else f"http://{url}")
+    return parsed.hostname or "", parsed.port or (443 if parsed.scheme == "https" else 80)
+
+
+def _check_reachable(host: str, port: int, uri: str) -> None:
+    """One TCP connect per endpoint and process, bounded by CONNECT_TIMEOUT_S: the storage clients retry a dead
+    endpoint with backoff for most of a minute before they fail."""
+    import socket
+
+    if (host, port) in _REACHED:
+        return
+    try:
+        socket.create_connection((host, port), timeout=CONNECT_TIMEOUT_S).close()
+    except OSError as err:
+        raise UserError(
+            f"cannot reach {host}:{port} for {uri!r} within {CONNECT_TIMEOUT_S:g} s ({err}): check the network, "
+            "or AWS_ENDPOINT_URL / STORAGE_EMULATOR_HOST"
+        ) from None
+    _REACHED.add((host, port))
 
 
 COMPLETE_MARKER = ".distar-download-complete"

@@ -324,3 +324,30 @@ def test_a_ten_megabyte_line_is_cut_before_tokenizing(tmp_path):
     assert code == 0
     stats = json.loads((tmp_path / "p" / "stats.json").read_text())
     assert stats["cut_chars"] == 1 and stats["rows_out"] == 2 and stats["truncated"] == 1
+
+
+def test_a_config_error_before_torchrun_is_one_message_and_a_good_config_runs_under_it(tmp_path):
+    distar = str(Path(sys.executable).with_name("distar"))
+    launch = [distar, "train", "--config", "tiny", "--nproc-per-node", "2"]
+    bad = subprocess.run([*launch, f"out={tmp_path / 'bad'}", "loss.alpha_rew=-1"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "ChildFailedError" not in bad.stderr and "Traceback" not in bad.stderr
+    assert bad.stderr.strip().splitlines() == [
+        "distar train: error: config key 'loss.alpha_rew' must be a finite number ≥ 0, got -1.0"
+    ]
+    quiet = ["steps=1", "log.progress=false", "log.tensorboard=false"]
+    good = subprocess.run([*launch, f"out={tmp_path / 'good'}", *quiet], capture_output=True, text=True)
+    assert good.returncode == 0, good.stderr[-2000:]
+    assert json.loads((tmp_path / "good" / "summary.json").read_text())["step"] == 1
+
+
+def test_an_unreachable_object_store_fails_within_seconds(tmp_path, capsys, monkeypatch):
+    import socket
+
+    with socket.socket() as sock:  # a port on loopback that nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{port}")
+    started = time.monotonic()
+    code = cli.main(["curate", "--source", "s3://bucket/prompts.txt", "--out", str(tmp_path / "p")])
+    err = capsys.readouterr().err
+    assert code == 2 and f"cannot reach 127.0.0.1:{port}" in err and time.monotonic() - started < 15

@@ -34,8 +34,30 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
         action="store_true",
         help="resume although the config differs from the checkpoint's (beyond steps, logging, checkpointing)",
     )
+    parser.add_argument(
+        "--nproc-per-node",
+        type=int,
+        default=None,
+        help="check the config here, then run torchrun with this many processes (a config error is then one "
+        "message and exit 2, not a ChildFailedError from every worker)",
+    )
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. steps=100 loss.alpha_rew=10")
     return parser
+
+
+def exec_torchrun(config_source: str, overrides: list[str], nproc_per_node: int, allow_config_change: bool) -> None:
+    """Validate the config in this process, then become torchrun over `python -m distar.train` (PET_* variables of
+    a Kubeflow Trainer runtime, or torchrun's own defaults, set the nodes)."""
+    import os
+
+    from distar.train.config import load_config
+    from distar.train.launch import torchrun_command
+
+    load_config(config_source, overrides)
+    cmd = torchrun_command(config_source, overrides, nproc_per_node, standalone="PET_MASTER_ADDR" not in os.environ)
+    if allow_config_change:
+        cmd.append("--allow-config-change")
+    os.execv(cmd[0], cmd)
 
 
 PREEMPTED = 75
@@ -84,6 +106,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     quiet = os.environ.get("RANK", "0") != "0"  # under torchrun every rank fails alike: rank 0 says it once
     try:
+        if args.nproc_per_node is not None:
+            exec_torchrun(args.config, args.overrides, args.nproc_per_node, args.allow_config_change)
         summary = run(args.config, args.overrides, allow_config_change=args.allow_config_change)
     except Preempted as err:
         if not quiet:

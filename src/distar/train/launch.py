@@ -13,14 +13,16 @@ from distar.errors import UserError
 from distar.train import PREEMPTED, Preempted
 
 
-def torchrun_command(config: str, overrides: list[str], nproc_per_node: int = 1, max_restarts: int = 0) -> list[str]:
+def torchrun_command(
+    config: str, overrides: list[str], nproc_per_node: int = 1, max_restarts: int = 0, standalone: bool = True
+) -> list[str]:
     from distar.train.trainjob import SHUTDOWN_TIMEOUT_S
 
     return [
         sys.executable,
         "-m",
         "torch.distributed.run",
-        "--standalone",
+        *(["--standalone"] if standalone else []),
         "--shutdown-timeout",
         str(SHUTDOWN_TIMEOUT_S),
         "--nproc_per_node",
