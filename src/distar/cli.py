@@ -118,6 +118,23 @@ def _run_local(args: argparse.Namespace) -> None:
     print("\n".join(describe(run, args.preset)))
 
 
+def _calibrate(args: argparse.Namespace) -> None:
+    from distar import tiny_preset
+    from distar.calibrate import calibrate, format_table
+    from distar.train import distributed
+    from distar.train.config import load_config
+
+    alphas = [float(a) for a in args.alphas.split(",") if a.strip()]
+    config = load_config(args.config, args.overrides)
+    tiny_preset.prepare(config.to_dict())
+    world = distributed.init(config.parallel.device, config.parallel.backend)
+    try:
+        rows = calibrate(config, world, alphas, args.steps)
+    finally:
+        distributed.shutdown()
+    print(json.dumps(rows, indent=2) if args.json else format_table(rows))
+
+
 def _plan(args: argparse.Namespace) -> None:
     import diffusers
 
@@ -270,6 +287,21 @@ def build_parser() -> argparse.ArgumentParser:
     sb.add_argument("--no-cache", action="store_true", help="run every step, cached results or not")
     sb.add_argument("arguments", nargs="*", metavar="key=value", help="pipeline arguments (JSON values parsed)")
     sb.set_defaults(func=_submit)
+
+    from distar.calibrate import __doc__ as calibrate_doc
+
+    cal = sub.add_parser(
+        "calibrate",
+        help="the reward/divergence balance for several α_rew, from a few steps on your models",
+        description=calibrate_doc,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    cal.add_argument("--config", required=True, help="a preset (tiny, sdxl) or a TOML/JSON config file")
+    cal.add_argument("--alphas", default="1,10,100", help="comma-separated α_rew values (the paper's: 1,10,100)")
+    cal.add_argument("--steps", type=int, default=3, help="DI* iterations per α_rew")
+    cal.add_argument("--json", action="store_true", help="print the rows as JSON")
+    cal.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, as for distar train")
+    cal.set_defaults(func=_calibrate)
 
     pl = sub.add_parser(
         "plan",

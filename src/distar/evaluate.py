@@ -25,10 +25,9 @@ import torch
 from distar import sources, storage, tiny_preset
 from distar.errors import UserError
 from distar.prompt_sets import HPS_STYLES, PARTI_URL
+from distar.rewards import PAPER_SCALE  # the one unit of each reward, shared with training
 
 PARTI_METRICS = ("imagereward", "aesthetic", "pickscore", "clip")
-# The paper's scale of each reward's raw score (README: rewards table).
-PAPER_SCALE = {"pickscore": 0.01, "hpsv2.1": 100.0, "imagereward": 1.0, "aesthetic": 1.0, "clip": 1.0}
 # METHOD.md §7, the rows a run is compared against.
 _METRIC_ORDER = ("imagereward", "aesthetic", "pickscore", "clip", "hpsv2.1")
 PAPER = {

@@ -56,10 +56,19 @@ class DivergenceConfig:
     """"sim" (stop-gradient sampling measure, the theorem's loss) or "full" (adds + w·d(y_t))."""
     weighting: Weighting = "sigma"
     """w(t) of the divergence: "uniform", "sigma" or "sigma2" (time_weight)."""
+    kl_normalise: bool = False
+    """KL baseline only: divide each sample's gradient by mean |x0 − x̂0_ref| as DMD does, so the KL-versus-score
+    comparison can run at a comparable strength (off: the plain Diff-Instruct / DI++ gradient)."""
 
     def loss_kwargs(self) -> dict:
         """The keyword arguments of `generator_loss` this config fixes (the weight is per sample: time_weight)."""
-        return {"divergence": self.divergence, "distance": self.distance, "huber_c": self.huber_c, "form": self.form}
+        return {
+            "divergence": self.divergence,
+            "distance": self.distance,
+            "huber_c": self.huber_c,
+            "form": self.form,
+            "kl_normalise": self.kl_normalise,
+        }
 
 
 def cfg(eps_uncond: torch.Tensor, eps_cond: torch.Tensor, guidance_scale: float) -> torch.Tensor:
@@ -123,6 +132,7 @@ def generator_loss_parts(
     huber_c: float = DEFAULT_HUBER_C,
     form: str = "sim",
     weight: torch.Tensor | None = None,
+    kl_normalise: bool = False,
 ) -> GeneratorLossParts:
     """The divergence part of the generator loss, L_div, as a batch mean (METHOD.md §4), with its parts.
 
@@ -132,6 +142,7 @@ def generator_loss_parts(
     differentiates through their inputs only.
     divergence: "score" (DI*) or "kl" (Diff-Instruct / DI++).  distance: "pseudo_huber" or "l2".
     form: "sim" (sampling measure stop-gradient) or "full" (adds + w·d(y_t)).  weight: w(t) per sample.
+    kl_normalise: the KL gradient per sample divided by mean |x0 − x̂0_ref| (DMD).
     Returns the loss, w(t)·d(y_t) per sample and x_t.
     """
     _check_choice("divergence", divergence, DIVERGENCES)
@@ -158,6 +169,11 @@ def generator_loss_parts(
             eps_ref = _call(eps_reference, "eps_reference", x_t_frozen, t)
             score_diff = -(eps_psi - eps_ref) / sigma
             value = weight * score_distance(score_diff, distance, huber_c)
+            if kl_normalise:  # DMD: per sample, by the mean distance of x0 to the reference's own x0 estimate
+                x0_ref = (x_t_frozen - sigma * eps_ref) / schedule.a(t, x0)
+                score_diff = score_diff / (x0.detach() - x0_ref).abs().flatten(1).mean(dim=1).clamp_min(1e-12).reshape(
+                    (-1,) + (1,) * (x0.ndim - 1)
+                )
         per_sample = (score_diff * x_t).flatten(1).sum(dim=1)
         return GeneratorLossParts((weight * per_sample).mean(), value, x_t)
 

@@ -19,7 +19,7 @@ from distar.train import run
 
 RECORD = Path(__file__).resolve().parents[1] / "data" / "loss_curve_tiny.json"
 OVERRIDES = ["steps=6", "assistant_updates=2", "parallel.strategy=none", "log.every=1", "log.sample_every=100",
-             "log.progress=false", "log.tensorboard=false", "checkpoint.every=100", "loss.alpha_rew=10"]  # fmt: skip
+             "log.progress=false", "log.tensorboard=false", "checkpoint.every=100", "loss.alpha_rew=1000"]  # fmt: skip
 KEYS = ("loss/generator", "loss/divergence", "loss/reward", "loss/assistant", "divergence", "reward",
         "grad_norm/generator", "grad_norm/assistant")  # fmt: skip
 # Float32 sums differ in their last bits between CPU kernels (AVX2, AVX-512, Arm); six steps keep that far below 1e-3.

@@ -356,3 +356,23 @@ def test_generator_objective_without_reward_or_cfg_term_is_the_divergence_alone(
     out = generator_objective(x0, t, eps, EPS_GENERATOR, EPS_REFERENCE, SCHEDULE, reward=x0.sum(1), alpha_rew=0.0)
     assert out.cfg_loss is None and float(out.reward_loss) == 0.0
     torch.testing.assert_close(out.loss, generator_loss(x0, t, eps, EPS_GENERATOR, EPS_REFERENCE, SCHEDULE))
+
+
+def test_kl_normalisation_divides_each_samples_gradient_by_its_mean_x0_distance():
+    """DMD's normaliser: with kl_normalise, sample i's gradient is the plain KL gradient / mean|x0_i − x̂0_ref,i|,
+    x̂0_ref = (x_t − σ_t ε̂_ref)/a_t computed here independently."""
+    g = torch.Generator().manual_seed(7)
+    n = 16
+    x0 = torch.randn(n, DIM, generator=g, dtype=torch.float64).requires_grad_(True)
+    eps = torch.randn(n, DIM, generator=g, dtype=torch.float64)
+    t = torch.randint(20, 980, (n,), generator=g)
+    kwargs = dict(divergence="kl", weight=time_weight(SCHEDULE, t, "sigma", x0))
+    (plain,) = torch.autograd.grad(generator_loss(x0, t, eps, EPS_GENERATOR, EPS_REFERENCE, SCHEDULE, **kwargs), x0)
+    normalised = generator_loss(x0, t, eps, EPS_GENERATOR, EPS_REFERENCE, SCHEDULE, kl_normalise=True, **kwargs)
+    (grad,) = torch.autograd.grad(normalised, x0)
+    a, sigma = _a_sigma(t)
+    x_t = a * x0.detach() + sigma * eps
+    x0_ref = (x_t - sigma * EPS_REFERENCE(x_t, t)) / a
+    scale = (x0.detach() - x0_ref).abs().mean(dim=1, keepdim=True)
+    torch.testing.assert_close(grad, plain / scale)
+    assert not torch.allclose(grad, plain)

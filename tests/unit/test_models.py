@@ -247,3 +247,18 @@ def test_sdxl_unet_config_has_the_published_parameter_count():
     with torch.device("meta"):
         unet = UNet2DConditionModel(**SDXL_UNET_CONFIG)
     assert sum(p.numel() for p in unet.parameters()) == 2_567_463_684
+
+
+@pytest.mark.parametrize("vae_dtype", [torch.float32, torch.bfloat16])
+def test_vae_decode_runs_in_the_vaes_own_dtype_inside_bf16_autocast(parts, vae_dtype):
+    """model.vae_dtype is honoured: under the trainer's bf16 autocast an fp32 VAE still decodes in fp32."""
+    import copy
+
+    _, _, vae, _ = parts
+    vae = copy.deepcopy(vae).to(vae_dtype)
+    seen = []
+    hook = vae.decoder.conv_out.register_forward_hook(lambda module, args, out: seen.append(out.dtype))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        decode(vae, 0.1 * torch.randn(1, 4, 32, 32))
+    hook.remove()
+    assert seen == [vae_dtype]

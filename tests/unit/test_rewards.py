@@ -69,7 +69,8 @@ def test_weighted_reward_sums_its_terms(specs, rewards):
     )
     images = _images(3)
     with torch.no_grad():
-        expected = 0.5 * rewards["pickscore"](images, PROMPTS) + 2.0 * rewards["aesthetic"](images, PROMPTS)
+        # each term on the paper's scale: PickScore's raw logit_scale·cos / 100, the aesthetic score raw
+        expected = 0.5 * 0.01 * rewards["pickscore"](images, PROMPTS) + 2.0 * rewards["aesthetic"](images, PROMPTS)
         torch.testing.assert_close(combo(images, PROMPTS), expected)
         assert set(combo.terms(images, PROMPTS)) == {"pickscore", "aesthetic"}
 
@@ -267,3 +268,31 @@ def test_image_reward_converter_rejects_other_checkpoints(tmp_path):
     torch.save({"visual.conv1.weight": torch.zeros(1)}, tmp_path / "x.pt")
     with pytest.raises(UserError, match="not an ImageReward state dict"):
         convert_image_reward(tmp_path / "x.pt", tmp_path / "out")
+
+
+def test_the_reward_term_of_l_g_has_the_papers_weight(specs, rewards):
+    """∂(−α_rew · r)/∂images = −α_rew · w · PAPER_SCALE · ∂raw/∂images: α_rew = 100 with pickscore = 1 is exactly
+    100 × the cosine, the paper's setting; the sdxl preset trains on it."""
+    from distar.diffusion import VPSchedule
+    from distar.losses import generator_objective
+    from distar.rewards import PAPER_SCALE
+    from distar.train.config import load_config
+
+    alpha, w = 100.0, 0.7
+    combo = WeightedReward.from_specs([RewardSpec(weight=w, **specs["pickscore"])])
+    images = _images(2).requires_grad_(True)
+    r = combo.combine(combo.terms(images, PROMPTS))
+    zeros = torch.zeros(2, 4)
+
+    def eps(x_t, t):
+        return torch.zeros_like(x_t)
+
+    loss = generator_objective(
+        zeros, torch.tensor([100, 200]), zeros, eps, eps, VPSchedule.sdxl(), reward=r, alpha_rew=alpha
+    )
+    (got,) = torch.autograd.grad(loss.reward_loss, images)
+    raw = rewards["pickscore"](images, PROMPTS).mean()
+    (want,) = torch.autograd.grad(raw, images)
+    torch.testing.assert_close(got, -alpha * w * PAPER_SCALE["pickscore"] * want)
+    sdxl = load_config("sdxl", ["data.prompts=x"])
+    assert sdxl.loss.alpha_rew * sdxl.reward.weights["pickscore"] * PAPER_SCALE["pickscore"] == 1.0

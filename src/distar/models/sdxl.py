@@ -306,7 +306,10 @@ def decode(vae, x0: torch.Tensor) -> torch.Tensor:
     """
     vae_dtype = next(vae.parameters()).dtype
     latents = (x0 / vae.config.scaling_factor).to(vae_dtype)
-    images = vae.decode(latents).sample
+    # The decoder runs in its own weights' dtype (model.vae_dtype), also inside the trainer's bf16 autocast region:
+    # the SDXL VAE is kept in fp32 because lower precision overflows.
+    with torch.autocast(latents.device.type, enabled=False):
+        images = vae.decode(latents).sample
     return (images.float() / 2 + 0.5).clamp(0, 1).to(x0.dtype)
 
 

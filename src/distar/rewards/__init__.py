@@ -1,4 +1,8 @@
-"""Human-preference rewards: one interface, r(images, prompts) → (B,), and a weighted combination from config."""
+"""Human-preference rewards: one interface, r(images, prompts) → (B,), and a weighted combination from config.
+
+Each model returns its raw score (the original package's scale); `WeightedReward` puts every term on the scale the
+paper's tables report (`PAPER_SCALE`) before weighting, so training and `distar evaluate` read rewards in one unit
+and α_rew means what the paper's α_rew means (docs/METHOD.md §6, "Reward units")."""
 
 from __future__ import annotations
 
@@ -27,6 +31,10 @@ DEFAULTS = {
 }
 KNOWN = tuple(DEFAULTS)
 
+PAPER_SCALE = {"pickscore": 0.01, "hpsv2.1": 100.0, "imagereward": 1.0, "aesthetic": 1.0, "clip": 1.0}
+"""raw score × PAPER_SCALE = the paper's scale: PickScore as the cosine (raw logit_scale·cos ≈ 22 → ≈ 0.22),
+HPSv2.1 × 100 (raw cosine ≈ 0.30 → ≈ 30), ImageReward and the aesthetic score raw, CLIP score already × 100."""
+
 
 @dataclass
 class RewardSpec:
@@ -54,7 +62,7 @@ def load_reward(spec: RewardSpec, dtype="fp32", **resolve_kwargs) -> RewardModel
 
 
 class WeightedReward(nn.Module):
-    """r = Σ_i w_i r_i; `terms` returns each r_i for logging."""
+    """r = Σ_i w_i · s_i · raw_i with s_i = PAPER_SCALE: each term on the paper's scale; `terms` returns them."""
 
     def __init__(self, rewards: Sequence[RewardModel], weights: Sequence[float]):
         super().__init__()
@@ -68,10 +76,11 @@ class WeightedReward(nn.Module):
         return cls([load_reward(s, dtype, **resolve_kwargs) for s in specs], [s.weight for s in specs])
 
     def terms(self, images: torch.Tensor, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
-        return {r.name: r(images, prompts) for r in self.rewards}
+        """Each reward's score on the paper's scale."""
+        return {r.name: r(images, prompts) * PAPER_SCALE[r.name] for r in self.rewards}
 
     def combine(self, terms: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Σ_i w_i r_i from the per-reward scores `terms` returns."""
+        """Σ_i w_i r_i from the paper-scale scores `terms` returns."""
         return sum(w * terms[r.name] for r, w in zip(self.rewards, self.weights, strict=True))
 
     def forward(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
@@ -80,6 +89,7 @@ class WeightedReward(nn.Module):
 
 __all__ = [
     "KNOWN",
+    "PAPER_SCALE",
     "AestheticHead",
     "AestheticReward",
     "ClipReward",

@@ -193,6 +193,10 @@ class TrainConfig:
     """Generator updates."""
     assistant_updates: int = 5
     """K_TA: assistant updates per generator update (DMD2: 5; Diff-Instruct and SiD: 1)."""
+    assistant_warmup: int = 0
+    """Assistant-only updates before the generator's first update (a fresh run only). The assistant starts as the
+    reference while the generator starts from DMD2, so without them the first generator updates follow a score
+    that is not yet the generator's. Not published; 0 (off) by default."""
     ema_decay: float = 0.0
     """EMA of the generator's weights, updated after every generator update; 0 turns it off."""
     max_nonfinite: int = 5
@@ -262,6 +266,8 @@ class TrainConfig:
         for key, value in positive.items():
             if value < 1:
                 raise UserError(f"config key {key!r} must be at least 1, got {value}")
+        if self.assistant_warmup < 0:
+            raise UserError(f"config key 'assistant_warmup' must be 0 or more, got {self.assistant_warmup}")
         if self.assistant_updates < 0:
             raise UserError(f"config key 'assistant_updates' must be 0 or more, got {self.assistant_updates}")
         if not 0 <= self.loss.t_min < self.loss.t_max <= 1000:

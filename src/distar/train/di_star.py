@@ -26,6 +26,7 @@ from distar.train.networks import Networks
 
 # Purposes of the counter-based random streams.
 Z, T, EPS, SAMPLES = 1, 2, 3, 4
+WARMUP_UPDATES = 1 << 20  # the update index of warm-up update k is WARMUP_UPDATES + k: its own streams
 
 MicroBatch = tuple[int, PromptBatch, SDXLConditioning]
 
@@ -33,6 +34,23 @@ MicroBatch = tuple[int, PromptBatch, SDXLConditioning]
 def stream(seed: int, rank: int, step: int, micro: int, purpose: int, update: int = 0) -> torch.Generator:
     entropy = np.random.SeedSequence([seed, rank, step, micro, purpose, update]).generate_state(2, dtype=np.uint32)
     return torch.Generator().manual_seed(int(entropy[0]) << 32 | int(entropy[1]))
+
+
+def reward_divergence_balance(reward_loss: torch.Tensor, divergence_loss: torch.Tensor, x0: torch.Tensor) -> dict:
+    """The per-sample RMS of ∂(α_rew·r)/∂x0 and of ∂L_div/∂x0, and their ratio (`balance/reward_to_divergence`):
+    above 1 the reward moves the samples more than the divergence holds them. Costs two extra backward passes from
+    the loss to x0 (through the reward, the VAE decoder, the assistant and the reference, not the generator), so
+    the trainer asks for it on log steps only."""
+    n = x0.shape[0]
+
+    def rms(loss):
+        (grad,) = torch.autograd.grad(loss, x0, retain_graph=True)
+        # the losses are batch means: n · grad is each sample's own gradient
+        return (n * grad.detach().float()).flatten(1).pow(2).mean(dim=1).sqrt().mean().item()
+
+    r, d = rms(reward_loss), rms(divergence_loss)
+    return {"balance/reward_grad_rms": r, "balance/divergence_grad_rms": d,
+            "balance/reward_to_divergence": r / d if d > 0 else float("inf")}  # fmt: skip
 
 
 class DIStar:
@@ -99,7 +117,7 @@ class DIStar:
 
     # -- the generator: L_G = −α_rew·r + L_div (§4) -------------------------------------------------
 
-    def generator_backward(self, step: int, batches: Iterable[MicroBatch]) -> dict[str, float]:
+    def generator_backward(self, step: int, batches: Iterable[MicroBatch], balance: bool = False) -> dict[str, float]:
         """The generator update of `step`: L_G's gradient accumulated over micro-batches; the assistant is
         frozen (no parameter gradients, no DDP hooks) while the loss backpropagates through its input."""
         c, d, L, rank = self.config, self.config.data, self.config.loss, self.world.rank
@@ -114,7 +132,7 @@ class DIStar:
                 last = micro == d.grad_accum - 1
                 with parallel.gradient_sync(self.nets.generator_train, last), self.autocast:
                     x0 = self.nets.generator_train(z, cond).float()
-                    loss, parts = self.generator_loss(x0, t, eps, cond, batch.prompts)
+                    loss, parts = self.generator_loss(x0, t, eps, cond, batch.prompts, balance=balance)
                     (loss / d.grad_accum).backward()
                 for key, value in parts.items():
                     sums[key] = sums.get(key, 0.0) + float(value) / d.grad_accum
@@ -122,8 +140,9 @@ class DIStar:
             self.nets.assistant_unet.requires_grad_(True)
         return sums
 
-    def generator_loss(self, x0, t, eps, cond, prompts) -> tuple[torch.Tensor, dict[str, float]]:
-        """L_G on one micro-batch and the values it logs."""
+    def generator_loss(self, x0, t, eps, cond, prompts, balance: bool = False) -> tuple[torch.Tensor, dict[str, float]]:
+        """L_G on one micro-batch and the values it logs; with `balance`, also how hard the reward pulls on x0
+        against the divergence (`reward_divergence_balance`)."""
         L, nets = self.config.loss, self.nets
         parts: dict[str, float] = {}
         reward = None
@@ -151,6 +170,8 @@ class DIStar:
             **L.loss_kwargs(),
         )
         parts["divergence"] = objective.divergence.mean().item()
+        if balance and reward is not None and L.alpha_rew != 0:
+            parts.update(reward_divergence_balance(objective.reward_loss, objective.divergence_loss, x0))
         if objective.cfg_loss is not None:
             parts["loss/cfg_reward"] = objective.cfg_loss.item()
         parts.update(

@@ -33,7 +33,7 @@ from distar.train.checkpoint import (
 )
 from distar.train.config import OptimConfig, TrainConfig
 from distar.train.data import PromptSet
-from distar.train.di_star import DIStar
+from distar.train.di_star import WARMUP_UPDATES, DIStar
 from distar.train.distributed import World
 from distar.train.lease import Lease, LeaseHeldError
 from distar.train.metrics import MetricLogger, image_grid
@@ -142,8 +142,19 @@ class Trainer:
         norm, ok = self._apply("assistant", values["loss/assistant"], self.step * self.config.assistant_updates + k)
         return {**values, "grad_norm/assistant": norm, "ok/assistant": float(ok)}
 
-    def generator_update(self, batches) -> dict[str, float]:
-        values = self.method.generator_backward(self.step, batches)
+    def assistant_warmup(self) -> dict[str, float]:
+        """`assistant_warmup` assistant-only updates on the first step's prompts, before any generator update."""
+        n = self.config.assistant_warmup
+        batches = self.method.micro_batches(self.samples_seen)
+        total = 0.0
+        for k in range(n):
+            values = self.method.assistant_backward(self.step, WARMUP_UPDATES - 1 + k, batches)
+            self._apply("assistant", values["loss/assistant"], k)
+            total += values["loss/assistant"] / n
+        return {"warmup/loss/assistant": total, "warmup/updates": float(n)}
+
+    def generator_update(self, batches, balance: bool = False) -> dict[str, float]:
+        values = self.method.generator_backward(self.step, batches, balance=balance)
         norm, ok = self._apply("generator", values["loss/generator"], self.step)
         return {**values, "grad_norm/generator": norm, "ok/generator": float(ok)}
 
@@ -195,7 +206,8 @@ class Trainer:
         for k in range(c.assistant_updates):
             for key, v in self.assistant_update(k, batches).items():
                 values[key] = values.get(key, 0.0) + v / c.assistant_updates
-        values.update(self.generator_update(batches))
+        upcoming = self.step + 1  # the balance is measured on log steps only (its extra cost: di_star)
+        values.update(self.generator_update(batches, balance=upcoming % c.log.every == 0 or upcoming == c.steps))
         if self.ema is not None and values["ok/generator"]:
             self._update_ema()
         self.counters["step"] += 1
@@ -273,6 +285,8 @@ class Trainer:
             progress = tqdm(total=c.steps, initial=self.step, desc="distar train", dynamic_ncols=True)
         last_eval: dict[str, float] = {}
         saved_at = self.step if resumed is not None else None
+        if resumed is None and self.step == 0 and c.assistant_warmup > 0:
+            logger.log(0, world.mean(self.assistant_warmup()))
         try:
             while self.step < c.steps:
                 started = time.perf_counter()
@@ -307,6 +321,7 @@ class Trainer:
                     progress.set_postfix(
                         reward=f"{values.get('reward', float('nan')):.4g}",
                         div=f"{values.get('divergence', float('nan')):.4g}",
+                        balance=f"{values.get('balance/reward_to_divergence', float('nan')):.3g}",
                     )
                 if world.any_true(stop.received is not None):  # every rank stops after the same step
                     if saved_at != self.step:

@@ -1,0 +1,37 @@
+"""`distar calibrate` on the tiny preset: the reward/divergence balance for several α_rew, and its log in training."""
+
+import json
+
+import pytest
+
+from distar import cli
+from distar.train import main as train_main
+
+QUIET = ["log.progress=false", "log.tensorboard=false", "parallel.strategy=none"]
+
+
+def test_calibrate_prints_the_ratio_for_each_alpha_and_it_scales_with_alpha(tmp_path, capsys):
+    code = cli.main(["calibrate", "--config", "tiny", "--alphas", "1,100", "--steps", "1", "--json",
+                     f"out={tmp_path / 'c'}", *QUIET])  # fmt: skip
+    assert code == 0
+    out = capsys.readouterr().out
+    rows = json.loads(out[out.index("[") :])
+    assert [r["alpha_rew"] for r in rows] == [1.0, 100.0]
+    # same start, same noise: the reward's pull is linear in α_rew, the divergence's does not depend on it
+    assert rows[1]["reward_grad_rms"] / rows[0]["reward_grad_rms"] == pytest.approx(100, rel=1e-3)
+    assert rows[1]["divergence_grad_rms"] == pytest.approx(rows[0]["divergence_grad_rms"], rel=1e-3)
+    assert rows[0]["reward_to_divergence"] > 0
+    assert cli.main(["calibrate", "--config", "tiny", "--alphas", "0", f"out={tmp_path / 'd'}", *QUIET]) == 2
+    assert "α_rew values > 0" in capsys.readouterr().err
+
+
+def test_every_log_step_records_the_balance_and_warm_up_runs_first(tmp_path):
+    out = tmp_path / "run"
+    assert train_main(["--config", "tiny", f"out={out}", "steps=2", "log.every=1", "assistant_warmup=3", *QUIET]) == 0
+    lines = [json.loads(line) for line in (out / "logs" / "metrics.jsonl").read_text().splitlines()]
+    assert lines[0]["step"] == 0 and lines[0]["warmup/updates"] == 3.0 and "warmup/loss/assistant" in lines[0]
+    steps = [line for line in lines if "loss/generator" in line]
+    assert len(steps) == 2
+    for line in steps:
+        ratio = line["balance/reward_to_divergence"]
+        assert ratio > 0 and abs(ratio - line["balance/reward_grad_rms"] / line["balance/divergence_grad_rms"]) < 1e-6
