@@ -67,6 +67,15 @@ def resolve_checkpoint(uri: str) -> str:
     path = path.rstrip("/")
     if fs.exists(f"{path}/{MARKER}"):
         return uri.rstrip("/")
+    if path.endswith("/best") and not fs.exists(path):  # RUN/best: the checkpoint the guardrails kept
+        run = uri.rstrip("/")[: -len("/best")]
+        from distar.train.distributed import World
+
+        ckpt = Checkpointer(run, World(0, 0, 1, torch.device("cpu")))
+        best = ckpt.best()
+        if best is None or best not in ckpt.complete_steps():
+            raise UserError(f"{uri!r}: the run has no best checkpoint (train with guard.* settings to keep one)")
+        return ckpt.uri(best)
     if fs.exists(f"{path}/.metadata"):
         raise UserError(f"checkpoint {uri!r} is incomplete (no {MARKER}); export the run's newest complete one")
     fs_path = f"{path}/checkpoints"

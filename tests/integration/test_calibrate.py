@@ -35,3 +35,34 @@ def test_every_log_step_records_the_balance_and_warm_up_runs_first(tmp_path):
     for line in steps:
         ratio = line["balance/reward_to_divergence"]
         assert ratio > 0 and abs(ratio - line["balance/reward_grad_rms"] / line["balance/divergence_grad_rms"]) < 1e-6
+
+
+HACKING = ["steps=8", "checkpoint.every=2", "log.sample_every=2", "loss.alpha_rew=100000", "generator_optim.lr=1e-2"]
+
+
+def test_a_diversity_guard_breaches_stops_and_keeps_the_best_checkpoint_for_export(tmp_path, capsys):
+    """With a huge α_rew the tiny generator's images of one prompt grow alike; a tight diversity guard stops the run
+    with best/ at the last checkpoint before the breach, and export takes it. The same run unguarded goes on."""
+    guarded = tmp_path / "guarded"
+    guard = ["guard.seeds=3", 'guard.heldout=["clip"]', "guard.min_diversity=0.8", "guard.stop_on_breach=true"]
+    assert train_main(["--config", "tiny", f"out={guarded}", *QUIET, *HACKING, *guard]) == 0
+    assert "guard breached at step" in capsys.readouterr().err
+    summary = json.loads((guarded / "summary.json").read_text())
+    baseline = json.loads((guarded / "guard_baseline.json").read_text())
+    lines = [json.loads(line) for line in (guarded / "logs" / "metrics.jsonl").read_text().splitlines()]
+    guard_lines = [line for line in lines if "guard/diversity" in line]
+    breach = next(line for line in guard_lines if line["guard/breached"])
+    assert breach["guard/diversity"] < 0.8 * baseline["guard/diversity"]
+    assert summary["step"] == breach["step"] < 8 and summary["stopped_by_guard"]
+    assert summary["best"] < breach["step"]
+    assert all(not line["guard/breached"] for line in guard_lines if line["step"] <= summary["best"])
+    assert {"guard/saturation", "guard/near_black", "guard/near_white", "guard/high_frequency",
+            "guard/heldout/clip"} <= set(breach)  # fmt: skip
+    code = cli.main(["export", "--checkpoint", f"{guarded}/best", "--out", str(tmp_path / "export")])
+    assert code == 0
+    assert json.loads((tmp_path / "export" / "distar.json").read_text())["step"] == summary["best"]
+
+    unguarded = tmp_path / "unguarded"
+    assert train_main(["--config", "tiny", f"out={unguarded}", *QUIET, *HACKING]) == 0
+    assert json.loads((unguarded / "summary.json").read_text())["step"] == 8
+    assert cli.main(["export", "--checkpoint", f"{unguarded}/best", "--out", str(tmp_path / "e2")]) == 2

@@ -102,6 +102,13 @@ class ClipReward(RewardModel):
             text = self.model.get_text_features(input_ids=ids.input_ids.to(device), attention_mask=mask).pooler_output
         return text / text.norm(dim=-1, keepdim=True)
 
+    @torch.no_grad()
+    def embed_images(self, images: torch.Tensor) -> torch.Tensor:
+        """Unit-norm image features of images in [0, 1] (the guardrails' diversity measure)."""
+        dtype = next(self.parameters()).dtype
+        image = self.model.get_image_features(pixel_values=self.preprocess(images.float()).to(dtype)).pooler_output
+        return (image / image.norm(dim=-1, keepdim=True)).float()
+
     def score(self, pixels: torch.Tensor, prompts: list[str]) -> torch.Tensor:
         image = self.model.get_image_features(pixel_values=pixels).pooler_output
         image = image / image.norm(dim=-1, keepdim=True)

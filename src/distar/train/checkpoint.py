@@ -207,6 +207,7 @@ class TrainState:
 
 
 MARKER = "COMPLETE"
+BEST = "BEST"
 STEP_DIR = re.compile(r"step_(\d{8})$")
 
 
@@ -340,8 +341,22 @@ class Checkpointer:
     def _prune(self) -> None:
         complete = self.complete_steps()
         dirs = self._dirs()
+        best = self.best()
         for step in complete[: -self.keep_last]:
-            self.fs.rm(dirs[step], recursive=True)
+            if step != best:  # the best checkpoint (guardrails) outlives keep_last
+                self.fs.rm(dirs[step], recursive=True)
+
+    def mark_best(self, step: int) -> None:
+        """Record `step` as the run's best checkpoint (the newest written while every guard held)."""
+        if self.world.is_main:
+            storage.write_json(self.fs, f"{self.path}/{BEST}", {"step": step, "time": time.time()})
+
+    def best(self) -> int | None:
+        self.fs.invalidate_cache()
+        try:
+            return int(json.loads(self.fs.cat_file(f"{self.path}/{BEST}"))["step"])
+        except (FileNotFoundError, ValueError, KeyError, TypeError):
+            return None
 
     def load(self, step: int, train_state: TrainState) -> dict:
         """Verify checkpoint `step`, then fill `train_state` in place from it (this rank's random-number state too,

@@ -161,6 +161,31 @@ class CheckpointConfig:
 
 
 @dataclass
+class GuardConfig:
+    """Guardrails against reward hacking (distar/train/guard.py): measured every log.sample_every steps."""
+
+    seeds: int = 0
+    """Images per guard prompt, each from its own fixed noise; 2 or more turns the guardrails on (0: off)."""
+    prompts: int = 4
+    """Guard prompts: the first of the prompt set."""
+    heldout: list[str] = field(default_factory=list)
+    """Rewards to watch but not train on (e.g. ["imagereward", "hpsv2.1", "clip"] while training on PickScore);
+    their sources come from reward.sources / processors / heads as for trained rewards."""
+    diversity_model: str = "clip"
+    """The CLIP reward whose image features measure diversity (its source: reward.sources, as above)."""
+    min_diversity: float = 0.0
+    """Breach when diversity falls below this fraction of the initial generator's (e.g. 0.8); 0: no such guard."""
+    max_heldout_drop: dict[str, float] = field(default_factory=dict)
+    """Breach when a held-out reward falls below its start by more than this, per name, on the paper's scale."""
+    stop_on_breach: bool = False
+    """Stop the run at the first breach (the best checkpoint stays the newest one written before it)."""
+
+    @property
+    def enabled(self) -> bool:
+        return self.seeds >= 2 or bool(self.heldout)
+
+
+@dataclass
 class LeaseConfig:
     stale_minutes: float = 30.0
     """A lease (LEASE.json under `out`) whose heartbeat is older than this belongs to a dead run
@@ -213,6 +238,7 @@ class TrainConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     log: LogConfig = field(default_factory=LogConfig)
     lease: LeaseConfig = field(default_factory=LeaseConfig)
+    guard: GuardConfig = field(default_factory=GuardConfig)
 
     def to_dict(self) -> dict:
         """The resolved config as written beside every checkpoint: credentials inside URIs are redacted."""
@@ -266,6 +292,16 @@ class TrainConfig:
         for key, value in positive.items():
             if value < 1:
                 raise UserError(f"config key {key!r} must be at least 1, got {value}")
+        if self.guard.seeds == 1 or self.guard.seeds < 0 or self.guard.prompts < 1:
+            raise UserError(
+                "config keys 'guard.seeds' (0 or at least 2) and 'guard.prompts' (at least 1) are out of range"
+            )
+        from distar.rewards import KNOWN
+
+        unknown = sorted(n for n in {*self.guard.heldout, *self.guard.max_heldout_drop} if n not in KNOWN)
+        if unknown:
+            raise UserError(f"config key 'guard.heldout' / 'guard.max_heldout_drop': unknown rewards {unknown}; "
+                            f"known: {', '.join(KNOWN)}")  # fmt: skip
         if self.assistant_warmup < 0:
             raise UserError(f"config key 'assistant_warmup' must be 0 or more, got {self.assistant_warmup}")
         if self.assistant_updates < 0:
@@ -299,11 +335,13 @@ class TrainConfig:
             yield f"{name}.grad_clip", o.grad_clip, 0.0, False
             yield f"{name}.warmup_steps", float(o.warmup_steps), 0.0, False
         yield "lease.stale_minutes", self.lease.stale_minutes, 0.0, True
+        yield "guard.min_diversity", self.guard.min_diversity, 0.0, False
 
 
 # What a resumed run may change without --allow-config-change: how long it runs, how it logs and checkpoints,
 # where it reads the model cache from, how it is parallelised (DCP reshards), the lease.
-RESUME_SAFE_KEYS = ("out", "steps", "log", "checkpoint", "lease", "parallel", "model.cache_dir", "model.offline")
+RESUME_SAFE_KEYS = ("out", "steps", "log", "checkpoint", "lease", "parallel", "model.cache_dir", "model.offline",
+                    "guard")  # fmt: skip
 
 
 def redact_values(value):

@@ -183,6 +183,21 @@ class DIStar:
         )
         return objective.loss, parts
 
+    @torch.no_grad()
+    def guard_images(self, prompts: int, seeds: int) -> tuple[torch.Tensor, list[str]]:
+        """`seeds` images for each of the first `prompts` prompts, from fixed noise: (prompts·seeds, 3, H, W), with
+        the prompt of each image (seed-major within a prompt)."""
+        k = min(prompts, len(self.data))
+        batch = self.data.batch(0, 0, 1, k, self.config.seed, shuffle=False)
+        images = []
+        for s in range(seeds):
+            cond = self.conditioning(batch)
+            z = self.noise(stream(self.config.seed, 0, 0, s, SAMPLES, update=1 + s), k)
+            with self.autocast:
+                images.append(decode(self.nets.vae, self.nets.generator(z, cond).float()).float().cpu())
+        stacked = torch.stack(images, dim=1)  # (k, seeds, 3, H, W)
+        return stacked.flatten(0, 1), [p for p in batch.prompts for _ in range(seeds)]
+
     # -- samples --------------------------------------------------------------------------------------
 
     @torch.no_grad()

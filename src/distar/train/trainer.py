@@ -9,6 +9,7 @@ interrupted one stopped.
 
 from __future__ import annotations
 
+import json
 import math
 import resource
 import signal
@@ -217,6 +218,70 @@ class Trainer:
     def sample(self) -> tuple[torch.Tensor, dict[str, float]]:
         return self.method.sample()
 
+    # -- guardrails (guard.py) --------------------------------------------------------------------
+
+    def _guard_models(self) -> dict:
+        """The held-out rewards and the diversity model, loaded once on rank 0."""
+        if getattr(self, "_guard", None) is None:
+            from distar.rewards import RewardSpec, load_reward
+            from distar.sources import parse_dtype
+
+            r, g, m = self.config.reward, self.config.guard, self.config.model
+            names = set(g.heldout) | ({g.diversity_model} if g.seeds >= 2 else set())
+            hub = sources.hub_options(m.cache_dir, m.offline)
+            self._guard = {
+                name: load_reward(RewardSpec(name, 1.0, r.sources.get(name), r.processors.get(name),
+                                             r.heads.get(name)), dtype=r.dtype, **hub)
+                .to(self.world.device, parse_dtype(r.dtype)).eval()
+                for name in sorted(names)
+            }  # fmt: skip
+        return self._guard
+
+    @torch.no_grad()
+    def guard_values(self) -> dict[str, float]:
+        """guard/* values of the generator now: held-out rewards, diversity, image statistics (rank 0 only)."""
+        from distar.rewards import PAPER_SCALE
+        from distar.train.guard import diversity, image_statistics
+
+        g = self.config.guard
+        models = self._guard_models()
+        images, prompts = self.method.guard_images(g.prompts, max(g.seeds, 1))
+        device_images = images.to(self.world.device)
+        values = {f"guard/{k}": v for k, v in image_statistics(images).items()}
+        for name in g.heldout:
+            values[f"guard/heldout/{name}"] = (
+                models[name](device_images, prompts).float().mean() * PAPER_SCALE[name]
+            ).item()
+        if g.seeds >= 2:
+            features = models[g.diversity_model].embed_images(device_images).cpu()
+            values["guard/diversity"] = diversity(features.reshape(-1, g.seeds, features.shape[-1]))
+        return values
+
+    def _guard_baseline(self, fresh: bool) -> dict[str, float]:
+        """The initial generator's guard values: measured on a fresh start, read back on resume."""
+        fs, path = storage.filesystem(self.config.out)
+        where = f"{path.rstrip('/')}/guard_baseline.json"
+        if not fresh and fs.exists(where):
+            return json.loads(fs.cat_file(where))
+        values = self.guard_values()
+        fs.makedirs(path, exist_ok=True)
+        storage.write_json(fs, where, values)
+        return values
+
+    def _check_guards(self, logger) -> list[str]:
+        """Evaluate the guards now (rank 0), log them, and return the breaches every rank agrees on."""
+        from distar.train.guard import breaches
+
+        g = self.config.guard
+        found = None
+        if self.world.is_main:
+            values = self.guard_values()
+            found = breaches(values, self.guard_baseline, g.min_diversity, g.max_heldout_drop)
+            logger.log(self.step, {**values, "guard/breached": float(bool(found))})
+            if found:
+                print(f"distar train: guard breached at step {self.step}: {'; '.join(found)}", file=sys.stderr)
+        return self.world.gather(found)[0]
+
     # -- the loop -------------------------------------------------------------------------------
 
     def _hold_lease(self) -> Lease | None:
@@ -287,6 +352,9 @@ class Trainer:
         saved_at = self.step if resumed is not None else None
         if resumed is None and self.step == 0 and c.assistant_warmup > 0:
             logger.log(0, world.mean(self.assistant_warmup()))
+        guard_ok, stopped_by = True, []
+        if c.guard.enabled and world.is_main:
+            self.guard_baseline = self._guard_baseline(fresh=resumed is None)
         try:
             while self.step < c.steps:
                 started = time.perf_counter()
@@ -312,10 +380,19 @@ class Trainer:
                     images, last_eval = self.sample()
                     logger.log(self.step, last_eval)
                     logger.images(self.step, image_grid(images))
-                if self.step % c.checkpoint.every == 0 or self.step == c.steps:
+                    if c.guard.enabled:
+                        breached = self._check_guards(logger)
+                        guard_ok = not breached
+                        if breached and c.guard.stop_on_breach:
+                            stopped_by = breached
+                if self.step % c.checkpoint.every == 0 or self.step == c.steps or stopped_by:
                     self.save()
                     saved_at = self.step
+                    if c.guard.enabled and guard_ok:
+                        self.checkpointer.mark_best(self.step)
                     logger.flush()
+                if stopped_by:
+                    break
                 if progress is not None:
                     progress.update(1)
                     progress.set_postfix(
@@ -345,6 +422,8 @@ class Trainer:
             "checkpoint": self.checkpointer.uri(self.step),
             "config_digest": c.digest(),
             **last_eval,
+            **({"best": self.checkpointer.best()} if c.guard.enabled else {}),
+            **({"stopped_by_guard": stopped_by} if stopped_by else {}),
         }
 
 
