@@ -207,8 +207,8 @@ def test_a_run_writes_checkpoints_logs_and_samples(local_run):
 
 
 def test_non_finite_updates_are_skipped_counted_then_abort(tmp_path):
-    # α_rew = inf makes every generator loss non-finite; the assistant's updates stay finite.
-    summary = run("tiny", [f"out={tmp_path / 'skip'}", "steps=2", "loss.alpha_rew=inf", "max_nonfinite=10", *FAST])
+    # α_rew = 1e308 is a finite config value that overflows fp32: every generator loss is non-finite.
+    summary = run("tiny", [f"out={tmp_path / 'skip'}", "steps=2", "loss.alpha_rew=1e308", "max_nonfinite=10", *FAST])
     assert summary["skipped"] == {"generator": 2, "assistant": 0}
     from distar.sources import read_state_dict
 
@@ -225,7 +225,7 @@ def test_non_finite_updates_are_skipped_counted_then_abort(tmp_path):
             "tiny",
             f"out={tmp_path / 'abort'}",
             "steps=5",
-            "loss.alpha_rew=inf",
+            "loss.alpha_rew=1e308",
             "assistant_updates=0",
             "max_nonfinite=2",
             *FAST,
