@@ -132,22 +132,32 @@ def test_export_of_a_damaged_checkpoint_fails_naming_the_file(run_copy, tmp_path
     assert code == 2 and name in err and "Traceback" not in err
 
 
-def test_on_object_storage_a_flipped_byte_is_caught_and_resume_falls_back(tmp_path, capsys):
+@pytest.mark.parametrize("how", ["flipped", "truncated", "missing"])
+def test_on_object_storage_a_damaged_shard_is_caught_and_resume_falls_back(tmp_path, capsys, how):
     import s3fs
 
-    with server("s3", "distar-faults"):
-        out = "s3://distar-faults/run"
+    bucket = f"distar-faults-{how}"  # moto's store outlives its server within the process
+    with server("s3", bucket):
+        out = f"s3://{bucket}/run"
         assert train_main(["--config", "tiny", f"out={out}", "steps=4", "checkpoint.every=2", *TINY]) == 0
         fs = s3fs.S3FileSystem()
-        shard = sorted(f for f in fs.ls("distar-faults/run/checkpoints/step_00000004") if f.endswith(".distcp"))[0]
+        shard = sorted(f for f in fs.ls(f"{bucket}/run/checkpoints/step_00000004") if f.endswith(".distcp"))[0]
         data = bytearray(fs.cat_file(shard))
-        data[len(data) // 2] ^= 0x01
-        fs.pipe_file(shard, bytes(data))
+        if how == "missing":
+            fs.rm(shard)
+        else:
+            if how == "flipped":
+                data[len(data) // 2] ^= 0x01
+            fs.pipe_file(shard, bytes(data if how == "flipped" else data[:-100]))
+        newest = "s3://" + shard.rsplit("/", 1)[0]
+        capsys.readouterr()
+        assert cli.main(["export", "--checkpoint", newest, "--out", str(tmp_path / "bad")]) == 2
+        assert shard.rsplit("/", 1)[1] in capsys.readouterr().err
         capsys.readouterr()
         code = train_main(["--config", "tiny", f"out={out}", "steps=5", "checkpoint.every=2", *TINY])
         err = capsys.readouterr().err
         assert code == 0 and shard.rsplit("/", 1)[1] in err and "falling back" in err
-        code = cli.main(["export", "--checkpoint", "s3://" + shard.rsplit("/", 1)[0], "--out", str(tmp_path / "e")])
+        code = cli.main(["export", "--checkpoint", newest, "--out", str(tmp_path / "e")])
         # step 4 was written again by the resumed run, so it verifies now
         assert code == 0, capsys.readouterr().err
 

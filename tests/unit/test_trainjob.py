@@ -54,6 +54,8 @@ def test_manifest_is_a_valid_trainjob_with_no_unknown_keys():
     pod = job["spec"]["runtimePatches"][0]["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"][0]
     pod = pod["template"]["spec"]["template"]["spec"]
     assert pod["volumes"][0]["emptyDir"] == {"medium": "Memory", "sizeLimit": "64Gi"}
+    # SIGTERM leaves time for torchrun's shutdown timeout (the checkpoint), and the pod a minute more
+    assert pod["terminationGracePeriodSeconds"] == 660 > int(trainer["command"][2])
     assert pod["containers"][0]["env"][0]["valueFrom"]["secretKeyRef"] == {"name": "distar-hub", "key": "token"}
 
 

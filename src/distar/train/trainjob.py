@@ -15,8 +15,9 @@ from dataclasses import dataclass, field
 from distar.errors import UserError
 
 # Seconds torchrun waits after forwarding SIGTERM before it kills the workers: longer than the SDXL checkpoint
-# (docs/TRAINING.md, "Preemption"), shorter than the pod's grace period that a cluster sets for preemptible work.
+# (docs/TRAINING.md, "Guarantees under faults"); the pod gets a minute more before the kubelet kills it.
 SHUTDOWN_TIMEOUT_S = 600
+TERMINATION_GRACE_S = SHUTDOWN_TIMEOUT_S + 60
 
 GROUP, VERSION, PLURAL, KIND = "trainer.kubeflow.org", "v1alpha1", "trainjobs", "TrainJob"
 NODE = "node"  # the torch-distributed runtime's replicated job and container name
@@ -83,6 +84,8 @@ def manifest(spec: TrainJobSpec) -> dict:
     pod = {
         "volumes": [{"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": spec.shm_size}}],
         "containers": [container],
+        # SIGTERM → the step in flight, a checkpoint, exit 75 (distar.train): room for torchrun's shutdown timeout
+        "terminationGracePeriodSeconds": TERMINATION_GRACE_S,
     }
     if spec.node_selector:
         pod["nodeSelector"] = dict(spec.node_selector)
