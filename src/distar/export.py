@@ -176,8 +176,8 @@ def export(config: ExportConfig) -> dict:
         (local / "model_index.json").unlink()
         fs, out_path = storage.filesystem(config.out)
         out_path = out_path.rstrip("/")
-        if fs.exists(f"{out_path}/model_index.json") and not config.force:
-            raise UserError(f"{config.out!r} already holds a pipeline (model_index.json); choose another --out")
+        if fs.exists(f"{out_path}/model_index.json"):  # --force over a pipeline: incomplete until rewritten last
+            fs.rm(f"{out_path}/model_index.json")
         if storage.is_uri(config.out) and not config.out.startswith("file://"):
             fs.put(str(local) + "/", out_path, recursive=True)
         else:

@@ -81,7 +81,7 @@ def test_export_refuses_incomplete_checkpoints_and_existing_outputs(trained, exp
         export(ExportConfig(str(partial), str(tmp_path / "o")))
     with pytest.raises(UserError, match="neither a complete checkpoint nor a run"):
         export(ExportConfig(str(tmp_path), str(tmp_path / "o")))
-    with pytest.raises(UserError, match="already holds a pipeline"):
+    with pytest.raises(UserError, match="is not empty; choose an empty or new directory"):
         export(ExportConfig(trained[1], str(exported)))
     no_ema = run("tiny", [f"out={tmp_path / 'r'}", "steps=1", "parallel.strategy=none", "log.progress=false"])
     with pytest.raises(UserError, match="no EMA weights"):
