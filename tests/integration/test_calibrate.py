@@ -58,6 +58,9 @@ def test_a_diversity_guard_breaches_stops_and_keeps_the_best_checkpoint_for_expo
     assert all(not line["guard/breached"] for line in guard_lines if line["step"] <= summary["best"])
     assert {"guard/saturation", "guard/near_black", "guard/near_white", "guard/high_frequency",
             "guard/heldout/clip"} <= set(breach)  # fmt: skip
+    report = (guarded / "report.html").read_text()  # the training report: a curve per metric, then the samples
+    assert f"guard breached at steps [{breach['step']}]" in report
+    assert report.count("<img") == 3 + len([k for k in breach if k.startswith("guard/") and k != "guard/breached"]) + 1
     code = cli.main(["export", "--checkpoint", f"{guarded}/best", "--out", str(tmp_path / "export")])
     assert code == 0
     assert json.loads((tmp_path / "export" / "distar.json").read_text())["step"] == summary["best"]

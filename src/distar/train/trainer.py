@@ -218,6 +218,15 @@ class Trainer:
     def sample(self) -> tuple[torch.Tensor, dict[str, float]]:
         return self.method.sample()
 
+    def _write_report(self) -> None:
+        """{out}/report.html from the logs; a failure to draw it is reported, never fatal to the run."""
+        from distar.train import report
+
+        try:
+            report.render(self.config.out, self.config.guard, getattr(self, "guard_baseline", None))
+        except Exception as err:  # the report is a view of the logs, which are written already
+            print(f"distar train: warning: the training report was not written ({err!r})", file=sys.stderr)
+
     # -- guardrails (guard.py) --------------------------------------------------------------------
 
     def _guard_models(self) -> dict:
@@ -326,6 +335,8 @@ class Trainer:
             with StopSignals() as stop:
                 summary = self._fit(stop, lease)
         finally:  # a process that gets here writes nothing more; only a killed one leaves its lease to go stale
+            if world.is_main:
+                self._write_report()
             if lease is not None:
                 lease.release()
         if world.is_main:
