@@ -8,6 +8,7 @@ import copy
 import pytest
 from kubernetes.client.exceptions import ApiException
 
+from distar.errors import UserError
 from distar.train.trainjob import GROUP, PLURAL, TrainJobFailed, TrainJobLauncher, TrainJobSpec, manifest
 
 
@@ -56,7 +57,11 @@ def test_manifest_is_a_valid_trainjob_with_no_unknown_keys():
     assert pod["volumes"][0]["emptyDir"] == {"medium": "Memory", "sizeLimit": "64Gi"}
     # SIGTERM leaves time for torchrun's shutdown timeout (the checkpoint), and the pod a minute more
     assert pod["terminationGracePeriodSeconds"] == 660 > int(trainer["command"][2])
-    assert pod["containers"][0]["env"][0]["valueFrom"]["secretKeyRef"] == {"name": "distar-hub", "key": "token"}
+    assert trainer["env"][-1] == {
+        "name": "HF_TOKEN",
+        "valueFrom": {"secretKeyRef": {"name": "distar-hub", "key": "token"}},
+    }
+    assert "env" not in pod["containers"][0]  # Trainer's webhook refuses env on the node container of a patch
 
 
 def test_pod_patch_is_a_valid_pod_spec():
@@ -151,3 +156,62 @@ def test_train_step_runs_a_trainjob_and_reads_the_summary_from_object_storage():
         assert summary["step"] == 7
         command = api.job["spec"]["trainer"]["command"]
         assert command[-2:] == ["out=s3://runs/r1", "steps=7"] and api.job["spec"]["trainer"]["numNodes"] == 2
+
+
+# -- admission: what a Trainer v2.3.0 cluster enforces (tests/helpers/trainer_api.py) -------------------------
+
+OPTIONS = {
+    "bare": {"env": {}, "secret_env": {}, "node_selector": {}, "tolerations": [], "service_account": None,
+             "cpu_per_node": None, "memory_per_node": None},
+    "cpu-only": {"gpus_per_node": 0, "num_nodes": 1, "nproc_per_node": 2},
+    "everything": {},
+    "s3-secrets": {"secret_env": {"AWS_ACCESS_KEY_ID": "distar-storage/access-key",
+                                  "AWS_SECRET_ACCESS_KEY": "distar-storage/secret-key"}},
+    "many-tolerations": {"tolerations": [{"key": "a", "operator": "Equal", "value": "b", "effect": "NoExecute"},
+                                         {"key": "c", "operator": "Exists"}]},
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", sorted(OPTIONS))
+def test_every_trainjob_the_launcher_makes_is_admitted(name):
+    from helpers.trainer_api import problems
+
+    assert problems(manifest(spec(**OPTIONS[name]))) == []
+
+
+def test_the_previous_manifest_is_refused_for_the_webhooks_reasons():
+    """The manifest as it was (manager "distar", secrets as env on the node container of the patch) fails
+    admission: the validator is not a rubber stamp."""
+    from helpers.trainer_api import problems
+
+    job = manifest(spec())
+    patch = job["spec"]["runtimePatches"][0]
+    patch["manager"] = "distar"
+    pod = patch["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"][0]["template"]["spec"]["template"]["spec"]
+    pod["containers"][0]["env"] = [e for e in job["spec"]["trainer"]["env"] if "valueFrom" in e]
+    found = problems(job)
+    assert any("manager 'distar' is not a domain-prefixed path" in p for p in found)
+    assert any("env on the 'node' container" in p for p in found)
+
+
+@pytest.mark.parametrize(
+    "damage,expected",
+    [(lambda j: j["spec"]["trainer"].update(numNodes="four"), "schema: spec/trainer/numNodes"),
+     (lambda j: j["spec"]["trainer"].update(unknownField=1), "schema: spec/trainer"),
+     (lambda j: j["metadata"].update(name="Distar_Job"), "CEL at ."),
+     (lambda j: j["spec"].update(managedBy="someone-else"), "CEL at /spec/managedBy"),
+     (lambda j: j["spec"]["trainer"]["env"].append({"name": "PET_NNODES", "value": "2"}), "reserves"),
+     (lambda j: j["spec"]["runtimePatches"][0]["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"][0]
+      .update(name="launcher"), "replicated job 'launcher'")],
+)  # fmt: skip
+def test_the_validator_enforces_schema_cel_and_webhook_rules(damage, expected):
+    from helpers.trainer_api import problems
+
+    job = manifest(spec())
+    damage(job)
+    assert any(expected in p for p in problems(job)), problems(job)
+
+
+def test_reserved_torchrun_variables_are_refused_when_building_the_manifest():
+    with pytest.raises(UserError, match="set by the torch-distributed runtime"):
+        manifest(spec(env={"PET_NNODES": "2"}))

@@ -18,6 +18,9 @@ from distar.errors import UserError
 # (docs/TRAINING.md, "Guarantees under faults"); the pod gets a minute more before the kubelet kills it.
 SHUTDOWN_TIMEOUT_S = 600
 TERMINATION_GRACE_S = SHUTDOWN_TIMEOUT_S + 60
+# Trainer's webhook wants a domain-prefixed path as the manager of a runtime patch (IsDomainPrefixedPath).
+MANAGER = "distar.dev/launcher"
+RESERVED_ENV = frozenset({"PET_NNODES", "PET_NPROC_PER_NODE", "PET_NODE_RANK", "PET_MASTER_ADDR", "PET_MASTER_PORT"})
 
 GROUP, VERSION, PLURAL, KIND = "trainer.kubeflow.org", "v1alpha1", "trainjobs", "TrainJob"
 NODE = "node"  # the torch-distributed runtime's replicated job and container name
@@ -74,12 +77,17 @@ def manifest(spec: TrainJobSpec) -> dict:
         "numNodes": spec.num_nodes,
         "numProcPerNode": spec.nproc_per_node,
         "resourcesPerNode": {k: v for k, v in (("limits", limits), ("requests", requests)) if v},
-        "env": [{"name": k, "value": v} for k, v in spec.env.items()],
+        # Every variable, secrets included, goes here: Trainer's webhook refuses env on the node container of a
+        # runtime patch, and the torch plugin's PET_* names are its own.
+        "env": [{"name": k, "value": v} for k, v in spec.env.items()]
+        + [_secret_env(k, v) for k, v in spec.secret_env.items()],
     }
+    reserved = sorted(name for name in {*spec.env, *spec.secret_env} if name in RESERVED_ENV)
+    if reserved:
+        raise UserError(f"TrainJob {spec.name!r}: {reserved} are set by the torch-distributed runtime itself")
     container = {
         "name": NODE,
         "volumeMounts": [{"name": "dshm", "mountPath": "/dev/shm"}],
-        "env": [_secret_env(k, v) for k, v in spec.secret_env.items()],
     }
     pod = {
         "volumes": [{"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": spec.shm_size}}],
@@ -94,7 +102,7 @@ def manifest(spec: TrainJobSpec) -> dict:
     if spec.service_account:
         pod["serviceAccountName"] = spec.service_account
     patch = {
-        "manager": "distar",
+        "manager": MANAGER,
         "trainingRuntimeSpec": {
             "template": {
                 "spec": {"replicatedJobs": [{"name": NODE, "template": {"spec": {"template": {"spec": pod}}}}]}
