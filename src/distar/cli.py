@@ -135,6 +135,33 @@ def _calibrate(args: argparse.Namespace) -> None:
     print(json.dumps(rows, indent=2) if args.json else format_table(rows))
 
 
+def _trainjob_render(args: argparse.Namespace) -> None:
+    import yaml
+
+    from distar.train.config import load_config
+    from distar.train.trainjob import TrainJobSpec, manifest, parse_toleration
+
+    load_config(args.config, args.overrides)  # the same check the launcher makes before it creates the job
+
+    def pairs(items, flag, sep):
+        out = {}
+        for item in items:
+            key, ok, value = item.partition(sep)
+            if not ok or not key or not value:
+                raise UserError(f"{flag} {item!r}: write KEY{sep}VALUE")
+            out[key] = value
+        return out
+
+    spec = TrainJobSpec(
+        name=args.name, namespace=args.namespace, image=args.image, config=args.config, overrides=list(args.overrides),
+        num_nodes=args.num_nodes, nproc_per_node=args.nproc_per_node, gpus_per_node=args.gpus_per_node,
+        secret_env=pairs(args.secret_env, "--secret-env", "="), node_selector=pairs(args.node_selector,
+        "--node-selector", "="), tolerations=[parse_toleration(t) for t in args.toleration],
+        service_account=args.service_account, queue=args.queue,
+    )  # fmt: skip
+    print(yaml.safe_dump(manifest(spec), sort_keys=False), end="")
+
+
 def _plan(args: argparse.Namespace) -> None:
     import diffusers
 
@@ -287,6 +314,26 @@ def build_parser() -> argparse.ArgumentParser:
     sb.add_argument("--no-cache", action="store_true", help="run every step, cached results or not")
     sb.add_argument("arguments", nargs="*", metavar="key=value", help="pipeline arguments (JSON values parsed)")
     sb.set_defaults(func=_submit)
+
+    tj = sub.add_parser("trainjob", help="Kubeflow Trainer TrainJobs").add_subparsers(dest="trainjob", required=True)
+    rd = tj.add_parser(
+        "render",
+        help="print the TrainJob the launcher would create, as YAML (for review, or to apply it yourself)",
+    )
+    rd.add_argument("--config", default="sdxl", help="a preset (tiny, sdxl) or a TOML/JSON config file")
+    rd.add_argument("--image", required=True, help="the training image (REGISTRY/distar@sha256:… pins it)")
+    rd.add_argument("--name", required=True, help="the TrainJob's name")
+    rd.add_argument("--namespace", default="default")
+    rd.add_argument("--num-nodes", type=int, default=1)
+    rd.add_argument("--nproc-per-node", type=int, default=8)
+    rd.add_argument("--gpus-per-node", type=int, default=8)
+    rd.add_argument("--secret-env", action="append", default=[], metavar="ENV=secret/key")
+    rd.add_argument("--node-selector", action="append", default=[], metavar="key=value")
+    rd.add_argument("--toleration", action="append", default=[], metavar="key[=value]:Effect")
+    rd.add_argument("--service-account", default=None, help="the trainer pods' service account (Workload Identity)")
+    rd.add_argument("--queue", default=None, help="a Kueue LocalQueue (label kueue.x-k8s.io/queue-name)")
+    rd.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, as for distar train")
+    rd.set_defaults(func=_trainjob_render)
 
     from distar.calibrate import __doc__ as calibrate_doc
 

@@ -215,3 +215,29 @@ def test_the_validator_enforces_schema_cel_and_webhook_rules(damage, expected):
 def test_reserved_torchrun_variables_are_refused_when_building_the_manifest():
     with pytest.raises(UserError, match="set by the torch-distributed runtime"):
         manifest(spec(env={"PET_NNODES": "2"}))
+
+
+def test_trainjob_render_prints_exactly_what_the_launcher_creates(capsys):
+    import yaml
+    from helpers.trainer_api import problems
+
+    from distar import cli
+
+    code = cli.main(["trainjob", "render", "--image", "reg/distar@sha256:abc", "--name", "r1", "--namespace", "team",
+                     "--num-nodes", "2", "--secret-env", "HF_TOKEN=distar-hub/token", "--node-selector", "pool=h100",
+                     "--toleration", "nvidia.com/gpu:NoSchedule", "--toleration", "spot=true:NoExecute",
+                     "--service-account", "distar-trainer", "--queue", "gpus", "data.prompts=gs://b/p",
+                     "out=gs://b/r1"])  # fmt: skip
+    assert code == 0
+    rendered = yaml.safe_load(capsys.readouterr().out)
+    expected = manifest(TrainJobSpec(
+        name="r1", namespace="team", image="reg/distar@sha256:abc", overrides=["data.prompts=gs://b/p", "out=gs://b/r1"],
+        num_nodes=2, secret_env={"HF_TOKEN": "distar-hub/token"}, node_selector={"pool": "h100"},
+        tolerations=[{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"},
+                     {"key": "spot", "operator": "Equal", "value": "true", "effect": "NoExecute"}],
+        service_account="distar-trainer", queue="gpus"))  # fmt: skip
+    assert rendered == expected and problems(rendered) == []
+    assert rendered["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "gpus"
+    bad = ["trainjob", "render", "--image", "i", "--name", "r", "loss.alpha_rew=-1"]
+    assert cli.main(bad) == 2 and "loss.alpha_rew" in capsys.readouterr().err
+    assert cli.main(["trainjob", "render", "--image", "i", "--name", "r", "--toleration", "nokey"]) == 2

@@ -51,6 +51,19 @@ class TrainJobSpec:
     node_selector: dict[str, str] = field(default_factory=dict)
     tolerations: list[dict] = field(default_factory=list)
     service_account: str | None = None
+    queue: str | None = None
+    """A Kueue LocalQueue: the job is admitted (and may be suspended) by Kueue."""
+
+
+def parse_toleration(text: str) -> dict:
+    """key[=value]:Effect → a toleration (Equal with a value, Exists without)."""
+    body, sep, effect = text.rpartition(":")
+    if not sep or effect not in ("NoSchedule", "PreferNoSchedule", "NoExecute") or not body:
+        raise UserError(f"--toleration {text!r}: write key[=value]:Effect (NoSchedule, PreferNoSchedule, NoExecute)")
+    key, eq, value = body.partition("=")
+    if eq:
+        return {"key": key, "operator": "Equal", "value": value, "effect": effect}
+    return {"key": key, "operator": "Exists", "effect": effect}
 
 
 def manifest(spec: TrainJobSpec) -> dict:
@@ -112,7 +125,12 @@ def manifest(spec: TrainJobSpec) -> dict:
     return {
         "apiVersion": f"{GROUP}/{VERSION}",
         "kind": KIND,
-        "metadata": {"name": spec.name, "namespace": spec.namespace, "labels": {"app.kubernetes.io/part-of": "distar"}},
+        "metadata": {
+            "name": spec.name,
+            "namespace": spec.namespace,
+            "labels": {"app.kubernetes.io/part-of": "distar"}
+            | ({"kueue.x-k8s.io/queue-name": spec.queue} if spec.queue else {}),
+        },
         "spec": {
             "runtimeRef": {"name": spec.runtime, "kind": "ClusterTrainingRuntime", "apiGroup": GROUP},
             "trainer": trainer,
