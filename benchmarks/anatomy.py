@@ -53,6 +53,7 @@ def build_trainer(
             f"data.prompts={shard.parent}",
             "log.tensorboard=false",
             "log.progress=false",
+            "log.every=1000000000",  # the common step: the balance measurement of log steps is not part of it
             *overrides,
         ],
     )

@@ -8,6 +8,7 @@ add_time_ids = [H, W, 0, 0, H, W]; the unconditional branch uses zero text and p
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 from collections.abc import Sequence
@@ -308,7 +309,12 @@ def decode(vae, x0: torch.Tensor) -> torch.Tensor:
     latents = (x0 / vae.config.scaling_factor).to(vae_dtype)
     # The decoder runs in its own weights' dtype (model.vae_dtype), also inside the trainer's bf16 autocast region:
     # the SDXL VAE is kept in fp32 because lower precision overflows.
-    with torch.autocast(latents.device.type, enabled=False):
+    own_dtype = (
+        torch.autocast(latents.device.type, enabled=False)
+        if latents.device.type in ("cpu", "cuda")
+        else contextlib.nullcontext()  # "meta" (distar plan's shape-only runs) has no autocast
+    )
+    with own_dtype:
         images = vae.decode(latents).sample
     return (images.float() / 2 + 0.5).clamp(0, 1).to(x0.dtype)
 
