@@ -11,7 +11,6 @@ finds it finds a complete pipeline.
 from __future__ import annotations
 
 import json
-import re
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -45,13 +44,14 @@ class ExportConfig:
 def check_out(out: str, checkpoint: str, force: bool) -> None:
     """Refuse an output that would lose files: empty or a root, inside the training run, or non-empty without
     force. Runs before anything is read, so a refusal costs nothing."""
+    if storage.is_root(out):
+        raise UserError(f"--out {out!r}: name the pipeline's own directory or URI (e.g. --out exports/r1)")
     fs, path = storage.filesystem(out)
     path = path.rstrip("/")
-    if out.strip() in ("", ".", "~") or not path or path == "/" or re.fullmatch(r"[A-Za-z][\w+.-]*:/*", out.strip()):
-        raise UserError(f"--out {out!r}: name the pipeline's own directory or URI (e.g. --out exports/r1)")
     run_uri = checkpoint.rstrip("/").rsplit("/checkpoints/", 1)[0]
-    run_path = storage.filesystem(run_uri)[1].rstrip("/")
-    if type(fs) is type(storage.filesystem(run_uri)[0]) and (path == run_path or path.startswith(run_path + "/")):
+    run_fs, run_path = storage.filesystem(run_uri)
+    run_path = run_path.rstrip("/")
+    if type(fs) is type(run_fs) and (path == run_path or path.startswith(run_path + "/")):
         raise UserError(f"--out {out!r} is inside the training run {run_uri!r}; export next to it, not into it")
     if fs.exists(path) and not fs.isdir(path):
         raise UserError(f"--out {out!r} is a file; name a directory")

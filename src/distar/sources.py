@@ -49,7 +49,6 @@ WEIGHT_SUFFIXES = (".bin", ".safetensors", ".pt", ".pth")
 TINY_PREFIX = "tiny:"
 TINY_VERSION = "tiny-v2"
 MANIFEST = "manifest.json"
-KINDS = ("hub", "hub_file", "uri", "path", "tiny", "unet", "reference")
 
 
 @dataclass(frozen=True)
@@ -305,11 +304,9 @@ def parse_dtype(name: str | torch.dtype) -> torch.dtype:
 
 
 def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    from fsspec.implementations.local import LocalFileSystem
+
+    return storage.hash_file(LocalFileSystem(), str(path))[1]
 
 
 def entry_dir(key: str) -> str:
@@ -351,11 +348,7 @@ def verify_entry(cache: str, key: str, entry: dict, deep: bool = True, local_roo
             if local_root is not None:
                 digest = sha256_file(local_root / f["path"])
             else:
-                h = hashlib.sha256()
-                with fs.open(f"{path.rstrip('/')}/{rel}", "rb") as fh:
-                    for chunk in iter(lambda fh=fh: fh.read(1 << 22), b""):
-                        h.update(chunk)
-                digest = h.hexdigest()
+                digest = storage.hash_file(fs, f"{path.rstrip('/')}/{rel}")[1]
             if digest != f["sha256"]:
                 problems.append(f"{rel}: sha256 differs from the manifest (corrupt or partial file)")
     return problems

@@ -93,6 +93,29 @@ def download_dir(uri: str, dest: str | os.PathLike) -> Path:
     return dest
 
 
+def hash_file(fs: fsspec.AbstractFileSystem, path: str) -> tuple[int, str]:
+    """(size, sha256 hex digest) of the file at `path` on `fs`, read in 4 MiB chunks."""
+    import hashlib
+
+    h, size = hashlib.sha256(), 0
+    with fs.open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 22), b""):
+            h.update(chunk)
+            size += len(chunk)
+    return size, h.hexdigest()
+
+
+def is_root(uri: str) -> bool:
+    """Whether an output URI names no directory of its own: empty, ".", "~", "/", or a bare scheme (s3://,
+    file:///). Writing a run or an export there would scatter files among others."""
+    import re
+
+    text = str(uri).strip()
+    if text in ("", ".", "./", "~", "~/") or re.fullmatch(r"[A-Za-z][\w+.-]*:/*", text):
+        return True
+    return (text.split("://", 1)[1] if "://" in text else text).strip("/") == ""
+
+
 def write_json(fs: fsspec.AbstractFileSystem, path: str, value, indent: int | None = 2) -> None:
     """`value` as JSON at `path` on `fs`, in one write (a reader sees the whole file or none of it on object stores)."""
     fs.pipe_file(path, json.dumps(value, indent=indent).encode())

@@ -265,15 +265,12 @@ class Checkpointer:
         # Each rank hashes what it wrote: its DCP shards (read back: DCP writes them), its own small files (from
         # memory); rank 0 also the DCP metadata. COMPLETE then lists every file of the directory.
         mine = {rel: _digest(data) for rel, data in written.items()}
-        own = [
-            f
-            for f in self._files(path)
-            if f.startswith(f"__{self.world.rank}_") or (self.world.is_main and f == ".metadata")
-        ]
+        listed = self._files(path)
+        own = [f for f in listed if f.startswith(f"__{self.world.rank}_") or (self.world.is_main and f == ".metadata")]
         mine.update({rel: self._hash(f"{path}/{rel}") for rel in own})
         files = {rel: entry for part in self.world.gather(mine) for rel, entry in part.items()}
         if self.world.is_main:
-            unlisted = sorted(set(self._files(path)) - set(files))
+            unlisted = sorted(set(listed) - set(files))
             if unlisted:
                 raise RuntimeError(f"checkpoint {uri}: files no process wrote: {unlisted}")
             marker = {"step": step, "world_size": self.world.size, "time": time.time(), "files": files}
@@ -293,12 +290,8 @@ class Checkpointer:
         return sorted(found)
 
     def _hash(self, full: str) -> dict:
-        h, size = hashlib.sha256(), 0
-        with self.fs.open(full, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 22), b""):
-                h.update(chunk)
-                size += len(chunk)
-        return {"size": size, "sha256": h.hexdigest()}
+        size, digest = storage.hash_file(self.fs, full)
+        return {"size": size, "sha256": digest}
 
     def marker(self, step: int) -> dict:
         """The COMPLETE record of checkpoint `step`."""

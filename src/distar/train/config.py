@@ -11,13 +11,13 @@ import dataclasses
 import hashlib
 import json
 import math
-import re
 import tomllib
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Literal
 
+from distar import storage
 from distar.config import apply_mapping, apply_overrides, check_choices
 from distar.diffusion import SDXL_GENERATOR_TIMESTEP
 from distar.errors import UserError, redact
@@ -68,6 +68,12 @@ class RewardConfig:
     """Head file per reward name (the aesthetic MLP), where not the default."""
     dtype: str = "bf16"
     """Weights of the frozen reward models."""
+
+    def spec(self, name: str, weight: float = 1.0):
+        """The RewardSpec of reward `name` with its configured sources (trained or watched by the guardrails)."""
+        from distar.rewards import RewardSpec
+
+        return RewardSpec(name, weight, self.sources.get(name), self.processors.get(name), self.heads.get(name))
 
 
 @dataclass
@@ -260,7 +266,7 @@ class TrainConfig:
         """Cross-field checks (the choices are checked by the loader, from each field's Literal type); each failure
         names the key and what to set."""
         check_choices(self)
-        if self.out.strip() in ("", "/", ".", "./", "~") or re.fullmatch(r"[A-Za-z][\w+.-]*:/*", self.out.strip()):
+        if storage.is_root(self.out):
             raise UserError(
                 f"config key 'out' is {self.out!r}: name the run's own directory or URI (e.g. out=runs/r1 or "
                 "out=gs://BUCKET/runs/r1); a root or empty output would scatter checkpoints and logs"

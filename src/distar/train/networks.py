@@ -21,7 +21,7 @@ from distar.models.sdxl import (
     load_unet,
     load_vae,
 )
-from distar.rewards import RewardSpec, WeightedReward
+from distar.rewards import WeightedReward
 from distar.sources import parse_dtype
 from distar.train import parallel
 from distar.train.config import TrainConfig
@@ -72,11 +72,7 @@ def build_networks(config: TrainConfig, world: World, need_text_encoders: bool) 
     reward = None
     if config.reward.weights:
         r = config.reward
-        specs = [
-            RewardSpec(name, w, r.sources.get(name), r.processors.get(name), r.heads.get(name))
-            for name, w in r.weights.items()
-        ]
-        reward = WeightedReward.from_specs(specs, dtype=r.dtype, **hub)
+        reward = WeightedReward.from_specs([r.spec(name, w) for name, w in r.weights.items()], dtype=r.dtype, **hub)
     return assemble(config, world, reference_unet, generator_unet, assistant.unet, vae, reward, prompt_encoder)
 
 

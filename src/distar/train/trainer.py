@@ -77,6 +77,8 @@ class Trainer:
         self.nonfinite_in_a_row = 0
         self.checkpointer = Checkpointer(config.out, world, config.checkpoint.keep_last)
         self.state = self._train_state()
+        self._guard = None  # the guardrails' models, loaded at their first evaluation
+        self.guard_baseline: dict[str, float] | None = None  # the initial generator's guard values (rank 0)
 
     @staticmethod
     def _optimizer(unet: nn.Module, o: OptimConfig) -> torch.optim.Optimizer:
@@ -223,46 +225,46 @@ class Trainer:
         from distar.train import report
 
         try:
-            report.render(self.config.out, self.config.guard, getattr(self, "guard_baseline", None))
+            report.render(self.config.out, self.config.guard, self.guard_baseline)
         except Exception as err:  # the report is a view of the logs, which are written already
             print(f"distar train: warning: the training report was not written ({err!r})", file=sys.stderr)
 
     # -- guardrails (guard.py) --------------------------------------------------------------------
 
-    def _guard_models(self) -> dict:
-        """The held-out rewards and the diversity model, loaded once on rank 0."""
-        if getattr(self, "_guard", None) is None:
-            from distar.rewards import RewardSpec, load_reward
+    def _guard_models(self) -> tuple:
+        """(the held-out rewards as one WeightedReward or None, the diversity model or None), loaded once, rank 0."""
+        if self._guard is None:
+            from distar.rewards import WeightedReward, load_reward
             from distar.sources import parse_dtype
 
             r, g, m = self.config.reward, self.config.guard, self.config.model
-            names = set(g.heldout) | ({g.diversity_model} if g.seeds >= 2 else set())
             hub = sources.hub_options(m.cache_dir, m.offline)
-            self._guard = {
-                name: load_reward(RewardSpec(name, 1.0, r.sources.get(name), r.processors.get(name),
-                                             r.heads.get(name)), dtype=r.dtype, **hub)
-                .to(self.world.device, parse_dtype(r.dtype)).eval()
-                for name in sorted(names)
-            }  # fmt: skip
+
+            def placed(module):
+                return module.to(self.world.device, parse_dtype(r.dtype)).eval()
+
+            heldout = None
+            if g.heldout:
+                heldout = placed(WeightedReward.from_specs([r.spec(n) for n in g.heldout], dtype=r.dtype, **hub))
+            embedder = placed(load_reward(r.spec(g.diversity_model), dtype=r.dtype, **hub)) if g.seeds >= 2 else None
+            self._guard = (heldout, embedder)
         return self._guard
 
     @torch.no_grad()
     def guard_values(self) -> dict[str, float]:
         """guard/* values of the generator now: held-out rewards, diversity, image statistics (rank 0 only)."""
-        from distar.rewards import PAPER_SCALE
         from distar.train.guard import diversity, image_statistics
 
         g = self.config.guard
-        models = self._guard_models()
+        heldout, embedder = self._guard_models()
         images, prompts = self.method.guard_images(g.prompts, max(g.seeds, 1))
         device_images = images.to(self.world.device)
         values = {f"guard/{k}": v for k, v in image_statistics(images).items()}
-        for name in g.heldout:
-            values[f"guard/heldout/{name}"] = (
-                models[name](device_images, prompts).float().mean() * PAPER_SCALE[name]
-            ).item()
-        if g.seeds >= 2:
-            features = models[g.diversity_model].embed_images(device_images).cpu()
+        if heldout is not None:  # on the paper's scales, as the trained reward
+            terms = heldout.terms(device_images, prompts)
+            values.update({f"guard/heldout/{name}": v.float().mean().item() for name, v in terms.items()})
+        if embedder is not None:
+            features = embedder.embed_images(device_images).cpu()
             values["guard/diversity"] = diversity(features.reshape(-1, g.seeds, features.shape[-1]))
         return values
 
