@@ -1,10 +1,10 @@
 from kfp import dsl
 from kfp.dsl import Dataset, Markdown, Output
 
-from components import IMAGE
+from components import CPU_IMAGE
 
 
-@dsl.component(base_image=IMAGE, install_kfp_package=False)
+@dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
 def curate(
     sources: list,
     prompts: Output[Dataset],

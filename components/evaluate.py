@@ -7,7 +7,7 @@ from components import IMAGE
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
 def evaluate(
     pipeline: Input[Model],
-    model_cache: Input[Model],
+    model_cache: Input[Artifact],
     metrics: Output[Metrics],
     report: Output[HTML],
     results: Output[Artifact],
@@ -21,13 +21,18 @@ def evaluate(
     max_prompts: int = 0,
     batch_size: int = 4,
 ):
-    """The paper's protocol on the exported pipeline (distar evaluate); prompt paths are inside the model cache."""
+    """The paper's protocol on the exported pipeline (distar evaluate). Reward models and prompt sets are read from
+    the model cache's root (the input is its manifest); prompt paths are relative to that root."""
+    import json
     import shutil
 
     from distar.evaluate import EvaluateConfig, evaluate
 
+    with open(model_cache.path) as fh:
+        cache_root = json.load(fh)["root"].rstrip("/")
+
     def in_cache(path: str) -> str:
-        return f"{model_cache.path}/{path}" if path and "://" not in path and not path.startswith("/") else path
+        return f"{cache_root}/{path}" if path and "://" not in path and not path.startswith("/") else path
 
     out = evaluate(
         EvaluateConfig(
@@ -40,7 +45,7 @@ def evaluate(
             rewards=list(rewards),
             sources=dict(reward_sources),
             heads=dict(reward_heads),
-            cache_dir=model_cache.path,
+            cache_dir=cache_root,
             max_prompts=max_prompts,
             batch_size=batch_size,
         )

@@ -1,15 +1,20 @@
 from kfp import dsl
-from kfp.dsl import Input, Model, Output
+from kfp.dsl import Artifact, Input, Model, Output
 
-from components import IMAGE
+from components import CPU_IMAGE
 
 
-@dsl.component(base_image=IMAGE, install_kfp_package=False)
-def export(checkpoints: Input[Model], pipeline: Output[Model], ema: bool = False):
-    """The newest checkpoint → a diffusers SDXL pipeline for one-step generation (distar export)."""
+@dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
+def export(run: Input[Artifact], pipeline: Output[Model], ema: bool = False):
+    """The run's final checkpoint → a diffusers SDXL pipeline for one-step generation (distar export). The input is
+    the train step's record: the checkpoint is read from its URI, only its model weights."""
+    import json
+
     import distar
     from distar.export import ExportConfig, export
 
-    meta = export(ExportConfig(checkpoints.path, pipeline.path, ema=ema, single_file=True))
+    with open(run.path) as fh:
+        record = json.load(fh)
+    meta = export(ExportConfig(record["checkpoint"], pipeline.path, ema=ema, single_file=True))
     keys = ("checkpoint", "step", "t_star", "config_digest")
     pipeline.metadata.update({**{k: meta[k] for k in keys}, "distar_version": distar.__version__})

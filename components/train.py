@@ -1,14 +1,19 @@
 from kfp import dsl
-from kfp.dsl import Dataset, Input, Model, Output
+from kfp.dsl import HTML, Artifact, Dataset, Input, Metrics, Output
 
-from components import IMAGE
+from components import CPU_IMAGE, IMAGE
 
 
-@dsl.component(base_image=IMAGE, install_kfp_package=False)
 def train(
     prompts: Input[Dataset],
-    model_cache: Input[Model],
-    checkpoints: Output[Model],
+    model_cache: Input[Artifact],
+    run: Output[Artifact],
+    metrics: Output[Metrics],
+    report: Output[HTML],
+    runs_root: str,
+    run_id: str,
+    task_name: str,
+    variant: str = "",
     preset: str = "sdxl",
     overrides: list = [],  # noqa: B006 - kfp reads defaults from the signature; the list is never mutated
     launcher: str = "trainjob",
@@ -17,58 +22,82 @@ def train(
     gpus_per_node: int = 8,
     max_restarts: int = 3,
     image: str = "",
-    secret_env: dict = {},  # noqa: B006
+    storage_secret: str = "distar-storage",
+    hub_secret: str = "distar-hub",
     node_selector: dict = {},  # noqa: B006
     tolerations: list = [],  # noqa: B006
-) -> str:
-    """DI* training on the curated prompts, models read from the cache; returns the final checkpoint's URI.
-    launcher "trainjob": a Kubeflow Trainer TrainJob of num_nodes × nproc_per_node processes writing to the
-    artifact's object-storage URI; "local": torchrun on this step's own machine."""
+    service_account: str = "",
+    queue: str = "",
+    keep_s: int = 86400,
+    suspend_timeout_s: int = 3600,
+):
+    """DI* training on the curated prompts, models read from the cache's root. The run lives at
+    {runs_root}/{run_id}/{task_name}[-{variant}], the same for every retry (which resumes there). Outputs: a small
+    record of the run (URIs, config digest, summary), the final metrics, and the training report.
+    launcher "trainjob": a Kubeflow Trainer TrainJob of num_nodes × nproc_per_node processes; "local": torchrun on
+    this step's own machine."""
     import json
-    import os
 
     import distar
+    from distar import storage
     from distar.train.launch import run_local, run_trainjob
+    from distar.train.trainjob import TrainJobSpec, job_name, secret_env
 
+    with open(model_cache.path) as fh:
+        cache_root = json.load(fh)["root"]
+    out = f"{runs_root.rstrip('/')}/{run_id}/{task_name}" + (f"-{variant}" if variant else "")
     remote = launcher == "trainjob"
-    where = {a: (a.uri if remote else a.path) for a in (prompts, model_cache, checkpoints)}
     args = [
-        f"out={where[checkpoints]}",
-        f"data.prompts={where[prompts]}",
-        f"model.cache_dir={where[model_cache]}",
+        f"out={out}",
+        f"data.prompts={prompts.uri if remote else prompts.path}",
+        f"model.cache_dir={cache_root}",
         "model.offline=true",
         *overrides,
     ]
     if remote:
-        if not image:
-            raise ValueError("train_launcher=trainjob needs the image the TrainJob runs (the pipeline passes it)")
-        name = "distar-" + os.environ.get("HOSTNAME", "train")[-40:].lower().strip("-")
-        summary = run_trainjob(
-            preset,
-            args,
-            name=name,
+        spec = TrainJobSpec(
+            name=job_name(run_id, task_name, variant),
+            namespace="",
             image=image,
             num_nodes=num_nodes,
             nproc_per_node=nproc_per_node,
             gpus_per_node=gpus_per_node,
-            secret_env=secret_env,
-            node_selector=node_selector,
-            tolerations=tolerations,
+            secret_env=secret_env(storage_secret, hub_secret),
+            node_selector=dict(node_selector),
+            tolerations=list(tolerations),
+            service_account=service_account or None,
+            queue=queue or None,
+            keep_s=keep_s,
         )
-        os.makedirs(checkpoints.path, exist_ok=True)
-        with open(os.path.join(checkpoints.path, "trainjob-summary.json"), "w") as fh:
-            json.dump(summary, fh)
+        summary = run_trainjob(preset, args, spec=spec, suspend_timeout_s=suspend_timeout_s or None)
     else:
         summary = run_local(preset, args, nproc_per_node=nproc_per_node, max_restarts=max_restarts)
-    checkpoints.metadata.update(
-        {
-            "step": summary["step"],
-            "config_digest": summary["config_digest"],
-            "preset": preset,
-            "overrides": list(overrides),
-            "launcher": launcher,
-            "distar_version": distar.__version__,
-            **{k: v for k, v in summary.items() if k.startswith("eval/")},
-        }
-    )
-    return summary["checkpoint"]
+    record = {
+        "run": out,
+        "checkpoint": summary["checkpoint"],
+        "step": summary["step"],
+        "config_digest": summary["config_digest"],
+        "preset": preset,
+        "overrides": list(overrides),
+        "variant": variant,
+        "launcher": launcher,
+        "distar_version": distar.__version__,
+        "summary": summary,
+    }
+    with open(run.path, "w") as fh:
+        json.dump(record, fh, indent=1)
+    run.metadata.update({k: v for k, v in record.items() if k != "summary"})
+    for name, value in {**summary.get("final", {}), **summary}.items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and name != "samples_seen":
+            metrics.log_metric(name.replace("/", "_"), float(value))
+    fs, path = storage.filesystem(out)
+    page = f"{path.rstrip('/')}/report.html"
+    html = fs.cat_file(page).decode() if fs.exists(page) else f"<p>no training report under {out}</p>"
+    with open(report.path, "w") as fh:
+        fh.write(html)
+
+
+# The same step in two images: following a TrainJob needs no GPU (the slim CPU image); training on the step's own
+# machine does.
+train_trainjob = dsl.component(train, base_image=CPU_IMAGE, install_kfp_package=False)
+train_local = dsl.component(train, base_image=IMAGE, install_kfp_package=False)

@@ -1,9 +1,15 @@
 """The DI* pipeline: curate ∥ cache → train → export → evaluate, artifacts in object storage.
 
-Compile:  python pipelines/distar_sdxl.py            (writes pipelines/distar_sdxl.yaml)
-Run here: distar run-local --preset tiny             (the whole DAG under kfp.local, on 2 CPU cores)
-Submit:   kfp --endpoint $KFP_HOST run submit -e distar -f pipelines/distar_sdxl.yaml key=value ...
-Defaults are the paper's SDXL settings; the tiny values come from distar.local_pipeline.tiny_arguments.
+Compile:  python pipelines/distar_sdxl.py            (writes pipelines/distar_sdxl.yaml: training as a TrainJob)
+Run here: distar run-local --preset tiny             (the whole DAG under kfp.local, training on this machine)
+Submit:   distar submit --pipeline-root gs://BUCKET/kfp --service-account pipeline-runner \\
+              cache_root=gs://BUCKET/cache runs_root=gs://BUCKET/runs            (docs/CLUSTER.md)
+
+Large data moves by reference: the model cache lives at `cache_root` and the runs at `runs_root` (persistent,
+gs:// or s3://); the artifacts between steps are their small manifests and records, so KFP's launcher, which
+copies every input artifact before a step starts, copies kilobytes. The compiled spec uses only what a KFP
+backend ≥ 2.5 reads (tests/unit/test_pipeline_compat.py); the secrets it names are required and created by
+k8s/base. Defaults are the paper's SDXL settings; the tiny values come from distar.local_pipeline.tiny_arguments.
 """
 
 import sys
@@ -18,100 +24,146 @@ from components.cache import cache  # noqa: E402
 from components.curate import curate  # noqa: E402
 from components.evaluate import evaluate  # noqa: E402
 from components.export import export  # noqa: E402
-from components.train import train  # noqa: E402
+from components.train import train_local, train_trainjob  # noqa: E402
 from distar.prompt_sets import PARTI_URL  # noqa: E402
+from distar.train.trainjob import HUB_SECRET_KEYS, STORAGE_SECRET_KEYS  # noqa: E402
+
+LAUNCHERS = ("trainjob", "local")
 
 
-@dsl.pipeline(name="distar-sdxl", description="Diff-Instruct* post-training of a one-step SDXL generator")
-def distar_sdxl(
-    prompt_sources: list = [PARTI_URL],  # noqa: B006 - kfp reads defaults from the signature
-    tokenizer: str = "openai/clip-vit-large-patch14",
-    eval_fraction: float = 0.02,
-    cache_models: list = ["sdxl", "rewards", "eval"],  # noqa: B006
-    preset: str = "sdxl",
-    train_overrides: list = [],  # noqa: B006
-    train_launcher: str = "trainjob",
-    num_nodes: int = 1,
-    nproc_per_node: int = 8,
-    gpus_per_node: int = 8,
-    secret_env: dict = {},  # noqa: B006
-    node_selector: dict = {},  # noqa: B006
-    tolerations: list = [],  # noqa: B006
-    max_restarts: int = 3,
-    ema: bool = False,
-    eval_prompts: str = "prompts/parti/PartiPrompts.tsv",
-    eval_hps_prompts: str = "prompts/hpsv2",
-    eval_rewards: list = ["imagereward", "aesthetic", "pickscore", "clip", "hpsv2.1"],  # noqa: B006
-    eval_baseline: str = "",
-    eval_max_prompts: int = 0,
-    eval_batch_size: int = 4,
-    eval_gpus: int = 1,
-    storage_secret: str = "distar-storage",
-    hub_secret: str = "distar-hub",
-):
-    prompts = curate(sources=prompt_sources, tokenizer=tokenizer, eval_fraction=eval_fraction)
-    prompts.set_caching_options(True)  # deterministic in its inputs
-    prompts.set_retry(2)
-    models = cache(models=cache_models)
-    models.set_caching_options(True)
-    models.set_retry(3)  # idempotent: a retry skips what verifies
-    trained = train(
-        prompts=prompts.outputs["prompts"],
-        model_cache=models.outputs["model_cache"],
-        preset=preset,
-        overrides=train_overrides,
-        launcher=train_launcher,
-        num_nodes=num_nodes,
-        image=IMAGE,
-        nproc_per_node=nproc_per_node,
-        gpus_per_node=gpus_per_node,
-        max_restarts=max_restarts,
-        secret_env=secret_env,
-        node_selector=node_selector,
-        tolerations=tolerations,
+def secrets(task, storage_secret, hub_secret) -> None:
+    """Object-storage keys (S3/MinIO; blank on GCS with Workload Identity) and the hub token, from the two secrets
+    k8s/base creates. Required, not optional: KFP backends before 2.15 ignore `optional`."""
+    kubernetes.use_secret_as_env(
+        task, secret_name=storage_secret, secret_key_to_env={k: k for k in STORAGE_SECRET_KEYS}
     )
-    trained.set_caching_options(False)
-    trained.set_retry(2)  # resumes from the newest complete checkpoint
-    exported = export(checkpoints=trained.outputs["checkpoints"], ema=ema)
-    exported.set_caching_options(True)
-    evaluated = evaluate(
-        pipeline=exported.outputs["pipeline"],
-        model_cache=models.outputs["model_cache"],
-        prompts=eval_prompts,
-        hps_prompts=eval_hps_prompts,
-        rewards=eval_rewards,
-        baseline=eval_baseline,
-        max_prompts=eval_max_prompts,
-        batch_size=eval_batch_size,
-    )
-    evaluated.set_caching_options(True)
-    evaluated.set_retry(2)  # resumable: finished prompts are not generated again
+    kubernetes.use_secret_as_env(task, secret_name=hub_secret, secret_key_to_env={k: k for k in HUB_SECRET_KEYS})
 
-    # Where the steps run: GPU, /dev/shm, scheduling and credentials (kfp-kubernetes; kfp.local ignores them).
-    evaluated.set_accelerator_type("nvidia.com/gpu").set_accelerator_limit(eval_gpus)
-    for task in (prompts, models, trained, exported, evaluated):
-        kubernetes.empty_dir_mount(task, volume_name="dshm", mount_path="/dev/shm", medium="Memory")
-        kubernetes.add_node_selector_json(task, node_selector)
-        kubernetes.add_toleration_json(task, tolerations)
-        # object storage keys (S3/MinIO; GCS uses Workload Identity) and the hub token, when the secrets exist
-        kubernetes.use_secret_as_env(
-            task,
-            secret_name=storage_secret,
-            optional=True,
-            secret_key_to_env={
-                "AWS_ACCESS_KEY_ID": "AWS_ACCESS_KEY_ID",
-                "AWS_SECRET_ACCESS_KEY": "AWS_SECRET_ACCESS_KEY",
-                "AWS_ENDPOINT_URL": "AWS_ENDPOINT_URL",
-            },
+
+def build(launcher: str = "trainjob"):
+    """The pipeline with training as a TrainJob (the cluster's GPUs; this step follows it from a CPU pod) or on the
+    train step's own machine (one node: the step gets the GPUs)."""
+    if launcher not in LAUNCHERS:
+        raise ValueError(f"launcher {launcher!r}: choose one of {', '.join(LAUNCHERS)}")
+    train = train_trainjob if launcher == "trainjob" else train_local
+
+    @dsl.pipeline(name="distar-sdxl", description="Diff-Instruct* post-training of a one-step SDXL generator")
+    def distar_sdxl(
+        cache_root: str,
+        runs_root: str,
+        prompt_sources: list = [PARTI_URL],  # noqa: B006 - kfp reads defaults from the signature
+        tokenizer: str = "openai/clip-vit-large-patch14",
+        eval_fraction: float = 0.02,
+        cache_models: list = ["sdxl", "rewards", "eval"],  # noqa: B006
+        preset: str = "sdxl",
+        train_overrides: list = [],  # noqa: B006
+        num_nodes: int = 1,
+        nproc_per_node: int = 8,
+        gpus_per_node: int = 8,
+        trainer_service_account: str = "distar-trainer",
+        queue: str = "",
+        keep_trainjob_s: int = 86400,
+        suspend_timeout_s: int = 3600,
+        node_selector: dict = {},  # noqa: B006
+        tolerations: list = [],  # noqa: B006
+        max_restarts: int = 3,
+        ema: bool = False,
+        eval_prompts: str = "prompts/parti/PartiPrompts.tsv",
+        eval_hps_prompts: str = "prompts/hpsv2",
+        eval_rewards: list = ["imagereward", "aesthetic", "pickscore", "clip", "hpsv2.1"],  # noqa: B006
+        eval_baseline: str = "",
+        eval_max_prompts: int = 0,
+        eval_batch_size: int = 4,
+        eval_gpus: int = 1,
+        storage_secret: str = "distar-storage",
+        hub_secret: str = "distar-hub",
+        curate_cpu: str = "4",
+        curate_memory: str = "16Gi",
+        cache_cpu: str = "4",
+        cache_memory: str = "16Gi",
+        train_cpu: str = "1",
+        train_memory: str = "2Gi",
+        export_cpu: str = "8",
+        export_memory: str = "64Gi",
+        eval_cpu: str = "8",
+        eval_memory: str = "64Gi",
+    ):
+        prompts = curate(sources=prompt_sources, tokenizer=tokenizer, eval_fraction=eval_fraction)
+        prompts.set_caching_options(True)  # deterministic in its inputs
+        prompts.set_retry(2)
+        models = cache(models=cache_models, cache_root=cache_root)
+        models.set_caching_options(True)
+        models.set_retry(3)  # idempotent: a retry skips what verifies
+        trained = train(
+            prompts=prompts.outputs["prompts"],
+            model_cache=models.outputs["model_cache"],
+            runs_root=runs_root,
+            run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
+            task_name=dsl.PIPELINE_TASK_NAME_PLACEHOLDER,
+            preset=preset,
+            overrides=train_overrides,
+            launcher=launcher,
+            num_nodes=num_nodes,
+            image=IMAGE,
+            nproc_per_node=nproc_per_node,
+            gpus_per_node=gpus_per_node,
+            max_restarts=max_restarts,
+            storage_secret=storage_secret,
+            hub_secret=hub_secret,
+            node_selector=node_selector,
+            tolerations=tolerations,
+            service_account=trainer_service_account,
+            queue=queue,
+            keep_s=keep_trainjob_s,
+            suspend_timeout_s=suspend_timeout_s,
         )
-        kubernetes.use_secret_as_env(
-            task, secret_name=hub_secret, optional=True, secret_key_to_env={"HF_TOKEN": "HF_TOKEN"}
+        trained.set_caching_options(False)
+        trained.set_retry(2)  # the same run directory and TrainJob: a retry adopts the job or resumes the run
+        exported = export(run=trained.outputs["run"], ema=ema)
+        exported.set_caching_options(True)
+        evaluated = evaluate(
+            pipeline=exported.outputs["pipeline"],
+            model_cache=models.outputs["model_cache"],
+            prompts=eval_prompts,
+            hps_prompts=eval_hps_prompts,
+            rewards=eval_rewards,
+            baseline=eval_baseline,
+            max_prompts=eval_max_prompts,
+            batch_size=eval_batch_size,
         )
+        evaluated.set_caching_options(True)
+        evaluated.set_retry(2)  # resumable: finished prompts are not generated again
+
+        # Where the steps run (kfp-kubernetes; kfp.local ignores it): GPUs, their node selector and tolerations only
+        # on GPU work (evaluation; training here only when it runs on the step's machine: a TrainJob's pods get them
+        # from the train step); CPU and memory requests everywhere.
+        gpu_steps = [evaluated] + ([trained] if launcher == "local" else [])
+        evaluated.set_accelerator_type("nvidia.com/gpu").set_accelerator_limit(eval_gpus)
+        if launcher == "local":
+            trained.set_accelerator_type("nvidia.com/gpu").set_accelerator_limit(gpus_per_node)
+        for task in gpu_steps:
+            kubernetes.empty_dir_mount(task, volume_name="dshm", mount_path="/dev/shm", medium="Memory")
+            kubernetes.add_node_selector_json(task, node_selector)
+            kubernetes.add_toleration_json(task, tolerations)
+        for task, cpu, memory in (
+            (prompts, curate_cpu, curate_memory),
+            (models, cache_cpu, cache_memory),
+            (trained, train_cpu, train_memory),
+            (exported, export_cpu, export_memory),
+            (evaluated, eval_cpu, eval_memory),
+        ):
+            task.set_cpu_request(cpu).set_memory_request(memory)
+            secrets(task, storage_secret, hub_secret)
+
+    return distar_sdxl
 
 
-def compile_pipeline(path=None) -> Path:
+distar_sdxl = build("trainjob")
+
+
+def compile_pipeline(path=None, launcher: str = "trainjob") -> Path:
     path = path or Path(__file__).with_suffix(".yaml")
-    compiler.Compiler().compile(distar_sdxl, str(path))
+    compiler.Compiler().compile(build(launcher), str(path))
     return Path(path)
 
 

@@ -196,6 +196,7 @@ def _submit(args: argparse.Namespace) -> None:
         pipeline_root=args.pipeline_root,
         enable_caching=False if args.no_cache else None,
         namespace=args.namespace,
+        service_account=args.service_account,
     )
     print(json.dumps(result))
 
@@ -309,7 +310,16 @@ def build_parser() -> argparse.ArgumentParser:
     sb.add_argument("--package", default="pipelines/distar_sdxl.yaml", help="the compiled pipeline")
     sb.add_argument("--experiment", default="distar")
     sb.add_argument("--run-name", default=None)
-    sb.add_argument("--pipeline-root", default=None, help="where artifacts go (gs://…, s3://…)")
+    sb.add_argument(
+        "--pipeline-root",
+        default=None,
+        help="where the run's artifacts go (gs://… or s3://…; default: the namespace's kfp-launcher ConfigMap)",
+    )
+    sb.add_argument(
+        "--service-account",
+        default=None,
+        help="the identity the steps run as (default: the server's, pipeline-runner or default-editor)",
+    )
     sb.add_argument("--namespace", default=None, help="the Kubeflow profile namespace (multi-user clusters)")
     sb.add_argument("--no-cache", action="store_true", help="run every step, cached results or not")
     sb.add_argument("arguments", nargs="*", metavar="key=value", help="pipeline arguments (JSON values parsed)")

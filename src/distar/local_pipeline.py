@@ -46,7 +46,6 @@ def tiny_arguments() -> dict:
             "checkpoint.every=2",
             "log.progress=false",
         ],
-        "train_launcher": "local",
         "nproc_per_node": 2,
         "gpus_per_node": 0,
         "max_restarts": 0,
@@ -78,11 +77,17 @@ def run_local(preset: str, root: str | Path, overrides: dict | None = None) -> P
         tiny_preset.materialize()
     root = Path(root).resolve()
     root.mkdir(parents=True, exist_ok=True)
-    before = set(root.iterdir())
+    # The persistent roots a cluster run keeps on object storage, here beside kfp.local's runs
+    arguments.setdefault("cache_root", str(root / "model-cache"))
+    arguments.setdefault("runs_root", str(root / "training-runs"))
+    before = {p for p in root.iterdir() if p.name not in ("model-cache", "training-runs")}
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root), raise_on_error=True)
     started = time.time()
-    pipeline_module().distar_sdxl(**arguments)
-    runs = sorted(set(root.iterdir()) - before, key=lambda p: p.stat().st_mtime)
+    pipeline_module().build("local")(**arguments)
+    runs = sorted(
+        {p for p in root.iterdir() if p.name not in ("model-cache", "training-runs")} - before,
+        key=lambda p: p.stat().st_mtime,
+    )
     if not runs:
         raise RuntimeError(f"kfp.local wrote no run under {root} (started {started})")
     return runs[-1]
@@ -92,8 +97,14 @@ def run_local(preset: str, root: str | Path, overrides: dict | None = None) -> P
 OUTPUTS = [
     ("curate/prompts", "the curated prompt set: train/ and eval/ shards; stats.json counts what each rule dropped"),
     ("curate/summary", "the same counts as Markdown"),
-    ("cache/model_cache", "the model cache: the tiny models under the SDXL run's hub ids, manifest.json with sha256"),
-    ("train/checkpoints", "checkpoints/step_*/ (COMPLETE last), logs/metrics.jsonl (the training curves), samples/"),
+    ("cache/model_cache", "the model cache's manifest (every file's sha256); the cache itself is under model-cache/"),
+    (
+        "train/run",
+        "the training run's record: its directory under training-runs/ (checkpoints/step_*/, "
+        "logs/metrics.jsonl, samples/) and the final checkpoint",
+    ),
+    ("train/metrics", "the final reward, divergence and throughput"),
+    ("train/report", "the training report: loss, reward and divergence curves, sample grids"),
     ("export/pipeline", "a diffusers StableDiffusionXLPipeline for one-step sampling, with its model card"),
     ("evaluate/metrics", "the evaluation metrics on the paper's scales"),
     ("evaluate/report", "report.html: metrics against the baseline and the paper's rows, histograms, images"),

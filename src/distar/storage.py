@@ -18,8 +18,16 @@ def is_uri(source: str) -> bool:
     return "://" in str(source)
 
 
+# Keys of the storage secret (k8s/base/secrets.yaml): on GCS, or on S3 with IRSA, they stay blank, and a blank
+# variable would win over the credential chain (botocore reads an empty AWS_ACCESS_KEY_ID as a key).
+BLANK_MEANS_UNSET = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL", "AWS_SESSION_TOKEN")
+
+
 def filesystem(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
     """The fsspec filesystem of a URI and the path inside it; a missing protocol package is a UserError."""
+    for name in BLANK_MEANS_UNSET:
+        if os.environ.get(name) == "":
+            del os.environ[name]
     try:
         fs, path = fsspec.core.url_to_fs(str(uri))
     except (ImportError, ValueError) as err:

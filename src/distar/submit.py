@@ -1,5 +1,10 @@
-"""Submitting the compiled pipeline to a Kubeflow Pipelines server (kfp.Client), with pipeline_root, experiment
-and caching; the same as `kfp --endpoint $KFP_HOST run submit -e EXPERIMENT -f pipelines/distar_sdxl.yaml k=v`."""
+"""Submitting the compiled pipeline to a Kubeflow Pipelines server (kfp.Client), with pipeline root, service
+account, experiment and caching; the same as
+`kfp --endpoint $KFP_HOST run create -e EXPERIMENT -f pipelines/distar_sdxl.yaml -r gs://BUCKET/kfp k=v …`.
+
+Checked here, before the server sees it: the pipeline root and the persistent roots (cache_root, runs_root) are
+gs:// or s3:// URIs (a run without a root gets minio://…, which no step can open), and every required argument
+is given."""
 
 from __future__ import annotations
 
@@ -23,6 +28,18 @@ def parse_arguments(pairs: list[str]) -> dict:
     return arguments
 
 
+OBJECT_STORES = ("gs://", "s3://")
+ROOT_ARGUMENTS = ("cache_root", "runs_root")
+
+
+def check_root(what: str, uri: str) -> None:
+    if not str(uri).startswith(OBJECT_STORES):
+        raise UserError(
+            f"{what} {uri!r}: every step and training node reads it, so it must be object storage: "
+            f"gs://BUCKET/… or s3://BUCKET/… (docs/CLUSTER.md, 'Roots')"
+        )
+
+
 def submit(
     host: str,
     package: str | Path,
@@ -32,6 +49,7 @@ def submit(
     pipeline_root: str | None = None,
     enable_caching: bool | None = None,
     namespace: str | None = None,
+    service_account: str | None = None,
 ) -> dict:
     import kfp
     import yaml
@@ -42,10 +60,19 @@ def submit(
             f"pipeline package {str(package)!r} does not exist; compile it: python pipelines/distar_sdxl.py"
         )
     spec = next(yaml.safe_load_all(package.read_text()))
-    known = set(spec.get("root", {}).get("inputDefinitions", {}).get("parameters", {}))
-    unknown = sorted(set(arguments) - known)
+    parameters = spec.get("root", {}).get("inputDefinitions", {}).get("parameters", {})
+    unknown = sorted(set(arguments) - set(parameters))
     if unknown:
-        raise UserError(f"unknown pipeline argument(s) {unknown}; the pipeline takes: {', '.join(sorted(known))}")
+        raise UserError(f"unknown pipeline argument(s) {unknown}; the pipeline takes: {', '.join(sorted(parameters))}")
+    missing = sorted(k for k, p in parameters.items() if "defaultValue" not in p and not p.get("isOptional"))
+    missing = [k for k in missing if k not in arguments]
+    if missing:
+        raise UserError(f"the pipeline needs {', '.join(f'{k}=…' for k in missing)} (docs/CLUSTER.md, 'Roots')")
+    if pipeline_root is not None:
+        check_root("--pipeline-root", pipeline_root)
+    for key in ROOT_ARGUMENTS:
+        if key in arguments:
+            check_root(key, arguments[key])
     try:
         client = kfp.Client(host=host, namespace=namespace)
         result = client.create_run_from_pipeline_package(
@@ -56,6 +83,7 @@ def submit(
             pipeline_root=pipeline_root,
             enable_caching=enable_caching,
             namespace=namespace,
+            service_account=service_account,
         )
     except Exception as err:  # the REST client raises many types; each means the server refused or was unreachable
         raise UserError(f"could not submit to {host!r}: {err}") from err

@@ -18,7 +18,7 @@ YAML = ROOT / "pipelines" / "distar_sdxl.yaml"
 
 def test_committed_yaml_is_a_fresh_compile(tmp_path):
     fresh = tmp_path / "fresh.yaml"
-    env = {k: v for k, v in os.environ.items() if k != "DISTAR_IMAGE"}
+    env = {k: v for k, v in os.environ.items() if k not in ("DISTAR_IMAGE", "DISTAR_CPU_IMAGE")}
     code = (
         f"import runpy; m = runpy.run_path({str(ROOT / 'pipelines' / 'distar_sdxl.py')!r}); "
         f"m['compile_pipeline']({str(fresh)!r})"
@@ -40,6 +40,7 @@ def test_compiled_dag_and_defaults():
     assert params["preset"]["defaultValue"] == "sdxl" and params["nproc_per_node"]["defaultValue"] == 8
     assert tasks["train"]["cachingOptions"] == {} and tasks["cache"]["cachingOptions"]["enableCache"]
     assert tasks["train"]["retryPolicy"]["maxRetryCount"] == 2
+    assert {k for k, p in params.items() if "defaultValue" not in p} == {"cache_root", "runs_root"}
 
 
 def test_kubernetes_settings_of_the_steps():
@@ -48,16 +49,34 @@ def test_kubernetes_settings_of_the_steps():
     executors = docs[1]["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
     assert len(executors) == 5
     for name, settings in executors.items():
-        assert settings["emptyDirMounts"][0]["mountPath"] == "/dev/shm", name
-        assert settings["emptyDirMounts"][0]["medium"] == "Memory"
         assert {s["secretNameParameter"]["componentInputParameter"] for s in settings["secretAsEnv"]} == {
             "storage_secret",
             "hub_secret",
         }
-        assert settings["nodeSelector"]["nodeSelectorJson"]["componentInputParameter"] == "node_selector"
-    spec = docs[0]
-    evaluate = spec["deploymentSpec"]["executors"]["exec-evaluate"]["container"]["resources"]
+        assert not any(s.get("optional") for s in settings["secretAsEnv"])  # required: KFP < 2.15 ignores it
+        gpu = name == "exec-evaluate"
+        assert ("emptyDirMounts" in settings) == gpu and ("nodeSelector" in settings) == gpu, name
+    evaluate = docs[0]["deploymentSpec"]["executors"]["exec-evaluate"]["container"]["resources"]
     assert evaluate["accelerator"]["resourceType"] == "nvidia.com/gpu"
+
+
+def test_no_step_takes_the_model_cache_or_a_checkpoint_directory_as_an_input_artifact():
+    """KFP's launcher copies every input artifact before a step starts: what crosses steps is small records."""
+    spec = next(yaml.safe_load_all(YAML.read_text()))
+    inputs = {
+        (task, name): spec["components"][t["componentRef"]["name"]]["inputDefinitions"]["artifacts"][name]
+        for task, t in spec["root"]["dag"]["tasks"].items()
+        for name in t.get("inputs", {}).get("artifacts", {})
+    }
+    assert set(inputs) == {
+        ("train", "prompts"),
+        ("train", "model_cache"),
+        ("export", "run"),
+        ("evaluate", "pipeline"),
+        ("evaluate", "model_cache"),
+    }
+    assert inputs[("train", "model_cache")]["artifactType"]["schemaTitle"] == "system.Artifact"
+    assert inputs[("export", "run")]["artifactType"]["schemaTitle"] == "system.Artifact"
 
 
 @pytest.mark.slow
@@ -67,14 +86,22 @@ def test_the_whole_dag_runs_locally_on_the_tiny_preset(tmp_path):
     run = run_local("tiny", tmp_path / "root")
     prompts = json.loads((run / "curate" / "prompts" / "manifest.json").read_text())
     assert prompts["rows"] > 200
-    cache = json.loads((run / "cache" / "model_cache" / "manifest.json").read_text())
+    cache = json.loads((run / "cache" / "model_cache").read_text())  # the manifest, not the cache
     assert "stabilityai/stable-diffusion-xl-base-1.0" in cache["entries"]
-    assert (run / "train" / "checkpoints" / "checkpoints" / "step_00000004" / "COMPLETE").is_file()
+    assert (
+        cache["root"] == str(tmp_path / "root" / "model-cache") and (run / "cache" / "model_cache").stat().st_size < 1e5
+    )
+    record = json.loads((run / "train" / "run").read_text())
+    assert record["run"].startswith(str(tmp_path / "root" / "training-runs"))
+    assert (Path(record["checkpoint"]) / "COMPLETE").is_file() and record["checkpoint"].endswith("step_00000004")
+    train_metrics = json.loads((run / "train" / "executor_output.json").read_text())["artifacts"]["metrics"]
+    assert {"reward", "divergence", "images_per_s"} <= set(train_metrics["artifacts"][0]["metadata"])
+    assert "<img" in (run / "train" / "report").read_text()
     assert (run / "export" / "pipeline" / "model_index.json").is_file()
     outputs = json.loads((run / "evaluate" / "executor_output.json").read_text())["artifacts"]
     metrics = outputs["metrics"]["artifacts"][0]["metadata"]
     for name in ("imagereward", "aesthetic", "pickscore", "clip", "hpsv2.1"):
         assert math.isfinite(metrics[name]), name
     assert "<table id='metrics'>" in (run / "evaluate" / "report").read_text()
-    lineage = json.loads((run / "train" / "executor_output.json").read_text())["artifacts"]["checkpoints"]
+    lineage = json.loads((run / "train" / "executor_output.json").read_text())["artifacts"]["run"]
     assert lineage["artifacts"][0]["metadata"]["step"] == 4

@@ -14,6 +14,7 @@ from distar.errors import UserError
 from distar.submit import parse_arguments, submit
 
 PACKAGE = Path(__file__).resolve().parents[2] / "pipelines" / "distar_sdxl.yaml"
+ROOTS = ["cache_root=gs://b/cache", "runs_root=gs://b/runs"]
 
 
 def _spec(body: dict) -> dict:
@@ -30,7 +31,7 @@ def _run_body(fake: FakeKFP) -> dict:
 
 def test_distar_submit_sends_the_pipeline_arguments_root_and_experiment():
     with FakeKFP() as fake:
-        args = parse_arguments(["nproc_per_node=4", 'prompt_sources=["gs://b/p.parquet"]', "preset=sdxl"])
+        args = parse_arguments(["nproc_per_node=4", 'prompt_sources=["gs://b/p.parquet"]', "preset=sdxl", *ROOTS])
         result = submit(
             fake.url,
             PACKAGE,
@@ -39,11 +40,14 @@ def test_distar_submit_sends_the_pipeline_arguments_root_and_experiment():
             run_name="r1",
             pipeline_root="gs://b/root",
             enable_caching=False,
+            service_account="pipeline-runner",
         )
         body = _run_body(fake)
         assert result["run_id"] in fake.runs and result["run_url"].endswith(result["run_id"])
         assert body["display_name"] == "r1"
         assert body["runtime_config"]["pipeline_root"] == "gs://b/root"
+        assert body["service_account"] == "pipeline-runner"
+        assert body["runtime_config"]["parameters"]["cache_root"] == "gs://b/cache"
         assert body["runtime_config"]["parameters"]["nproc_per_node"] == 4
         assert body["runtime_config"]["parameters"]["prompt_sources"] == ["gs://b/p.parquet"]
         assert _spec(body)["pipelineInfo"]["name"] == "distar-sdxl"
@@ -60,8 +64,16 @@ def test_submit_refuses_unknown_arguments_and_unreachable_servers(tmp_path):
         submit("http://127.0.0.1:9", PACKAGE, {"stepz": 3})
     with pytest.raises(UserError, match="does not exist"):
         submit("http://127.0.0.1:9", tmp_path / "none.yaml", {})
+    roots = parse_arguments(ROOTS)
     with pytest.raises(UserError, match="could not submit"):
+        submit("http://127.0.0.1:9", PACKAGE, roots)
+    with pytest.raises(UserError, match="needs cache_root=…, runs_root=…"):
         submit("http://127.0.0.1:9", PACKAGE, {})
+    for root in ("minio://mlpipeline/v2/artifacts", "/data/kfp", "https://storage.googleapis.com/b"):
+        with pytest.raises(UserError, match=r"--pipeline-root .* gs://BUCKET/… or s3://BUCKET/…"):
+            submit("http://127.0.0.1:9", PACKAGE, roots, pipeline_root=root)
+    with pytest.raises(UserError, match="runs_root '/runs'"):
+        submit("http://127.0.0.1:9", PACKAGE, {**roots, "runs_root": "/runs"})
     with pytest.raises(UserError, match="not key=value"):
         parse_arguments(["preset"])
 
@@ -82,6 +94,7 @@ def test_the_kfp_cli_form_the_readme_documents():
                 str(PACKAGE),
                 "preset=sdxl",
                 "nproc_per_node=2",
+                *ROOTS,
             ],
             capture_output=True,
             text=True,

@@ -1,15 +1,14 @@
-"""The TrainJob path: the manifest against the Trainer API models (no unknown keys), and the launcher driven
-through created → running → succeeded / failed / deleted with the kubernetes client replaced at its API boundary."""
+"""The TrainJob manifest: against the Trainer API models (no unknown keys) and against what a v2.3.0 cluster
+admits (schema, CEL, webhook); `distar trainjob render`. The launcher: tests/integration/test_trainjob_launcher.py."""
 
 from __future__ import annotations
 
 import copy
 
 import pytest
-from kubernetes.client.exceptions import ApiException
 
 from distar.errors import UserError
-from distar.train.trainjob import GROUP, PLURAL, TrainJobFailed, TrainJobLauncher, TrainJobSpec, manifest
+from distar.train.trainjob import TrainJobSpec, job_name, manifest
 
 
 def spec(**kwargs) -> TrainJobSpec:
@@ -73,89 +72,6 @@ def test_pod_patch_is_a_valid_pod_spec():
     pod_spec["containers"][0]["image"] = job["spec"]["trainer"]["image"]  # a patch omits what the runtime sets
     template = {"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": "t"}, "template": {"spec": pod_spec}}
     kubernetes_validate.validate(template, "1.30", strict=True)
-
-
-class FakeCustomObjects:
-    """CustomObjectsApi's three calls, with a scripted sequence of TrainJob states."""
-
-    def __init__(self, states: list[str], deleted_after: int | None = None):
-        self.states, self.deleted_after = states, deleted_after
-        self.calls, self.job, self.gets = [], None, 0
-
-    def create_namespaced_custom_object(self, group, version, namespace, plural, body):
-        self.calls.append(("create", group, plural, namespace, body["metadata"]["name"]))
-        self.job = body
-
-    def get_namespaced_custom_object(self, group, version, namespace, plural, name):
-        self.calls.append(("get", name))
-        if self.deleted_after is not None and self.gets >= self.deleted_after:
-            raise ApiException(status=404, reason="Not Found")
-        state = self.states[min(self.gets, len(self.states) - 1)]
-        self.gets += 1
-        conditions = (
-            []
-            if state == "Pending"
-            else [{"type": state, "status": "True", "reason": f"{state}Reason", "message": f"job {state.lower()}"}]
-        )
-        return {**self.job, "status": {"conditions": conditions}}
-
-    def delete_namespaced_custom_object(self, group, version, namespace, plural, name):
-        self.calls.append(("delete", name))
-
-
-def launcher(api, **kwargs):
-    return TrainJobLauncher(api, poll_s=0, sleep=lambda s: None, log=lambda m: None, **kwargs)
-
-
-def test_created_running_succeeded_then_deleted():
-    api = FakeCustomObjects(["Pending", "Created", "Created", "Complete"])
-    obj = launcher(api).run(manifest(spec()))
-    assert obj["status"]["conditions"][0]["type"] == "Complete"
-    assert api.calls[0] == ("create", GROUP, PLURAL, "distar", "di-star-1")
-    assert [c[0] for c in api.calls].count("get") == 4 and api.calls[-1] == ("delete", "di-star-1")
-
-
-def test_failed_job_raises_its_reason_and_is_kept_for_inspection():
-    api = FakeCustomObjects(["Created", "Failed"])
-    with pytest.raises(TrainJobFailed, match="failed: FailedReason: job failed"):
-        launcher(api).run(manifest(spec()))
-    assert ("delete", "di-star-1") not in api.calls  # cleanup="success" keeps failed jobs
-    api = FakeCustomObjects(["Failed"])
-    with pytest.raises(TrainJobFailed):
-        launcher(api, cleanup="always").run(manifest(spec()))
-    assert api.calls[-1] == ("delete", "di-star-1")
-
-
-def test_deleted_job_and_timeout_fail_clearly():
-    api = FakeCustomObjects(["Created"], deleted_after=2)
-    with pytest.raises(TrainJobFailed, match="was deleted before it finished"):
-        launcher(api).run(manifest(spec()))
-    with pytest.raises(TrainJobFailed, match="did not finish within 0 s"):
-        launcher(FakeCustomObjects(["Created"]), timeout_s=0).run(manifest(spec()))
-    with pytest.raises(Exception, match="secret-name/key"):
-        manifest(spec(secret_env={"X": "no-key"}))
-
-
-def test_train_step_runs_a_trainjob_and_reads_the_summary_from_object_storage():
-    import json
-
-    import fsspec
-    from helpers.storage_servers import s3_server
-
-    from distar.errors import UserError
-    from distar.train.launch import run_trainjob
-
-    common = dict(name="j", image="img", num_nodes=2, nproc_per_node=8, gpus_per_node=8, namespace="distar")
-    with pytest.raises(UserError, match="writes to object storage"):
-        run_trainjob("tiny", ["out=/local/run"], api=FakeCustomObjects(["Complete"]), **common)
-    with s3_server("runs"):
-        fs, _ = fsspec.core.url_to_fs("s3://runs")
-        fs.pipe_file("runs/r1/summary.json", json.dumps({"step": 7, "checkpoint": "s3://runs/r1/c"}).encode())
-        api = FakeCustomObjects(["Created", "Complete"])
-        summary = run_trainjob("tiny", ["out=s3://runs/r1", "steps=7"], api=api, **common)
-        assert summary["step"] == 7
-        command = api.job["spec"]["trainer"]["command"]
-        assert command[-2:] == ["out=s3://runs/r1", "steps=7"] and api.job["spec"]["trainer"]["numNodes"] == 2
 
 
 # -- admission: what a Trainer v2.3.0 cluster enforces (tests/helpers/trainer_api.py) -------------------------
@@ -241,3 +157,22 @@ def test_trainjob_render_prints_exactly_what_the_launcher_creates(capsys):
     bad = ["trainjob", "render", "--image", "i", "--name", "r", "loss.alpha_rew=-1"]
     assert cli.main(bad) == 2 and "loss.alpha_rew" in capsys.readouterr().err
     assert cli.main(["trainjob", "render", "--image", "i", "--name", "r", "--toleration", "nokey"]) == 2
+
+
+def test_job_names_are_deterministic_valid_and_distinct():
+    from helpers.trainer_api import problems
+
+    name = job_name("0b9c-run", "train")
+    assert name == job_name("0b9c-run", "train") and len(name) <= 63
+    assert len({name, job_name("0b9c-run", "train", "kl"), job_name("other-run", "train")}) == 3
+    assert problems(manifest(spec(name=name))) == []
+
+
+def test_the_spec_digest_changes_with_what_runs_and_only_with_it():
+    from distar.train.trainjob import SPEC_DIGEST
+
+    digest = lambda job: job["metadata"]["annotations"][SPEC_DIGEST]  # noqa: E731
+    same = manifest(spec())
+    assert digest(same) == digest(manifest(spec(namespace="elsewhere")))
+    assert digest(same) != digest(manifest(spec(image="reg/distar:0.2.0")))
+    assert digest(same) != digest(manifest(spec(overrides=["out=gs://b/other"])))

@@ -9,14 +9,15 @@ import os
 import subprocess
 import sys
 
+from distar import storage
 from distar.errors import UserError
 from distar.train import PREEMPTED, Preempted
+from distar.train.trainjob import SHUTDOWN_TIMEOUT_S, TrainJobSpec
 
 
 def torchrun_command(
     config: str, overrides: list[str], nproc_per_node: int = 1, max_restarts: int = 0, standalone: bool = True
 ) -> list[str]:
-    from distar.train.trainjob import SHUTDOWN_TIMEOUT_S
 
     return [
         sys.executable,
@@ -41,7 +42,6 @@ def run_local(config: str, overrides: list[str], nproc_per_node: int = 1, max_re
     """Run torchrun and return the run's summary.json; the training log streams to this process's output."""
     import json
 
-    from distar import storage
     from distar.train.config import load_config
 
     resolved = load_config(config, overrides)  # a bad key fails here, before any process starts
@@ -68,52 +68,68 @@ def _pod_namespace() -> str:
         return os.environ.get("POD_NAMESPACE", "default")
 
 
+def _owner(core, namespace: str) -> list[dict]:
+    """An ownerReference to this step's pod: when the pipeline run is deleted, its TrainJob goes with it."""
+    pod_name = os.environ.get("HOSTNAME")
+    if core is None or not pod_name:
+        return []
+    try:
+        pod = core.read_namespaced_pod(pod_name, namespace)
+    except Exception as err:  # no pod of that name (not in a pod), or no RBAC to read it: the job runs unowned
+        print(f"distar: the TrainJob gets no owner (pod {pod_name!r} not readable: {type(err).__name__})", flush=True)
+        return []
+    return [
+        {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "name": pod.metadata.name,
+            "uid": pod.metadata.uid,
+            "controller": False,
+            "blockOwnerDeletion": False,
+        }
+    ]
+
+
+def _object_store(key: str, value: str | None) -> None:
+    if value and (not storage.is_uri(value) or value.startswith("file://")):
+        raise UserError(
+            f"{key}={value!r}: every node of a multi-node TrainJob reads it: use object storage (gs://, s3://)"
+        )
+
+
 def run_trainjob(
     config: str,
     overrides: list[str],
     *,
-    name: str,
-    image: str,
-    num_nodes: int,
-    nproc_per_node: int,
-    gpus_per_node: int,
-    namespace: str | None = None,
-    secret_env: dict | None = None,
-    node_selector: dict | None = None,
-    tolerations: list | None = None,
-    cleanup: str = "success",
+    spec: TrainJobSpec,
     api=None,
+    core=None,
+    poll_s: float = 15.0,
+    suspend_timeout_s: float | None = 3600.0,
 ) -> dict:
-    """Run the training as a TrainJob (many nodes) and return the run's summary.json. `out` and the data and
-    cache URIs in `overrides` must be object-storage URIs: every node reads and writes them."""
+    """Run the training as a TrainJob (many nodes) and return the run's summary.json. `out`, the prompts and the
+    model cache must be object-storage URIs: every node reads and writes them. They are checked here, before any
+    GPU pod starts. `spec` carries the pod settings; its config and overrides are set from the arguments."""
     import json
 
-    from distar import storage
     from distar.train.config import load_config
-    from distar.train.trainjob import TrainJobLauncher, TrainJobSpec, manifest
+    from distar.train.trainjob import TrainJobLauncher, manifest
 
     resolved = load_config(config, overrides)
-    if not storage.is_uri(resolved.out) or resolved.out.startswith("file://"):
-        raise UserError(f"out={resolved.out!r}: a multi-node TrainJob writes to object storage (gs://, s3://)")
+    _object_store("out", resolved.out)
+    _object_store("data.prompts", resolved.data.prompts)
+    _object_store("model.cache_dir", resolved.model.cache_dir)
     if api is None:
         from kubernetes import client
         from kubernetes import config as kube_config
 
         kube_config.load_incluster_config()
-        api = client.CustomObjectsApi()
-    spec = TrainJobSpec(
-        name=name,
-        namespace=namespace or _pod_namespace(),
-        image=image,
-        config=config,
-        overrides=list(overrides),
-        num_nodes=num_nodes,
-        nproc_per_node=nproc_per_node,
-        gpus_per_node=gpus_per_node,
-        secret_env=dict(secret_env or {}),
-        node_selector=dict(node_selector or {}),
-        tolerations=list(tolerations or []),
-    )
-    TrainJobLauncher(api, cleanup=cleanup).run(manifest(spec))
+        api, core = client.CustomObjectsApi(), client.CoreV1Api()
+    spec.config, spec.overrides = config, list(overrides)
+    spec.namespace = spec.namespace or _pod_namespace()
+    job = manifest(spec)
+    if owners := _owner(core, spec.namespace):
+        job["metadata"]["ownerReferences"] = owners
+    TrainJobLauncher(api, core, poll_s=poll_s, suspend_timeout_s=suspend_timeout_s).run(job)
     fs, path = storage.filesystem(resolved.out)
     return json.loads(fs.cat_file(f"{path.rstrip('/')}/summary.json"))

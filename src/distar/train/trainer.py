@@ -39,8 +39,13 @@ from distar.train.distributed import World
 from distar.train.lease import Lease, LeaseHeldError
 from distar.train.metrics import MetricLogger, image_grid
 from distar.train.networks import Networks, assemble, build_networks
+from distar.train.progress import ProgressReporter
 
 __all__ = ["NonFiniteError", "Trainer", "assemble", "build_networks"]
+
+
+# The last logged value of each of these goes into summary.json["final"]: the train step's Metrics artifact.
+FINAL_METRICS = ("reward", "divergence", "loss/generator", "loss/assistant", "images_per_s", "step_time_s")
 
 
 class NonFiniteError(UserError):
@@ -361,7 +366,9 @@ class Trainer:
             from tqdm import tqdm
 
             progress = tqdm(total=c.steps, initial=self.step, desc="distar train", dynamic_ncols=True)
+        reporter = ProgressReporter(c.steps, first_step=self.step) if world.is_main else None
         last_eval: dict[str, float] = {}
+        last_values: dict[str, float] = {}
         saved_at = self.step if resumed is not None else None
         if resumed is None and self.step == 0 and c.assistant_warmup > 0:
             logger.log(0, world.mean(self.assistant_warmup()))
@@ -387,6 +394,9 @@ class Trainer:
                         }
                     )
                     logger.log(self.step, values)
+                    last_values = values
+                    if reporter is not None:
+                        reporter.report(self.step, values)
                     if lease is not None:
                         lease.heartbeat()
                 if self.step % c.log.sample_every == 0 or self.step == c.steps:
@@ -424,6 +434,8 @@ class Trainer:
                     )
             if saved_at != self.step:
                 self.save()
+            if reporter is not None:
+                reporter.finish(self.step, last_values)
         finally:
             if progress is not None:
                 progress.close()
@@ -434,6 +446,7 @@ class Trainer:
             "skipped": self.skipped,
             "checkpoint": self.checkpointer.uri(self.step),
             "config_digest": c.digest(),
+            "final": {k: last_values[k] for k in FINAL_METRICS if k in last_values},
             **last_eval,
             **({"best": self.checkpointer.best()} if c.guard.enabled else {}),
             **({"stopped_by_guard": stopped_by} if stopped_by else {}),

@@ -1,5 +1,5 @@
 """Multi-node training on Kubernetes: a Kubeflow Trainer v2 TrainJob (trainer.kubeflow.org/v1alpha1) on the
-torch-distributed runtime, created from a pipeline step, followed to completion, cleaned up per policy.
+torch-distributed runtime, created from a pipeline step, followed to completion, kept for a while for inspection.
 
 The runtime sets PET_NNODES, PET_NPROC_PER_NODE, PET_NODE_RANK, PET_MASTER_ADDR, PET_MASTER_PORT, so the
 container command is plain `torchrun -m distar.train …`. Pod settings go in spec.runtimePatches (Trainer ≥ 2.2):
@@ -9,6 +9,11 @@ variables (object storage, hub token), node selector and tolerations.
 
 from __future__ import annotations
 
+import datetime as dt
+import hashlib
+import json
+import signal
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -24,7 +29,21 @@ RESERVED_ENV = frozenset({"PET_NNODES", "PET_NPROC_PER_NODE", "PET_NODE_RANK", "
 
 GROUP, VERSION, PLURAL, KIND = "trainer.kubeflow.org", "v1alpha1", "trainjobs", "TrainJob"
 NODE = "node"  # the torch-distributed runtime's replicated job and container name
-CLEANUP = ("always", "success", "never")
+PART_OF = {"app.kubernetes.io/part-of": "distar"}
+SPEC_DIGEST = "distar.dev/spec-digest"
+"""Annotation: the digest of what the job runs; a retry adopts a job of the same name only when it matches."""
+KEEP_SECONDS = "distar.dev/keep-seconds"
+"""Annotation: how long a finished job (its pods and logs) is kept; the next launch in the namespace deletes it."""
+# The pods of rank 0: JobSet labels every pod with its JobSet and replicated job, the Indexed Job with its index
+# (the torch runtime's node rank).
+RANK0_SELECTOR = (
+    "jobset.sigs.k8s.io/jobset-name={name},jobset.sigs.k8s.io/replicatedjob-name=node,"
+    "batch.kubernetes.io/job-completion-index=0"
+)
+# The pipeline's one set of secrets (k8s/base/secrets.yaml creates them as templates): key → variable of the same name
+STORAGE_SECRET_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL")
+HUB_SECRET_KEYS = ("HF_TOKEN",)
+TRANSIENT = frozenset({429, 500, 502, 503, 504})
 
 
 class TrainJobFailed(UserError):
@@ -53,6 +72,20 @@ class TrainJobSpec:
     service_account: str | None = None
     queue: str | None = None
     """A Kueue LocalQueue: the job is admitted (and may be suspended) by Kueue."""
+    keep_s: int = 86400
+    """A finished job is kept this long (0: deleted as soon as it finished), then deleted by the next launch."""
+
+
+def secret_env(storage_secret: str, hub_secret: str) -> dict[str, str]:
+    """Variable → "secret/key" for the storage and hub secrets, as the pipeline's steps get them."""
+    keys = [(storage_secret, k) for k in STORAGE_SECRET_KEYS] + [(hub_secret, k) for k in HUB_SECRET_KEYS]
+    return {key: f"{secret}/{key}" for secret, key in keys if secret}
+
+
+def job_name(run_id: str, task: str, variant: str = "") -> str:
+    """The TrainJob of one pipeline task: the same for every retry of that task, different for every run, task
+    and variant (a ParallelFor branch), and a valid DNS-1035 label (Trainer's CEL rule on metadata.name)."""
+    return "distar-" + hashlib.sha256(f"{run_id}\0{task}\0{variant}".encode()).hexdigest()[:20]
 
 
 def parse_toleration(text: str) -> dict:
@@ -122,21 +155,27 @@ def manifest(spec: TrainJobSpec) -> dict:
             }
         },
     }
+    labels = PART_OF | ({"kueue.x-k8s.io/queue-name": spec.queue} if spec.queue else {})
+    body = {
+        "runtimeRef": {"name": spec.runtime, "kind": "ClusterTrainingRuntime", "apiGroup": GROUP},
+        "trainer": trainer,
+        "runtimePatches": [patch],
+    }
     return {
         "apiVersion": f"{GROUP}/{VERSION}",
         "kind": KIND,
         "metadata": {
             "name": spec.name,
             "namespace": spec.namespace,
-            "labels": {"app.kubernetes.io/part-of": "distar"}
-            | ({"kueue.x-k8s.io/queue-name": spec.queue} if spec.queue else {}),
+            "labels": labels,
+            "annotations": {SPEC_DIGEST: spec_digest(labels, body), KEEP_SECONDS: str(spec.keep_s)},
         },
-        "spec": {
-            "runtimeRef": {"name": spec.runtime, "kind": "ClusterTrainingRuntime", "apiGroup": GROUP},
-            "trainer": trainer,
-            "runtimePatches": [patch],
-        },
+        "spec": body,
     }
+
+
+def spec_digest(labels: dict, spec: dict) -> str:
+    return hashlib.sha256(json.dumps([labels, spec], sort_keys=True).encode()).hexdigest()[:16]
 
 
 def _secret_env(name: str, ref: str) -> dict:
@@ -146,65 +185,302 @@ def _secret_env(name: str, ref: str) -> dict:
     return {"name": name, "valueFrom": {"secretKeyRef": {"name": secret, "key": key}}}
 
 
+def state_of(obj: dict) -> str:
+    """Complete, Failed, Suspended, Created, or Pending (no condition yet) from the controller's conditions."""
+    conditions = {c["type"]: c for c in obj.get("status", {}).get("conditions", [])}
+    for kind in ("Complete", "Failed", "Suspended", "Created"):
+        if conditions.get(kind, {}).get("status") == "True":
+            return kind
+    return "Pending"
+
+
+def _finished_at(obj: dict) -> dt.datetime | None:
+    for c in obj.get("status", {}).get("conditions", []):
+        if c.get("type") in ("Complete", "Failed") and c.get("status") == "True" and c.get("lastTransitionTime"):
+            return dt.datetime.fromisoformat(c["lastTransitionTime"].replace("Z", "+00:00"))
+    return None
+
+
+def describe_status(trainer_status: dict) -> str:
+    """status.trainerStatus (what rank 0 reports) as one log line."""
+    parts = []
+    if "progressPercentage" in trainer_status:
+        parts.append(f"{trainer_status['progressPercentage']}% done")
+    if "estimatedRemainingSeconds" in trainer_status:
+        parts.append(f"ETA {dt.timedelta(seconds=int(trainer_status['estimatedRemainingSeconds']))}")
+    parts += [f"{m['name']}={m['value']}" for m in trainer_status.get("metrics", [])]
+    return ", ".join(parts)
+
+
 class TrainJobLauncher:
-    """Create a TrainJob and follow .status.conditions until Complete or Failed (kubernetes CustomObjectsApi)."""
+    """Create a TrainJob (or adopt the one a previous attempt of the same step created), follow it to Complete or
+    Failed, stream rank 0's log and the reported progress into this process's log, and never leave it behind:
+    SIGTERM or SIGINT of this process, a timeout or a Suspended timeout delete the job. Transient API errors
+    (429, 5xx, connection resets) are retried with exponential backoff.
+
+    `api` is a kubernetes CustomObjectsApi, `core` a CoreV1Api (pod logs; None: no streaming).
+    """
 
     def __init__(
         self,
         api,
+        core=None,
         poll_s: float = 15.0,
         timeout_s: float | None = None,
-        cleanup: str = "success",
-        sleep=time.sleep,
+        suspend_timeout_s: float | None = 3600.0,
+        retries: int = 6,
+        backoff_s: float = 1.0,
+        backoff_cap_s: float = 60.0,
         log=print,
+        clock=time.monotonic,
+        now=lambda: dt.datetime.now(dt.UTC),
     ):
-        if cleanup not in CLEANUP:
-            raise UserError(f"cleanup {cleanup!r}: choose one of {', '.join(CLEANUP)}")
-        self.api, self.poll_s, self.timeout_s, self.cleanup = api, poll_s, timeout_s, cleanup
-        self.sleep, self.log = sleep, log
+        self.api, self.core, self.poll_s, self.timeout_s = api, core, poll_s, timeout_s
+        self.suspend_timeout_s, self.retries, self.backoff_s, self.backoff_cap_s = (
+            suspend_timeout_s,
+            retries,
+            backoff_s,
+            backoff_cap_s,
+        )
+        self.log, self.clock, self.now = log, clock, now
+        self.stop = threading.Event()
+        self.stopped_by: str | None = None
+        self._log_marks: dict[str, str] = {}
+
+    # -- the API, with retries ---------------------------------------------------------------------------------
+
+    def _call(self, what: str, fn, *args, **kwargs):
+        from kubernetes.client.exceptions import ApiException
+        from urllib3.exceptions import HTTPError
+
+        for attempt in range(self.retries + 1):
+            try:
+                return fn(*args, **kwargs)
+            except ApiException as err:
+                if err.status not in TRANSIENT or attempt == self.retries:
+                    raise
+                reason = f"{err.status} {err.reason}"
+            except (HTTPError, ConnectionError) as err:
+                if attempt == self.retries:
+                    raise TrainJobFailed(f"{what}: the Kubernetes API is unreachable ({err!r})") from err
+                reason = type(err).__name__
+            delay = min(self.backoff_cap_s, self.backoff_s * 2**attempt)
+            self.log(f"{what}: {reason}; retrying in {delay:g} s ({attempt + 1}/{self.retries})")
+            self.stop.wait(delay)
+        raise AssertionError("unreachable")
+
+    def _get(self, ns: str, name: str) -> dict | None:
+        from kubernetes.client.exceptions import ApiException
+
+        try:
+            return self._call(
+                f"get TrainJob {ns}/{name}", self.api.get_namespaced_custom_object, GROUP, VERSION, ns, PLURAL, name
+            )
+        except ApiException as err:
+            if err.status == 404:
+                return None
+            raise
+
+    def _delete(self, ns: str, name: str, why: str) -> None:
+        from kubernetes.client.exceptions import ApiException
+
+        try:
+            self._call(
+                f"delete TrainJob {ns}/{name}",
+                self.api.delete_namespaced_custom_object,
+                GROUP,
+                VERSION,
+                ns,
+                PLURAL,
+                name,
+                propagation_policy="Foreground",
+            )
+        except ApiException as err:
+            if err.status != 404:
+                raise
+        self.log(f"deleted TrainJob {ns}/{name} ({why})")
+
+    # -- one launch ------------------------------------------------------------------------------------------
 
     def run(self, job: dict) -> dict:
+        """Returns the finished TrainJob; raises TrainJobFailed when it failed, vanished, timed out or was stopped."""
+        ns, name = job["metadata"]["namespace"], job["metadata"]["name"]
+        handlers = self._catch_signals()
+        try:
+            self.sweep(ns)
+            self._create_or_adopt(job)
+            return self._follow(ns, name)
+        finally:
+            for sig, handler in handlers.items():
+                signal.signal(sig, handler)
+
+    def _catch_signals(self) -> dict:
+        if threading.current_thread() is not threading.main_thread():
+            return {}
+
+        def handle(signum, frame):
+            self.stopped_by = signal.Signals(signum).name
+            self.stop.set()
+
+        return {sig: signal.signal(sig, handle) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+    def sweep(self, ns: str) -> list[str]:
+        """Delete this project's finished TrainJobs in `ns` whose keep time has passed; returns their names."""
+        from kubernetes.client.exceptions import ApiException
+
+        selector = ",".join(f"{k}={v}" for k, v in PART_OF.items())
+        try:
+            listed = self._call(
+                f"list TrainJobs in {ns}",
+                self.api.list_namespaced_custom_object,
+                GROUP,
+                VERSION,
+                ns,
+                PLURAL,
+                label_selector=selector,
+            )
+        except (ApiException, TrainJobFailed) as err:  # housekeeping: never a reason not to train
+            self.log(f"could not list finished TrainJobs in {ns} ({getattr(err, 'status', err)}); none deleted")
+            return []
+        swept = []
+        for obj in listed.get("items", []):
+            finished = _finished_at(obj)
+            keep = obj.get("metadata", {}).get("annotations", {}).get(KEEP_SECONDS)
+            if finished is None or keep is None:
+                continue
+            if self.now() >= finished + dt.timedelta(seconds=int(keep)):
+                self._delete(ns, obj["metadata"]["name"], f"finished {finished.isoformat()}, kept {keep} s")
+                swept.append(obj["metadata"]["name"])
+        return swept
+
+    def _create_or_adopt(self, job: dict) -> None:
         from kubernetes.client.exceptions import ApiException
 
         ns, name = job["metadata"]["namespace"], job["metadata"]["name"]
-        try:
-            self.api.create_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, job)
-        except ApiException as err:
-            raise TrainJobFailed(f"could not create TrainJob {ns}/{name}: {err.status} {err.reason}") from err
-        self.log(f"created TrainJob {ns}/{name}")
-        started, last = time.monotonic(), None
-        while True:
+        ours = job["metadata"]["annotations"][SPEC_DIGEST]
+        for _ in range(3):  # create; or adopt; or replace a failed previous attempt and create
             try:
-                obj = self.api.get_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, name)
+                self._call(
+                    f"create TrainJob {ns}/{name}",
+                    self.api.create_namespaced_custom_object,
+                    GROUP,
+                    VERSION,
+                    ns,
+                    PLURAL,
+                    job,
+                )
+                self.log(f"created TrainJob {ns}/{name}")
+                return
             except ApiException as err:
-                if err.status == 404:
-                    raise TrainJobFailed(f"TrainJob {ns}/{name} was deleted before it finished") from err
-                raise
-            conditions = {c["type"]: c for c in obj.get("status", {}).get("conditions", [])}
-            state = next(
-                (
-                    t
-                    for t in ("Complete", "Failed", "Suspended", "Created")
-                    if conditions.get(t, {}).get("status") == "True"
-                ),
-                "Pending",
-            )
+                if err.status != 409:
+                    raise TrainJobFailed(
+                        f"could not create TrainJob {ns}/{name}: {err.status} {err.reason}: {_message(err)}"
+                    ) from err
+            existing = self._get(ns, name)
+            if existing is None:
+                continue  # deleted between the two calls
+            theirs = existing.get("metadata", {}).get("annotations", {}).get(SPEC_DIGEST)
+            if theirs != ours:
+                raise TrainJobFailed(
+                    f"TrainJob {ns}/{name} already exists with a different spec (digest {theirs}, this step's is "
+                    f"{ours}): delete it (kubectl delete trainjob -n {ns} {name}) or run under another name"
+                )
+            state = state_of(existing)
+            if state != "Failed":
+                self.log(f"adopting TrainJob {ns}/{name} ({state}), created by an earlier attempt of this step")
+                return
+            self._delete(ns, name, "an earlier attempt failed; training resumes from its newest complete checkpoint")
+            self._wait_gone(ns, name)
+        raise TrainJobFailed(f"could not create TrainJob {ns}/{name}: it keeps coming back")
+
+    def _wait_gone(self, ns: str, name: str) -> None:
+        while self._get(ns, name) is not None:
+            if self.stop.wait(min(self.poll_s, 5.0)):
+                return
+
+    def _follow(self, ns: str, name: str) -> dict:
+        started, last, suspended_since, reported = self.clock(), None, None, None
+        while True:
+            if self.stop.is_set():
+                self._delete(ns, name, f"this step received {self.stopped_by or 'a stop'}")
+                raise TrainJobFailed(f"stopped by {self.stopped_by or 'a stop'}: TrainJob {ns}/{name} was deleted")
+            obj = self._get(ns, name)
+            if obj is None:
+                raise TrainJobFailed(f"TrainJob {ns}/{name} was deleted before it finished")
+            state = state_of(obj)
             if state != last:
                 self.log(f"TrainJob {ns}/{name}: {state}")
                 last = state
+            trainer_status = obj.get("status", {}).get("trainerStatus") or {}
+            if trainer_status and trainer_status.get("lastUpdatedTime") != reported:
+                reported = trainer_status.get("lastUpdatedTime")
+                self.log(f"TrainJob {ns}/{name} progress: {describe_status(trainer_status)}")
+            self._stream_logs(ns, name)
             if state == "Complete":
-                self._cleanup(ns, name, success=True)
+                if int(obj["metadata"].get("annotations", {}).get(KEEP_SECONDS, "0")) == 0:
+                    self._delete(ns, name, "finished, keep-seconds 0")
                 return obj
             if state == "Failed":
-                c = conditions["Failed"]
-                self._cleanup(ns, name, success=False)
-                raise TrainJobFailed(f"TrainJob {ns}/{name} failed: {c.get('reason', '')}: {c.get('message', '')}")
-            if self.timeout_s is not None and time.monotonic() - started > self.timeout_s:
-                self._cleanup(ns, name, success=False)
-                raise TrainJobFailed(f"TrainJob {ns}/{name} did not finish within {self.timeout_s} s")
-            self.sleep(self.poll_s)
+                c = next(c for c in obj["status"]["conditions"] if c["type"] == "Failed")
+                raise TrainJobFailed(
+                    f"TrainJob {ns}/{name} failed: {c.get('reason', '')}: {c.get('message', '')} (kept for "
+                    f"inspection: kubectl describe trainjob -n {ns} {name})"
+                )
+            if state == "Suspended":
+                suspended_since = suspended_since if suspended_since is not None else self.clock()
+                if self.suspend_timeout_s is not None and self.clock() - suspended_since > self.suspend_timeout_s:
+                    self._delete(ns, name, "suspended too long")
+                    raise TrainJobFailed(
+                        f"TrainJob {ns}/{name} stayed Suspended (not admitted by its queue) for more than "
+                        f"{self.suspend_timeout_s:g} s; it was deleted. Check the queue's quota, or raise the "
+                        f"suspend timeout"
+                    )
+            else:
+                suspended_since = None
+            if self.timeout_s is not None and self.clock() - started > self.timeout_s:
+                self._delete(ns, name, "timed out")
+                raise TrainJobFailed(f"TrainJob {ns}/{name} did not finish within {self.timeout_s:g} s; it was deleted")
+            self.stop.wait(self.poll_s)
 
-    def _cleanup(self, ns: str, name: str, success: bool) -> None:
-        if self.cleanup == "always" or (self.cleanup == "success" and success):
-            self.api.delete_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, name)
-            self.log(f"deleted TrainJob {ns}/{name}")
+    def _stream_logs(self, ns: str, name: str) -> None:
+        """New lines of rank 0's log since the last poll (timestamps keep the place; a restarted pod starts over)."""
+        if self.core is None:
+            return
+        from kubernetes.client.exceptions import ApiException
+
+        try:
+            pods = self._call(
+                f"list pods of {ns}/{name}",
+                self.core.list_namespaced_pod,
+                ns,
+                label_selector=RANK0_SELECTOR.format(name=name),
+            ).items
+            for pod in pods:
+                pod_name = pod.metadata.name
+                mark = self._log_marks.get(pod_name)
+                # the first read takes the tail (an adopted job may have logged for days), later ones a window
+                # wider than a poll, deduplicated by timestamp
+                window = {"tail_lines": 1000} if mark is None else {"since_seconds": int(2 * self.poll_s) + 60}
+                text = self.core.read_namespaced_pod_log(pod_name, ns, container=NODE, timestamps=True, **window)
+                mark = mark or ""
+                for line in text.splitlines():
+                    stamp, _, message = line.partition(" ")
+                    if _stamp_key(stamp) > mark:
+                        self.log(f"[{pod_name}] {message}")
+                        mark = _stamp_key(stamp)
+                self._log_marks[pod_name] = mark
+        except (ApiException, TrainJobFailed):  # a pod still starting has no log yet; streaming is best effort
+            return
+
+
+def _stamp_key(stamp: str) -> str:
+    """RFC 3339 with nanoseconds drops trailing zeros; padded, the stamps of one pod's log compare as strings."""
+    base, _, fraction = stamp.rstrip("Z").partition(".")
+    return f"{base}.{fraction.ljust(9, '0')}"
+
+
+def _message(err) -> str:
+    try:
+        return json.loads(err.body).get("message", "")
+    except (TypeError, ValueError, AttributeError):
+        return str(err.body or "")

@@ -1,0 +1,236 @@
+"""The TrainJob launcher against a stand-in Kubernetes API on 127.0.0.1 (tests/helpers/kube_api.py) that admits
+only what Trainer v2.3.0 admits: create, follow, stream, adopt on retry, retry transient errors, delete on SIGTERM,
+on a Suspended timeout and when the keep time has passed; and the RBAC Role grants exactly the verbs it uses."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from helpers.kube_api import Cluster, kube_api
+
+from distar.train.trainjob import (
+    KEEP_SECONDS,
+    TrainJobFailed,
+    TrainJobLauncher,
+    TrainJobSpec,
+    job_name,
+    manifest,
+)
+
+ROOT = Path(__file__).resolve().parents[2]
+NS = "team"
+
+
+def spec(**kwargs) -> TrainJobSpec:
+    base = dict(
+        name=job_name("run-1", "train"),
+        namespace=NS,
+        image="reg/distar:0.1.0",
+        overrides=["out=gs://b/r"],
+        num_nodes=2,
+        secret_env={"HF_TOKEN": "distar-hub/HF_TOKEN"},
+        service_account="distar-trainer",
+    )
+    return TrainJobSpec(**{**base, **kwargs})
+
+
+def launcher(api, core, lines: list, **kwargs) -> TrainJobLauncher:
+    return TrainJobLauncher(api, core, poll_s=0, backoff_s=0, log=lines.append, **kwargs)
+
+
+def test_created_followed_streamed_and_kept():
+    cluster = Cluster(
+        states=["Pending", "Created", "Created", "Created", "Complete"],
+        logs=["distar train: starting fresh", "step 1", "step 2"],
+        trainer_status={
+            2: {
+                "progressPercentage": 50,
+                "estimatedRemainingSeconds": 3600,
+                "lastUpdatedTime": "t1",
+                "metrics": [{"name": "reward", "value": "21.5"}],
+            }
+        },
+    )
+    lines: list[str] = []
+    with kube_api(cluster) as (api, core, _):
+        job = launcher(api, core, lines).run(manifest(spec()))
+    assert job["status"]["conditions"][0]["type"] == "Complete"
+    assert len(cluster.created) == 1 and cluster.deleted == []  # kept for its keep time
+    streamed = [line.split("] ", 1)[1] for line in lines if line.startswith("[")]
+    assert streamed == ["distar train: starting fresh", "step 1", "step 2"]  # rank 0 only, each line once
+    assert all("node-0-0" in line for line in lines if line.startswith("["))
+    assert any("progress: 50% done, ETA 1:00:00, reward=21.5" in line for line in lines)
+
+
+def test_a_manifest_the_webhook_refuses_fails_with_the_webhooks_words():
+    job = manifest(spec())
+    job["spec"]["runtimePatches"][0]["manager"] = "distar"
+    with kube_api(Cluster()) as (api, core, _), pytest.raises(TrainJobFailed) as err:
+        launcher(api, core, []).run(job)
+    assert "403" in str(err.value) and "denied the request" in str(err.value) and "domain-prefixed" in str(err.value)
+
+
+def test_a_retry_adopts_the_job_of_the_same_spec_and_refuses_another_spec():
+    cluster = Cluster(states=["Created", "Created", "Created", "Complete"])
+    with kube_api(cluster) as (api, core, _):
+        first = manifest(spec())
+        cluster.jobs[(NS, first["metadata"]["name"])] = json.loads(json.dumps(first))  # an earlier attempt's job
+        lines: list[str] = []
+        launcher(api, core, lines).run(manifest(spec()))
+        assert cluster.created == [] and any("adopting TrainJob" in line for line in lines)
+        with pytest.raises(TrainJobFailed, match="already exists with a different spec"):
+            launcher(api, core, []).run(manifest(spec(image="reg/distar:0.2.0")))
+
+
+def test_a_retry_after_a_failed_attempt_replaces_the_failed_job():
+    cluster = Cluster(states=["Failed"])
+    with kube_api(cluster) as (api, core, _):
+        with pytest.raises(TrainJobFailed, match="failed: FailedReason") as err:
+            launcher(api, core, []).run(manifest(spec()))
+        assert "kept for inspection" in str(err.value) and cluster.deleted == []
+        cluster.states = ["Created", "Complete"]
+        lines: list[str] = []
+        launcher(api, core, lines).run(manifest(spec()))
+    assert len(cluster.created) == 2 and cluster.deleted == [spec().name]
+    assert any("an earlier attempt failed" in line for line in lines)
+
+
+def test_transient_errors_are_retried_and_a_create_lost_in_a_reset_is_adopted():
+    cluster = Cluster(states=["Created", "Complete"])
+    cluster.fault("POST", "trainjobs$", "429")
+    cluster.fault("POST", "trainjobs$", "503")
+    cluster.fault("POST", "trainjobs$", "reset-after")  # created, but the answer never arrives
+    cluster.fault("GET", "trainjobs/", "reset")
+    lines: list[str] = []
+    with kube_api(cluster) as (api, core, _):
+        launcher(api, core, lines).run(manifest(spec()))
+    retried = [line for line in lines if "retrying in" in line]
+    assert len(retried) == 4 and "429" in retried[0] and "503" in retried[1]
+    assert len(cluster.created) == 1 and any("adopting" in line for line in lines)
+
+
+def test_errors_that_persist_end_the_step_clearly():
+    cluster = Cluster()
+    cluster.fault("POST", "trainjobs$", "503", times=10)
+    with kube_api(cluster) as (api, core, _), pytest.raises(TrainJobFailed, match="could not create .*503"):
+        launcher(api, core, [], retries=2).run(manifest(spec()))
+
+
+def test_a_job_suspended_too_long_is_deleted_and_named():
+    cluster = Cluster(states=["Suspended"])
+    ticks = iter(range(0, 10_000, 100))
+    with kube_api(cluster) as (api, core, _), pytest.raises(TrainJobFailed, match="stayed Suspended .* 250 s"):
+        launcher(api, core, [], suspend_timeout_s=250, clock=lambda: next(ticks)).run(manifest(spec(queue="gpus")))
+    assert cluster.deleted == [spec().name]
+
+
+def test_finished_jobs_past_their_keep_time_are_deleted_by_the_next_launch():
+    cluster = Cluster(states=["Created", "Complete"])
+    with kube_api(cluster) as (api, core, _):
+        for run_id, keep in (("old", "60"), ("recent", "999999")):
+            job = manifest(spec(name=job_name(run_id, "train")))
+            job["metadata"]["annotations"][KEEP_SECONDS] = keep
+            job["status"] = {
+                "conditions": [{"type": "Complete", "status": "True", "lastTransitionTime": "2026-01-01T00:00:00Z"}]
+            }
+            cluster.jobs[(NS, job["metadata"]["name"])] = job
+        later = lambda: dt.datetime(2026, 1, 1, 0, 5, tzinfo=dt.UTC)  # noqa: E731
+        launcher(api, core, [], now=later).run(manifest(spec()))
+    assert cluster.deleted == [job_name("old", "train")]
+    assert (NS, job_name("recent", "train")) in cluster.jobs and (NS, spec().name) in cluster.jobs
+
+
+SIGTERM_SCRIPT = """
+import sys
+from kubernetes import client
+from distar.train.trainjob import TrainJobLauncher, TrainJobSpec, manifest
+config = client.Configuration(); config.host = sys.argv[1]
+api_client = client.ApiClient(config)
+job = manifest(TrainJobSpec(name="distar-sigterm", namespace="team", image="i", overrides=["out=gs://b/r"]))
+TrainJobLauncher(client.CustomObjectsApi(api_client), client.CoreV1Api(api_client), poll_s=0.2).run(job)
+"""
+
+
+def test_sigterm_of_the_step_deletes_its_trainjob():
+    cluster = Cluster(states=["Created"], logs=["training"] * 1000)
+    with kube_api(cluster) as (_, _, url):
+        env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+        proc = subprocess.Popen(
+            [sys.executable, "-c", SIGTERM_SCRIPT, url],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        deadline = time.monotonic() + 60
+        while not cluster.gets and time.monotonic() < deadline:
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=60)
+    assert proc.returncode != 0 and cluster.deleted == ["distar-sigterm"], out
+    assert "stopped by SIGTERM" in out and "[distar-sigterm-node-0-0-abcde] training" in out
+
+
+def test_the_role_grants_exactly_the_verbs_the_launcher_uses(tmp_path):
+    """Every path of the launcher (sweep, create, adopt, replace, follow, stream, delete, its own pod for the owner
+    reference) against the stand-in, then the Role of k8s/base: the same (resource, verb) pairs, nothing more."""
+    from helpers.k8s import rendered
+
+    from distar.train.launch import _owner
+
+    cluster = Cluster(states=["Failed"], logs=["x"])
+    with kube_api(cluster) as (api, core, _):
+        cluster.add_pod(NS, "step-pod")
+        os.environ["HOSTNAME"], before = "step-pod", os.environ.get("HOSTNAME")
+        try:
+            assert _owner(core, NS)[0]["uid"] == "uid-step-pod"
+        finally:
+            os.environ["HOSTNAME"] = before or ""
+        with pytest.raises(TrainJobFailed):
+            launcher(api, core, []).run(manifest(spec()))
+        cluster.states = ["Created", "Complete"]
+        launcher(api, core, []).run(manifest(spec()))
+        launcher(api, core, []).run(manifest(spec()))  # adopts the finished job
+    used = cluster.verbs
+    for overlay in ("standalone", "multi-user"):
+        roles = [o for o in rendered(overlay) if o["kind"] == "Role" and o["metadata"]["name"] == "distar-trainjobs"]
+        granted = {
+            (resource, verb) for rule in roles[0]["rules"] for resource in rule["resources"] for verb in rule["verbs"]
+        }
+        assert granted == used, (overlay, granted ^ used)
+
+
+def test_run_trainjob_checks_uris_before_any_pod_and_reads_the_summary_from_object_storage():
+    import fsspec
+    from helpers.storage_servers import s3_server
+
+    from distar.errors import UserError
+    from distar.train.launch import run_trainjob
+
+    cluster = Cluster(states=["Created", "Complete"])
+    with kube_api(cluster) as (api, core, _):
+        prompts = "data.prompts=s3://x/p"
+        for bad, key in (
+            (["out=/local/run", prompts], "out="),
+            (["out=s3://x/r"], "data.prompts"),
+            (["out=s3://x/r", prompts, "model.cache_dir=/cache"], "model.cache_dir"),
+        ):
+            with pytest.raises(UserError, match=key):
+                run_trainjob("tiny", bad, spec=spec(), api=api, core=core, poll_s=0)
+        assert cluster.created == []  # refused before anything was created
+        with s3_server("launch-runs"):
+            fs, _ = fsspec.core.url_to_fs("s3://launch-runs")
+            fs.pipe_file("launch-runs/r1/summary.json", json.dumps({"step": 7, "checkpoint": "s3://x"}).encode())
+            args = ["out=s3://launch-runs/r1", prompts, "steps=7"]
+            summary = run_trainjob("tiny", args, spec=spec(), api=api, core=core, poll_s=0)
+    assert summary["step"] == 7
+    created = cluster.created[0]["spec"]["trainer"]
+    assert created["command"][-3:] == args and created["numNodes"] == 2

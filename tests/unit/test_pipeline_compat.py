@@ -1,0 +1,74 @@
+"""The compiled pipeline against the KFP backends it says it supports (>= 2.5, docs/CLUSTER.md): every field it
+uses is read by a 2.5 driver, and the check catches what the previous pipeline used."""
+
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from helpers.kfp_backend import too_new
+
+ROOT = Path(__file__).resolve().parents[2]
+MINIMUM = (2, 5)
+
+
+def _docs(path: Path) -> list[dict]:
+    return list(yaml.safe_load_all(path.read_text()))
+
+
+def test_the_committed_pipeline_uses_only_what_kfp_2_5_reads():
+    assert too_new(_docs(ROOT / "pipelines" / "distar_sdxl.yaml"), MINIMUM) == []
+
+
+def test_the_local_launcher_variant_too(tmp_path):
+    sys.path.insert(0, str(ROOT / "pipelines"))
+    import distar_sdxl
+
+    path = distar_sdxl.compile_pipeline(tmp_path / "local.yaml", launcher="local")
+    docs = _docs(path)
+    assert too_new(docs, MINIMUM) == []
+    executors = docs[1]["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    # GPU scheduling on GPU work only: training (here on the step's machine) and evaluation
+    assert {n for n, c in executors.items() if "nodeSelector" in c} == {"exec-train", "exec-evaluate"}
+
+
+def test_gpu_settings_stay_off_the_cpu_steps_of_the_trainjob_pipeline():
+    docs = _docs(ROOT / "pipelines" / "distar_sdxl.yaml")
+    executors = docs[0]["deploymentSpec"]["executors"]
+    with_gpu = {n for n, e in executors.items() if "accelerator" in e["container"].get("resources", {})}
+    assert with_gpu == {"exec-evaluate"}
+    platform = docs[1]["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    assert {n for n, c in platform.items() if "tolerations" in c or "nodeSelector" in c} == {"exec-evaluate"}
+    for name, executor in executors.items():
+        resources = executor["container"]["resources"]
+        assert {"resourceCpuRequest", "resourceMemoryRequest"} <= set(resources), name
+        gpu = name == "exec-evaluate"
+        assert executor["container"]["image"].endswith("distar:0.1.0" if gpu else "distar-cpu:0.1.0"), name
+
+
+def test_an_optional_secret_or_an_unknown_field_is_caught(tmp_path):
+    from kfp import compiler, dsl, kubernetes
+
+    @dsl.component(base_image="python:3.11")
+    def step():
+        pass
+
+    @dsl.pipeline(name="old")
+    def old(secret: str = "distar-storage"):
+        task = step()
+        kubernetes.use_secret_as_env(task, secret_name=secret, optional=True, secret_key_to_env={"K": "K"})
+        kubernetes.set_image_pull_policy(task, "Always")
+
+    path = tmp_path / "old.yaml"
+    compiler.Compiler().compile(old, str(path))
+    found = too_new(_docs(path), MINIMUM)
+    assert any("secretAsEnv/optional=True needs a KFP backend >= 2.15" in p for p in found), found
+    assert any("imagePullPolicy is not in the backend table" in p for p in found), found
+    assert too_new(_docs(path), (2, 15)) == [p for p in found if "not in the backend table" in p]
+
+
+@pytest.mark.parametrize("minimum", [(2, 4)])
+def test_a_2_4_backend_is_not_supported_and_the_check_says_why(minimum):
+    found = too_new(_docs(ROOT / "pipelines" / "distar_sdxl.yaml"), minimum)
+    assert any("secretNameParameter" in p and ">= 2.5" in p for p in found)
+    assert any("nodeSelectorJson" in p for p in found)
