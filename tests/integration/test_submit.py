@@ -87,7 +87,7 @@ def test_the_kfp_cli_form_the_readme_documents():
                 "--endpoint",
                 fake.url,
                 "run",
-                "submit",
+                "create",
                 "-e",
                 "distar",
                 "-f",

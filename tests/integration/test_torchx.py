@@ -54,3 +54,39 @@ def test_torchx_run_local_cwd_with_two_processes(tmp_path):
     assert "world size 2" in proc.stdout + proc.stderr
     assert (out / "checkpoints" / "step_00000002" / "COMPLETE").is_file()
     assert (tmp_path / "runs" / "torchx").is_dir()  # the log_dir of .torchxconfig's [local_cwd] section
+
+
+def test_the_documented_kubernetes_dry_run_renders_a_volcano_job_offline(tmp_path):
+    """torchx's kubernetes scheduler submits a Volcano Job (the cluster needs Volcano); the dry run of README and
+    docs/CLUSTER.md works with no Docker and no API server (--workspace "" and validate_spec=False)."""
+    import yaml
+
+    shutil.copy(ROOT / ".torchxconfig", tmp_path / ".torchxconfig")
+    torchx = Path(sys.executable).parent / "torchx"
+    command = [
+        str(torchx),
+        "run",
+        "--dryrun",
+        "-s",
+        "kubernetes",
+        "--workspace",
+        "",
+        "-cfg",
+        "validate_spec=False,queue=default,namespace=distar",
+        "distar.train",
+        "--nnodes",
+        "2",
+        "--nproc_per_node",
+        "8",
+        "--gpus_per_node",
+        "8",
+        "--",
+        "--config",
+        "sdxl",
+        "out=gs://b/r",
+    ]
+    proc = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    request = yaml.safe_load(proc.stdout.split("=== SCHEDULER REQUEST ===", 1)[1])
+    assert request["apiVersion"].startswith("batch.volcano.sh/") and request["kind"] == "Job"
+    assert request["spec"]["queue"] == "default" and len(request["spec"]["tasks"]) == 2  # one task per node

@@ -1,5 +1,6 @@
-"""The image recipe, checked without a Docker engine: COPY sources exist and survive .dockerignore, the entry
-point resolves inside the project, and the base is pinned."""
+"""The image recipes (CUDA and CPU), checked without a Docker engine: COPY sources exist and survive
+.dockerignore, the entry point resolves inside the project, the base and torch are pinned, and each pulls the
+torch build it is for."""
 
 from __future__ import annotations
 
@@ -8,12 +9,15 @@ import re
 import tomllib
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
-DOCKERFILE = ROOT / "containers" / "Dockerfile"
+DOCKERFILES = ["Dockerfile", "Dockerfile.cpu"]
 
 
-def _instructions():
-    lines = [x.strip() for x in DOCKERFILE.read_text().splitlines() if x.strip() and not x.strip().startswith("#")]
+def _instructions(name: str):
+    text = (ROOT / "containers" / name).read_text()
+    lines = [x.strip() for x in text.splitlines() if x.strip() and not x.strip().startswith("#")]
     return [(x.split()[0].upper(), x.split(None, 1)[1] if " " in x else "") for x in lines]
 
 
@@ -22,8 +26,9 @@ def _ignored(path: str) -> bool:
     return any(fnmatch.fnmatch(path, p) or path.startswith(p.rstrip("/") + "/") for p in patterns)
 
 
-def test_every_copy_source_exists_and_is_sent_to_the_build():
-    copies = [args for op, args in _instructions() if op == "COPY"]
+@pytest.mark.parametrize("name", DOCKERFILES)
+def test_every_copy_source_exists_and_is_sent_to_the_build(name):
+    copies = [args for op, args in _instructions(name) if op == "COPY"]
     assert copies
     for args in copies:
         *sources, _dest = args.split()
@@ -32,8 +37,9 @@ def test_every_copy_source_exists_and_is_sent_to_the_build():
             assert not _ignored(source.rstrip("/")), f"COPY {source}: excluded by .dockerignore"
 
 
-def test_base_is_pinned_user_is_not_root_and_entry_point_resolves():
-    ops = _instructions()
+@pytest.mark.parametrize("name", DOCKERFILES)
+def test_base_is_pinned_user_is_not_root_and_entry_point_resolves(name):
+    ops = _instructions(name)
     base = next(args for op, args in ops if op == "FROM")
     assert ":" in base and not base.endswith(":latest")
     users = [args for op, args in ops if op == "USER"]
@@ -47,3 +53,5 @@ def test_base_is_pinned_user_is_not_root_and_entry_point_resolves():
     assert callable(getattr(importlib.import_module(module), func))
     torch_pin = next(args for op, args in ops if op == "ARG" and args.startswith("TORCH_VERSION="))
     assert re.fullmatch(r"TORCH_VERSION=2\.\d+\.\d+", torch_pin)
+    index = next(args for op, args in ops if op == "ARG" and args.startswith("TORCH_INDEX="))
+    assert index.endswith("/whl/cpu") == name.endswith(".cpu")
