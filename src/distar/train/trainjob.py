@@ -65,7 +65,7 @@ class TrainJobSpec:
     runtime: str = "torch-distributed"
     env: dict[str, str] = field(default_factory=dict)
     secret_env: dict[str, str] = field(default_factory=dict)
-    """Environment variable → "secret-name/key" (e.g. AWS_SECRET_ACCESS_KEY → "distar-s3/secret-key")."""
+    """Environment variable → "secret-name/key", e.g. HF_TOKEN → "distar-hub/HF_TOKEN"."""
     shm_size: str = "64Gi"
     node_selector: dict[str, str] = field(default_factory=dict)
     tolerations: list[dict] = field(default_factory=list)
