@@ -11,6 +11,7 @@ def evaluate(
     metrics: Output[Metrics],
     report: Output[HTML],
     results: Output[Artifact],
+    evaluation: Output[Artifact],
     prompts: str = "prompts/parti/PartiPrompts.tsv",
     hps_prompts: str = "prompts/hpsv2",
     rewards: list = ["imagereward", "aesthetic", "pickscore", "clip", "hpsv2.1"],  # noqa: B006 - read, not mutated
@@ -20,9 +21,12 @@ def evaluate(
     reference: str = "stabilityai/stable-diffusion-xl-base-1.0",
     max_prompts: int = 0,
     batch_size: int = 4,
+    variant: dict = {},  # noqa: B006 - an ablation branch: its name labels the results
+    run: str = "",
 ):
     """The paper's protocol on the exported pipeline (distar evaluate). Reward models and prompt sets are read from
-    the model cache's root (the input is its manifest); prompt paths are relative to that root."""
+    the model cache's root (the input is its manifest); prompt paths are relative to that root. `evaluation` is
+    the small record later steps read (metrics.json and where the images are), `run` the training run's URI."""
     import json
     import shutil
 
@@ -48,10 +52,15 @@ def evaluate(
             cache_dir=cache_root,
             max_prompts=max_prompts,
             batch_size=batch_size,
+            label=variant.get("name", ""),
+            run=run or None,
         )
     )
     for name, value in out["results"]["model"].items():
         if isinstance(value, (int, float)):
             metrics.log_metric(name.replace("/", "_"), float(value))
     shutil.copy(f"{results.path}/report.html", report.path)
-    results.metadata.update({"baseline": baseline, "prompts": out["prompts"]})
+    results.metadata.update({"baseline": baseline, "prompts": out["prompts"], "protocol": out["protocol_digest"]})
+    with open(evaluation.path, "w") as fh:
+        json.dump({**out, "out": results.uri}, fh, indent=1)
+    evaluation.metadata.update({"label": out["label"], "protocol": out["protocol_digest"], "results": results.uri})

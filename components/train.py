@@ -13,7 +13,7 @@ def train(
     runs_root: str,
     run_id: str,
     task_name: str,
-    variant: str = "",
+    variant: dict = {},  # noqa: B006 - {"name": …, "overrides": [...]}: one branch of an ablation sweep
     preset: str = "sdxl",
     overrides: list = [],  # noqa: B006 - kfp reads defaults from the signature; the list is never mutated
     launcher: str = "trainjob",
@@ -30,10 +30,11 @@ def train(
     queue: str = "",
     keep_s: int = 86400,
     suspend_timeout_s: int = 3600,
-):
+) -> str:
     """DI* training on the curated prompts, models read from the cache's root. The run lives at
-    {runs_root}/{run_id}/{task_name}[-{variant}], the same for every retry (which resumes there). Outputs: a small
-    record of the run (URIs, config digest, summary), the final metrics, and the training report.
+    {runs_root}/{run_id}/{task_name}[-{variant name}], the same for every retry (which resumes there); a variant's
+    overrides come after `overrides`. Outputs: a small record of the run (URIs, config digest, summary), the final
+    metrics, the training report; returns the run's URI.
     launcher "trainjob": a Kubeflow Trainer TrainJob of num_nodes × nproc_per_node processes; "local": torchrun on
     this step's own machine."""
     import json
@@ -45,7 +46,9 @@ def train(
 
     with open(model_cache.path) as fh:
         cache_root = json.load(fh)["root"]
-    out = f"{runs_root.rstrip('/')}/{run_id}/{task_name}" + (f"-{variant}" if variant else "")
+    name = variant.get("name", "")
+    overrides = [*overrides, *variant.get("overrides", [])]
+    out = f"{runs_root.rstrip('/')}/{run_id}/{task_name}" + (f"-{name}" if name else "")
     remote = launcher == "trainjob"
     args = [
         f"out={out}",
@@ -56,7 +59,7 @@ def train(
     ]
     if remote:
         spec = TrainJobSpec(
-            name=job_name(run_id, task_name, variant),
+            name=job_name(run_id, task_name, name),
             namespace="",
             image=image,
             num_nodes=num_nodes,
@@ -79,7 +82,7 @@ def train(
         "config_digest": summary["config_digest"],
         "preset": preset,
         "overrides": list(overrides),
-        "variant": variant,
+        "variant": name,
         "launcher": launcher,
         "distar_version": distar.__version__,
         "summary": summary,
@@ -95,6 +98,7 @@ def train(
     html = fs.cat_file(page).decode() if fs.exists(page) else f"<p>no training report under {out}</p>"
     with open(report.path, "w") as fh:
         fh.write(html)
+    return out
 
 
 # The same step in two images: following a TrainJob needs no GPU (the slim CPU image); training on the step's own

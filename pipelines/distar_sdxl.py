@@ -40,6 +40,22 @@ def secrets(task, storage_secret, hub_secret) -> None:
     kubernetes.use_secret_as_env(task, secret_name=hub_secret, secret_key_to_env={k: k for k in HUB_SECRET_KEYS})
 
 
+def place(launcher, node_selector, tolerations, storage_secret, hub_secret, gpu: dict, resources: list) -> None:
+    """Where the steps run (kfp-kubernetes; kfp.local ignores it). GPUs, their node selector and tolerations only on
+    GPU work: the tasks in `gpu` (task → GPU count), less the train task when it launches a TrainJob (the job's pods
+    get them from it); CPU and memory requests and the secrets on every task of `resources` (task, cpu, memory)."""
+    for task, count in gpu.items():
+        if launcher == "trainjob" and task.component_spec.name == "train":
+            continue
+        task.set_accelerator_type("nvidia.com/gpu").set_accelerator_limit(count)
+        kubernetes.empty_dir_mount(task, volume_name="dshm", mount_path="/dev/shm", medium="Memory")
+        kubernetes.add_node_selector_json(task, node_selector)
+        kubernetes.add_toleration_json(task, tolerations)
+    for task, cpu, memory in resources:
+        task.set_cpu_request(cpu).set_memory_request(memory)
+        secrets(task, storage_secret, hub_secret)
+
+
 def build(launcher: str = "trainjob"):
     """The pipeline with training as a TrainJob (the cluster's GPUs; this step follows it from a CPU pod) or on the
     train step's own machine (one node: the step gets the GPUs)."""
@@ -134,26 +150,21 @@ def build(launcher: str = "trainjob"):
         evaluated.set_caching_options(True)
         evaluated.set_retry(2)  # resumable: finished prompts are not generated again
 
-        # Where the steps run (kfp-kubernetes; kfp.local ignores it): GPUs, their node selector and tolerations only
-        # on GPU work (evaluation; training here only when it runs on the step's machine: a TrainJob's pods get them
-        # from the train step); CPU and memory requests everywhere.
-        gpu_steps = [evaluated] + ([trained] if launcher == "local" else [])
-        evaluated.set_accelerator_type("nvidia.com/gpu").set_accelerator_limit(eval_gpus)
-        if launcher == "local":
-            trained.set_accelerator_type("nvidia.com/gpu").set_accelerator_limit(gpus_per_node)
-        for task in gpu_steps:
-            kubernetes.empty_dir_mount(task, volume_name="dshm", mount_path="/dev/shm", medium="Memory")
-            kubernetes.add_node_selector_json(task, node_selector)
-            kubernetes.add_toleration_json(task, tolerations)
-        for task, cpu, memory in (
-            (prompts, curate_cpu, curate_memory),
-            (models, cache_cpu, cache_memory),
-            (trained, train_cpu, train_memory),
-            (exported, export_cpu, export_memory),
-            (evaluated, eval_cpu, eval_memory),
-        ):
-            task.set_cpu_request(cpu).set_memory_request(memory)
-            secrets(task, storage_secret, hub_secret)
+        place(
+            launcher,
+            node_selector,
+            tolerations,
+            storage_secret,
+            hub_secret,
+            gpu={evaluated: eval_gpus, trained: gpus_per_node},
+            resources=[
+                (prompts, curate_cpu, curate_memory),
+                (models, cache_cpu, cache_memory),
+                (trained, train_cpu, train_memory),
+                (exported, export_cpu, export_memory),
+                (evaluated, eval_cpu, eval_memory),
+            ],
+        )
 
     return distar_sdxl
 

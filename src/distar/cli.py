@@ -88,6 +88,10 @@ def _evaluate(args: argparse.Namespace) -> None:
         batch_size=args.batch_size,
         seed=args.seed,
         t_star=args.t_star,
+        dtype=args.dtype,
+        label=args.label,
+        compare_to=args.compare_to,
+        allow_protocol_mismatch=args.allow_protocol_mismatch,
     )
     report = evaluate(config)
     print(json.dumps(report["results"], indent=2))
@@ -112,7 +116,7 @@ def _cache(args: argparse.Namespace) -> None:
 def _run_local(args: argparse.Namespace) -> None:
     from distar.local_pipeline import describe, run_local
 
-    run = run_local(args.preset, args.root)
+    run = run_local(args.preset, args.root, pipeline=args.pipeline)
     for report in sorted(run.glob("evaluate/report*")):
         print(f"report: {report}")
     print("\n".join(describe(run, args.preset)))
@@ -184,12 +188,32 @@ def _plan(args: argparse.Namespace) -> None:
         )
 
 
+def _compare(args: argparse.Namespace) -> None:
+    from distar.compare import compare, markdown_table
+
+    result = compare(
+        args.evaluations,
+        args.out,
+        initial=args.initial,
+        reference=args.reference,
+        allow_protocol_mismatch=args.allow_protocol_mismatch,
+        images=args.images,
+    )
+    print(markdown_table(result), end="")
+    print(f"report: {args.out.rstrip('/')}/report.html")
+
+
 def _submit(args: argparse.Namespace) -> None:
     from distar.submit import parse_arguments, submit
 
+    if args.pipeline and args.package:
+        raise UserError("pass --pipeline or --package, not both")
+    if args.pipeline and args.pipeline not in ("sdxl", "ablation"):
+        raise UserError(f"--pipeline {args.pipeline!r}: choose sdxl or ablation")
+    package = args.package or f"pipelines/distar_{args.pipeline or 'sdxl'}.yaml"
     result = submit(
         args.host,
-        args.package,
+        package,
         parse_arguments(args.arguments),
         experiment=args.experiment,
         run_name=args.run_name,
@@ -288,7 +312,33 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--batch-size", type=int, default=4)
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--t-star", type=int, default=399)
+    ev.add_argument("--dtype", default="fp32", help="precision of generation (fp32, bf16, fp16)")
+    ev.add_argument("--label", default="", help="a name for the model in reports")
+    ev.add_argument(
+        "--compare-to",
+        default=None,
+        help="a metrics.json (or its directory) evaluated before: shown beside, refused under another protocol",
+    )
+    ev.add_argument(
+        "--allow-protocol-mismatch", action="store_true", help="compare even when the protocols differ (named)"
+    )
     ev.set_defaults(func=_evaluate)
+
+    from distar.compare import __doc__ as compare_doc
+
+    cp = sub.add_parser(
+        "compare",
+        help="ablation variants under one protocol, beside the paper and the baselines",
+        description=compare_doc,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    cp.add_argument("evaluations", nargs="+", help="evaluation directories or metrics.json files, one per variant")
+    cp.add_argument("--out", required=True, help="output URI (comparison.json, comparison.md, report.html)")
+    cp.add_argument("--initial", default=None, help="the initial generator's evaluation")
+    cp.add_argument("--reference", default=None, help="the reference's evaluation")
+    cp.add_argument("--images", type=int, default=4, help="prompts shown side by side")
+    cp.add_argument("--allow-protocol-mismatch", action="store_true", help="compare even when protocols differ")
+    cp.set_defaults(func=_compare)
 
     from distar.local_pipeline import __doc__ as local_doc
 
@@ -299,6 +349,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     rl.add_argument("--preset", default="tiny", help="tiny (CPU, minutes) or sdxl")
     rl.add_argument("--root", default="runs/pipeline", help="kfp.local pipeline root (local directory)")
+    rl.add_argument("--pipeline", default="sdxl", help="sdxl (the DI* pipeline) or ablation (a two-variant sweep)")
     rl.set_defaults(func=_run_local)
 
     from distar.submit import __doc__ as submit_doc
@@ -307,7 +358,8 @@ def build_parser() -> argparse.ArgumentParser:
         "submit", help="submit the compiled pipeline to a Kubeflow Pipelines server", description=submit_doc
     )
     sb.add_argument("--host", required=True, help="the KFP API endpoint ($KFP_HOST)")
-    sb.add_argument("--package", default="pipelines/distar_sdxl.yaml", help="the compiled pipeline")
+    sb.add_argument("--pipeline", default=None, help="sdxl or ablation: pipelines/distar_NAME.yaml")
+    sb.add_argument("--package", default=None, help="a compiled pipeline (default: pipelines/distar_sdxl.yaml)")
     sb.add_argument("--experiment", default="distar")
     sb.add_argument("--run-name", default=None)
     sb.add_argument(

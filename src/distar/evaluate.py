@@ -7,6 +7,12 @@ are reported on the paper's scales (PickScore /100, HPSv2.1 ×100).
 
 Models: an exported pipeline (`distar export`), generated in one step at t*; or `reference:N`, the pipeline with
 its own scheduler, N steps and CFG (the baseline protocol of the paper's SDXL rows).
+
+Every metrics.json carries its protocol (prompt sets and their sha256, seeds, images per prompt, t*, the
+baselines' CFG, reward models with sources and revisions, precision, image size) and the protocol's digest;
+numbers are compared only under one protocol (`compare_to`, `distar compare`), and a difference is named by field.
+Baselines (the initial generator, the 50-step reference) are evaluated once per (model, protocol) and reused
+(`evaluate_baseline`).
 """
 
 from __future__ import annotations
@@ -35,6 +41,9 @@ PAPER = {
     for label, values in {
         "SDXL (50 steps)": (0.887, 5.72, 0.2274, 32.72, 29.05),
         "DMD2 (start point)": (0.930, 5.51, 0.2249, 32.97, 27.97),
+        "Diff-Instruct (KL, CFG only)": (1.058, 5.60, 0.2253, 33.02, 29.70),
+        "SIM (score divergence, CFG only)": (1.049, 5.66, 0.2273, 32.93, 30.16),
+        "DI++ (KL + reward)": (1.061, 5.58, 0.2260, 32.94, 29.72),
         "DI*": (1.067, 5.74, 0.2304, 32.82, 30.22),
         "DI* longer training": (1.140, 5.83, 0.2331, 32.75, 31.19),
     }.items()
@@ -74,6 +83,17 @@ class EvaluateConfig:
     """The one-step generator's timestep."""
     guidance_scale: float = 7.5
     """CFG of `reference:N` sampling."""
+    dtype: str = "fp32"
+    """Precision of generation (fp32, bf16, fp16); part of the protocol."""
+    label: str = ""
+    """A name for the evaluated model in reports (an ablation variant's name)."""
+    run: str | None = None
+    """The training run the model comes from (its logs give `distar compare` the training curves)."""
+    compare_to: str | None = None
+    """A metrics.json (or its directory) evaluated before, e.g. a baseline: shown beside this model's numbers,
+    refused when its protocol differs."""
+    allow_protocol_mismatch: bool = False
+    """Compare with `compare_to` even when the protocols differ (the difference is still reported)."""
     device: str = "auto"
 
 
@@ -150,7 +170,10 @@ class Sampler:
         if not (root / "model_index.json").is_file():
             raise UserError(f"{source!r} is not a diffusers pipeline (no model_index.json); run `distar export`")
         extra = {"unet": unet} if unet is not None else {}
-        self.pipe = StableDiffusionXLPipeline.from_pretrained(root, **extra).to(device)
+        dtype = sources.parse_dtype(config.dtype)
+        if unet is not None:
+            unet = unet.to(dtype)
+        self.pipe = StableDiffusionXLPipeline.from_pretrained(root, torch_dtype=dtype, **extra).to(device)
         self.pipe.set_progress_bar_config(disable=True)
         self.config, self.device, self.name = config, device, spec
         self.latent_channels = self.pipe.unet.config.in_channels
@@ -165,7 +188,7 @@ class Sampler:
 
     @torch.no_grad()
     def __call__(self, prompts: list[Prompt]) -> torch.Tensor:
-        latents = torch.stack([self.noise(p) for p in prompts]).to(self.device)
+        latents = torch.stack([self.noise(p) for p in prompts]).to(self.device, self.pipe.unet.dtype)
         texts = [p.text for p in prompts]
         if self.steps is None:
             out = self.pipe(
@@ -287,6 +310,83 @@ def summarise(table, rewards) -> dict:
     return summary
 
 
+def prompt_digest(prompts: list[Prompt]) -> str:
+    return hashlib.sha256(json.dumps([[p.group, p.id, p.text] for p in prompts]).encode()).hexdigest()
+
+
+def protocol(config: EvaluateConfig, prompts: list[Prompt]) -> dict:
+    """What the numbers depend on besides the model. `image_size` is added once images exist."""
+    from distar.rewards import DEFAULTS
+
+    sets = {}
+    for name, source in (("parti", config.prompts), ("hps", config.hps_prompts)):
+        chosen = [p for p in prompts if p.set == name]
+        if chosen:
+            sets[name] = {"source": source, "count": len(chosen), "sha256": prompt_digest(chosen)}
+    rewards = {}
+    for name in config.rewards:
+        rewards[name] = sources.provenance(config.sources.get(name) or DEFAULTS[name][0], config.cache_dir)
+        if config.heads.get(name):
+            rewards[name]["head"] = config.heads[name]
+    return {
+        "prompts": sets,
+        "max_prompts": config.max_prompts,
+        "seed": config.seed,
+        "noise": "one N(0, I) latent per prompt, seeded by blake2b(seed/prompt id)",
+        "images_per_prompt": 1,
+        "t_star": config.t_star,
+        "reference_guidance_scale": config.guidance_scale,
+        "rewards": rewards,
+        "precision": str(sources.parse_dtype(config.dtype)).removeprefix("torch."),
+    }
+
+
+def protocol_digest(proto: dict) -> str:
+    return hashlib.sha256(json.dumps(proto, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def protocol_difference(a: dict, b: dict, where: str = "") -> str | None:
+    """The first field (dotted path) whose value differs between two protocols; None when they agree."""
+    for key in sorted(set(a) | set(b)):
+        path = f"{where}.{key}" if where else key
+        if key not in a or key not in b:
+            return path
+        if isinstance(a[key], dict) and isinstance(b[key], dict):
+            found = protocol_difference(a[key], b[key], path)
+            if found:
+                return found
+        elif a[key] != b[key]:
+            return path
+    return None
+
+
+def _field(proto: dict, path: str):
+    for part in path.split("."):
+        proto = proto.get(part, "(absent)") if isinstance(proto, dict) else "(absent)"
+    return proto
+
+
+def check_same_protocol(mine: dict, theirs: dict, what: str, allow: bool = False) -> str | None:
+    """A UserError naming the first differing field, unless `allow` (then the field is returned)."""
+    diff = protocol_difference(mine, theirs)
+    if diff and not allow:
+        raise UserError(
+            f"{what} was evaluated under another protocol: {diff} is {_field(theirs, diff)!r} there and "
+            f"{_field(mine, diff)!r} here. Evaluate both under one protocol, or pass --allow-protocol-mismatch"
+        )
+    return diff
+
+
+def _image_size(out_fs, out_path: str, role: str) -> int | None:
+    from PIL import Image
+
+    found = out_fs.glob(f"{out_path}/images/{role}/*.png")
+    if not found:
+        return None
+    with out_fs.open(sorted(found)[0], "rb") as fh:
+        return max(Image.open(fh).size)
+
+
 def evaluate(config: EvaluateConfig) -> dict:
     import pyarrow.parquet as pq
 
@@ -302,6 +402,11 @@ def evaluate(config: EvaluateConfig) -> dict:
     )
     tiny_preset.prepare(asdict(config))
     prompts = load_prompts(config)
+    proto = protocol(config, prompts)
+    compared = load_metrics(config.compare_to) if config.compare_to else None
+    if compared is not None:  # before any image is generated: a mismatch costs nothing
+        theirs = {k: v for k, v in compared.get("protocol", {}).items() if k != "image_size"}
+        check_same_protocol(proto, theirs, f"--compare-to {config.compare_to!r}", config.allow_protocol_mismatch)
     metrics = _load_metrics(config, device)
     out_fs, out_path = storage.filesystem(config.out)
     out_path = out_path.rstrip("/")
@@ -317,12 +422,25 @@ def evaluate(config: EvaluateConfig) -> dict:
         buf = io.BytesIO()
         pq.write_table(tables[role], buf)
         out_fs.pipe_file(f"{out_path}/{'scores' if role == 'model' else 'baseline_scores'}.parquet", buf.getvalue())
+    proto["image_size"] = _image_size(out_fs, out_path, "model")
+    mismatch = None
+    if compared is not None:
+        what = f"--compare-to {config.compare_to!r}"
+        mismatch = check_same_protocol(proto, compared.get("protocol", {}), what, config.allow_protocol_mismatch)
+        results["compared"] = compared["results"]["model"]
     report = {
         "model": config.model,
+        "label": config.label,
+        "run": config.run,
         "baseline": config.baseline,
+        "compared_to": None
+        if compared is None
+        else {"metrics": config.compare_to, "model": compared.get("model"), "protocol_mismatch": mismatch},
         "results": results,
         "runs": runs,
         "paper": PAPER,
+        "protocol": proto,
+        "protocol_digest": protocol_digest(proto),
         "config": asdict(config),
         "prompts": len(prompts),
     }
@@ -364,7 +482,8 @@ def render_report(report: dict, tables: dict, out_fs, out_path: str) -> str:
     names = [n for n in ("imagereward", "aesthetic", "pickscore", "clip", "hpsv2.1") if n in res["model"]]
     head = "".join(f"<th>{e(n)}</th>" for n in names) + "<th>s / image</th>"
     rows = []
-    for role, label in (("model", report["model"]), ("baseline", report["baseline"])):
+    compared = (report.get("compared_to") or {}).get("model")
+    for role, label in (("model", report["model"]), ("baseline", report["baseline"]), ("compared", compared)):
         if role in res:
             cells = "".join(f"<td>{res[role].get(n, float('nan')):.4g}</td>" for n in names)
             rows.append(
@@ -378,6 +497,8 @@ def render_report(report: dict, tables: dict, out_fs, out_path: str) -> str:
         "body{font-family:sans-serif;margin:2em}td,th{padding:4px 8px;border-bottom:1px solid #ddd}"
         ".paper{color:#666}img{margin:2px}</style></head><body>",
         f"<h1>distar evaluation</h1><p>{report['prompts']} prompts; model <code>{e(report['model'])}</code></p>",
+        f"<h2>Protocol</h2><p>digest <code>{e(report['protocol_digest'])}</code></p>"
+        f"<pre id='protocol'>{e(json.dumps(report['protocol'], indent=1))}</pre>",
         f"<h2>Metrics</h2><table id='metrics'><tr><th>model</th>{head}</tr>{''.join(rows)}</table>",
         "<h2>Score histograms</h2>",
     ]
@@ -413,5 +534,42 @@ def _thumbnail(fs, path: str, side: int = 128) -> str:
 
 
 def load_metrics(path: str | Path) -> dict:
-    fs, p = storage.filesystem(str(path))
+    """A metrics.json, given as the file or the evaluation directory that holds it."""
+    path = str(path) if str(path).endswith(".json") else f"{str(path).rstrip('/')}/metrics.json"
+    fs, p = storage.filesystem(path)
+    if not fs.exists(p):
+        raise UserError(f"{path!r}: no metrics.json there (an output of distar evaluate)")
     return json.loads(fs.cat_file(p))
+
+
+def baseline_key(config: EvaluateConfig, prompts: list[Prompt]) -> str:
+    """The identity of a baseline's numbers: the model (source, revision, cached files), the pipeline it runs in,
+    and the protocol."""
+    identity = {
+        "model": config.model,
+        "model_provenance": sources.provenance(config.model, config.cache_dir),
+        "reference": None if config.reference is None else sources.provenance(config.reference, config.cache_dir),
+        "protocol": protocol_digest(protocol(config, prompts)),
+    }
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def evaluate_baseline(config: EvaluateConfig, root: str) -> dict:
+    """A baseline (the initial generator `unet:…`, the reference `reference:N`) evaluated once per (model,
+    protocol): its results live at {root}/{key}; a later call with the same model and protocol reads them and
+    generates nothing. {root}/{key}/uses.json records every call and what it generated."""
+    from dataclasses import replace
+
+    tiny_preset.prepare(asdict(config))
+    key = baseline_key(config, load_prompts(config))
+    out = f"{str(root).rstrip('/')}/{key}"
+    fs, path = storage.filesystem(out)
+    done = f"{path}/metrics.json"
+    reused = fs.exists(done)
+    report = json.loads(fs.cat_file(done)) if reused else evaluate(replace(config, out=out))
+    generated = 0 if reused else report["runs"]["model"]["generated"]
+    uses_file = f"{path}/uses.json"
+    uses = json.loads(fs.cat_file(uses_file)) if fs.exists(uses_file) else []
+    uses.append({"time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "reused": reused, "generated": generated})
+    storage.write_json(fs, uses_file, uses)
+    return {**report, "baseline_key": key, "out": out, "reused": reused, "generated": generated}

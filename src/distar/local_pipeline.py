@@ -55,23 +55,45 @@ def tiny_arguments() -> dict:
     }
 
 
-def pipeline_module():
-    path = Path(__file__).resolve().parents[2] / "pipelines" / "distar_sdxl.py"
+PIPELINES = ("sdxl", "ablation")
+# The ablation's local grid: two of Table 3's rows (the DI* and DI++ settings), the reference sampled in 2 steps
+TINY_VARIANTS = ("score-rew100", "kl-rew100")
+
+
+def tiny_ablation_arguments() -> dict:
+    from distar.compare import TABLE3
+
+    variants = [{k: v[k] for k in ("name", "overrides", "paper")} for v in TABLE3 if v["name"] in TINY_VARIANTS]
+    return {
+        **tiny_arguments(),
+        "variants": variants,
+        "initial": f"unet:{DMD2}",
+        "reference": SDXL,
+        "reference_steps": "reference:2",
+    }
+
+
+def pipeline_module(name: str = "sdxl"):
+    if name not in PIPELINES:
+        raise UserError(f"--pipeline {name!r}: choose one of {', '.join(PIPELINES)}")
+    path = Path(__file__).resolve().parents[2] / "pipelines" / f"distar_{name}.py"
     if not path.is_file():
         raise UserError(f"run-local needs the project's source checkout ({path} is missing)")
-    spec = importlib.util.spec_from_file_location("distar_sdxl_pipeline", path)
+    spec = importlib.util.spec_from_file_location(f"distar_{name}_pipeline", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
 
-def run_local(preset: str, root: str | Path, overrides: dict | None = None) -> Path:
-    """Run the DAG under kfp.local; returns the run's directory ({root}/distar-sdxl-{timestamp})."""
+def run_local(preset: str, root: str | Path, overrides: dict | None = None, pipeline: str = "sdxl") -> Path:
+    """Run the DAG under kfp.local; returns the run's directory ({root}/distar-{pipeline}-{timestamp})."""
     from kfp import local
 
     if preset not in ("tiny", "sdxl"):
         raise UserError(f"--preset {preset!r}: choose tiny or sdxl")
-    arguments = tiny_arguments() if preset == "tiny" else {}
+    module = pipeline_module(pipeline)
+    tiny = tiny_arguments if pipeline == "sdxl" else tiny_ablation_arguments
+    arguments = tiny() if preset == "tiny" else {}
     arguments.update(overrides or {})
     if preset == "tiny":
         tiny_preset.materialize()
@@ -83,7 +105,7 @@ def run_local(preset: str, root: str | Path, overrides: dict | None = None) -> P
     before = {p for p in root.iterdir() if p.name not in ("model-cache", "training-runs")}
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root), raise_on_error=True)
     started = time.time()
-    pipeline_module().build("local")(**arguments)
+    module.build("local")(**arguments)
     runs = sorted(
         {p for p in root.iterdir() if p.name not in ("model-cache", "training-runs")} - before,
         key=lambda p: p.stat().st_mtime,
@@ -108,6 +130,9 @@ OUTPUTS = [
     ("export/pipeline", "a diffusers StableDiffusionXLPipeline for one-step sampling, with its model card"),
     ("evaluate/metrics", "the evaluation metrics on the paper's scales"),
     ("evaluate/report", "report.html: metrics against the baseline and the paper's rows, histograms, images"),
+    ("baseline/report", "a baseline's evaluation (stored once per model and protocol under training-runs/baselines)"),
+    ("compare/report", "the ablation: a row per variant beside the paper and the baselines, images, curves"),
+    ("compare/table", "the same table as Markdown"),
 ]
 
 TINY_NOTE = (

@@ -396,3 +396,25 @@ def verify_cache(cache: str) -> dict[str, list[str]]:
     if not manifest["entries"]:
         raise UserError(f"{cache!r} holds no cache manifest ({MANIFEST}); run `distar cache` first")
     return {key: verify_entry(cache, key, entry) for key, entry in manifest["entries"].items()}
+
+
+def provenance(text: str, cache_dir: str | None = None) -> dict:
+    """Where `text` comes from, pinned: the source, its revision, and for a model-cache entry what it was cached
+    from and a digest of its files' sha256 (content identity even without a hub revision). Reads the manifest
+    only; nothing is downloaded."""
+    src = parse(text, evaluate_forms=True)
+    if src.kind == "unet":
+        return {"unet": provenance(src.inner.text, cache_dir)}
+    out = {"source": src.text, "revision": src.revision}
+    key = src.cache_key
+    if cache_dir is not None and key is not None:
+        entries = read_manifest(str(cache_dir))["entries"]
+        matches = sorted(k for k in entries if k == key or entry_dir(k) == key)
+        if matches:
+            files = [(k, f["path"], f["sha256"]) for k in matches for f in entries[k]["files"]]
+            out.update(
+                cached_from=[entries[k]["source"] for k in matches],
+                revision=entries[matches[0]].get("revision") or src.revision,
+                files_sha256=hashlib.sha256(json.dumps(files).encode()).hexdigest(),
+            )
+    return out

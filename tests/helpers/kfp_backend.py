@@ -31,6 +31,8 @@ PLATFORM = {
 # pipeline spec (the first document), deploymentSpec.executors.*.container.resources
 RESOURCES = {
     "resourceCpuRequest": (2, 4),  # driver.go getPodResource(GetResourceCpuRequest(), …) in 2.4.0
+X
+    "memoryRequest": (2, 0),
     "resourceCpuLimit": (2, 4),
     "resourceMemoryRequest": (2, 4),
     "resourceMemoryLimit": (2, 4),

@@ -16,8 +16,17 @@ def _docs(path: Path) -> list[dict]:
     return list(yaml.safe_load_all(path.read_text()))
 
 
-def test_the_committed_pipeline_uses_only_what_kfp_2_5_reads():
-    assert too_new(_docs(ROOT / "pipelines" / "distar_sdxl.yaml"), MINIMUM) == []
+@pytest.mark.parametrize("name", ["distar_sdxl", "distar_ablation"])
+def test_the_committed_pipelines_use_only_what_kfp_2_5_reads(name):
+    assert too_new(_docs(ROOT / "pipelines" / f"{name}.yaml"), MINIMUM) == []
+
+
+def test_the_ablation_puts_gpus_on_evaluations_only():
+    docs = _docs(ROOT / "pipelines" / "distar_ablation.yaml")
+    executors = docs[0]["deploymentSpec"]["executors"]
+    with_gpu = {n for n, e in executors.items() if "accelerator" in e["container"].get("resources", {})}
+    assert with_gpu == {"exec-evaluate", "exec-baseline", "exec-baseline-2"}
+    assert all("resourceCpuRequest" in e["container"]["resources"] for e in executors.values())
 
 
 def test_the_local_launcher_variant_too(tmp_path):

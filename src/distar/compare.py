@@ -1,0 +1,290 @@
+"""The paper's ablation, compared: every variant's evaluation under one pinned protocol, beside the paper's value
+and the initial generator's, with the same prompts' images side by side and each variant's training curves.
+
+`TABLE3` is the default grid of `pipelines/distar_ablation.py`: KL against the score divergence, α_rew ∈ {0, 1,
+10, 100}, α_cfg ∈ {0, 4.5, 7.5}, CFG inside the divergence (DI*-IN) against outside it (as an implicit reward).
+The paper's numbers distar restates (docs/METHOD.md §7) are its main-table rows; a variant that one of those rows
+matches shows it (`paper`), the others show none rather than a guess.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import math
+
+from distar import storage
+from distar.errors import UserError
+from distar.evaluate import PAPER, check_same_protocol, load_metrics
+
+METRICS = ("imagereward", "aesthetic", "pickscore", "clip", "hpsv2.1")
+CURVES = ("reward", "divergence", "balance/reward_to_divergence")
+
+
+def _variant(name: str, divergence: str, alpha_rew: float, alpha_cfg: float, cfg: str, paper: str | None) -> dict:
+    overrides = [
+        f"loss.divergence={divergence}",
+        f"loss.alpha_rew={alpha_rew:g}",
+        f"loss.alpha_cfg={alpha_cfg:g}",
+        f"loss.cfg={cfg}",
+    ]
+    return {
+        "name": name,
+        "overrides": overrides,
+        "paper": paper or "",
+        "settings": {"divergence": divergence, "alpha_rew": alpha_rew, "alpha_cfg": alpha_cfg, "cfg": cfg},
+    }
+
+
+TABLE3 = [
+    _variant("kl-cfg", "kl", 0, 7.5, "divergence", "Diff-Instruct (KL, CFG only)"),
+    _variant("kl-rew100", "kl", 100, 7.5, "divergence", "DI++ (KL + reward)"),
+    _variant("score-cfg", "score", 0, 7.5, "divergence", "SIM (score divergence, CFG only)"),
+    _variant("score-rew1", "score", 1, 7.5, "divergence", None),
+    _variant("score-rew10", "score", 10, 7.5, "divergence", None),
+    _variant("score-rew100", "score", 100, 7.5, "divergence", "DI*"),
+    _variant("score-rew100-cfg0", "score", 100, 0, "divergence", None),
+    _variant("score-rew100-cfg4.5", "score", 100, 4.5, "divergence", None),
+    _variant("score-rew100-cfg-out", "score", 100, 7.5, "reward", None),
+]
+"""The variants of the sweep: name, config overrides, the paper's row that matches (if distar restates one)."""
+
+
+def _curves(run: str | None) -> list[dict]:
+    if not run:
+        return []
+    fs, path = storage.filesystem(run)
+    log = f"{path.rstrip('/')}/logs/metrics.jsonl"
+    if not fs.exists(log):
+        return []
+    return [json.loads(line) for line in fs.cat_file(log).decode().splitlines() if line.strip()]
+
+
+def _breached(lines: list[dict]) -> list[int]:
+    return [int(line["step"]) for line in lines if line.get("guard/breached")]
+
+
+def compare(
+    evaluations: list[str],
+    out: str,
+    initial: str | None = None,
+    reference: str | None = None,
+    paper: dict[str, str] | None = None,
+    allow_protocol_mismatch: bool = False,
+    images: int = 4,
+) -> dict:
+    """Compare evaluations (metrics.json files or their directories, each labelled by its variant) under one
+    protocol; `initial` and `reference` are the baselines' evaluations. Writes {out}/comparison.json,
+    {out}/comparison.md and {out}/report.html (self-contained); returns the comparison."""
+    if not evaluations:
+        raise UserError("distar compare: no evaluations to compare")
+    paper = {v["name"]: v["paper"] for v in TABLE3} | (paper or {})
+    loaded = {}
+    for uri in evaluations:
+        report = load_metrics(uri)
+        name = report.get("label") or report["model"]
+        if name in loaded:
+            raise UserError(f"distar compare: two evaluations are labelled {name!r} ({uri})")
+        loaded[name] = (str(uri), report)
+    baselines = {}
+    for role, uri in (("initial", initial), ("reference", reference)):
+        if uri:
+            baselines[role] = (str(uri), load_metrics(uri))
+    first_name, (_, first) = next(iter(loaded.items()))
+    mismatches = {}
+    for name, (_, report) in list(loaded.items())[1:] + list(baselines.items()):
+        what = f"{name!r} (against {first_name!r})"
+        found = check_same_protocol(first["protocol"], report["protocol"], what, allow_protocol_mismatch)
+        if found:
+            mismatches[name] = found
+    start = baselines["initial"][1]["results"]["model"] if "initial" in baselines else {}
+    rows = []
+    for name, (uri, report) in loaded.items():
+        ours = report["results"]["model"]
+        lines = _curves(report.get("run"))
+        label = paper.get(name) or ""
+        rows.append(
+            {
+                "variant": name,
+                "evaluation": uri,
+                "run": report.get("run"),
+                "ours": {m: ours[m] for m in METRICS if m in ours},
+                "paper_row": label,
+                "paper": PAPER.get(label, {}),
+                "vs_initial": {m: ours[m] - start[m] for m in METRICS if m in ours and m in start},
+                "guard_breached_at": _breached(lines),
+                "curves": {
+                    k: [(line["step"], line[k]) for line in lines if isinstance(line.get(k), (int, float))]
+                    for k in CURVES
+                    + tuple(
+                        sorted({k for line in lines for k in line if k.startswith("guard/") and k != "guard/breached"})
+                    )
+                },
+            }
+        )
+    result = {
+        "protocol": first["protocol"],
+        "protocol_digest": first.get("protocol_digest"),
+        "protocol_mismatches": mismatches,
+        "rows": rows,
+        "baselines": {
+            role: {"evaluation": uri, "model": r["model"], "ours": r["results"]["model"]}
+            for role, (uri, r) in baselines.items()
+        },
+        "paper_baselines": {k: PAPER[k] for k in ("DMD2 (start point)", "SDXL (50 steps)")},
+    }
+    fs, path = storage.filesystem(out)
+    root = path.rstrip("/")
+    fs.makedirs(root, exist_ok=True)
+    storage.write_json(fs, f"{root}/comparison.json", result)
+    fs.pipe_file(f"{root}/comparison.md", markdown_table(result).encode())
+    fs.pipe_file(f"{root}/report.html", render(result, loaded, baselines, images).encode())
+    return result
+
+
+def _fmt(value) -> str:
+    return "—" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.4g}"
+
+
+def markdown_table(result: dict) -> str:
+    """Table 3's layout: a row per variant, each metric as ours (paper) and the change from the initial generator."""
+    head = "| variant | " + " | ".join(f"{m} ours (paper) Δinit" for m in METRICS) + " | guard |"
+    lines = [head, "|" + "---|" * (len(METRICS) + 2)]
+    for role, label in (("initial", "DMD2 (start point)"), ("reference", "SDXL (50 steps)")):
+        if role in result["baselines"]:
+            ours = result["baselines"][role]["ours"]
+            cells = [f"{_fmt(ours.get(m))} ({_fmt(PAPER[label].get(m))})" for m in METRICS]
+            model = result["baselines"][role]["model"]
+            lines.append(f"| {role}: {model} (paper: {label}) | " + " | ".join(cells) + " | |")
+    for row in result["rows"]:
+        cells = [
+            f"{_fmt(row['ours'].get(m))} ({_fmt(row['paper'].get(m))}) {_signed(row['vs_initial'].get(m))}"
+            for m in METRICS
+        ]
+        guard = f"breached at {row['guard_breached_at']}" if row["guard_breached_at"] else ""
+        lines.append(f"| {row['variant']} | " + " | ".join(cells) + f" | {guard} |")
+    return "\n".join(lines) + "\n"
+
+
+def _signed(value) -> str:
+    return "" if value is None else f"{value:+.3g}"
+
+
+def _png(fig) -> str:
+    buf = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buf, format="png")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def _thumbnail(uri: str, side: int = 160) -> str:
+    from PIL import Image
+
+    fs, path = storage.filesystem(uri)
+    with fs.open(path, "rb") as fh:
+        image = Image.open(fh).convert("RGB")
+        image.thumbnail((side, side))
+    buf = io.BytesIO()
+    image.save(buf, "JPEG", quality=85)
+    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def render(result: dict, loaded: dict, baselines: dict, images: int) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    e = html.escape
+    head = "".join(f"<th colspan='3'>{e(m)}</th>" for m in METRICS)
+    sub = "".join("<th>ours</th><th>paper</th><th>Δ initial</th>" for _ in METRICS)
+    body = []
+    for role, label in (("initial", "DMD2 (start point)"), ("reference", "SDXL (50 steps)")):
+        if role in result["baselines"]:
+            ours = result["baselines"][role]["ours"]
+            cells = "".join(
+                f"<td>{_fmt(ours.get(m))}</td><td>{_fmt(PAPER[label].get(m))}</td><td></td>" for m in METRICS
+            )
+            model = result["baselines"][role]["model"]
+            body.append(f"<tr class='baseline'><td>{e(role)}: {e(model)} (paper: {e(label)})</td>{cells}<td></td></tr>")
+    for row in result["rows"]:
+        cells = "".join(
+            f"<td>{_fmt(row['ours'].get(m))}</td><td>{_fmt(row['paper'].get(m))}</td>"
+            f"<td>{_signed(row['vs_initial'].get(m))}</td>"
+            for m in METRICS
+        )
+        guard = f"breached at {row['guard_breached_at']}" if row["guard_breached_at"] else ""
+        body.append(f"<tr class='variant'><td>{e(row['variant'])}</td>{cells}<td>{e(guard)}</td></tr>")
+    parts = [
+        "<!doctype html><html><head><meta charset='utf-8'><title>distar ablation</title><style>"
+        "body{font-family:sans-serif;margin:2em}td,th{padding:3px 6px;border-bottom:1px solid #ddd}"
+        ".baseline{color:#555}img{margin:2px}</style></head><body><h1>distar ablation</h1>",
+        f"<p>{len(result['rows'])} variants under protocol <code>{e(str(result['protocol_digest']))}</code>"
+        + (
+            f"; protocol mismatches allowed: {e(json.dumps(result['protocol_mismatches']))}"
+            if result["protocol_mismatches"]
+            else ""
+        )
+        + "</p>",
+        f"<table id='comparison'><tr><th rowspan='2'>variant</th>{head}<th rowspan='2'>guard</th></tr>"
+        f"<tr>{sub}</tr>{''.join(body)}</table>",
+        f"<h2>Protocol</h2><pre>{e(json.dumps(result['protocol'], indent=1))}</pre>",
+        "<h2>The same prompts across variants</h2>",
+    ]
+    columns = [(f"{role}", uri, r) for role, (uri, r) in baselines.items()] + [
+        (name, uri, r) for name, (uri, r) in loaded.items()
+    ]
+    texts = _prompt_texts(columns[-1][1])
+    ids = _shared_image_ids(columns)[:images]
+    grid = ["<table id='images'><tr><th>prompt</th>" + "".join(f"<th>{e(c[0])}</th>" for c in columns) + "</tr>"]
+    for pid in ids:
+        prompt = texts.get(pid, pid)
+        cells = "".join(f"<td><img width='160' src='{_thumbnail(_image_uri(uri, pid))}'></td>" for _, uri, _ in columns)
+        grid.append(f"<tr><td>{e(prompt)}</td>{cells}</tr>")
+    parts.append("".join(grid) + "</table><h2>Training curves</h2>")
+    keys = sorted({k for row in result["rows"] for k in row["curves"]})
+    for key in keys:
+        series = [(row["variant"], row["curves"].get(key, [])) for row in result["rows"]]
+        if not any(points for _, points in series):
+            continue
+        fig, ax = plt.subplots(figsize=(5.2, 3.0), dpi=100)
+        for name, points in series:
+            if points:
+                ax.plot(*zip(*points, strict=True), marker="." if len(points) < 30 else None, label=name)
+        ax.set_title(key, fontsize=10)
+        ax.set_xlabel("step", fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.legend(fontsize=7)
+        parts.append(f"<img alt='{e(key)}' src='data:image/png;base64,{_png(fig)}'>")
+        plt.close(fig)
+    parts.append("</body></html>")
+    return "\n".join(parts)
+
+
+def _image_uri(evaluation: str, pid: str) -> str:
+    root = str(evaluation)[: -len("/metrics.json")] if str(evaluation).endswith("metrics.json") else str(evaluation)
+    return f"{root.rstrip('/')}/images/model/{pid}.png"
+
+
+def _shared_image_ids(columns) -> list[str]:
+    """Prompt ids every evaluation generated, in the order of the first one (the same seeds: the same noise)."""
+    sets = []
+    for _, uri, _ in columns:
+        fs, path = storage.filesystem(_image_uri(uri, "x").rsplit("/", 1)[0])
+        sets.append([p.rsplit("/", 1)[-1].removesuffix(".png") for p in sorted(fs.glob(f"{path}/*.png"))])
+    shared = set(sets[0]).intersection(*sets[1:]) if sets else set()
+    return [pid for pid in sets[0] if pid in shared]
+
+
+def _prompt_texts(evaluation: str) -> dict[str, str]:
+    import pyarrow.parquet as pq
+
+    root = _image_uri(evaluation, "x").rsplit("/images/", 1)[0]
+    fs, path = storage.filesystem(f"{root}/scores.parquet")
+    if not fs.exists(path):
+        return {}
+    with fs.open(path, "rb") as fh:
+        table = pq.read_table(fh, columns=["id", "prompt"])
+    return dict(zip(table.column("id").to_pylist(), table.column("prompt").to_pylist(), strict=True))
