@@ -31,8 +31,8 @@ PLATFORM = {
 # pipeline spec (the first document), deploymentSpec.executors.*.container.resources
 RESOURCES = {
     "resourceCpuRequest": (2, 4),  # driver.go getPodResource(GetResourceCpuRequest(), …) in 2.4.0
-X
-    "memoryRequest": (2, 0),
+    "cpuRequest": (2, 4),  # the constant form: getPodResource's fallback (GetCpuRequest()), read in 2.4.0 and 2.5.0
+    "memoryRequest": (2, 4),
     "resourceCpuLimit": (2, 4),
     "resourceMemoryRequest": (2, 4),
     "resourceMemoryLimit": (2, 4),
