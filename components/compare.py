@@ -1,4 +1,3 @@
-
 from kfp import dsl
 from kfp.dsl import HTML, Artifact, Input, Markdown, Output
 

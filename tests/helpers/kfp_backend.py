@@ -23,10 +23,10 @@ PLATFORM = {
     "tolerations/operator": (2, 0),
     "tolerations/value": (2, 0),
     "tolerations/effect": (2, 0),
-    "emptyDirMounts/volumeName": (2, 1),
-    "emptyDirMounts/mountPath": (2, 1),
-    "emptyDirMounts/medium": (2, 1),
-    "emptyDirMounts/sizeLimit": (2, 1),
+    "emptyDirMounts/volumeName": (2, 4),
+    "emptyDirMounts/mountPath": (2, 4),
+    "emptyDirMounts/medium": (2, 4),
+    "emptyDirMounts/sizeLimit": (2, 4),
 }
 # pipeline spec (the first document), deploymentSpec.executors.*.container.resources
 RESOURCES = {

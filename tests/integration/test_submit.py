@@ -105,3 +105,16 @@ def test_the_kfp_cli_form_the_readme_documents():
         body = _run_body(fake)
         assert body["runtime_config"]["parameters"]["nproc_per_node"] in (2, "2")
         assert _spec(body)["pipelineInfo"]["name"] == "distar-sdxl"
+
+
+def test_distar_submit_pipeline_ablation_sends_the_sweep(capsys):
+    from distar.cli import main
+
+    with FakeKFP() as fake:
+        code = main(["submit", "--host", fake.url, "--pipeline", "ablation", "--pipeline-root", "s3://b/kfp", *ROOTS])
+        assert code == 0, capsys.readouterr().err
+        body = _run_body(fake)
+    assert _spec(body)["pipelineInfo"]["name"] == "distar-ablation"
+    assert body["runtime_config"]["parameters"]["runs_root"] == "gs://b/runs"
+    assert main(["submit", "--host", "http://127.0.0.1:9", "--pipeline", "table3"]) == 2
+    assert "choose sdxl or ablation" in capsys.readouterr().err

@@ -1,8 +1,8 @@
 """The training report: {out}/report.html, self-contained, from logs/metrics.jsonl and the sample grids.
 
 Curves of the losses, the reward and the divergence, the reward/divergence balance, and every guardrail metric with
-its threshold when guards are set (docs/TRAINING.md), then the newest sample grid. Written by rank 0 at the end of
-a run, a preemption or a guard stop.
+its threshold when guards are set (docs/TRAINING.md), then the sample grids over the run (up to MAX_GRIDS, evenly
+spaced). Written by rank 0 at the end of a run, a preemption or a guard stop.
 """
 
 from __future__ import annotations
@@ -19,6 +19,9 @@ PANELS = [
     ("reward (paper scale) and divergence", ["reward", "divergence", "eval/reward"]),
     ("balance: reward pull / divergence pull on x0", ["balance/reward_to_divergence"]),
 ]
+
+
+MAX_GRIDS = 6
 
 
 def _png(fig) -> str:
@@ -62,10 +65,14 @@ def render(out: str, guard=None, baseline: dict | None = None) -> str:
         plt.close(fig)
     grids = sorted(fs.glob(f"{root}/samples/step_*.png"))
     sample = ""
-    if grids:
-        data = base64.b64encode(fs.cat_file(grids[-1])).decode()
-        name = html.escape(grids[-1].rsplit("/", 1)[-1])
-        sample = f"<h2>Samples ({name})</h2><img src='data:image/png;base64,{data}'>"
+    if grids:  # the grids over the run (fixed prompts and noise): the first, the last, evenly spaced between
+        chosen = sorted({grids[round(i * (len(grids) - 1) / (MAX_GRIDS - 1))] for i in range(MAX_GRIDS)})
+        shown = []
+        for grid in chosen:
+            data = base64.b64encode(fs.cat_file(grid)).decode()
+            name = html.escape(grid.rsplit("/", 1)[-1].removesuffix(".png"))
+            shown.append(f"<figure><img src='data:image/png;base64,{data}'><figcaption>{name}</figcaption></figure>")
+        sample = f"<h2>Samples over the run ({len(chosen)} of {len(grids)} grids)</h2>" + "".join(shown)
     breached = [line["step"] for line in lines if line.get("guard/breached")]
     body = "".join(f"<img src='data:image/png;base64,{f}'>" for f in figures)
     page = (
