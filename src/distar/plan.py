@@ -201,12 +201,15 @@ def plan(config: TrainConfig, world_size: int, arch: Architecture | str = "sdxl"
         parse_dtype(d).itemsize for d in (config.model.reference_dtype, config.model.vae_dtype, config.reward.dtype)
     )
     bf16 = config.parallel.mixed_precision == "bf16"
+    lora = config.model.assistant == "lora"
+    p_assistant = lora_parameters(nets["reference_unet"], config.model.assistant_lora_rank) if lora else p_unet
+    trained = "generator + assistant's LoRA adapters" if lora else "generator + assistant"
     items = {
-        "weights: generator + assistant (fp32)": 2 * 4 * p_unet / shard,
-        "weights: reference": ref_b * p_unet / shard,
+        f"weights: {trained} (fp32)": 4 * (p_unet + p_assistant) / shard,
+        "weights: reference" + (" (also the assistant's base)" if lora else ""): ref_b * p_unet / shard,
         "weights: VAE": vae_b * p_vae,
         "weights: reward": rew_b * p_reward,
-        "optimizer: AdamW states, both UNets (fp32)": 2 * 2 * 4 * p_unet / shard,
+        f"optimizer: AdamW states, {trained if lora else 'both UNets'} (fp32)": 2 * 4 * (p_unet + p_assistant) / shard,
         "EMA of the generator (fp32)": 4 * p_unet / shard if config.ema_decay > 0 else 0,
         "text encoders": 2 * 817_000_000 if text_encoders else 0,
     }
@@ -232,7 +235,11 @@ def plan(config: TrainConfig, world_size: int, arch: Architecture | str = "sdxl"
         + grads
         + autocast_copies
         + in_flight,
-        "assistant update": grads + used["assistant"] + recompute.get("assistant", 0) + autocast_copies + in_flight,
+        "assistant update": 4 * p_assistant / shard
+        + used["assistant"]
+        + recompute.get("assistant", 0)
+        + autocast_copies
+        + in_flight,
         "optimizer step": grads + (0 if _fused(config) else 4 * p_unet / shard),
     }
     peak_phase = max(phases, key=phases.get)
@@ -246,7 +253,14 @@ def plan(config: TrainConfig, world_size: int, arch: Architecture | str = "sdxl"
         "activation_checkpointing": config.parallel.activation_checkpointing,
         "vae_checkpointing": config.parallel.vae_checkpointing,
         "mixed_precision": config.parallel.mixed_precision,
-        "parameters": {"unet": p_unet, "vae": p_vae, "reward": p_reward, "largest_unet_block": p_block},
+        "assistant": config.model.assistant,
+        "parameters": {
+            "unet": p_unet,
+            "assistant": p_assistant,
+            "vae": p_vae,
+            "reward": p_reward,
+            "largest_unet_block": p_block,
+        },
         "static": items,
         "gradients (one UNet)": grads,
         "fsdp blocks in flight": in_flight,
@@ -256,6 +270,18 @@ def plan(config: TrainConfig, world_size: int, arch: Architecture | str = "sdxl"
         "peak_phase": peak_phase,
         "peak_bytes": static + phases[peak_phase],
     }
+
+
+def lora_parameters(unet: nn.Module, rank: int) -> int:
+    """Parameters of rank-`rank` LoRA adapters on `unet`'s attention projections (models.sdxl.LORA_TARGETS):
+    r · (in + out) per adapted linear layer."""
+    from distar.models.sdxl import LORA_TARGETS
+
+    return sum(
+        rank * (m.in_features + m.out_features)
+        for name, m in unet.named_modules()
+        if isinstance(m, nn.Linear) and any(name.endswith(f".{t}") for t in LORA_TARGETS)
+    )
 
 
 def _fused(config: TrainConfig) -> bool:
@@ -269,7 +295,7 @@ def format_plan(result: dict, gpu_gib: float | None = None) -> str:
         f"(shard degree {result['fsdp_degree']}), {result['batch_per_gpu']} image(s)/GPU at "
         f"{result['resolution']}², {result['mixed_precision']}, activation checkpointing "
         f"{'on' if result['activation_checkpointing'] else 'off'}, VAE checkpointing "
-        f"{'on' if result['vae_checkpointing'] else 'off'}",
+        f"{'on' if result['vae_checkpointing'] else 'off'}, assistant {result['assistant']}",
     ]
     lines += [f"  {g(v)}  {k}" for k, v in result["static"].items() if v]
     lines.append(f"  {g(result['gradients (one UNet)'])}  gradients (one UNet at a time, fp32)")

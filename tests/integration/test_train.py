@@ -330,3 +330,18 @@ def test_optimizer_implementation_reaches_adamw(implementation, flags):
 def test_unknown_optimizer_implementation_is_named():
     with pytest.raises(UserError, match="assistant_optim.implementation"):
         load_config("tiny", ["assistant_optim.implementation=apex"])
+
+
+def test_a_lora_assistant_trains_checkpoints_only_its_adapters_and_resumes_exactly(tmp_path):
+    lora = ["model.assistant=lora", "model.assistant_lora_rank=4", "checkpoint.every=2", *FAST]
+    whole = run("tiny", [f"out={tmp_path / 'whole'}", "steps=3", *lora])
+    run("tiny", [f"out={tmp_path / 'split'}", "steps=2", *lora])
+    split = run("tiny", [f"out={tmp_path / 'split'}", "steps=3", *lora])  # resumes at step 2
+    assert whole["step"] == split["step"] == 3
+    adapters = load_unet_weights(whole["checkpoint"], "assistant")
+    assert adapters and all(".lora_" in k for k in adapters)  # the frozen base is the reference, not saved
+    _assert_same_weights(whole["checkpoint"], split["checkpoint"], "generator")
+    resumed = load_unet_weights(split["checkpoint"], "assistant")
+    for key, value in adapters.items():
+        torch.testing.assert_close(value, resumed[key], rtol=0, atol=1e-6, msg=key)
+    assert max(v.abs().max().item() for k, v in adapters.items() if "lora_B" in k) > 0  # the assistant trained

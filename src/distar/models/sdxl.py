@@ -235,6 +235,79 @@ def _unet_eps(unet, x_t: torch.Tensor, t: torch.Tensor, cond: SDXLConditioning) 
     return out.to(x_t.dtype)
 
 
+# -- a LoRA assistant on the reference's UNet ------------------------------------------------------------
+
+ASSISTANT_ADAPTER = "assistant"
+LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+"""Every attention projection: all of them sit inside the UNet's down, mid and up blocks (activation checkpointing
+wraps those blocks: `distar.train.parallel`)."""
+ADAPTERS_ON = "_distar_adapters_on"
+
+
+def add_assistant_adapter(unet: nn.Module, rank: int, alpha: float, seed: int = 0) -> nn.Module:
+    """LoRA adapters (peft, through diffusers' integration) on `unet`'s attention projections, zero-initialised
+    (B = 0: with them on, the UNet still computes the reference's ε at step 0), in fp32 and trainable; off until a
+    forward asks for them (`adapters`). The base weights stay as they are, frozen. A's random init comes from
+    `seed`, not from the process's random state: a run and its restart start from the same adapters."""
+    from peft import LoraConfig
+
+    config = LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights=True, target_modules=list(LORA_TARGETS))
+    with torch.random.fork_rng(devices=list(range(torch.cuda.device_count()))):
+        torch.manual_seed(seed)
+        unet.add_adapter(config, adapter_name=ASSISTANT_ADAPTER)
+    for name, param in unet.named_parameters():
+        is_adapter = is_adapter_param(name)
+        if is_adapter:
+            param.data = param.data.float()
+        param.requires_grad_(is_adapter)
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    object.__setattr__(unet, "_distar_adapter_layers", [m for m in unet.modules() if isinstance(m, BaseTunerLayer)])
+    setattr(unet, ADAPTERS_ON, True)
+    set_adapters(unet, False)
+    return unet
+
+
+def has_adapters(unet: nn.Module) -> bool:
+    return hasattr(unet, ADAPTERS_ON)
+
+
+def is_adapter_param(name: str) -> bool:
+    return ".lora_" in name
+
+
+def adapter_parameters(unet: nn.Module) -> list[nn.Parameter]:
+    return [p for n, p in unet.named_parameters() if is_adapter_param(n)]
+
+
+def set_adapters(module: nn.Module, on: bool) -> None:
+    """Adapters on or off in `module` (the UNet, or one of its blocks). The layers' own flag is set directly:
+    peft's enable_adapters also changes requires_grad, which the training loop owns."""
+    layers = getattr(module, "_distar_adapter_layers", None)
+    if layers is None:
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        layers = [m for m in module.modules() if isinstance(m, BaseTunerLayer)]
+    for layer in layers:
+        layer._disable_adapters = not on
+    if hasattr(module, ADAPTERS_ON):
+        setattr(module, ADAPTERS_ON, on)
+
+
+@contextlib.contextmanager
+def adapters(unet: nn.Module, on: bool):
+    """A forward of the shared UNet as the assistant (`on`) or as the reference; nothing for a plain UNet."""
+    if not has_adapters(unet):
+        yield
+        return
+    before = getattr(unet, ADAPTERS_ON)
+    set_adapters(unet, on)
+    try:
+        yield
+    finally:
+        set_adapters(unet, before)
+
+
 class OneStepGenerator(nn.Module):
     """g_θ: noise z (read as x_{t*}) and a prompt → x0 = (z − σ_{t*} ε̂_θ(z, t*, c)) / a_{t*}."""
 
@@ -270,21 +343,24 @@ class Reference(nn.Module):
         model alone, one batch of B."""
         scale = self.guidance_scale if guidance_scale is None else float(guidance_scale)
         if scale == 1.0:
-            return _unet_eps(self.unet, x_t, t, cond)
+            with adapters(self.unet, False):
+                return _unet_eps(self.unet, x_t, t, cond)
         return cfg(*self.branches(x_t, t, cond), scale)
 
     def branches(self, x_t: torch.Tensor, t: torch.Tensor, cond: SDXLConditioning):
-        """(ε_ref(x_t|∅), ε_ref(x_t|c)), computed as one batch of 2B."""
-        both = _unet_eps(self.unet, torch.cat([x_t, x_t]), torch.cat([t, t]), cond.null().cat(cond))
+        """(ε_ref(x_t|∅), ε_ref(x_t|c)), computed as one batch of 2B (a shared UNet with its adapters off)."""
+        with adapters(self.unet, False):
+            both = _unet_eps(self.unet, torch.cat([x_t, x_t]), torch.cat([t, t]), cond.null().cat(cond))
         return both.chunk(2)
 
 
 class Assistant(nn.Module):
-    """ε_ψ: a trainable diffusion model of the generator's own distribution (conditional, no CFG)."""
+    """ε_ψ: a trainable diffusion model of the generator's own distribution (conditional, no CFG): a whole UNet,
+    or the reference's UNet with its LoRA adapters on (`add_assistant_adapter`; only the adapters train)."""
 
     def __init__(self, unet):
         super().__init__()
-        self.unet = unet.requires_grad_(True).train()
+        self.unet = unet if has_adapters(unet) else unet.requires_grad_(True).train()
 
     @classmethod
     def from_reference(cls, reference_unet, init: str | os.PathLike | None = None, **resolve_kwargs) -> Assistant:
@@ -293,7 +369,12 @@ class Assistant(nn.Module):
         return cls(unet.float() if init is None else unet)
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, cond: SDXLConditioning) -> torch.Tensor:
-        return _unet_eps(self.unet, x_t, t, cond)
+        with adapters(self.unet, True):
+            return _unet_eps(self.unet, x_t, t, cond)
+
+    def trainable(self) -> list[nn.Parameter]:
+        """What the assistant's optimizer updates: every weight, or the adapters of a shared UNet."""
+        return adapter_parameters(self.unet) if has_adapters(self.unet) else list(self.unet.parameters())
 
 
 # -- latents ↔ images -----------------------------------------------------------------------------

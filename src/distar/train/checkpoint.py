@@ -105,20 +105,26 @@ class SafeLoadPlanner(DefaultLoadPlanner):
 
 
 class ModelState(Stateful):
-    """A network's weights as DCP shards them (FSDP2 DTensors or plain tensors)."""
+    """A network's weights as DCP shards them (FSDP2 DTensors or plain tensors). `trainable_only`: only the
+    weights that train (a LoRA assistant's adapters: the frozen base is the reference, loaded from its source)."""
 
-    def __init__(self, module: nn.Module):
-        self.module = module
+    def __init__(self, module: nn.Module, trainable_only: bool = False):
+        self.module, self.trainable_only = module, trainable_only
+
+    def _options(self):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+        return StateDictOptions(ignore_frozen_params=True, strict=False) if self.trainable_only else None
 
     def state_dict(self) -> dict:
         from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
-        return get_model_state_dict(self.module)
+        return get_model_state_dict(self.module, options=self._options())
 
     def load_state_dict(self, state: dict) -> None:
         from torch.distributed.checkpoint.state_dict import set_model_state_dict
 
-        set_model_state_dict(self.module, state)
+        set_model_state_dict(self.module, state, options=self._options())
 
 
 class OptimizerState(Stateful):

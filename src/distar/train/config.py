@@ -24,7 +24,7 @@ from distar.errors import UserError, redact
 from distar.losses import DivergenceConfig
 from distar.models.sdxl import DMD2_REPO, DMD2_UNET_1STEP, SDXL_BASE
 
-PRESETS = ("tiny", "sdxl")
+PRESETS = ("tiny", "sdxl", "sdxl-1gpu")
 
 
 @dataclass
@@ -39,6 +39,15 @@ class ModelConfig:
     DMD2's 1-step UNet by default), a diffusers UNet or pipeline source, or "reference" (a copy of the reference)."""
     assistant_init: str = "reference"
     """The assistant's initial UNet: "reference" (a trainable copy, as in DMD2/SiD) or a diffusers UNet source."""
+    assistant: Literal["full", "lora"] = "full"
+    """"full": the assistant is a whole trainable UNet; "lora": LoRA adapters (peft) on the frozen reference UNet,
+    one UNet serving both (adapters off: the reference, on: the assistant). LoRA saves a UNet's weights,
+    gradients and AdamW states (what fits SDXL DI* on one 80 GB GPU), at the price of the assistant's capacity
+    to follow the generator (docs/TRAINING.md, "A LoRA assistant")."""
+    assistant_lora_rank: int = 64
+    """Rank of the assistant's LoRA adapters (on every attention projection: to_q, to_k, to_v, to_out.0)."""
+    assistant_lora_alpha: float = 64.0
+    """LoRA scaling numerator (the update is scaled by alpha / rank)."""
     vae: str | None = None
     """A VAE source other than the reference's (e.g. madebyollin/sdxl-vae-fp16-fix); None: the reference's."""
     t_star: int = SDXL_GENERATOR_TIMESTEP
@@ -306,8 +315,10 @@ class TrainConfig:
 
         unknown = sorted(n for n in {*self.guard.heldout, *self.guard.max_heldout_drop} if n not in KNOWN)
         if unknown:
-            raise UserError(f"config key 'guard.heldout' / 'guard.max_heldout_drop': unknown rewards {unknown}; "
-                            f"known: {', '.join(KNOWN)}")  # fmt: skip
+            raise UserError(
+                f"config key 'guard.heldout' / 'guard.max_heldout_drop': unknown rewards {unknown}; "
+                f"known: {', '.join(KNOWN)}"
+            )
         if self.assistant_warmup < 0:
             raise UserError(f"config key 'assistant_warmup' must be 0 or more, got {self.assistant_warmup}")
         if self.assistant_updates < 0:
@@ -322,6 +333,18 @@ class TrainConfig:
             raise UserError(f"config key 'ema_decay' must be in [0, 1), got {self.ema_decay}")
         if not self.data.prompts:
             raise UserError("config key 'data.prompts' is empty: set it to the curated prompt shards (distar curate)")
+        if self.model.assistant == "lora":
+            if self.model.assistant_init != "reference":
+                raise UserError(
+                    "model.assistant='lora' puts adapters on the reference: model.assistant_init must be 'reference'"
+                )
+            if self.parallel.strategy == "fsdp":
+                raise UserError(
+                    "model.assistant='lora' runs with parallel.strategy 'none' (one GPU) or 'ddp': the shared UNet "
+                    "mixes frozen bf16 and trainable fp32 parameters, which distar does not shard yet"
+                )
+            if self.model.assistant_lora_rank < 1 or not self.model.assistant_lora_alpha > 0:
+                raise UserError("model.assistant_lora_rank must be at least 1 and model.assistant_lora_alpha positive")
         if not self.reward.weights and self.loss.alpha_rew != 0:
             raise UserError(
                 "reward.weights is empty but loss.alpha_rew is not 0: name a reward or set loss.alpha_rew=0"
@@ -346,8 +369,17 @@ class TrainConfig:
 
 # What a resumed run may change without --allow-config-change: how long it runs, how it logs and checkpoints,
 # where it reads the model cache from, how it is parallelised (DCP reshards), the lease.
-RESUME_SAFE_KEYS = ("out", "steps", "log", "checkpoint", "lease", "parallel", "model.cache_dir", "model.offline",
-                    "guard")  # fmt: skip
+RESUME_SAFE_KEYS = (
+    "out",
+    "steps",
+    "log",
+    "checkpoint",
+    "lease",
+    "parallel",
+    "model.cache_dir",
+    "model.offline",
+    "guard",
+)
 
 
 def redact_values(value):

@@ -122,7 +122,7 @@ class DIStar:
         frozen (no parameter gradients, no DDP hooks) while the loss backpropagates through its input."""
         c, d, L, rank = self.config, self.config.data, self.config.loss, self.world.rank
         sums: dict[str, float] = {}
-        self.nets.assistant_unet.requires_grad_(False)
+        self.nets.freeze_assistant(True)
         try:
             for micro, batch, cond in batches:
                 n = len(batch.prompts)
@@ -137,7 +137,7 @@ class DIStar:
                 for key, value in parts.items():
                     sums[key] = sums.get(key, 0.0) + float(value) / d.grad_accum
         finally:
-            self.nets.assistant_unet.requires_grad_(True)
+            self.nets.freeze_assistant(False)
         return sums
 
     def generator_loss(self, x0, t, eps, cond, prompts, balance: bool = False) -> tuple[torch.Tensor, dict[str, float]]:

@@ -17,6 +17,7 @@ from distar.models.sdxl import (
     OneStepGenerator,
     PromptEncoder,
     Reference,
+    add_assistant_adapter,
     load_dmd2_unet,
     load_unet,
     load_vae,
@@ -42,12 +43,25 @@ class Networks:
     """What the assistant update calls: the assistant, or its data-parallel wrapper."""
     generator_unet: nn.Module = field(init=False)
     assistant_unet: nn.Module = field(init=False)
+    """The assistant's UNet: its own, or the reference's with LoRA adapters (model.assistant = "lora")."""
+    assistant_params: list[nn.Parameter] = field(init=False)
+    """What the assistant trains: every weight of its UNet, or the adapters."""
 
     def __post_init__(self):
         self.generator_unet = self.generator.unet
         self.assistant_unet = self.assistant.unet
+        self.assistant_params = self.assistant.trainable()
         self.generator_train = self.generator_train or self.generator
         self.assistant_train = self.assistant_train or self.assistant
+
+    @property
+    def lora_assistant(self) -> bool:
+        return self.assistant_unet is self.reference.unet
+
+    def freeze_assistant(self, frozen: bool) -> None:
+        """The generator update backpropagates through the assistant's input, never into its weights."""
+        for param in self.assistant_params:
+            param.requires_grad_(not frozen)
 
 
 def build_networks(config: TrainConfig, world: World, need_text_encoders: bool) -> Networks:
@@ -63,8 +77,10 @@ def build_networks(config: TrainConfig, world: World, need_text_encoders: bool) 
         generator_unet = load_dmd2_unet(m.generator_init, m.reference, dtype="fp32", **ref_options)
     else:
         generator_unet = load_unet(m.generator_init, dtype="fp32", **hub)
-    assistant_init = None if m.assistant_init == "reference" else m.assistant_init
-    assistant = Assistant.from_reference(reference_unet, init=assistant_init, **hub)
+    assistant_unet = None  # LoRA: adapters on the reference's UNet, added in `assemble`
+    if m.assistant == "full":
+        assistant_init = None if m.assistant_init == "reference" else m.assistant_init
+        assistant_unet = Assistant.from_reference(reference_unet, init=assistant_init, **hub).unet
     prompt_encoder = None
     if need_text_encoders:
         prompt_encoder = PromptEncoder.from_pretrained(m.reference, dtype=m.text_encoder_dtype, **ref_options)
@@ -73,7 +89,7 @@ def build_networks(config: TrainConfig, world: World, need_text_encoders: bool) 
     if config.reward.weights:
         r = config.reward
         reward = WeightedReward.from_specs([r.spec(name, w) for name, w in r.weights.items()], dtype=r.dtype, **hub)
-    return assemble(config, world, reference_unet, generator_unet, assistant.unet, vae, reward, prompt_encoder)
+    return assemble(config, world, reference_unet, generator_unet, assistant_unet, vae, reward, prompt_encoder)
 
 
 def assemble(
@@ -81,16 +97,21 @@ def assemble(
     world: World,
     reference_unet: nn.Module,
     generator_unet: nn.Module,
-    assistant_unet: nn.Module,
+    assistant_unet: nn.Module | None,
     vae: nn.Module,
     reward: WeightedReward | None,
     prompt_encoder: PromptEncoder | None = None,
 ) -> Networks:
-    """The networks as the loop uses them: weight dtypes and device here, then `parallel.parallelize`."""
+    """The networks as the loop uses them: weight dtypes and device here, then `parallel.parallelize`.
+    `assistant_unet` None: the assistant is LoRA adapters on the reference's UNet (model.assistant = "lora")."""
     m = config.model
     generator = OneStepGenerator(generator_unet.float().to(world.device), t_star=m.t_star)
-    assistant = Assistant(assistant_unet.float()).to(world.device)
     reference = Reference(reference_unet.to(world.device, parse_dtype(m.reference_dtype)), config.loss.alpha_cfg)
+    if assistant_unet is None or m.assistant == "lora":
+        adapter = add_assistant_adapter(reference.unet, m.assistant_lora_rank, m.assistant_lora_alpha, config.seed)
+        assistant = Assistant(adapter)
+    else:
+        assistant = Assistant(assistant_unet.float()).to(world.device)
     if prompt_encoder is not None:
         prompt_encoder.to(world.device, parse_dtype(m.text_encoder_dtype))
     vae = vae.to(world.device, parse_dtype(m.vae_dtype)).requires_grad_(False).eval()

@@ -15,6 +15,7 @@ import dataclasses
 import math
 
 import torch
+import torch.utils.checkpoint
 from torch import nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
@@ -53,9 +54,44 @@ def _set(parent, key, module):
 
 
 def apply_activation_checkpointing(unet: nn.Module) -> nn.Module:
+    from distar.models.sdxl import has_adapters
+
     for parent, key in unet_blocks(unet):
-        _set(parent, key, checkpoint_wrapper(_get(parent, key)))
+        block = _get(parent, key)
+        _set(parent, key, AdapterStateCheckpoint(block, unet) if has_adapters(unet) else checkpoint_wrapper(block))
     return unet
+
+
+class AdapterStateCheckpoint(nn.Module):
+    """Activation checkpointing of one block of a UNet whose LoRA adapters are switched per forward (the shared
+    reference / assistant UNet): the recompute in the backward pass runs with the adapters as they were in the
+    forward, whichever of the two ran last. The block sits where checkpoint_wrapper puts it, so parameter names
+    are the same (`param_name`)."""
+
+    def __init__(self, block: nn.Module, root: nn.Module):
+        super().__init__()
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        self._checkpoint_wrapped_module = block
+        object.__setattr__(self, "_root", root)  # not a submodule: the UNet that owns this block
+        object.__setattr__(self, "_layers", [m for m in block.modules() if isinstance(m, BaseTunerLayer)])
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:  # the UNet reads its blocks' attributes (resnets, has_cross_attention): the block's
+            return getattr(self._checkpoint_wrapped_module, name)
+
+    def forward(self, *args, **kwargs):
+        from distar.models.sdxl import ADAPTERS_ON
+
+        on = bool(getattr(self._root, ADAPTERS_ON))
+        return torch.utils.checkpoint.checkpoint(self._run, on, *args, use_reentrant=False, **kwargs)
+
+    def _run(self, on: bool, *args, **kwargs):
+        for layer in self._layers:
+            layer._disable_adapters = not on
+        return self._checkpoint_wrapped_module(*args, **kwargs)
 
 
 def apply_vae_checkpointing(vae: nn.Module) -> nn.Module:
@@ -95,7 +131,8 @@ def parallelize(nets, config, world):
     if config.strategy == "none" and world.size > 1:
         raise UserError(f"parallel.strategy='none' runs one process, but WORLD_SIZE is {world.size}; use ddp or fsdp")
     if config.activation_checkpointing:
-        for unet in (nets.generator.unet, nets.assistant.unet, nets.reference.unet):
+        unets = (nets.generator.unet, nets.assistant.unet, nets.reference.unet)
+        for unet in {id(u): u for u in unets}.values():  # a LoRA assistant shares the reference's UNet
             apply_activation_checkpointing(unet)
     generator_train, assistant_train = nets.generator, nets.assistant
     if config.strategy == "fsdp":

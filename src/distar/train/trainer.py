@@ -97,7 +97,7 @@ class Trainer:
         g, a = self.nets.generator_unet, self.nets.assistant_unet
         parts = {
             "generator": ModelState(g),
-            "assistant": ModelState(a),
+            "assistant": ModelState(a, trainable_only=self.nets.lora_assistant),
             "generator_optim": OptimizerState(g, self.optimizers["generator"]),
             "assistant_optim": OptimizerState(a, self.optimizers["assistant"]),
         }
