@@ -180,7 +180,36 @@ def _plan(args: argparse.Namespace) -> None:
     if arch == "auto":
         arch = "tiny" if config.model.reference.startswith("tiny:") else "sdxl"
     result = plan(config, args.gpus, arch, text_encoders=args.text_encoders)
-    print(json.dumps(result, indent=2, default=float) if args.json else format_plan(result, args.gpu_memory))
+    from distar.models.architectures import ARCHITECTURES
+    from distar.plan import estimate_time, format_time, forward_flops, iteration_flops, largest_batch, read_benchmark
+
+    measured, rate = None, args.flops_per_gpu and args.flops_per_gpu * 1e12
+    if args.benchmark:
+        measured, matmul_rate = read_benchmark(args.benchmark, config)
+        rate = rate or matmul_rate
+    flops = iteration_flops(config, *forward_flops(config, ARCHITECTURES[arch]()))
+    timing = estimate_time(
+        config,
+        result,
+        flops,
+        args.gpu_type,
+        achievable_flops=rate,
+        nodes=args.nodes,
+        nvlink_bytes_s=args.nvlink and args.nvlink * 1e9,
+        infiniband_bytes_s=args.infiniband * 1e9,
+        measured_iteration_s=measured,
+    )
+    result["time"] = timing
+    if args.gpu_memory:
+        batch, _ = largest_batch(config, args.gpus, arch, args.gpu_memory)
+        result["largest_batch_per_gpu"] = batch
+    if args.json:
+        print(json.dumps(result, indent=2, default=float))
+    else:
+        print(format_plan(result, args.gpu_memory))
+        if "largest_batch_per_gpu" in result:
+            print(f"  largest batch per GPU that fits: {result['largest_batch_per_gpu']}")
+        print(format_time(timing))
     if args.gpu_memory and result["peak_bytes"] / 2**30 > args.gpu_memory:
         raise UserError(
             f"the plan needs {result['peak_bytes'] / 2**30:.1f} GiB per GPU, over --gpu-memory "
@@ -414,9 +443,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     pl = sub.add_parser(
         "plan",
-        help="predict the per-GPU memory of a training config (no GPU needed)",
-        description="Per-GPU memory of a training config: weights, gradients, optimizer states, "
-        "EMA, FSDP buffers and activations measured on the meta device (distar/plan.py).",
+        help="predict the per-GPU memory, iteration time and GPU-hours of a training config (no GPU needed)",
+        description="Per-GPU memory of a training config (weights, gradients, optimizer states, EMA, FSDP buffers "
+        "and activations measured on the meta device), the communication per iteration, the iteration time, the "
+        "largest batch that fits, and the wall time and GPU-hours of its steps (distar/plan.py).",
     )
     pl.add_argument("--config", default="sdxl", help="a preset (tiny, sdxl) or a TOML/JSON config file")
     pl.add_argument("--gpus", type=int, default=8, help="processes (GPUs); FSDP shards over all of them")
@@ -429,6 +459,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     pl.add_argument(
         "--text-encoders", action="store_true", help="prompts are encoded in the loop (no cached embeddings)"
+    )
+    pl.add_argument("--gpu-type", default="h100", help="a100, h100, h200 or b200: FLOP/s and NVLink defaults")
+    pl.add_argument("--nodes", type=int, default=1, help="nodes the GPUs span (past one, InfiniBand carries FSDP)")
+    pl.add_argument("--flops-per-gpu", type=float, default=None, help="achievable TFLOP/s (default: the datasheet's)")
+    pl.add_argument("--nvlink", type=float, default=None, help="GB/s per GPU per direction within a node")
+    pl.add_argument("--infiniband", type=float, default=50.0, help="GB/s per GPU across nodes (NDR 400 Gb/s: 50)")
+    pl.add_argument(
+        "--benchmark",
+        default=None,
+        help="a benchmarks/gpu_sdxl_step.py JSON: its measured iteration and matmul rate replace the estimates",
     )
     pl.add_argument("--json", action="store_true", help="every item as JSON")
     pl.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. data.batch_size=4")

@@ -14,6 +14,7 @@ for the update too. The peak is the largest of the loop's phases (see `plan`).
 from __future__ import annotations
 
 import contextlib
+import re
 from dataclasses import dataclass, field
 
 import torch
@@ -314,3 +315,240 @@ def format_plan(result: dict, gpu_gib: float | None = None) -> str:
         fits = result["peak_bytes"] / GiB <= gpu_gib
         lines.append(f"  {'fits' if fits else 'does NOT fit'} in {gpu_gib:g} GiB")
     return "\n".join(lines)
+
+
+# -- time and cost ------------------------------------------------------------------------------------------
+
+# Datasheet figures per GPU: dense bf16 peak FLOP/s and NVLink bandwidth per direction (bytes/s); InfiniBand per GPU
+# is an input (NDR 400 Gb/s = 50 GB/s by default). Every one of them can be given instead on the command line.
+GPUS = {
+    "a100": {"bf16_flops": 312e12, "nvlink_bytes_s": 300e9},
+    "h100": {"bf16_flops": 989e12, "nvlink_bytes_s": 450e9},
+    "h200": {"bf16_flops": 989e12, "nvlink_bytes_s": 450e9},
+    "b200": {"bf16_flops": 2250e12, "nvlink_bytes_s": 900e9},
+}
+INFINIBAND_BYTES_S = 50e9
+
+
+# The modules activation checkpointing wraps (parallel.unet_blocks, parallel.vae_decoder_resnets), by their names in
+# torch's FLOP counter: only their forwards run again in the backward pass.
+_CHECKPOINTED = re.compile(
+    r"^[^.]+(?:\.unet)?\.(?:down_blocks\.\d+|mid_block|up_blocks\.\d+)$"
+    r"|^[^.]+\.decoder\.(?:mid_block\.resnets\.\d+|up_blocks\.\d+\.resnets\.\d+)$"
+)
+
+
+def forward_flops(
+    config: TrainConfig, arch: Architecture, nets: dict | None = None
+) -> tuple[dict[str, int], dict[str, int]]:
+    """FLOPs of one forward of each network at the config's per-GPU batch (torch.utils.flop_counter on "meta"),
+    and of the part of it inside the modules activation checkpointing wraps."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from distar.models.sdxl import Assistant, OneStepGenerator, Reference, SDXLConditioning, add_time_ids, decode
+
+    meta = torch.device("meta")
+    nets = nets or _meta_networks(config, arch)
+    b, side, res = config.data.batch_size, config.data.resolution // arch.vae_factor, config.data.resolution
+    cond = SDXLConditioning(
+        torch.zeros(b, 77, arch.text_dim, device=meta),
+        torch.zeros(b, arch.pooled_dim, device=meta),
+        add_time_ids(b, res, res).to(meta),
+    )
+    z = torch.zeros(b, arch.unet["in_channels"], side, side, device=meta)
+    t = torch.full((b,), 500, dtype=torch.long, device=meta)
+    generator = OneStepGenerator(nets["generator_unet"], t_star=config.model.t_star)
+    calls = {
+        "generator": lambda: generator(z, cond),
+        "assistant": lambda: Assistant(nets["assistant_unet"]).requires_grad_(False)(z, t, cond),
+        "reference (CFG, 2B)": lambda: Reference(nets["reference_unet"], config.loss.alpha_cfg)(z, t, cond),
+    }
+    if nets["reward"] is not None and config.reward.weights:
+        images = torch.zeros(b, 3, res, res, device=meta)
+        calls["VAE decode"] = lambda: decode(nets["vae"].requires_grad_(False), z)
+        calls["reward"] = lambda: nets["reward"].requires_grad_(False)(images, [""] * b)
+    out, inside = {}, {}
+    for name, call in calls.items():
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            call()
+        out[name] = counter.get_total_flops()
+        counts = counter.get_flop_counts()
+        inside[name] = sum(sum(counts[key].values()) for key in counts if _CHECKPOINTED.match(key))
+    return out, inside
+
+
+def iteration_flops(
+    config: TrainConfig, forward: dict[str, int], checkpointed: dict[str, int] | None = None
+) -> dict[str, float]:
+    """Model FLOPs of one iteration per GPU from the forward FLOPs F: a backward costs 2F where weights get
+    gradients and F where only the input does (the frozen networks on the generator's path).
+      generator update:      3 F_gen + 2 (F_vae + F_reward + F_assistant + F_reference)
+      each assistant update: F_gen (samples, no grad) + 3 F_assistant
+    With activation checkpointing the checkpointed blocks' forwards (`checkpointed`; default: whole forwards) run
+    once more in their backward."""
+    k = config.assistant_updates
+    frozen_path = sum(forward.get(n, 0) for n in ("VAE decode", "reward", "assistant", "reference (CFG, 2B)"))
+    model = 3 * forward["generator"] + 2 * frozen_path + k * (forward["generator"] + 3 * forward["assistant"])
+    again = checkpointed if checkpointed is not None else forward
+    recompute = 0.0
+    if config.parallel.activation_checkpointing:
+        unets = again["generator"] + again["assistant"] + again["reference (CFG, 2B)"]
+        recompute += unets + k * again["assistant"]
+    if config.parallel.vae_checkpointing:
+        recompute += again.get("VAE decode", 0)
+    return {"model": float(model), "with_recompute": float(model + recompute)}
+
+
+def communication_bytes(config: TrainConfig, p_unet: int, p_assistant: int, world_size: int) -> dict[str, float]:
+    """Bytes each GPU receives per iteration. FSDP2 (ring collectives, (N−1)/N of the full size): every forward
+    all-gathers a UNet's bf16 parameters and its backward gathers them again (reshard after forward); a trainable
+    UNet's gradients are reduce-scattered in fp32. DDP all-reduces fp32 gradients (2 (N−1)/N of their size)."""
+    n, k = world_size, config.assistant_updates
+    if n == 1 or config.parallel.strategy == "none":
+        return {"generator update": 0.0, "assistant updates": 0.0, "total": 0.0}
+    ring = (n - 1) / n
+    if config.parallel.strategy == "fsdp":
+        gather, scatter = 2 * p_unet * ring, 4 * p_unet * ring
+        # generator: forward + backward gathers and its gradients; assistant and reference: gathered twice each
+        generator_update = 2 * gather + scatter + 2 * gather + 2 * gather
+        # per assistant update: the generator's sample forward, the assistant's two gathers and its gradients
+        assistant_updates = k * (gather + 2 * gather + scatter)
+    else:
+        generator_update = 2 * ring * 4 * p_unet
+        assistant_updates = k * 2 * ring * 4 * p_assistant
+    return {
+        "generator update": generator_update,
+        "assistant updates": assistant_updates,
+        "total": generator_update + assistant_updates,
+    }
+
+
+def estimate_time(
+    config: TrainConfig,
+    result: dict,
+    flops: dict[str, float],
+    gpu: str,
+    achievable_flops: float | None = None,
+    nodes: int = 1,
+    nvlink_bytes_s: float | None = None,
+    infiniband_bytes_s: float = INFINIBAND_BYTES_S,
+    measured_iteration_s: float | None = None,
+) -> dict:
+    """Iteration time, wall time and GPU-hours for `config.steps` steps.
+      compute    = FLOPs with recompute / achievable FLOP/s (a matrix-product rate: a lower bound on time)
+      transfer   = communication bytes / link bandwidth (NVLink within a node; InfiniBand once there are nodes)
+      iteration  = compute + transfer (no overlap; with full overlap, the larger of the two)
+      wall       = iteration × steps;  GPU-hours = wall × GPUs / 3600
+    A measured single-GPU iteration (benchmarks/gpu_sdxl_step.py) replaces `compute` when given."""
+    if gpu not in GPUS:
+        raise UserError(f"--gpu-type {gpu!r}: choose one of {', '.join(GPUS)} (or give --flops-per-gpu)")
+    spec = GPUS[gpu]
+    rate = achievable_flops or spec["bf16_flops"]
+    link = infiniband_bytes_s if nodes > 1 else (nvlink_bytes_s or spec["nvlink_bytes_s"])
+    comm = communication_bytes(
+        config, result["parameters"]["unet"], result["parameters"]["assistant"], result["world_size"]
+    )
+    compute_s = flops["with_recompute"] / rate
+    transfer_s = comm["total"] / link
+    base_s = measured_iteration_s if measured_iteration_s is not None else compute_s
+    iteration_s = base_s + transfer_s
+    wall_s = iteration_s * config.steps
+    return {
+        "gpu": gpu,
+        "flop_rate": rate,
+        "link_bytes_s": link,
+        "nodes": nodes,
+        "flops_per_iteration": flops,
+        "communication_bytes": comm,
+        "compute_s": compute_s,
+        "transfer_s": transfer_s,
+        "measured_iteration_s": measured_iteration_s,
+        "iteration_s": iteration_s,
+        "iteration_s_overlapped": max(base_s, transfer_s),
+        "images_per_s": config.data.batch_size * config.data.grad_accum * result["world_size"] / iteration_s,
+        "steps": config.steps,
+        "wall_hours": wall_s / 3600,
+        "gpu_hours": wall_s * result["world_size"] / 3600,
+    }
+
+
+def largest_batch(config: TrainConfig, world_size: int, arch, gpu_gib: float, limit: int = 64) -> tuple[int, dict]:
+    """The largest per-GPU batch whose predicted peak fits in `gpu_gib`: activations grow linearly with the batch,
+    so two plans (batch 1 and 2) give the line, and a third checks its answer (and one below, if needed)."""
+    import dataclasses
+
+    def at(batch: int) -> dict:
+        c = dataclasses.replace(config, data=dataclasses.replace(config.data, batch_size=batch))
+        return plan(c, world_size, arch)
+
+    one, two = at(1), at(2)
+    slope = two["peak_bytes"] - one["peak_bytes"]
+    budget = gpu_gib * GiB
+    if one["peak_bytes"] > budget:
+        return 0, one
+    guess = limit if slope <= 0 else int(min(limit, 1 + (budget - one["peak_bytes"]) // slope))
+    while guess > 1:
+        checked = at(guess)
+        if checked["peak_bytes"] <= budget:
+            return guess, checked
+        guess -= 1
+    return 1, one
+
+
+def format_time(t: dict) -> str:
+    f = t["flops_per_iteration"]
+    c = t["communication_bytes"]
+    lines = [
+        f"time on {t['gpu']} ({t['flop_rate'] / 1e12:.0f} TFLOP/s, link {t['link_bytes_s'] / 1e9:.0f} GB/s, "
+        f"{t['nodes']} node(s)):",
+        f"  {f['model'] / 1e12:9.1f} TFLOP  model FLOPs per GPU per iteration ({f['with_recompute'] / 1e12:.1f} with "
+        f"the recomputation)",
+        f"  {c['total'] / 1e9:9.1f} GB     received per GPU per iteration ({c['generator update'] / 1e9:.1f} "
+        f"generator update, {c['assistant updates'] / 1e9:.1f} assistant updates)",
+        f"  {t['compute_s']:9.2f} s      compute at that rate (a lower bound)",
+        f"  {t['transfer_s']:9.2f} s      communication",
+    ]
+    if t["measured_iteration_s"] is not None:
+        lines.append(
+            f"  {t['measured_iteration_s']:9.2f} s      measured single-GPU iteration (its compute: "
+            f"{t['measured_iteration_s'] / max(t['compute_s'], 1e-12):.1f}× the FLOP-rate estimate)"
+        )
+    lines += [
+        f"  {t['iteration_s']:9.2f} s      per iteration ({t['iteration_s_overlapped']:.2f} s if communication "
+        f"overlaps compute); {t['images_per_s']:.2f} images/s",
+        f"  {t['wall_hours']:9.1f} h      wall time for {t['steps']} steps; {t['gpu_hours']:.0f} GPU-hours",
+    ]
+    return "\n".join(lines)
+
+
+def read_benchmark(path: str, config: TrainConfig) -> tuple[float, float | None]:
+    """(the fastest measured iteration in seconds, the measured bf16 matmul FLOP/s) of a gpu_sdxl_step.py JSON;
+    refused when it measured another batch or resolution than `config`'s."""
+    import json
+    from pathlib import Path
+
+    try:
+        run = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as err:
+        raise UserError(f"--benchmark {path!r}: not a readable JSON file ({err})") from err
+    batch = run.get("batch") or _override(run.get("overrides", []), "data.batch_size")
+    resolution = run.get("resolution") or _override(run.get("overrides", []), "data.resolution")
+    if (batch, resolution) != (config.data.batch_size, config.data.resolution):
+        raise UserError(
+            f"--benchmark {path!r} measured batch {batch} at {resolution}²; the config trains batch "
+            f"{config.data.batch_size} at {config.data.resolution}²: measure that, or plan with the benchmark's"
+        )
+    times = [run[v]["iteration_s"] for v in run.get("variants", {}) if "iteration_s" in run.get(v, {})]
+    if "iteration_s" in run:
+        times.append(run["iteration_s"])
+    if not times:
+        raise UserError(f"--benchmark {path!r} holds no iteration_s")
+    return min(times), run.get("matmul_bf16_flops")
+
+
+def _override(overrides: list[str], key: str):
+    for item in overrides:
+        k, _, v = item.partition("=")
+        if k == key:
+            return int(v)
+    return None

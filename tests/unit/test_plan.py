@@ -113,3 +113,65 @@ def test_memory_probe_counts_live_tensor_bytes_from_creation_to_release():
         view = b[:10]  # a view allocates nothing
         after = mode.current
     assert mode.peak == 40 + 8000 and after == 40 + 4000 and view.numel() == 10
+
+
+# -- time and cost ---------------------------------------------------------------------------------------
+
+
+def _sdxl(*overrides):
+    from distar.train.config import load_config
+
+    return load_config("sdxl", ["data.prompts=unused", *overrides])
+
+
+def test_iteration_flops_closed_form():
+    from distar.plan import iteration_flops
+
+    f = {"generator": 10.0, "assistant": 10.0, "reference (CFG, 2B)": 20.0, "VAE decode": 7.0, "reward": 1.0}
+    c = _sdxl("assistant_updates=5", "parallel.activation_checkpointing=false", "parallel.vae_checkpointing=false")
+    out = iteration_flops(c, f)
+    assert out["model"] == 3 * 10 + 2 * (7 + 1 + 10 + 20) + 5 * (10 + 3 * 10) == out["with_recompute"]
+    c = _sdxl("assistant_updates=5")
+    assert iteration_flops(c, f)["with_recompute"] == out["model"] + (10 + 10 + 20) + 5 * 10 + 7
+
+
+def test_communication_closed_forms():
+    from distar.plan import communication_bytes
+
+    p, k, n = 1_000_000, 5, 8
+    fsdp = communication_bytes(_sdxl(f"assistant_updates={k}"), p, p, n)
+    assert fsdp["total"] == pytest.approx((n - 1) / n * p * (16 + 10 * k))
+    ddp = communication_bytes(_sdxl(f"assistant_updates={k}", "parallel.strategy=ddp"), p, p // 100, n)
+    assert ddp["total"] == pytest.approx(2 * (n - 1) / n * 4 * (p + k * (p // 100)))
+    assert communication_bytes(_sdxl(), p, p, 1)["total"] == 0
+
+
+def test_time_and_gpu_hours_follow_the_documented_formula():
+    from distar.plan import INFINIBAND_BYTES_S, estimate_time
+
+    c = _sdxl("steps=1000", "assistant_updates=5")
+    result = {"world_size": 16, "parameters": {"unet": 2_000_000_000, "assistant": 2_000_000_000}}
+    flops = {"model": 4e14, "with_recompute": 5e14}
+    one_node = estimate_time(c, result, flops, "h100", achievable_flops=5e14)
+    assert one_node["compute_s"] == pytest.approx(1.0)
+    assert one_node["transfer_s"] == pytest.approx(one_node["communication_bytes"]["total"] / 450e9)
+    assert one_node["iteration_s"] == pytest.approx(one_node["compute_s"] + one_node["transfer_s"])
+    assert one_node["gpu_hours"] == pytest.approx(one_node["iteration_s"] * 1000 * 16 / 3600)
+    two_nodes = estimate_time(c, result, flops, "h100", achievable_flops=5e14, nodes=2)
+    assert two_nodes["transfer_s"] == pytest.approx(one_node["communication_bytes"]["total"] / INFINIBAND_BYTES_S)
+    measured = estimate_time(c, result, flops, "h100", measured_iteration_s=5.0)
+    assert measured["iteration_s"] == pytest.approx(5.0 + measured["transfer_s"])
+    with pytest.raises(UserError, match="--gpu-type"):
+        estimate_time(c, result, flops, "tpu")
+
+
+def test_a_benchmark_of_another_batch_is_refused(tmp_path):
+    import json
+
+    from distar.plan import read_benchmark
+
+    path = tmp_path / "b.json"
+    path.write_text(json.dumps({"batch": 4, "resolution": 1024, "iteration_s": 9.0, "matmul_bf16_flops": 7e14}))
+    with pytest.raises(UserError, match="measured batch 4 at 1024"):
+        read_benchmark(str(path), _sdxl())
+    assert read_benchmark(str(path), _sdxl("data.batch_size=4")) == (9.0, 7e14)
