@@ -179,6 +179,7 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="leave out the shape-only FLOP count (minutes of one CPU core; `make bench` makes it too)",
     )
+    parser.add_argument("--skip-variant", action="append", default=[], help="leave out a variant (repeatable)")
     args = parser.parse_args(argv)
 
     from distar.train import distributed
@@ -202,7 +203,25 @@ def main(argv: list[str] | None = None) -> int:
             "generator_optim.implementation=fused",
             "assistant_optim.implementation=fused",
         ],
+        # regional compilation (each UNet block and the VAE decoder), the compile excluded by the warm-up iteration
+        "autocast+fused+compile": [
+            *base,
+            "parallel.strategy=none",
+            "parallel.compile=true",
+            "generator_optim.implementation=fused",
+            "assistant_optim.implementation=fused",
+        ],
+        # the sdxl-1gpu preset's assistant: LoRA adapters on the reference's UNet (one UNet fewer in memory)
+        "lora-assistant+fused": [
+            *base,
+            "parallel.strategy=none",
+            "model.assistant=lora",
+            "generator_optim.implementation=fused",
+            "assistant_optim.implementation=fused",
+        ],
     }
+    for name in args.skip_variant:
+        variants.pop(name, None)
     result: dict = {
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "arch": args.arch,

@@ -18,17 +18,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository r
 
 from kfp import compiler, dsl  # noqa: E402
 
-from components import IMAGE  # noqa: E402
 from components.baseline import baseline  # noqa: E402
-from components.cache import cache  # noqa: E402
 from components.compare import compare  # noqa: E402
-from components.curate import curate  # noqa: E402
 from components.evaluate import evaluate  # noqa: E402
 from components.export import export  # noqa: E402
 from components.train import train_local, train_trainjob  # noqa: E402
 from distar.compare import TABLE3  # noqa: E402
 from distar.prompt_sets import PARTI_URL  # noqa: E402
-from pipelines.distar_sdxl import LAUNCHERS, place  # noqa: E402
+from pipelines.distar_sdxl import LAUNCHERS, place, shared_steps, train_step  # noqa: E402
 
 PARALLELISM = 3
 # CPU and memory requests of a branch's steps (compile-time: see the loop); the baselines and the shared steps take
@@ -85,11 +82,8 @@ def build(launcher: str = "trainjob", parallelism: int = PARALLELISM):
         eval_cpu: str = "8",
         eval_memory: str = "64Gi",
     ):
-        prompts = curate(sources=prompt_sources, tokenizer=tokenizer, eval_fraction=eval_fraction)
-        prompts.set_caching_options(True)
-        models = cache(models=cache_models, cache_root=cache_root)
-        models.set_caching_options(True)
-        models.set_retry(3)
+        params = dict(locals())  # the pipeline's parameters, for the shared step builders
+        prompts, models = shared_steps(params)
         protocol = dict(
             model_cache=models.outputs["model_cache"],
             reference=reference,
@@ -108,32 +102,7 @@ def build(launcher: str = "trainjob", parallelism: int = PARALLELISM):
             task.set_retry(2)
             placed.append((task, eval_cpu, eval_memory))
         with dsl.ParallelFor(variants, parallelism=parallelism) as variant:
-            trained = train(
-                prompts=prompts.outputs["prompts"],
-                model_cache=models.outputs["model_cache"],
-                runs_root=runs_root,
-                run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
-                task_name=dsl.PIPELINE_TASK_NAME_PLACEHOLDER,
-                variant=variant,
-                preset=preset,
-                overrides=train_overrides,
-                launcher=launcher,
-                num_nodes=num_nodes,
-                image=IMAGE,
-                nproc_per_node=nproc_per_node,
-                gpus_per_node=gpus_per_node,
-                max_restarts=max_restarts,
-                storage_secret=storage_secret,
-                hub_secret=hub_secret,
-                node_selector=node_selector,
-                tolerations=tolerations,
-                service_account=trainer_service_account,
-                queue=queue,
-                keep_s=keep_trainjob_s,
-                suspend_timeout_s=suspend_timeout_s,
-            )
-            trained.set_caching_options(False)
-            trained.set_retry(2)
+            trained = train_step(train, launcher, prompts, models, params, variant=variant)
             exported = export(run=trained.outputs["run"])
             exported.set_caching_options(True)
             evaluated = evaluate(
@@ -173,9 +142,15 @@ distar_ablation = build("trainjob")
 
 
 def compile_pipeline(path=None, launcher: str = "trainjob", parallelism: int = PARALLELISM) -> Path:
-    path = path or Path(__file__).with_suffix(".yaml")
+    path = Path(path or Path(__file__).with_suffix(".yaml"))
     compiler.Compiler().compile(build(launcher, parallelism), str(path))
-    return Path(path)
+    # kfp's header comment prints the variants' keys in protobuf map order, which changes from process to process;
+    # the spec itself does not. One order, so that a fresh compile is byte-for-byte the committed one.
+    prefix = "#    variants: list [Default: "
+    ordered = [{k: v[k] for k in sorted(v)} for v in VARIANTS]
+    lines = [prefix + f"{ordered}]" if line.startswith(prefix) else line for line in path.read_text().splitlines()]
+    path.write_text("\n".join(lines) + "\n")
+    return path
 
 
 if __name__ == "__main__":

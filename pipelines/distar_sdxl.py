@@ -56,6 +56,48 @@ def place(launcher, node_selector, tolerations, storage_secret, hub_secret, gpu:
         secrets(task, storage_secret, hub_secret)
 
 
+def shared_steps(p: dict):
+    """Curate and cache, the steps every pipeline starts with; `p` is the pipeline's parameters."""
+    prompts = curate(sources=p["prompt_sources"], tokenizer=p["tokenizer"], eval_fraction=p["eval_fraction"])
+    prompts.set_caching_options(True)  # deterministic in its inputs
+    prompts.set_retry(2)
+    models = cache(models=p["cache_models"], cache_root=p["cache_root"])
+    models.set_caching_options(True)
+    models.set_retry(3)  # idempotent: a retry skips what verifies
+    return prompts, models
+
+
+def train_step(train, launcher: str, prompts, models, p: dict, variant=None):
+    """The train task over `p`, the pipeline's parameters (and an ablation branch's `variant`)."""
+    trained = train(
+        prompts=prompts.outputs["prompts"],
+        model_cache=models.outputs["model_cache"],
+        runs_root=p["runs_root"],
+        run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
+        task_name=dsl.PIPELINE_TASK_NAME_PLACEHOLDER,
+        **({"variant": variant} if variant is not None else {}),
+        preset=p["preset"],
+        overrides=p["train_overrides"],
+        launcher=launcher,
+        num_nodes=p["num_nodes"],
+        image=IMAGE,
+        nproc_per_node=p["nproc_per_node"],
+        gpus_per_node=p["gpus_per_node"],
+        max_restarts=p["max_restarts"],
+        storage_secret=p["storage_secret"],
+        hub_secret=p["hub_secret"],
+        node_selector=p["node_selector"],
+        tolerations=p["tolerations"],
+        service_account=p["trainer_service_account"],
+        queue=p["queue"],
+        keep_s=p["keep_trainjob_s"],
+        suspend_timeout_s=p["suspend_timeout_s"],
+    )
+    trained.set_caching_options(False)
+    trained.set_retry(2)  # the same run directory and TrainJob: a retry adopts the job or resumes the run
+    return trained
+
+
 def build(launcher: str = "trainjob"):
     """The pipeline with training as a TrainJob (the cluster's GPUs; this step follows it from a CPU pod) or on the
     train step's own machine (one node: the step gets the GPUs)."""
@@ -104,37 +146,9 @@ def build(launcher: str = "trainjob"):
         eval_cpu: str = "8",
         eval_memory: str = "64Gi",
     ):
-        prompts = curate(sources=prompt_sources, tokenizer=tokenizer, eval_fraction=eval_fraction)
-        prompts.set_caching_options(True)  # deterministic in its inputs
-        prompts.set_retry(2)
-        models = cache(models=cache_models, cache_root=cache_root)
-        models.set_caching_options(True)
-        models.set_retry(3)  # idempotent: a retry skips what verifies
-        trained = train(
-            prompts=prompts.outputs["prompts"],
-            model_cache=models.outputs["model_cache"],
-            runs_root=runs_root,
-            run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
-            task_name=dsl.PIPELINE_TASK_NAME_PLACEHOLDER,
-            preset=preset,
-            overrides=train_overrides,
-            launcher=launcher,
-            num_nodes=num_nodes,
-            image=IMAGE,
-            nproc_per_node=nproc_per_node,
-            gpus_per_node=gpus_per_node,
-            max_restarts=max_restarts,
-            storage_secret=storage_secret,
-            hub_secret=hub_secret,
-            node_selector=node_selector,
-            tolerations=tolerations,
-            service_account=trainer_service_account,
-            queue=queue,
-            keep_s=keep_trainjob_s,
-            suspend_timeout_s=suspend_timeout_s,
-        )
-        trained.set_caching_options(False)
-        trained.set_retry(2)  # the same run directory and TrainJob: a retry adopts the job or resumes the run
+        params = dict(locals())  # the pipeline's parameters, for the shared step builders
+        prompts, models = shared_steps(params)
+        trained = train_step(train, launcher, prompts, models, params)
         exported = export(run=trained.outputs["run"], ema=ema)
         exported.set_caching_options(True)
         evaluated = evaluate(

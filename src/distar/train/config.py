@@ -159,6 +159,13 @@ class ParallelConfig:
     mixed_precision: Literal["bf16", "fp32"] = "bf16"
     """Compute dtype of the UNets, VAE and rewards: "bf16" (autocast and FSDP2 param dtype) or "fp32". Master
     weights and optimizer states stay fp32; gradients are reduced in fp32."""
+    compile: bool = False
+    """Regional compilation: torch.compile each UNet block and the VAE decoder (after activation checkpointing,
+    before FSDP, the torchtitan order), which fuses the norms and element-wise work between the matrix products
+    and cuts kernel launches. The first steps pay the compile; `compile_cache` keeps it for restarts."""
+    compile_cache: str | None = None
+    """A directory for inductor's compiled kernels and graphs (TORCHINDUCTOR_CACHE_DIR), e.g. a persistent volume:
+    a restarted or resumed run finds them there. None: inductor's default (a temporary directory)."""
     backend: Literal["auto", "nccl", "gloo"] = "auto"
     """Process-group backend: "auto" (nccl on GPUs, gloo on CPU), "nccl" or "gloo"."""
     device: Literal["auto", "cuda", "cpu"] = "auto"

@@ -134,6 +134,8 @@ def parallelize(nets, config, world):
         unets = (nets.generator.unet, nets.assistant.unet, nets.reference.unet)
         for unet in {id(u): u for u in unets}.values():  # a LoRA assistant shares the reference's UNet
             apply_activation_checkpointing(unet)
+    if getattr(config, "compile", False):
+        compile_regions(nets, config.compile_cache)
     generator_train, assistant_train = nets.generator, nets.assistant
     if config.strategy == "fsdp":
         device_mesh = mesh(world.size, world.device)
@@ -148,6 +150,28 @@ def parallelize(nets, config, world):
     if config.vae_checkpointing:
         apply_vae_checkpointing(nets.vae)
     return dataclasses.replace(nets, generator_train=generator_train, assistant_train=assistant_train)
+
+
+def compile_regions(nets, cache_dir: str | None = None) -> None:
+    """torch.compile each UNet block (each of the three UNets; a LoRA assistant's UNet once) and the VAE decoder,
+    in place (`nn.Module.compile`: parameter names, and so checkpoints, stay the same). Blocks of one UNet share
+    code, so compiling per block costs a few graphs, not one per call site."""
+    import os
+
+    if cache_dir:
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache_dir)
+        os.environ.setdefault("TORCHINDUCTOR_FX_GRAPH_CACHE", "1")
+        os.environ.setdefault("TORCHINDUCTOR_AUTOGRAD_CACHE", "1")
+    import torch._functorch.config
+
+    # The log steps' balance measurement (di_star.reward_divergence_balance) takes two gradients of one graph
+    # (retain_graph), which compiled backwards with donated buffers refuse.
+    torch._functorch.config.donated_buffer = False
+    unets = (nets.generator.unet, nets.assistant.unet, nets.reference.unet)
+    for unet in {id(u): u for u in unets}.values():
+        for block in unet_block_modules(unet):
+            block.compile()
+    nets.vae.decoder.compile()
 
 
 def gradient_sync(module: nn.Module, enabled: bool):
