@@ -188,6 +188,24 @@ def performance_markdown(r: dict) -> str:
         "```",
     ]
     out += _gpu_section(r)
+    if "compile" in r:
+        k = r["compile"]
+        out += [
+            "",
+            "## 6. Regional compilation (CPU)",
+            "",
+            "The tiny UNet's forward and backward with every block compiled in place (`parallel.compile`, "
+            "torch.compile with inductor) against the same network eager, in interleaved rounds after a warm-up "
+            "call that pays the compile.",
+            "",
+            "| eager | compiled | compiled / eager | first call (compile) | max output difference |",
+            "|---|---|---|---|---|",
+            f"| {_ms(k['eager_s'])} | {_ms(k['compiled_s'])} | {k['ratio']:.2f} | {k['first_call_s']:.1f} s | "
+            f"{k['max_abs_diff']:.1e} |",
+            "",
+            "A CPU ratio says nothing of a GPU's, where compilation exists to cut kernel launches: the GPU variant "
+            "`autocast+fused+compile` of benchmarks/gpu_sdxl_step.py measures that.",
+        ]
     return "\n".join(out) + "\n"
 
 

@@ -9,6 +9,7 @@ docs/performance.json.
    iteration measured on a GPU by benchmarks/gpu_sdxl_step.py, docs/gpu/), and the SDXL 8×80 GB plan.
 5. The GPU SDXL iteration: the newest docs/gpu/*.json that benchmarks/gpu_sdxl_step.py wrote, with its model
    FLOPs counted here on "meta".
+6. Regional compilation: the tiny UNet's forward+backward, every block compiled, against eager (CPU).
 """
 
 from __future__ import annotations
@@ -246,6 +247,51 @@ def memory(gpu_runs: list[dict]) -> dict:
 # -- 5. GPU -------------------------------------------------------------------------------------------
 
 
+# -- 6. regional compilation -----------------------------------------------------------------------------
+
+
+def regional_compile(repeats: int) -> dict:
+    """The tiny UNet's forward+backward with every block compiled in place (parallel.compile) against eager, side
+    by side after a warm-up that pays the compile (timed on its own); the largest output difference."""
+    import copy
+
+    from distar.models.tiny import build_tiny_unet
+    from distar.train import parallel
+
+    eager = build_tiny_unet(seed=0)
+    compiled = copy.deepcopy(eager)
+    for block in parallel.unet_block_modules(compiled):
+        block.compile()
+    g = torch.Generator().manual_seed(0)
+    x, t = torch.randn(2, 4, 32, 32, generator=g), torch.tensor([300, 800])
+    kwargs = {
+        "encoder_hidden_states": torch.randn(2, 77, 64, generator=g),
+        "added_cond_kwargs": {"text_embeds": torch.randn(2, 32, generator=g), "time_ids": torch.zeros(2, 6)},
+    }
+
+    def step(unet):
+        out = unet(x, t, **kwargs).sample
+        out.square().mean().backward()
+        return out.detach()
+
+    start = time.perf_counter()
+    out_c = step(compiled)
+    compile_s = time.perf_counter() - start
+    out_e = step(eager)
+    eager_s, compiled_s = [], []
+    for _ in range(repeats):  # interleaved rounds
+        eager_s.append(_time(lambda: step(eager), 1))
+        compiled_s.append(_time(lambda: step(compiled), 1))
+    e, c = statistics.median(eager_s), statistics.median(compiled_s)
+    return {
+        "eager_s": e,
+        "compiled_s": c,
+        "ratio": c / e,
+        "first_call_s": compile_s,
+        "max_abs_diff": float((out_c - out_e).abs().max()),
+    }
+
+
 def gpu_runs() -> list[dict]:
     runs = []
     for path in sorted((ROOT / "docs" / "gpu").glob("*.json")):
@@ -292,6 +338,7 @@ def main(argv: list[str] | None = None) -> int:
         "sampling": sampling(args.repeats),
         "curation": curation(args.prompts),
         "memory": memory(runs),
+        "compile": regional_compile(2 * args.repeats + 1),
         "gpu": runs,
     }
     if runs:
