@@ -10,6 +10,8 @@ import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlparse
 
+from helpers.http import reply
+
 
 def _now() -> str:
     return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
@@ -26,13 +28,8 @@ class FakeKFP:
             def log_message(self, *args):
                 pass
 
-            def _reply(self, code: int, body: dict):
-                data = json.dumps(body).encode()
-                self.send_response(code)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
+            def _reply(self, code: int, body) -> None:
+                reply(self, code, body)
 
             def do_GET(self):
                 url = urlparse(self.path)

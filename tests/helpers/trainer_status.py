@@ -14,6 +14,7 @@ import threading
 from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+from helpers.http import reply
 from helpers.trainer_api import _cel_problems, _crd_schema, _json_schema
 
 PATH = "/apis/trainer.kubeflow.org/v1alpha1/namespaces/team/trainjobs/distar-job/status"
@@ -48,13 +49,8 @@ def _handler(state: StatusServer):
         def log_message(self, *args):
             pass
 
-        def _send(self, code: int, body: dict) -> None:
-            data = json.dumps(body).encode()
-            self.send_response(code)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
+        def _send(self, code: int, body) -> None:
+            reply(self, code, body)
 
         def do_POST(self):
             payload = json.loads(self.rfile.read(int(self.headers.get("Content-Length") or 0)) or b"null")
