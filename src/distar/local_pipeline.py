@@ -125,7 +125,6 @@ OUTPUTS = [
         "the training run's record: its directory under training-runs/ (checkpoints/step_*/, "
         "logs/metrics.jsonl, samples/) and the final checkpoint",
     ),
-    ("train/metrics", "the final reward, divergence and throughput"),
     ("train/report", "the training report: loss, reward and divergence curves, sample grids"),
     ("export/pipeline", "a diffusers StableDiffusionXLPipeline for one-step sampling, with its model card"),
     ("evaluate/metrics", "the evaluation metrics on the paper's scales"),
