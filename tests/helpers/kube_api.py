@@ -55,7 +55,7 @@ class Cluster:
         self.pods: dict[tuple[str, str], dict] = {}
         self.pod_logs: dict[tuple[str, str], list[str]] = {}
         self.faults: list[tuple[str, str, str]] = []
-        """(method, path regex, action) answered in order: "429", "503", "reset", "reset-after" """
+        """(method, path regex, action) answered in order: "403", "429", "503", "reset", "reset-after" """
         self.verbs: set[tuple[str, str]] = set()
         self.created: list[dict] = []
         self.deleted: list[str] = []
@@ -151,11 +151,9 @@ class _Handler(BaseHTTPRequestHandler):
                     action = act
                     del c.faults[i]
                     break
-            if action in ("429", "503"):
-                return self._send(
-                    int(action),
-                    _status(int(action), "TooManyRequests" if action == "429" else "ServiceUnavailable", "try again"),
-                )
+            if action in ("403", "429", "503"):
+                reason = {"403": "Forbidden", "429": "TooManyRequests", "503": "ServiceUnavailable"}[action]
+                return self._send(int(action), _status(int(action), reason, "refused"))
             if action == "reset":
                 return self._reset()
             code, answer = self._route(method, url.path, query, body)

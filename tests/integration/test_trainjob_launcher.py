@@ -148,6 +148,25 @@ def test_finished_jobs_past_their_keep_time_are_deleted_by_the_next_launch():
     assert (NS, job_name("recent", "train")) in cluster.jobs and (NS, spec().name) in cluster.jobs
 
 
+def test_housekeeping_and_log_streaming_never_fail_the_step():
+    """A sweep whose delete is forbidden and a log read that drops its connection are logged and passed over."""
+    cluster = Cluster(states=["Created", "Created", "Complete"], logs=["a", "b"])
+    old = manifest(spec(name=job_name("old", "train")))
+    old["metadata"]["annotations"][KEEP_SECONDS] = "0"
+    old["status"] = {
+        "conditions": [{"type": "Complete", "status": "True", "lastTransitionTime": "2026-01-01T00:00:00Z"}]
+    }
+    cluster.jobs[(NS, old["metadata"]["name"])] = old
+    cluster.fault("DELETE", "trainjobs/", "403")
+    cluster.fault("GET", "/log$", "reset")
+    lines: list[str] = []
+    with kube_api(cluster) as (api, core, _):
+        job = launcher(api, core, lines).run(manifest(spec()))
+    assert job["status"]["conditions"][0]["type"] == "Complete"
+    assert any("could not delete finished TrainJob" in line and "403" in line for line in lines)
+    assert any(line.endswith("] b") for line in lines)  # streaming went on after the dropped read
+
+
 SIGTERM_SCRIPT = """
 import sys
 from kubernetes import client

@@ -349,8 +349,13 @@ class TrainJobLauncher:
             if finished is None or keep is None:
                 continue
             if self.now() >= finished + dt.timedelta(seconds=int(keep)):
-                self._delete(ns, obj["metadata"]["name"], f"finished {finished.isoformat()}, kept {keep} s")
-                swept.append(obj["metadata"]["name"])
+                name = obj["metadata"]["name"]
+                try:
+                    self._delete(ns, name, f"finished {finished.isoformat()}, kept {keep} s")
+                except (ApiException, TrainJobFailed) as err:
+                    self.log(f"could not delete finished TrainJob {ns}/{name} ({getattr(err, 'status', err)})")
+                    continue
+                swept.append(name)
         return swept
 
     def _create_or_adopt(self, job: dict) -> None:
@@ -446,7 +451,6 @@ class TrainJobLauncher:
         """New lines of rank 0's log since the last poll (timestamps keep the place; a restarted pod starts over)."""
         if self.core is None:
             return
-        from kubernetes.client.exceptions import ApiException
 
         try:
             pods = self._call(
@@ -469,7 +473,7 @@ class TrainJobLauncher:
                         self.log(f"[{pod_name}] {message}")
                         mark = _stamp_key(stamp)
                 self._log_marks[pod_name] = mark
-        except (ApiException, TrainJobFailed):  # a pod still starting has no log yet; streaming is best effort
+        except Exception:  # a pod still starting has no log yet, a connection drops: streaming is best effort
             return
 
 
