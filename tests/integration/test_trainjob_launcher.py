@@ -198,7 +198,7 @@ def test_sigterm_of_the_step_deletes_its_trainjob():
     assert "stopped by SIGTERM" in out and "[distar-sigterm-node-0-0-abcde] training" in out
 
 
-def test_the_role_grants_exactly_the_verbs_the_launcher_uses(tmp_path):
+def test_the_role_grants_exactly_the_verbs_the_launcher_uses(monkeypatch):
     """Every path of the launcher (sweep, create, adopt, replace, follow, stream, delete, its own pod for the owner
     reference) against the stand-in, then the Role of k8s/base: the same (resource, verb) pairs, nothing more."""
     from helpers.k8s import rendered
@@ -208,11 +208,8 @@ def test_the_role_grants_exactly_the_verbs_the_launcher_uses(tmp_path):
     cluster = Cluster(states=["Failed"], logs=["x"])
     with kube_api(cluster) as (api, core, _):
         cluster.add_pod(NS, "step-pod")
-        os.environ["HOSTNAME"], before = "step-pod", os.environ.get("HOSTNAME")
-        try:
-            assert _owner(core, NS)[0]["uid"] == "uid-step-pod"
-        finally:
-            os.environ["HOSTNAME"] = before or ""
+        monkeypatch.setenv("HOSTNAME", "step-pod")
+        assert _owner(core, NS)[0]["uid"] == "uid-step-pod"
         with pytest.raises(TrainJobFailed):
             launcher(api, core, []).run(manifest(spec()))
         cluster.states = ["Created", "Complete"]

@@ -134,18 +134,24 @@ def test_reserved_torchrun_variables_are_refused_when_building_the_manifest():
 
 
 def test_trainjob_render_prints_exactly_what_the_launcher_creates(capsys):
+    """The command as users run it, in a process of its own: stdout is the manifest and nothing else."""
+    import subprocess
+    import sys
+
     import yaml
     from helpers.trainer_api import problems
 
     from distar import cli
 
-    code = cli.main(["trainjob", "render", "--image", "reg/distar@sha256:abc", "--name", "r1", "--namespace", "team",
-                     "--num-nodes", "2", "--secret-env", "HF_TOKEN=distar-hub/token", "--node-selector", "pool=h100",
-                     "--toleration", "nvidia.com/gpu:NoSchedule", "--toleration", "spot=true:NoExecute",
-                     "--service-account", "distar-trainer", "--queue", "gpus", "data.prompts=gs://b/p",
-                     "out=gs://b/r1"])  # fmt: skip
-    assert code == 0
-    rendered = yaml.safe_load(capsys.readouterr().out)
+    args = ["trainjob", "render", "--image", "reg/distar@sha256:abc", "--name", "r1", "--namespace", "team",
+            "--num-nodes", "2", "--secret-env", "HF_TOKEN=distar-hub/token", "--node-selector", "pool=h100",
+            "--toleration", "nvidia.com/gpu:NoSchedule", "--toleration", "spot=true:NoExecute",
+            "--service-account", "distar-trainer", "--queue", "gpus", "data.prompts=gs://b/p",
+            "out=gs://b/r1"]  # fmt: skip
+    proc = subprocess.run([sys.executable, "-m", "distar.cli", *args], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.startswith("apiVersion: trainer.kubeflow.org/v1alpha1\n"), proc.stdout[:500]
+    rendered = yaml.safe_load(proc.stdout)
     expected = manifest(TrainJobSpec(
         name="r1", namespace="team", image="reg/distar@sha256:abc", overrides=["data.prompts=gs://b/p", "out=gs://b/r1"],
         num_nodes=2, secret_env={"HF_TOKEN": "distar-hub/token"}, node_selector={"pool": "h100"},
