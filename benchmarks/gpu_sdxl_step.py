@@ -31,6 +31,14 @@ import anatomy  # noqa: E402
 
 from distar.models.architectures import ARCHITECTURES  # noqa: E402
 from distar.train.distributed import World  # noqa: E402
+from distar.train.trainer import host_values  # noqa: E402
+
+COPIES = ["parallel.mixed_precision=bf16", "parallel.bf16_weight_copies=true"]
+FUSED_NO_SHARDING = [
+    "parallel.strategy=none",
+    "generator_optim.implementation=fused",
+    "assistant_optim.implementation=fused",
+]
 
 # Dense bf16 tensor-core peak by datasheet (no sparsity), by the name torch reports.
 PEAK_BF16 = {"H100": 989.4e12, "H200": 989.4e12, "A100": 312e12, "B200": 2250e12}
@@ -153,13 +161,18 @@ def iterations(args, name: str, overrides: list[str], workdir: Path, world: Worl
         {
             "iteration_s": statistics.median(times),
             "iteration_samples_s": times,
-            "images_per_s": args.batch / statistics.median(times),
+            "images_per_s": trainer.config.data.batch_size / statistics.median(times),
             "memory_iterations": memory_gb(device),
-            "last_values": {k: v for k, v in values.items() if isinstance(v, float)},
+            "last_values": host_values({k: v for k, v in values.items() if not k.startswith("ok/")}),
             "skipped": dict(trainer.skipped),
         }
     )
     return trainer, out
+
+
+def _batch_of(overrides: list[str], default: int) -> int:
+    sizes = [int(o.split("=", 1)[1]) for o in overrides if o.startswith("data.batch_size=")]
+    return sizes[-1] if sizes else default
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -180,6 +193,14 @@ def main(argv: list[str] | None = None) -> int:
         help="leave out the shape-only FLOP count (minutes of one CPU core; `make bench` makes it too)",
     )
     parser.add_argument("--skip-variant", action="append", default=[], help="leave out a variant (repeatable)")
+    parser.add_argument(
+        "--only-variant", action="append", default=[], help="run only these variants (repeatable; fsdp+fused always)"
+    )
+    parser.add_argument(
+        "--largest-batch",
+        metavar="VARIANT",
+        help="also run VARIANT at the largest batch per GPU that `distar plan` fits in the card's memory",
+    )
     args = parser.parse_args(argv)
 
     from distar.train import distributed
@@ -219,9 +240,42 @@ def main(argv: list[str] | None = None) -> int:
             "generator_optim.implementation=fused",
             "assistant_optim.implementation=fused",
         ],
+        # bf16 weights of the frozen passes made once per update (no per-call casts), the skip decided on the
+        # device (fused AdamW: no host sync between log steps)
+        "autocast+fused+copies": [*base, *FUSED_NO_SHARDING, *COPIES],
+        # ... and channels_last convolutions, the VAE decoder in bf16 with fp32 GroupNorm
+        "autocast+fused+copies+nhwc+vae-bf16": [
+            *base,
+            *FUSED_NO_SHARDING,
+            *COPIES,
+            "parallel.channels_last=true",
+            "model.vae_dtype=bf16",
+        ],
+        # all of it compiled per region
+        "autocast+fused+copies+nhwc+vae-bf16+compile": [
+            *base,
+            *FUSED_NO_SHARDING,
+            *COPIES,
+            "parallel.channels_last=true",
+            "model.vae_dtype=bf16",
+            "parallel.compile=true",
+        ],
     }
     for name in args.skip_variant:
         variants.pop(name, None)
+    if args.only_variant:
+        variants = {k: v for k, v in variants.items() if k in args.only_variant or k == "fsdp+fused"}
+    if args.largest_batch and args.largest_batch not in variants:
+        parser.error(f"--largest-batch {args.largest_batch!r} is not a variant: {', '.join(variants)}")
+    if args.largest_batch and device.type == "cuda":
+        from distar.plan import largest_batch
+        from distar.train.config import load_config
+
+        chosen = [o for o in variants[args.largest_batch] if not o.startswith("data.batch_size=")]
+        gib = torch.cuda.get_device_properties(device).total_memory / 2**30 * 0.97
+        n, _ = largest_batch(load_config(preset, ["data.prompts=unused", *chosen]), 1, args.arch, gib)
+        variants[f"{args.largest_batch}@batch{n}"] = [*chosen, f"data.batch_size={n}"]
+    batches = {name: _batch_of(overrides, args.batch) for name, overrides in variants.items()}
     result: dict = {
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "arch": args.arch,
@@ -305,6 +359,14 @@ def main(argv: list[str] | None = None) -> int:
             result["hfu"] = result["achieved_hardware_flops"] / peak
         if "matmul_bf16_flops" in result:
             result["mfu_of_measured_ceiling"] = result["achieved_model_flops"] / result["matmul_bf16_flops"]
+        # Every variant's MFU: model FLOPs grow linearly with the batch (every network works per image)
+        for name, n in batches.items():
+            v = result.get(name, {})
+            if "iteration_s" in v:
+                v["model_flops_per_iteration"] = model * n / args.batch
+                v["batch"] = n
+                if peak:
+                    v["mfu"] = v["model_flops_per_iteration"] / v["iteration_s"] / peak
         save("model flops")
     print(json.dumps({k: v for k, v in result.items() if k not in ("anatomy", "flops_meta")}, indent=2, default=float))
     distributed.shutdown()

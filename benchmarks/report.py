@@ -206,7 +206,53 @@ def performance_markdown(r: dict) -> str:
             "A CPU ratio says nothing of a GPU's, where compilation exists to cut kernel launches: the GPU variant "
             "`autocast+fused+compile` of benchmarks/gpu_sdxl_step.py measures that.",
         ]
+    if "precision" in r:
+        out += _precision_section(r["precision"])
     return "\n".join(out) + "\n"
+
+
+def _precision_section(p: dict) -> list[str]:
+    w, cl, v = p["weight_copies"], p["channels_last"], p["vae_bf16"]
+    rows = [
+        f"| bf16 VAE, fp32 GroupNorm | {v['bf16_fp32_norms']['mean_abs_error_255']:.2f} | "
+        f"{v['bf16_fp32_norms']['max_abs_error_255']:.1f} | {v['bf16_fp32_norms']['psnr_db']:.1f} dB | "
+        f"{v['bf16_fp32_norms']['grad_cosine']:.5f} | {v['bf16_fp32_norms']['grad_relative_error']:.3f} | "
+        f"{v['bf16_fp32_norms']['seconds'] / v['fp32_s']:.2f} |",
+        f"| bf16 VAE, bf16 GroupNorm | {v['bf16']['mean_abs_error_255']:.2f} | {v['bf16']['max_abs_error_255']:.1f} | "
+        f"{v['bf16']['psnr_db']:.1f} dB | {v['bf16']['grad_cosine']:.5f} | {v['bf16']['grad_relative_error']:.3f} | "
+        f"{v['bf16']['seconds'] / v['fp32_s']:.2f} |",
+    ]
+    return [
+        "",
+        "## 7. Precision and layout (CPU)",
+        "",
+        "Each option against the default, side by side in interleaved rounds after a warm-up. A CPU ratio says "
+        "little of a GPU's: the GPU variants `autocast+fused+copies` and `autocast+fused+copies+nhwc+vae-bf16` of "
+        "benchmarks/gpu_sdxl_step.py measure those.",
+        "",
+        f"**bf16 weight copies made once** (`parallel.bf16_weight_copies`), medium networks, bf16 autocast, "
+        "K_TA = 5: the five generator samples of an iteration "
+        f"{_ms(w['samples_copies_s'])} against {_ms(w['samples_autocast_s'])} with autocast's casts "
+        f"({w['samples_ratio']:.2f}); the whole iteration {_ms(w['iteration_copies_s'])} against "
+        f"{_ms(w['iteration_autocast_s'])} ({w['iteration_ratio']:.2f}). Same losses, norms and rewards to the last "
+        f"bit: {w['same_values']}.",
+        "",
+        f"**channels_last** (`parallel.channels_last`), the medium UNet's forward and backward at "
+        f"{cl['latent_side']}² latents: {_ms(cl['channels_last_s'])} against {_ms(cl['default_s'])} "
+        f"({cl['ratio']:.2f}); largest output difference {cl['max_abs_diff']:.1e}.",
+        "",
+        f"**The VAE decoder in bf16**: the SDXL VAE (published architecture, random weights) decoding one "
+        f"{v['side']}² image and sending a fixed linear reward's gradient back to the latents, against fp32 "
+        f"({v['fp32_s']:.1f} s). Errors in 8-bit pixel levels (1/255) of the clamped [0, 1] image.",
+        "",
+        "| | mean abs error | max abs error | PSNR | gradient cosine | gradient relative error | time / fp32 |",
+        "|---|---|---|---|---|---|---|",
+        *rows,
+        "",
+        "The bound the tests hold (tests/integration/test_precision.py, tiny VAE): mean absolute error under one "
+        "pixel level and gradient cosine above 0.99. Random weights are not the trained VAE's: its activations "
+        "differ, so the real weights' error is still to be measured where they can be loaded.",
+    ]
 
 
 def _plan_text(result: dict) -> str:

@@ -10,6 +10,7 @@ docs/performance.json.
 5. The GPU SDXL iteration: the newest docs/gpu/*.json that benchmarks/gpu_sdxl_step.py wrote, with its model
    FLOPs counted here on "meta".
 6. Regional compilation: the tiny UNet's forward+backward, every block compiled, against eager (CPU).
+7. Precision and layout: bf16 weight copies made once, channels_last, the VAE decoder in bf16 (benchmarks/precision.py).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import anatomy  # noqa: E402
+import precision  # noqa: E402
 
 from distar.models.architectures import ARCHITECTURES  # noqa: E402
 
@@ -339,6 +341,7 @@ def main(argv: list[str] | None = None) -> int:
         "curation": curation(args.prompts),
         "memory": memory(runs),
         "compile": regional_compile(2 * args.repeats + 1),
+        "precision": precision.measure(args.repeats),
         "gpu": runs,
     }
     if runs:

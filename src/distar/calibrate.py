@@ -22,7 +22,7 @@ from distar.train.distributed import World
 
 def calibrate(config: TrainConfig, world: World, alphas: list[float], steps: int) -> list[dict]:
     """One row per α_rew (see the module docstring)."""
-    from distar.train.trainer import Trainer
+    from distar.train.trainer import Trainer, host_values
 
     if not alphas or any(not math.isfinite(a) or a <= 0 for a in alphas):
         raise UserError(f"--alphas {alphas}: name one or more finite α_rew values > 0, e.g. --alphas 1,10,100")
@@ -45,9 +45,10 @@ def calibrate(config: TrainConfig, world: World, alphas: list[float], steps: int
             "generator": trainer._optimizer(trainer.nets.generator_unet, config.generator_optim),
             "assistant": trainer._optimizer(trainer.nets.assistant_unet, config.assistant_optim),
         }
+        trainer.settle()
         trainer.counters.update(step=0, samples_seen=0, skipped={"generator": 0, "assistant": 0})
         config.loss.alpha_rew = alpha
-        history = [world.mean({k: v for k, v in trainer.train_step().items() if not k.startswith("ok/")})
+        history = [world.mean(host_values({k: v for k, v in trainer.train_step().items() if not k.startswith("ok/")}))
                    for _ in range(steps)]  # fmt: skip
 
         mean = {key: sum(h[key] for h in history) / len(history) for key in history[0]}

@@ -19,6 +19,13 @@ SDXL_BETA_END = 0.012
 SDXL_GENERATOR_TIMESTEP = 399
 
 
+def values_on_host(t: torch.Tensor) -> bool:
+    """Whether a value check may read `t`: only on the CPU, where a read costs no sync. On an accelerator a read
+    stalls the host until the device's queue drains, once per call in the training loop; a bad timestep fails
+    there all the same (index_select refuses an index out of range), and "meta" tensors have no values."""
+    return t.device.type == "cpu"
+
+
 class VPSchedule:
     """A discrete VP schedule given by ᾱ_t for t = 0 … T−1; an integer t indexes it.
 
@@ -56,10 +63,10 @@ class VPSchedule:
 
     def check_timesteps(self, t: torch.Tensor, name: str = "t") -> torch.Tensor:
         """t as an integer tensor inside [0, T); a ValueError naming `name` otherwise."""
-        t = torch.as_tensor(t)  # values on "meta" (shape-only runs: FLOP counts, memory plans) are not checked
+        t = torch.as_tensor(t)
         if t.dtype.is_floating_point or t.dtype == torch.bool or t.is_complex():
             raise ValueError(f"{name} must hold integer timesteps (a LongTensor), got dtype {t.dtype}")
-        if t.numel() and t.device.type != "meta" and (int(t.min()) < 0 or int(t.max()) >= self.num_steps):
+        if t.numel() and values_on_host(t) and (int(t.min()) < 0 or int(t.max()) >= self.num_steps):
             raise ValueError(
                 f"{name} must lie in [0, {self.num_steps - 1}] for this {self.num_steps}-step schedule, "
                 f"got values in [{int(t.min())}, {int(t.max())}]"

@@ -219,6 +219,10 @@ def plan(config: TrainConfig, world_size: int, arch: Architecture | str = "sdxl"
     if strategy == "fsdp":  # the current and the prefetched block unsharded in the compute dtype, one block's grads
         in_flight = 2 * (2 if bf16 else 4) * p_block + 4 * p_block
     autocast_copies = 2 * p_unet if bf16 and strategy != "fsdp" else 0
+    # parallel.bf16_weight_copies: the generator's bf16 copy while the assistant updates run, the frozen
+    # assistant's while the generator update runs (a LoRA assistant's copy is its adapters')
+    copies_g = 2 * p_unet if config.parallel.bf16_weight_copies else 0
+    copies_a = 2 * p_assistant if config.parallel.bf16_weight_copies else 0
     acts = measure_activations(config, arch, nets)
     used, recompute = acts.with_checkpointing, acts.recompute
     frozen_recompute = max((v for k, v in recompute.items() if k != "generator"), default=0)
@@ -230,16 +234,19 @@ def plan(config: TrainConfig, world_size: int, arch: Architecture | str = "sdxl"
         "generator update: backward through the frozen networks": sum(used.values())
         + frozen_recompute
         + autocast_copies
+        + copies_a
         + in_flight,
         "generator update: generator backward": used["generator"]
         + recompute.get("generator", 0)
         + grads
         + autocast_copies
+        + copies_a
         + in_flight,
         "assistant update": 4 * p_assistant / shard
         + used["assistant"]
         + recompute.get("assistant", 0)
         + autocast_copies
+        + copies_g
         + in_flight,
         "optimizer step": grads + (0 if _fused(config) else 4 * p_unet / shard),
     }
@@ -266,6 +273,7 @@ def plan(config: TrainConfig, world_size: int, arch: Architecture | str = "sdxl"
         "gradients (one UNet)": grads,
         "fsdp blocks in flight": in_flight,
         "autocast bf16 weight copies": autocast_copies,
+        "bf16 weight copies made once": {"generator": copies_g, "assistant": copies_a},
         "activations": {"used": used, "without_checkpointing": acts.without_checkpointing, "recompute": recompute},
         "phases": phases,
         "peak_phase": peak_phase,
@@ -304,6 +312,12 @@ def format_plan(result: dict, gpu_gib: float | None = None) -> str:
         lines.append(f"  {g(result['fsdp blocks in flight'])}  FSDP: unsharded blocks in flight")
     if result["autocast bf16 weight copies"]:
         lines.append(f"  {g(result['autocast bf16 weight copies'])}  autocast: bf16 copies of the generator's weights")
+    made_once = result["bf16 weight copies made once"]
+    if made_once["generator"]:
+        lines.append(
+            f"  {g(made_once['generator'])}  bf16 copies made once: the generator's during the assistant updates "
+            f"(the assistant's during the generator update: {made_once['assistant'] / GiB:.2f} GiB)"
+        )
     a = result["activations"]
     lines.append(
         f"  {g(sum(a['used'].values()))}  activations kept for the generator update's backward "

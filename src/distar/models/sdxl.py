@@ -229,8 +229,13 @@ class PromptEncoder(nn.Module):
 # -- the three diffusion networks -----------------------------------------------------------------
 
 
+INPUT_DTYPE = "_distar_input_dtype"
+"""The dtype a UNet's inputs are cast to, where it is not its first weight's (`distar.train.precision` swaps bf16
+weight copies into an fp32 UNet for some passes, and its inputs stay what they were)."""
+
+
 def _unet_eps(unet, x_t: torch.Tensor, t: torch.Tensor, cond: SDXLConditioning) -> torch.Tensor:
-    dtype = next(unet.parameters()).dtype
+    dtype = getattr(unet, INPUT_DTYPE, None) or next(unet.parameters()).dtype
     out = unet(x_t.to(dtype), t, **cond.to(x_t.device, dtype).unet_kwargs()).sample
     return out.to(x_t.dtype)
 

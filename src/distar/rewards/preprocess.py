@@ -10,6 +10,8 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
+from distar import diffusion
+
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
@@ -20,7 +22,7 @@ def check_images_and_prompts(images: torch.Tensor, prompts: Sequence[str], toler
         raise ValueError(f"images must be a float tensor (B, 3, H, W) in [0, 1], got {type(images).__name__}")
     if images.ndim != 4 or images.shape[1] != 3:
         raise ValueError(f"images must have shape (B, 3, H, W) (RGB), got {tuple(images.shape)}")
-    if images.device.type == "meta":  # shape-only runs have no values to check
+    if not diffusion.values_on_host(images):  # no host sync in the training loop (and "meta" has no values)
         lo, hi = 0.0, 1.0
     else:
         lo, hi = float(images.detach().min()), float(images.detach().max())

@@ -62,6 +62,10 @@ class ModelConfig:
     """Weights of the frozen text encoders."""
     vae_dtype: str = "fp32"
     """Weights of the frozen VAE (the SDXL VAE overflows in fp16; bf16 or fp16 only with the fp16-fix VAE)."""
+    vae_fp32_norms: bool = True
+    """With a bf16 or fp16 VAE, keep its GroupNorm layers in fp32 (input cast up, fp32 weights, output cast back):
+    at 1024² the decoder's normalisation statistics run over 1024² pixels per group. The decode's error against
+    fp32 is measured in docs/PERFORMANCE.md, "The VAE decoder in bf16"."""
 
 
 @dataclass
@@ -163,6 +167,15 @@ class ParallelConfig:
     """Regional compilation: torch.compile each UNet block and the VAE decoder (after activation checkpointing,
     before FSDP, the torchtitan order), which fuses the norms and element-wise work between the matrix products
     and cuts kernel launches. The first steps pay the compile; `compile_cache` keeps it for restarts."""
+    bf16_weight_copies: bool = False
+    """Under bf16 autocast without FSDP: the passes whose weights cannot change while they run (the generator's
+    samples for the K_TA assistant updates, the frozen assistant in the generator update) use bf16 copies of the
+    Linear and Conv2d weights made once, instead of autocast's cast on every call and recompute. The same bits
+    as autocast; costs one bf16 copy of a UNet while they run (`distar plan` counts it). FSDP's mixed precision
+    makes its own copies per block."""
+    channels_last: bool = False
+    """The UNets' and the VAE's 4-D weights (and so their convolutions) in channels_last (NHWC) memory order,
+    which cuDNN's bf16 convolutions read without layout conversions."""
     compile_cache: str | None = None
     """A directory for inductor's compiled kernels and graphs (TORCHINDUCTOR_CACHE_DIR), e.g. a persistent volume:
     a restarted or resumed run finds them there. None: inductor's default (a temporary directory)."""
@@ -352,6 +365,14 @@ class TrainConfig:
                 )
             if self.model.assistant_lora_rank < 1 or not self.model.assistant_lora_alpha > 0:
                 raise UserError("model.assistant_lora_rank must be at least 1 and model.assistant_lora_alpha positive")
+        if self.parallel.bf16_weight_copies and (
+            self.parallel.mixed_precision != "bf16" or self.parallel.strategy == "fsdp"
+        ):
+            raise UserError(
+                "parallel.bf16_weight_copies replaces bf16 autocast's casts without FSDP: set "
+                "parallel.mixed_precision=bf16 and parallel.strategy to 'none' or 'ddp' (FSDP's mixed precision "
+                "makes its own bf16 copies), or parallel.bf16_weight_copies=false"
+            )
         if not self.reward.weights and self.loss.alpha_rew != 0:
             raise UserError(
                 "reward.weights is empty but loss.alpha_rew is not 0: name a reward or set loss.alpha_rew=0"

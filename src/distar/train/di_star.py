@@ -18,7 +18,7 @@ import torch
 from distar.diffusion import VPSchedule
 from distar.losses import assistant_loss, generator_objective, time_weight
 from distar.models.sdxl import SDXLConditioning, add_time_ids, decode
-from distar.train import parallel
+from distar.train import parallel, precision
 from distar.train.config import TrainConfig
 from distar.train.data import PromptBatch, PromptSet
 from distar.train.distributed import World
@@ -63,6 +63,12 @@ class DIStar:
         self.autocast = contextlib.nullcontext()
         if config.parallel.mixed_precision == "bf16":
             self.autocast = torch.autocast(world.device.type, dtype=torch.bfloat16)
+        self.weight_copies = config.parallel.bf16_weight_copies
+
+    def frozen_generator(self):
+        """The K_TA assistant updates sample from a generator that does not change until they are done: with
+        `parallel.bf16_weight_copies`, its bf16 compute weights are made once for all of them."""
+        return precision.frozen_bf16_weights(self.nets.generator_unet, self.weight_copies)
 
     # -- inputs -------------------------------------------------------------------------------------
 
@@ -94,11 +100,12 @@ class DIStar:
 
     # -- the assistant: denoising score matching on generator samples (§5) ----------------------------
 
-    def assistant_backward(self, step: int, k: int, batches: Iterable[MicroBatch]) -> dict[str, float]:
+    def assistant_backward(self, step: int, k: int, batches: Iterable[MicroBatch]) -> dict[str, torch.Tensor]:
         """The k-th assistant update of `step`: L_TA on x0 = sg(g_θ(z, c)), gradients accumulated over
-        micro-batches (reduced across ranks on the last)."""
+        micro-batches (reduced across ranks on the last). The values stay on the device (no host sync): the
+        loop reads them on log steps."""
         c, d, rank = self.config, self.config.data, self.world.rank
-        total = 0.0
+        total = torch.zeros((), device=self.world.device)
         for micro, batch, cond in batches:
             n = len(batch.prompts)
             with torch.no_grad(), self.autocast:
@@ -112,46 +119,51 @@ class DIStar:
             with parallel.gradient_sync(self.nets.assistant_train, last), self.autocast:
                 loss = assistant_loss(self.nets.assistant_train(x_t, t, cond).float(), eps)
                 (loss / d.grad_accum).backward()
-            total += loss.item() / d.grad_accum
+            total += loss.detach() / d.grad_accum
         return {"loss/assistant": total}
 
     # -- the generator: L_G = −α_rew·r + L_div (§4) -------------------------------------------------
 
-    def generator_backward(self, step: int, batches: Iterable[MicroBatch], balance: bool = False) -> dict[str, float]:
+    def generator_backward(self, step: int, batches: Iterable[MicroBatch], balance: bool = False) -> dict:
         """The generator update of `step`: L_G's gradient accumulated over micro-batches; the assistant is
-        frozen (no parameter gradients, no DDP hooks) while the loss backpropagates through its input."""
-        c, d, L, rank = self.config, self.config.data, self.config.loss, self.world.rank
-        sums: dict[str, float] = {}
+        frozen (no parameter gradients, no DDP hooks, and with `parallel.bf16_weight_copies` bf16 weights made
+        once) while the loss backpropagates through its input. Values as device tensors, the balance's as floats."""
+        sums: dict = {}
         self.nets.freeze_assistant(True)
         try:
-            for micro, batch, cond in batches:
-                n = len(batch.prompts)
-                z = self.noise(stream(c.seed, rank, step, micro, Z), n)
-                t = self.timesteps(stream(c.seed, rank, step, micro, T), n, L.t_min, L.t_max)
-                eps = self.noise(stream(c.seed, rank, step, micro, EPS), n)
-                last = micro == d.grad_accum - 1
-                with parallel.gradient_sync(self.nets.generator_train, last), self.autocast:
-                    x0 = self.nets.generator_train(z, cond).float()
-                    loss, parts = self.generator_loss(x0, t, eps, cond, batch.prompts, balance=balance)
-                    (loss / d.grad_accum).backward()
-                for key, value in parts.items():
-                    sums[key] = sums.get(key, 0.0) + float(value) / d.grad_accum
+            with precision.frozen_bf16_weights(self.nets.assistant_unet, self.weight_copies):
+                self._generator_micro_batches(step, batches, balance, sums)
         finally:
             self.nets.freeze_assistant(False)
         return sums
 
-    def generator_loss(self, x0, t, eps, cond, prompts, balance: bool = False) -> tuple[torch.Tensor, dict[str, float]]:
-        """L_G on one micro-batch and the values it logs; with `balance`, also how hard the reward pulls on x0
-        against the divergence (`reward_divergence_balance`)."""
+    def _generator_micro_batches(self, step: int, batches: Iterable[MicroBatch], balance: bool, sums: dict) -> None:
+        c, d, L, rank = self.config, self.config.data, self.config.loss, self.world.rank
+        for micro, batch, cond in batches:
+            n = len(batch.prompts)
+            z = self.noise(stream(c.seed, rank, step, micro, Z), n)
+            t = self.timesteps(stream(c.seed, rank, step, micro, T), n, L.t_min, L.t_max)
+            eps = self.noise(stream(c.seed, rank, step, micro, EPS), n)
+            last = micro == d.grad_accum - 1
+            with parallel.gradient_sync(self.nets.generator_train, last), self.autocast:
+                x0 = self.nets.generator_train(z, cond).float()
+                loss, parts = self.generator_loss(x0, t, eps, cond, batch.prompts, balance=balance)
+                (loss / d.grad_accum).backward()
+            for key, value in parts.items():
+                sums[key] = sums.get(key, 0.0) + value / d.grad_accum
+
+    def generator_loss(self, x0, t, eps, cond, prompts, balance: bool = False) -> tuple[torch.Tensor, dict]:
+        """L_G on one micro-batch and the values it logs (detached device tensors); with `balance`, also how hard
+        the reward pulls on x0 against the divergence (`reward_divergence_balance`, floats: log steps only)."""
         L, nets = self.config.loss, self.nets
-        parts: dict[str, float] = {}
+        parts: dict = {}
         reward = None
         if nets.reward is not None:
             with contextlib.nullcontext() if L.alpha_rew != 0 else torch.no_grad():
                 terms = nets.reward.terms(decode(nets.vae, x0), prompts)
                 reward = nets.reward.combine({k: v.float() for k, v in terms.items()})
-            parts["reward"] = reward.mean().item()
-            parts.update({f"reward/{k}": v.float().mean().item() for k, v in terms.items()})
+            parts["reward"] = reward.detach().mean()
+            parts.update({f"reward/{k}": v.detach().float().mean() for k, v in terms.items()})
         guidance = L.alpha_cfg if L.cfg == "divergence" else 1.0
         objective = generator_objective(
             x0,
@@ -169,16 +181,16 @@ class DIStar:
             weight=time_weight(self.schedule, t, L.weighting, x0),
             **L.loss_kwargs(),
         )
-        parts["divergence"] = objective.divergence.mean().item()
+        parts["divergence"] = objective.divergence.detach().mean()
         if balance and reward is not None and L.alpha_rew != 0:
             parts.update(reward_divergence_balance(objective.reward_loss, objective.divergence_loss, x0))
         if objective.cfg_loss is not None:
-            parts["loss/cfg_reward"] = objective.cfg_loss.item()
+            parts["loss/cfg_reward"] = objective.cfg_loss.detach()
         parts.update(
             {
-                "loss/generator": objective.loss.item(),
-                "loss/divergence": objective.divergence_loss.item(),
-                "loss/reward": objective.reward_loss.item(),
+                "loss/generator": objective.loss.detach(),
+                "loss/divergence": objective.divergence_loss.detach(),
+                "loss/reward": objective.reward_loss.detach(),
             }
         )
         return objective.loss, parts

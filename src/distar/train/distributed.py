@@ -33,11 +33,13 @@ class World:
         if dist.is_initialized():
             dist.barrier()
 
-    def all_true(self, flag: bool) -> bool:
-        """True on every rank only when `flag` is true on every rank."""
-        t = torch.tensor([1.0 if flag else 0.0], device=self.device)
-        dist.all_reduce(t, op=dist.ReduceOp.MIN)
-        return bool(t.item() == 1.0)
+    def all_finite(self, *values: torch.Tensor) -> torch.Tensor:
+        """A 0-dim bool tensor on the device: every element of `values` is finite, on every rank. Nothing is read
+        on the host (the all-reduce is queued behind the computation)."""
+        ok = torch.stack([torch.isfinite(v.detach().float()).all() for v in values]).all().float()
+        if dist.is_initialized() and self.size > 1:
+            dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+        return ok.bool()
 
     def gather(self, value) -> list:
         """Every rank's `value` (a picklable object), in rank order, on every rank; [value] without a group."""

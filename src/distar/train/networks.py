@@ -24,7 +24,7 @@ from distar.models.sdxl import (
 )
 from distar.rewards import WeightedReward
 from distar.sources import parse_dtype
-from distar.train import parallel
+from distar.train import parallel, precision
 from distar.train.config import TrainConfig
 from distar.train.distributed import World
 
@@ -115,6 +115,10 @@ def assemble(
     if prompt_encoder is not None:
         prompt_encoder.to(world.device, parse_dtype(m.text_encoder_dtype))
     vae = vae.to(world.device, parse_dtype(m.vae_dtype)).requires_grad_(False).eval()
+    if m.vae_fp32_norms:
+        precision.fp32_norms(vae)
+    if config.parallel.channels_last:
+        precision.to_channels_last(*{id(u): u for u in (generator.unet, assistant.unet, reference.unet)}.values(), vae)
     if reward is not None:
         reward = reward.to(world.device, parse_dtype(config.reward.dtype)).requires_grad_(False).eval()
     nets = Networks(generator, assistant, reference, prompt_encoder, vae, reward)

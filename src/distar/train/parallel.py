@@ -191,10 +191,13 @@ def param_name(name: str) -> str:
     return name.replace("_checkpoint_wrapped_module.", "")
 
 
-def clip_grad_norm(parameters: list[nn.Parameter], max_norm: float) -> float:
-    """Clip to `max_norm` (0: no clipping) and return the global gradient norm over every rank's shards."""
+def clip_grad_norm(parameters: list[nn.Parameter], max_norm: float) -> torch.Tensor:
+    """Clip to `max_norm` (0: no clipping) and return the global gradient norm over every rank's shards, as a
+    0-dim tensor on the device (reading it is the caller's host sync)."""
+    if not parameters:
+        return torch.zeros(())
     norm = torch.nn.utils.clip_grad_norm_(parameters, max_norm if max_norm > 0 else math.inf)
-    return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
 
 
 def replicate(module: nn.Module, device: torch.device) -> nn.Module:

@@ -10,7 +10,6 @@ interrupted one stopped.
 from __future__ import annotations
 
 import json
-import math
 import resource
 import signal
 import sys
@@ -79,7 +78,9 @@ class Trainer:
         self.latent_shape = (self.nets.generator_unet.config.in_channels, side, side)
         self.method = DIStar(config, world, self.nets, self.data, self.latent_shape)
         self.counters = {"step": 0, "samples_seen": 0, "skipped": {"generator": 0, "assistant": 0}}
-        self.nonfinite_in_a_row = 0
+        # skips not yet counted (device tensors, `settle`), the non-finite updates in a row, and the last update
+        zero = torch.zeros((), dtype=torch.long, device=world.device)
+        self._pending = {"generator": zero.clone(), "assistant": zero.clone(), "in_a_row": zero.clone(), "last": ""}
         self.checkpointer = Checkpointer(config.out, world, config.checkpoint.keep_last)
         self.state = self._train_state()
         self._guard = None  # the guardrails' models, loaded at their first evaluation
@@ -108,11 +109,12 @@ class Trainer:
     # The counters live in the train state; these name them for the loop.
     step = property(lambda self: self.counters["step"])
     samples_seen = property(lambda self: self.counters["samples_seen"])
-    skipped = property(lambda self: self.counters["skipped"])
+    skipped = property(lambda self: self.settle()["skipped"])
     schedule = property(lambda self: self.method.schedule)
     autocast = property(lambda self: self.method.autocast)
 
     def save(self) -> str:
+        self.settle()  # the skip counters go into the checkpoint
         return self.checkpointer.save(self.step, self.state, self.config.to_dict())
 
     def resume(self) -> int | None:
@@ -145,53 +147,75 @@ class Trainer:
 
     # -- one iteration --------------------------------------------------------------------------
 
-    def assistant_update(self, k: int, batches) -> dict[str, float]:
+    def assistant_update(self, k: int, batches) -> dict:
         values = self.method.assistant_backward(self.step, k, batches)
         norm, ok = self._apply("assistant", values["loss/assistant"], self.step * self.config.assistant_updates + k)
-        return {**values, "grad_norm/assistant": norm, "ok/assistant": float(ok)}
+        return {**values, "grad_norm/assistant": norm, "ok/assistant": ok}
 
     def assistant_warmup(self) -> dict[str, float]:
         """`assistant_warmup` assistant-only updates on the first step's prompts, before any generator update."""
         n = self.config.assistant_warmup
         batches = self.method.micro_batches(self.samples_seen)
-        total = 0.0
-        for k in range(n):
-            values = self.method.assistant_backward(self.step, WARMUP_UPDATES - 1 + k, batches)
-            self._apply("assistant", values["loss/assistant"], k)
-            total += values["loss/assistant"] / n
-        return {"warmup/loss/assistant": total, "warmup/updates": float(n)}
+        total = torch.zeros((), device=self.world.device)
+        with self.method.frozen_generator():
+            for k in range(n):
+                values = self.method.assistant_backward(self.step, WARMUP_UPDATES - 1 + k, batches)
+                self._apply("assistant", values["loss/assistant"], k)
+                total += values["loss/assistant"] / n
+        self.settle()
+        return {"warmup/loss/assistant": total.item(), "warmup/updates": float(n)}
 
-    def generator_update(self, batches, balance: bool = False) -> dict[str, float]:
+    def generator_update(self, batches, balance: bool = False) -> dict:
         values = self.method.generator_backward(self.step, batches, balance=balance)
         norm, ok = self._apply("generator", values["loss/generator"], self.step)
-        return {**values, "grad_norm/generator": norm, "ok/generator": float(ok)}
+        return {**values, "grad_norm/generator": norm, "ok/generator": ok}
 
-    def _apply(self, network: str, loss_value: float, update: int) -> tuple[float, bool]:
-        """Clip, check that the loss and the gradient are finite on every rank, then step or skip."""
+    def _apply(self, network: str, loss: torch.Tensor, update: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Clip, check that the loss and the gradient are finite on every rank, then step or skip; returns the
+        gradient norm and the verdict as device tensors.
+
+        Fused AdamW skips on the device (its kernel's found_inf input, as GradScaler drives it), so an update
+        needs no host sync and the skip counters are read on log and checkpoint steps (`settle`); the other
+        implementations read the verdict here, once per update."""
         o = self.config.generator_optim if network == "generator" else self.config.assistant_optim
         unet = self.nets.generator_unet if network == "generator" else self.nets.assistant_unet
         optimizer = self.optimizers[network]
         norm = parallel.clip_grad_norm([p for p in unet.parameters() if p.grad is not None], o.grad_clip)
-        ok = self.world.all_true(math.isfinite(loss_value)) and math.isfinite(norm)
-        if ok:
-            scale = min(1.0, (update + 1) / o.warmup_steps) if o.warmup_steps > 0 else 1.0
-            for group in optimizer.param_groups:
-                group["lr"] = o.lr * scale
+        ok = self.world.all_finite(torch.as_tensor(loss, device=norm.device), norm)
+        scale = min(1.0, (update + 1) / o.warmup_steps) if o.warmup_steps > 0 else 1.0
+        for group in optimizer.param_groups:
+            group["lr"] = o.lr * scale
+        fused = bool(optimizer.defaults.get("fused"))
+        if fused:
+            optimizer.found_inf = (~ok).float()
             optimizer.step()
-            self.nonfinite_in_a_row = 0
-        else:
-            self.skipped[network] += 1
-            self.nonfinite_in_a_row += 1
+        elif ok.item():
+            optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        if self.nonfinite_in_a_row >= self.config.max_nonfinite:
+        self._pending[network] += ~ok
+        self._pending["in_a_row"] = (self._pending["in_a_row"] + 1) * ~ok
+        self._pending["last"] = f"{network} at step {self.step}"
+        if not fused:
+            self.settle()  # the verdict is on the host already: counters and the abort as of this update
+        return norm, ok
+
+    def settle(self) -> dict:
+        """Move the skip counts kept on the device into the counters (one host sync), and abort after
+        max_nonfinite non-finite updates in a row. Returns the counters."""
+        p = self._pending
+        skipped_g, skipped_a, in_a_row = torch.stack([p["generator"], p["assistant"], p["in_a_row"]]).tolist()
+        self.counters["skipped"]["generator"] += int(skipped_g)
+        self.counters["skipped"]["assistant"] += int(skipped_a)
+        p["generator"].zero_()
+        p["assistant"].zero_()
+        if in_a_row >= self.config.max_nonfinite:
             latest = self.checkpointer.latest()
             where = f"the last complete checkpoint is step {latest}" if latest is not None else "no checkpoint yet"
             raise NonFiniteError(
-                f"{self.nonfinite_in_a_row} non-finite updates in a row (last: {network} at step {self.step}, "
-                f"loss {loss_value}, gradient norm {norm}); {where}. Lower the learning rate or loss.alpha_rew, "
-                f"or raise max_nonfinite"
+                f"{int(in_a_row)} non-finite updates in a row (last: {p['last']}); {where}. Lower the learning "
+                f"rate or loss.alpha_rew, or raise max_nonfinite"
             )
-        return norm, ok
+        return self.counters
 
     @torch.no_grad()
     def _update_ema(self) -> None:
@@ -210,13 +234,14 @@ class Trainer:
         and the sample counter."""
         c = self.config
         batches = self.method.micro_batches(self.samples_seen)
-        values: dict[str, float] = {}
-        for k in range(c.assistant_updates):
-            for key, v in self.assistant_update(k, batches).items():
-                values[key] = values.get(key, 0.0) + v / c.assistant_updates
+        values: dict = {}
+        with self.method.frozen_generator():
+            for k in range(c.assistant_updates):
+                for key, v in self.assistant_update(k, batches).items():
+                    values[key] = values.get(key, 0.0) + v / c.assistant_updates
         upcoming = self.step + 1  # the balance is measured on log steps only (its extra cost: di_star)
         values.update(self.generator_update(batches, balance=upcoming % c.log.every == 0 or upcoming == c.steps))
-        if self.ema is not None and values["ok/generator"]:
+        if self.ema is not None and values["ok/generator"].item():
             self._update_ema()
         self.counters["step"] += 1
         self.counters["samples_seen"] += self.global_batch
@@ -381,7 +406,7 @@ class Trainer:
                 values = self.train_step()
                 elapsed = time.perf_counter() - started
                 if self.step % c.log.every == 0 or self.step == c.steps:
-                    values = world.mean({k: v for k, v in values.items() if not k.startswith("ok/")})
+                    values = world.mean(host_values({k: v for k, v in values.items() if not k.startswith("ok/")}))
                     values.update(
                         {
                             "images_per_s": self.global_batch / elapsed,
@@ -418,10 +443,10 @@ class Trainer:
                     break
                 if progress is not None:
                     progress.update(1)
-                    progress.set_postfix(
-                        reward=f"{values.get('reward', float('nan')):.4g}",
-                        div=f"{values.get('divergence', float('nan')):.4g}",
-                        balance=f"{values.get('balance/reward_to_divergence', float('nan')):.3g}",
+                    progress.set_postfix(  # as of the last log step: reading this step's values would sync
+                        reward=f"{last_values.get('reward', float('nan')):.4g}",
+                        div=f"{last_values.get('divergence', float('nan')):.4g}",
+                        balance=f"{last_values.get('balance/reward_to_divergence', float('nan')):.3g}",
                     )
                 if world.any_true(stop.received is not None):  # every rank stops after the same step
                     if saved_at != self.step:
@@ -432,6 +457,7 @@ class Trainer:
                         f"stopped by {stop.received or 'a signal on another rank'} after step {self.step}: checkpoint "
                         f"{self.checkpointer.uri(self.step)} is complete; rerun the same command to resume"
                     )
+            self.settle()
             if saved_at != self.step:
                 self.save()
             if reporter is not None:
@@ -475,6 +501,16 @@ class StopSignals:
     def __exit__(self, *exc) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+
+
+def host_values(values: dict) -> dict[str, float]:
+    """The loop's values as floats: the device tensors among them read in one transfer."""
+    keys = [k for k, v in values.items() if isinstance(v, torch.Tensor)]
+    out = {k: float(v) for k, v in values.items() if k not in keys}
+    if keys:
+        read = torch.stack([values[k].detach().float().reshape(()) for k in keys]).tolist()
+        out.update(zip(keys, read, strict=True))
+    return out
 
 
 def _peak_memory_gb(device: torch.device) -> float:
