@@ -103,6 +103,24 @@ def _generator_unet(reference_root: Path, weights: dict[str, torch.Tensor], sour
     return unet
 
 
+def _lora_generator_unet(model: dict, hub: dict, adapters: dict[str, torch.Tensor], source: str):
+    """A LoRA generator's checkpoint holds its adapters: they go onto the initial UNet the run started from
+    (`model.generator_init`, loaded again) and are merged into its weights, which gives a plain UNet."""
+    from distar.models.sdxl import add_generator_adapter, is_adapter_param, load_generator_init, merge_generator_adapter
+
+    unet = load_generator_init(model["generator_init"], model["reference"], revision=model["revision"], **hub)
+    add_generator_adapter(unet, model["generator_lora_rank"], model["generator_lora_alpha"])
+    expected = {name for name, _ in unet.named_parameters() if is_adapter_param(name)}
+    if set(adapters) != expected:
+        raise UserError(
+            f"{source}: the generator's adapters do not fit a rank-{model['generator_lora_rank']} LoRA on "
+            f"{model['generator_init']!r} ({len(expected - set(adapters))} missing, "
+            f"{len(set(adapters) - expected)} unexpected keys)"
+        )
+    unet.load_state_dict(adapters, strict=False)
+    return merge_generator_adapter(unet).float()
+
+
 def export(config: ExportConfig) -> dict:
     from diffusers import LCMScheduler, StableDiffusionXLPipeline
 
@@ -118,11 +136,15 @@ def export(config: ExportConfig) -> dict:
     reference = model["reference"]
     parts = ["tokenizer", "tokenizer_2", "text_encoder", "text_encoder_2", "unet"]
     root = locate(reference, parts + ([] if model["vae"] else ["vae"]), revision=model["revision"], **hub)
-    unet = _generator_unet(root, load_unet_weights(checkpoint, "generator"), checkpoint)
+    if model.get("generator", "full") == "lora":
+        build = lambda weights: _lora_generator_unet(model, hub, weights, checkpoint)  # noqa: E731
+    else:
+        build = lambda weights: _generator_unet(root, weights, checkpoint)  # noqa: E731
+    unet = build(load_unet_weights(checkpoint, "generator"))
     ema_unet = None
     if config.ema:
         try:
-            ema_unet = _generator_unet(root, load_unet_weights(checkpoint, "ema"), checkpoint)
+            ema_unet = build(load_unet_weights(checkpoint, "ema"))
         except RuntimeError as err:
             raise UserError(
                 f"--ema: checkpoint {checkpoint!r} holds no EMA weights (train with ema_decay > 0)"

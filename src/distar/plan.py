@@ -204,24 +204,33 @@ def plan(config: TrainConfig, world_size: int, arch: Architecture | str = "sdxl"
     bf16 = config.parallel.mixed_precision == "bf16"
     lora = config.model.assistant == "lora"
     p_assistant = lora_parameters(nets["reference_unet"], config.model.assistant_lora_rank) if lora else p_unet
-    trained = "generator + assistant's LoRA adapters" if lora else "generator + assistant"
+    lora_g = config.model.generator == "lora"
+    p_generator = lora_parameters(nets["reference_unet"], config.model.generator_lora_rank) if lora_g else p_unet
+    trained = (
+        f"{'generator' if not lora_g else 'generator LoRA adapters'} + "
+        f"{'assistant' if not lora else 'assistant LoRA adapters'}"
+    )
     items = {
-        f"weights: {trained} (fp32)": 4 * (p_unet + p_assistant) / shard,
+        f"weights: {trained} (fp32)": 4 * (p_generator + p_assistant) / shard,
+        "weights: generator's frozen base": ref_b * p_unet / shard if lora_g else 0,
         "weights: reference" + (" (also the assistant's base)" if lora else ""): ref_b * p_unet / shard,
         "weights: VAE": vae_b * p_vae,
         "weights: reward": rew_b * p_reward,
-        f"optimizer: AdamW states, {trained if lora else 'both UNets'} (fp32)": 2 * 4 * (p_unet + p_assistant) / shard,
-        "EMA of the generator (fp32)": 4 * p_unet / shard if config.ema_decay > 0 else 0,
+        f"optimizer: AdamW states, {trained if lora or lora_g else 'both UNets'} (fp32)": 2
+        * 4
+        * (p_generator + p_assistant)
+        / shard,
+        "EMA of the generator (fp32)": 4 * p_generator / shard if config.ema_decay > 0 else 0,
         "text encoders": 2 * 817_000_000 if text_encoders else 0,
     }
-    grads = 4 * p_unet / shard
+    grads = 4 * max(p_generator, p_assistant) / shard
     in_flight = 0.0
     if strategy == "fsdp":  # the current and the prefetched block unsharded in the compute dtype, one block's grads
         in_flight = 2 * (2 if bf16 else 4) * p_block + 4 * p_block
-    autocast_copies = 2 * p_unet if bf16 and strategy != "fsdp" else 0
+    autocast_copies = 2 * p_generator if bf16 and strategy != "fsdp" else 0
     # parallel.bf16_weight_copies: the generator's bf16 copy while the assistant updates run, the frozen
     # assistant's while the generator update runs (a LoRA assistant's copy is its adapters')
-    copies_g = 2 * p_unet if config.parallel.bf16_weight_copies else 0
+    copies_g = 2 * p_generator if config.parallel.bf16_weight_copies else 0
     copies_a = 2 * p_assistant if config.parallel.bf16_weight_copies else 0
     acts = measure_activations(config, arch, nets)
     used, recompute = acts.with_checkpointing, acts.recompute
@@ -248,7 +257,7 @@ def plan(config: TrainConfig, world_size: int, arch: Architecture | str = "sdxl"
         + autocast_copies
         + copies_g
         + in_flight,
-        "optimizer step": grads + (0 if _fused(config) else 4 * p_unet / shard),
+        "optimizer step": grads + (0 if _fused(config) else 4 * max(p_generator, p_assistant) / shard),
     }
     peak_phase = max(phases, key=phases.get)
     return {
@@ -262,8 +271,10 @@ def plan(config: TrainConfig, world_size: int, arch: Architecture | str = "sdxl"
         "vae_checkpointing": config.parallel.vae_checkpointing,
         "mixed_precision": config.parallel.mixed_precision,
         "assistant": config.model.assistant,
+        "generator": config.model.generator,
         "parameters": {
             "unet": p_unet,
+            "generator": p_generator,
             "assistant": p_assistant,
             "vae": p_vae,
             "reward": p_reward,
@@ -304,7 +315,8 @@ def format_plan(result: dict, gpu_gib: float | None = None) -> str:
         f"(shard degree {result['fsdp_degree']}), {result['batch_per_gpu']} image(s)/GPU at "
         f"{result['resolution']}², {result['mixed_precision']}, activation checkpointing "
         f"{'on' if result['activation_checkpointing'] else 'off'}, VAE checkpointing "
-        f"{'on' if result['vae_checkpointing'] else 'off'}, assistant {result['assistant']}",
+        f"{'on' if result['vae_checkpointing'] else 'off'}, generator {result.get('generator', 'full')}, "
+        f"assistant {result['assistant']}",
     ]
     lines += [f"  {g(v)}  {k}" for k, v in result["static"].items() if v]
     lines.append(f"  {g(result['gradients (one UNet)'])}  gradients (one UNet at a time, fp32)")
@@ -413,7 +425,9 @@ def iteration_flops(
     return {"model": float(model), "with_recompute": float(model + recompute)}
 
 
-def communication_bytes(config: TrainConfig, p_unet: int, p_assistant: int, world_size: int) -> dict[str, float]:
+def communication_bytes(
+    config: TrainConfig, p_unet: int, p_assistant: int, world_size: int, p_generator: int | None = None
+) -> dict[str, float]:
     """Bytes each GPU receives per iteration. FSDP2 (ring collectives, (N−1)/N of the full size): every forward
     all-gathers a UNet's bf16 parameters and its backward gathers them again (reshard after forward); a trainable
     UNet's gradients are reduce-scattered in fp32. DDP all-reduces fp32 gradients (2 (N−1)/N of their size)."""
@@ -427,8 +441,8 @@ def communication_bytes(config: TrainConfig, p_unet: int, p_assistant: int, worl
         generator_update = 2 * gather + scatter + 2 * gather + 2 * gather
         # per assistant update: the generator's sample forward, the assistant's two gathers and its gradients
         assistant_updates = k * (gather + 2 * gather + scatter)
-    else:
-        generator_update = 2 * ring * 4 * p_unet
+    else:  # what trains: a UNet, or LoRA adapters
+        generator_update = 2 * ring * 4 * (p_generator if p_generator is not None else p_unet)
         assistant_updates = k * 2 * ring * 4 * p_assistant
     return {
         "generator update": generator_update,
@@ -459,9 +473,8 @@ def estimate_time(
     spec = GPUS[gpu]
     rate = achievable_flops or spec["bf16_flops"]
     link = infiniband_bytes_s if nodes > 1 else (nvlink_bytes_s or spec["nvlink_bytes_s"])
-    comm = communication_bytes(
-        config, result["parameters"]["unet"], result["parameters"]["assistant"], result["world_size"]
-    )
+    p = result["parameters"]
+    comm = communication_bytes(config, p["unet"], p["assistant"], result["world_size"], p["generator"])
     compute_s = flops["with_recompute"] / rate
     transfer_s = comm["total"] / link
     base_s = measured_iteration_s if measured_iteration_s is not None else compute_s

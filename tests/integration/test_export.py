@@ -102,3 +102,31 @@ def test_export_to_object_storage_loads_back(scheme, trained, tmp_path):
         fs.get(f"{uri}/", str(local), recursive=True)
         pipe = StableDiffusionXLPipeline.from_pretrained(local)
         assert pipe.unet.config.sample_size == 32
+
+
+def test_a_lora_generator_exports_merged_into_a_plain_unet(tmp_path):
+    """Its checkpoint holds adapters only; the export puts them on the initial UNet and merges them, and stock
+    diffusers' one step equals the trainer's LoRA generator (adapters unmerged)."""
+    from diffusers import StableDiffusionXLPipeline
+
+    from distar.models.sdxl import OneStepGenerator, PromptEncoder, add_generator_adapter, load_generator_init
+
+    lora = ["model.generator=lora", "model.generator_lora_rank=4", "model.generator_lora_alpha=8"]
+    summary = run("tiny", [f"out={tmp_path / 'run'}", "steps=2", "parallel.strategy=none", "log.progress=false", *lora])
+    adapters = load_unet_weights(summary["checkpoint"], "generator")
+    assert adapters and all(".lora_" in k for k in adapters)
+    assert max(v.abs().max().item() for k, v in adapters.items() if "lora_B" in k) > 0  # they trained
+    export(ExportConfig(summary["checkpoint"], str(tmp_path / "pipeline")))
+
+    pipe = StableDiffusionXLPipeline.from_pretrained(tmp_path / "pipeline")
+    assert not any(".lora_" in k or "base_layer" in k for k in pipe.unet.state_dict())  # a plain UNet
+    prompts = ["a red cat on a beach", "a blue boat on the moon"]
+    z = torch.randn(2, 4, 32, 32, generator=torch.Generator().manual_seed(0))
+    latents = pipe(
+        prompts, latents=z.clone(), num_inference_steps=1, timesteps=[399], guidance_scale=0, output_type="latent"
+    ).images
+    unet = add_generator_adapter(load_generator_init("tiny:dmd2_unet.safetensors", tiny("tiny:sdxl")), 4, 8)
+    unet.load_state_dict(adapters, strict=False)
+    with torch.no_grad():
+        x0 = OneStepGenerator(unet)(z, PromptEncoder.from_pretrained(tiny("tiny:sdxl")).encode(prompts, 64, 64))
+    torch.testing.assert_close(latents, x0, atol=1e-4, rtol=1e-4)

@@ -345,3 +345,17 @@ def test_a_lora_assistant_trains_checkpoints_only_its_adapters_and_resumes_exact
     for key, value in adapters.items():
         torch.testing.assert_close(value, resumed[key], rtol=0, atol=1e-6, msg=key)
     assert max(v.abs().max().item() for k, v in adapters.items() if "lora_B" in k) > 0  # the assistant trained
+
+
+def test_a_lora_generator_trains_only_its_adapters_and_resumes_exactly(tmp_path):
+    lora = ["model.generator=lora", "model.generator_lora_rank=4", "checkpoint.every=2", "ema_decay=0.5", *FAST]
+    whole = run("tiny", [f"out={tmp_path / 'whole'}", "steps=3", *lora])
+    run("tiny", [f"out={tmp_path / 'split'}", "steps=2", *lora])
+    split = run("tiny", [f"out={tmp_path / 'split'}", "steps=3", *lora])  # resumes at step 2
+    adapters = load_unet_weights(whole["checkpoint"], "generator")
+    assert adapters and all(".lora_" in k for k in adapters)  # the frozen base is the initial UNet, not saved
+    assert load_unet_weights(whole["checkpoint"], "ema").keys() == adapters.keys()
+    resumed = load_unet_weights(split["checkpoint"], "generator")
+    for key, value in adapters.items():
+        torch.testing.assert_close(value, resumed[key], rtol=0, atol=1e-6, msg=key)
+    assert max(v.abs().max().item() for k, v in adapters.items() if "lora_B" in k) > 0  # the generator trained

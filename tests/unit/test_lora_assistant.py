@@ -117,3 +117,20 @@ def test_sdxl_1gpu_fits_one_80_gb_gpu_and_the_full_assistant_does_not():
     assert 0 < p_lora < 0.05 * p_unet
     saved = sum(full["static"].values()) - sum(one["static"].values())
     assert saved == pytest.approx(3 * 4 * (p_unet - p_lora), rel=1e-6)
+
+
+def test_a_lora_generator_saves_its_fp32_weights_gradients_and_adamw_states():
+    from distar.plan import plan
+    from distar.train.config import load_config
+
+    full = plan(load_config("sdxl-1gpu", ["data.prompts=gs://b/p"]), world_size=1)
+    lora = plan(load_config("sdxl-1gpu", ["data.prompts=gs://b/p", "model.generator=lora"]), world_size=1)
+    p_unet, p_lora = lora["parameters"]["unet"], lora["parameters"]["generator"]
+    assert 0 < p_lora < 0.05 * p_unet
+    # fp32 weights and two AdamW states of a UNet become the adapters', and the frozen base is kept in bf16
+    saved = sum(full["static"].values()) - sum(lora["static"].values())
+    assert saved == pytest.approx(3 * 4 * (p_unet - p_lora) - 2 * p_unet, rel=1e-6)
+    assert lora["gradients (one UNet)"] == pytest.approx(4 * p_lora)
+    assert lora["peak_bytes"] < full["peak_bytes"]
+    with pytest.raises(UserError, match="model.generator='lora'"):
+        load_config("sdxl", ["data.prompts=gs://b/p", "model.generator=lora"])  # fsdp: not sharded yet

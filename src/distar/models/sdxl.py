@@ -21,7 +21,7 @@ from torch import nn
 from distar.diffusion import SDXL_GENERATOR_TIMESTEP, VPSchedule
 from distar.errors import UserError
 from distar.losses import cfg
-from distar.sources import parse_dtype, read_state_dict, require_files, resolve_dir, resolve_file
+from distar.sources import parse, parse_dtype, read_state_dict, require_files, resolve_dir, resolve_file
 
 SDXL_BASE = "stabilityai/stable-diffusion-xl-base-1.0"
 SDXL_VAE_FP16_FIX = "madebyollin/sdxl-vae-fp16-fix"
@@ -93,6 +93,19 @@ def load_vae(source: str | os.PathLike, dtype: str | torch.dtype = "fp32", **res
     require_files(root, {"vae": [[f"{part}/config.json"], [f"{part}/{w}" for w in _DIFFUSERS_WEIGHTS]]})
     variant = _variant(root, part)
     return AutoencoderKL.from_pretrained(root, subfolder=subfolder, torch_dtype=parse_dtype(dtype), variant=variant)
+
+
+def load_generator_init(init: str, reference: str | os.PathLike, reference_unet=None, revision=None, **resolve_kwargs):
+    """The generator's initial UNet (fp32) as `model.generator_init` names it: "reference" (a copy of
+    `reference_unet`, or of the reference's UNet loaded here), a raw SDXL-UNet state dict file (DMD2's layout, in
+    the reference's architecture), or a diffusers UNet or pipeline source."""
+    if init == "reference":
+        if reference_unet is None:
+            return load_unet(reference, dtype="fp32", revision=revision, **resolve_kwargs)
+        return copy.deepcopy(reference_unet).float()
+    if parse(init).is_file:
+        return load_dmd2_unet(init, reference, dtype="fp32", revision=revision, **resolve_kwargs)
+    return load_unet(init, dtype="fp32", **resolve_kwargs)
 
 
 def load_dmd2_unet(weights: str | os.PathLike, base: str | os.PathLike, dtype="fp32", **resolve_kwargs):
@@ -243,28 +256,49 @@ def _unet_eps(unet, x_t: torch.Tensor, t: torch.Tensor, cond: SDXLConditioning) 
 # -- a LoRA assistant on the reference's UNet ------------------------------------------------------------
 
 ASSISTANT_ADAPTER = "assistant"
+GENERATOR_ADAPTER = "generator"
 LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 """Every attention projection: all of them sit inside the UNet's down, mid and up blocks (activation checkpointing
 wraps those blocks: `distar.train.parallel`)."""
 ADAPTERS_ON = "_distar_adapters_on"
 
 
-def add_assistant_adapter(unet: nn.Module, rank: int, alpha: float, seed: int = 0) -> nn.Module:
-    """LoRA adapters (peft, through diffusers' integration) on `unet`'s attention projections, zero-initialised
-    (B = 0: with them on, the UNet still computes the reference's ε at step 0), in fp32 and trainable; off until a
-    forward asks for them (`adapters`). The base weights stay as they are, frozen. A's random init comes from
-    `seed`, not from the process's random state: a run and its restart start from the same adapters."""
+def add_lora(unet: nn.Module, name: str, rank: int, alpha: float, seed: int = 0) -> nn.Module:
+    """LoRA adapters (peft, through diffusers' integration) named `name` on `unet`'s attention projections,
+    zero-initialised (B = 0: the UNet computes what it computed before), in fp32 and trainable; the base weights
+    stay as they are, frozen. A's random init comes from `seed`, not from the process's random state: a run and its
+    restart start from the same adapters."""
     from peft import LoraConfig
 
     config = LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights=True, target_modules=list(LORA_TARGETS))
     with torch.random.fork_rng(devices=list(range(torch.cuda.device_count()))):
         torch.manual_seed(seed)
-        unet.add_adapter(config, adapter_name=ASSISTANT_ADAPTER)
-    for name, param in unet.named_parameters():
-        is_adapter = is_adapter_param(name)
+        unet.add_adapter(config, adapter_name=name)
+    for param_name, param in unet.named_parameters():
+        is_adapter = is_adapter_param(param_name)
         if is_adapter:
             param.data = param.data.float()
         param.requires_grad_(is_adapter)
+    return unet
+
+
+def add_generator_adapter(unet: nn.Module, rank: int, alpha: float, seed: int = 0) -> nn.Module:
+    """The generator as LoRA adapters on its initial UNet (model.generator = "lora"), always on; only they train."""
+    return add_lora(unet, GENERATOR_ADAPTER, rank, alpha, seed)
+
+
+def merge_generator_adapter(unet: nn.Module) -> nn.Module:
+    """A plain UNet with the generator's adapters merged into its weights (W + (alpha / rank) B A): what a diffusers
+    pipeline loads without peft."""
+    unet.fuse_lora()
+    unet.unload_lora()
+    return unet
+
+
+def add_assistant_adapter(unet: nn.Module, rank: int, alpha: float, seed: int = 0) -> nn.Module:
+    """The assistant as LoRA adapters on the reference's UNet (`add_lora`): zero-initialised (with them on, the UNet
+    still computes the reference's ε at step 0) and off until a forward asks for them (`adapters`)."""
+    add_lora(unet, ASSISTANT_ADAPTER, rank, alpha, seed)
     from peft.tuners.tuners_utils import BaseTunerLayer
 
     object.__setattr__(unet, "_distar_adapter_layers", [m for m in unet.modules() if isinstance(m, BaseTunerLayer)])

@@ -37,6 +37,15 @@ class ModelConfig:
     generator_init: str = f"{DMD2_REPO}:{DMD2_UNET_1STEP}"
     """The generator's initial UNet: a raw SDXL-UNet state dict (`org/name:file`, a .bin/.safetensors path or URI;
     DMD2's 1-step UNet by default), a diffusers UNet or pipeline source, or "reference" (a copy of the reference)."""
+    generator: Literal["full", "lora"] = "full"
+    """"full": every weight of the generator's UNet trains (the paper); "lora": LoRA adapters on the attention
+    projections of its initial UNet, whose weights stay frozen in `reference_dtype`. Saves the generator's fp32
+    weights, gradients and AdamW states (a UNet's worth of each); checkpoints hold the adapters, and `distar
+    export` merges them into a plain UNet."""
+    generator_lora_rank: int = 64
+    """Rank of the generator's LoRA adapters (model.generator = "lora")."""
+    generator_lora_alpha: float = 64.0
+    """The generator's LoRA scaling numerator (the update is scaled by alpha / rank)."""
     assistant_init: str = "reference"
     """The assistant's initial UNet: "reference" (a trainable copy, as in DMD2/SiD) or a diffusers UNet source."""
     assistant: Literal["full", "lora"] = "full"
@@ -373,6 +382,14 @@ class TrainConfig:
                 "parallel.mixed_precision=bf16 and parallel.strategy to 'none' or 'ddp' (FSDP's mixed precision "
                 "makes its own bf16 copies), or parallel.bf16_weight_copies=false"
             )
+        if self.model.generator == "lora":
+            if self.parallel.strategy == "fsdp":
+                raise UserError(
+                    "model.generator='lora' runs with parallel.strategy 'none' (one GPU) or 'ddp': a LoRA UNet mixes "
+                    "frozen and trainable parameters of two dtypes, which distar does not shard yet"
+                )
+            if self.model.generator_lora_rank < 1 or not self.model.generator_lora_alpha > 0:
+                raise UserError("model.generator_lora_rank must be at least 1 and model.generator_lora_alpha positive")
         if not self.reward.weights and self.loss.alpha_rew != 0:
             raise UserError(
                 "reward.weights is empty but loss.alpha_rew is not 0: name a reward or set loss.alpha_rew=0"

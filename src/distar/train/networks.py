@@ -6,7 +6,6 @@ frozen reference, text encoders, VAE and rewards live in their configured dtypes
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass, field
 
 from torch import nn
@@ -18,7 +17,9 @@ from distar.models.sdxl import (
     PromptEncoder,
     Reference,
     add_assistant_adapter,
-    load_dmd2_unet,
+    add_generator_adapter,
+    is_adapter_param,
+    load_generator_init,
     load_unet,
     load_vae,
 )
@@ -58,6 +59,11 @@ class Networks:
     def lora_assistant(self) -> bool:
         return self.assistant_unet is self.reference.unet
 
+    @property
+    def lora_generator(self) -> bool:
+        """The generator trains LoRA adapters on a frozen base (model.generator = "lora")."""
+        return any(is_adapter_param(name) for name, _ in self.generator_unet.named_parameters())
+
     def freeze_assistant(self, frozen: bool) -> None:
         """The generator update backpropagates through the assistant's input, never into its weights."""
         for param in self.assistant_params:
@@ -71,12 +77,9 @@ def build_networks(config: TrainConfig, world: World, need_text_encoders: bool) 
     ref_options = {**hub, "revision": m.revision}
     reference_unet = load_unet(m.reference, dtype="fp32", **ref_options)
 
-    if m.generator_init == "reference":
-        generator_unet = copy.deepcopy(reference_unet)
-    elif sources.parse(m.generator_init).is_file:
-        generator_unet = load_dmd2_unet(m.generator_init, m.reference, dtype="fp32", **ref_options)
-    else:
-        generator_unet = load_unet(m.generator_init, dtype="fp32", **hub)
+    generator_unet = load_generator_init(
+        m.generator_init, m.reference, reference_unet=reference_unet, revision=m.revision, **hub
+    )
     assistant_unet = None  # LoRA: adapters on the reference's UNet, added in `assemble`
     if m.assistant == "full":
         assistant_init = None if m.assistant_init == "reference" else m.assistant_init
@@ -105,7 +108,12 @@ def assemble(
     """The networks as the loop uses them: weight dtypes and device here, then `parallel.parallelize`.
     `assistant_unet` None: the assistant is LoRA adapters on the reference's UNet (model.assistant = "lora")."""
     m = config.model
-    generator = OneStepGenerator(generator_unet.float().to(world.device), t_star=m.t_star)
+    if m.generator == "lora":  # a frozen base in the reference's dtype, trainable fp32 adapters
+        generator_unet = generator_unet.to(world.device, parse_dtype(m.reference_dtype))
+        add_generator_adapter(generator_unet, m.generator_lora_rank, m.generator_lora_alpha, config.seed)
+    else:
+        generator_unet = generator_unet.float()
+    generator = OneStepGenerator(generator_unet.to(world.device), t_star=m.t_star)
     reference = Reference(reference_unet.to(world.device, parse_dtype(m.reference_dtype)), config.loss.alpha_cfg)
     if assistant_unet is None or m.assistant == "lora":
         adapter = add_assistant_adapter(reference.unet, m.assistant_lora_rank, m.assistant_lora_alpha, config.seed)

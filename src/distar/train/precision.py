@@ -38,7 +38,7 @@ def frozen_bf16_weights(module: nn.Module, enabled: bool = True):
     """While the block runs, `module`'s Linear and Conv2d weights are bf16 copies made here, once; on exit the fp32
     weights are back, untouched. Only for passes in which those weights take no gradient and do not change (a
     frozen network, or one under no_grad): the copies are what autocast would make, so outputs and the gradients
-    to the inputs are those of autocast. The module's input dtype (`INPUT_DTYPE`) stays fp32, as before."""
+    to the inputs are those of autocast. The module's input dtype (`INPUT_DTYPE`) stays what it was."""
     params = cast_weights(module) if enabled else []
     if not params:
         yield
@@ -50,7 +50,7 @@ def frozen_bf16_weights(module: nn.Module, enabled: bool = True):
     with torch.no_grad():
         torch._foreach_copy_(copies, masters)  # a few multi-tensor kernels instead of one cast per layer
     had = getattr(module, INPUT_DTYPE, None)
-    setattr(module, INPUT_DTYPE, torch.float32)
+    setattr(module, INPUT_DTYPE, had or next(module.parameters()).dtype)
     try:
         for p, c in zip(params, copies, strict=True):
             p.data = c

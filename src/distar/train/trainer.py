@@ -67,9 +67,11 @@ class Trainer:
             "assistant": self._optimizer(self.nets.assistant_unet, config.assistant_optim),
         }
         self.ema = None
-        if config.ema_decay > 0:
+        if config.ema_decay > 0:  # of what trains: every weight, or a LoRA generator's adapters
             self.ema = {
-                parallel.param_name(n): p.detach().clone() for n, p in self.nets.generator_unet.named_parameters()
+                parallel.param_name(n): p.detach().clone()
+                for n, p in self.nets.generator_unet.named_parameters()
+                if p.requires_grad
             }
         vae_factor = 2 ** (len(self.nets.vae.config.block_out_channels) - 1)
         if config.data.resolution % (vae_factor * 8):
@@ -97,7 +99,7 @@ class Trainer:
     def _train_state(self) -> TrainState:
         g, a = self.nets.generator_unet, self.nets.assistant_unet
         parts = {
-            "generator": ModelState(g),
+            "generator": ModelState(g, trainable_only=self.nets.lora_generator),
             "assistant": ModelState(a, trainable_only=self.nets.lora_assistant),
             "generator_optim": OptimizerState(g, self.optimizers["generator"]),
             "assistant_optim": OptimizerState(a, self.optimizers["assistant"]),
@@ -221,7 +223,8 @@ class Trainer:
     def _update_ema(self) -> None:
         decay = self.config.ema_decay
         for name, p in self.nets.generator_unet.named_parameters():
-            self.ema[parallel.param_name(name)].lerp_(p.detach(), 1.0 - decay)
+            if p.requires_grad:
+                self.ema[parallel.param_name(name)].lerp_(p.detach(), 1.0 - decay)
 
     @property
     def global_batch(self) -> int:
