@@ -26,19 +26,17 @@ def baseline(
     import json
 
     from distar.evaluate import EvaluateConfig, evaluate_baseline
+    from distar.sources import in_cache
 
     with open(model_cache.path) as fh:
         cache_root = json.load(fh)["root"].rstrip("/")
-
-    def in_cache(path: str) -> str:
-        return f"{cache_root}/{path}" if path and "://" not in path and not path.startswith("/") else path
 
     config = EvaluateConfig(
         model=model,
         out="",
         reference=reference,
-        prompts=in_cache(prompts),
-        hps_prompts=in_cache(hps_prompts) or None,
+        prompts=in_cache(cache_root, prompts),
+        hps_prompts=in_cache(cache_root, hps_prompts) or None,
         rewards=list(rewards),
         cache_dir=cache_root,
         max_prompts=max_prompts,

@@ -31,12 +31,10 @@ def evaluate(
     import shutil
 
     from distar.evaluate import EvaluateConfig, evaluate
+    from distar.sources import in_cache
 
     with open(model_cache.path) as fh:
         cache_root = json.load(fh)["root"].rstrip("/")
-
-    def in_cache(path: str) -> str:
-        return f"{cache_root}/{path}" if path and "://" not in path and not path.startswith("/") else path
 
     out = evaluate(
         EvaluateConfig(
@@ -44,8 +42,8 @@ def evaluate(
             out=results.path,
             baseline=baseline or None,
             reference=reference,
-            prompts=in_cache(prompts),
-            hps_prompts=in_cache(hps_prompts) or None,
+            prompts=in_cache(cache_root, prompts),
+            hps_prompts=in_cache(cache_root, hps_prompts) or None,
             rewards=list(rewards),
             sources=dict(reward_sources),
             heads=dict(reward_heads),

@@ -387,7 +387,8 @@ def _image_size(out_fs, out_path: str, role: str) -> int | None:
         return max(Image.open(fh).size)
 
 
-def evaluate(config: EvaluateConfig) -> dict:
+def evaluate(config: EvaluateConfig, read: tuple[list[Prompt], dict] | None = None) -> dict:
+    """`read`: the prompts and the protocol, where the caller has read them already (`evaluate_baseline`)."""
     import pyarrow.parquet as pq
 
     if config.batch_size < 1:
@@ -401,8 +402,7 @@ def evaluate(config: EvaluateConfig) -> dict:
         else ("cpu" if config.device == "auto" else config.device)
     )
     tiny_preset.prepare(asdict(config))
-    prompts = load_prompts(config)
-    proto = protocol(config, prompts)
+    prompts, proto = read if read is not None else _read_protocol(config)
     compared = load_metrics(config.compare_to) if config.compare_to else None
     if compared is not None:  # before any image is generated: a mismatch costs nothing
         theirs = {k: v for k, v in compared.get("protocol", {}).items() if k != "image_size"}
@@ -542,14 +542,19 @@ def load_metrics(path: str | Path) -> dict:
     return json.loads(fs.cat_file(p))
 
 
-def baseline_key(config: EvaluateConfig, prompts: list[Prompt]) -> str:
+def _read_protocol(config: EvaluateConfig) -> tuple[list[Prompt], dict]:
+    prompts = load_prompts(config)
+    return prompts, protocol(config, prompts)
+
+
+def baseline_key(config: EvaluateConfig, proto: dict) -> str:
     """The identity of a baseline's numbers: the model (source, revision, cached files), the pipeline it runs in,
-    and the protocol."""
+    and the protocol (`protocol`)."""
     identity = {
         "model": config.model,
         "model_provenance": sources.provenance(config.model, config.cache_dir),
         "reference": None if config.reference is None else sources.provenance(config.reference, config.cache_dir),
-        "protocol": protocol_digest(protocol(config, prompts)),
+        "protocol": protocol_digest(proto),
     }
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -561,12 +566,13 @@ def evaluate_baseline(config: EvaluateConfig, root: str) -> dict:
     from dataclasses import replace
 
     tiny_preset.prepare(asdict(config))
-    key = baseline_key(config, load_prompts(config))
+    read = _read_protocol(config)  # once: the key and the evaluation use the same prompts and protocol
+    key = baseline_key(config, read[1])
     out = f"{str(root).rstrip('/')}/{key}"
     fs, path = storage.filesystem(out)
     done = f"{path}/metrics.json"
     reused = fs.exists(done)
-    report = json.loads(fs.cat_file(done)) if reused else evaluate(replace(config, out=out))
+    report = json.loads(fs.cat_file(done)) if reused else evaluate(replace(config, out=out), read)
     generated = 0 if reused else report["runs"]["model"]["generated"]
     uses_file = f"{path}/uses.json"
     uses = json.loads(fs.cat_file(uses_file)) if fs.exists(uses_file) else []

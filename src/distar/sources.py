@@ -314,6 +314,12 @@ def entry_dir(key: str) -> str:
     return key.split(":", 1)[0] if ":" in key and "://" not in key else key
 
 
+def in_cache(root: str, path: str) -> str:
+    """A path the pipeline names relative to the model cache (prompt sets: `prompts/parti/PartiPrompts.tsv`) under
+    the cache's `root`; URIs and absolute paths stay as they are, and so does an empty path (none)."""
+    return f"{root.rstrip('/')}/{path}" if path and "://" not in path and not path.startswith("/") else path
+
+
 def read_manifest(cache: str) -> dict:
     fs, path = storage.filesystem(cache)
     mpath = f"{path.rstrip('/')}/{MANIFEST}"

@@ -146,3 +146,12 @@ def test_the_model_cache_is_read_first_and_verified(tmp_path):
 def test_hub_options_read_a_model_config():
     assert sources.hub_options("gs://c", True) == {"cache_dir": "gs://c", "offline": True}
     assert sources.hub_options(None, False) == {"cache_dir": None, "offline": None}
+
+
+def test_in_cache_puts_relative_paths_under_the_cache_root_only():
+    from distar.sources import in_cache
+
+    assert in_cache("s3://b/cache/", "prompts/parti/PartiPrompts.tsv") == "s3://b/cache/prompts/parti/PartiPrompts.tsv"
+    assert in_cache("s3://b/cache", "gs://other/p.tsv") == "gs://other/p.tsv"
+    assert in_cache("s3://b/cache", "/data/p.tsv") == "/data/p.tsv"
+    assert in_cache("s3://b/cache", "") == ""
