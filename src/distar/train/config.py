@@ -362,18 +362,20 @@ class TrainConfig:
             raise UserError(f"config key 'ema_decay' must be in [0, 1), got {self.ema_decay}")
         if not self.data.prompts:
             raise UserError("config key 'data.prompts' is empty: set it to the curated prompt shards (distar curate)")
-        if self.model.assistant == "lora":
-            if self.model.assistant_init != "reference":
-                raise UserError(
-                    "model.assistant='lora' puts adapters on the reference: model.assistant_init must be 'reference'"
-                )
+        if self.model.assistant == "lora" and self.model.assistant_init != "reference":
+            raise UserError(
+                "model.assistant='lora' puts adapters on the reference: model.assistant_init must be 'reference'"
+            )
+        for network in ("assistant", "generator"):
+            if getattr(self.model, network) != "lora":
+                continue
             if self.parallel.strategy == "fsdp":
                 raise UserError(
-                    "model.assistant='lora' runs with parallel.strategy 'none' (one GPU) or 'ddp': the shared UNet "
-                    "mixes frozen bf16 and trainable fp32 parameters, which distar does not shard yet"
+                    f"model.{network}='lora' runs with parallel.strategy 'none' (one GPU) or 'ddp': a LoRA UNet mixes "
+                    "frozen bf16 and trainable fp32 parameters, which distar does not shard yet"
                 )
-            if self.model.assistant_lora_rank < 1 or not self.model.assistant_lora_alpha > 0:
-                raise UserError("model.assistant_lora_rank must be at least 1 and model.assistant_lora_alpha positive")
+            if getattr(self.model, f"{network}_lora_rank") < 1 or not getattr(self.model, f"{network}_lora_alpha") > 0:
+                raise UserError(f"model.{network}_lora_rank must be at least 1 and model.{network}_lora_alpha positive")
         if self.parallel.bf16_weight_copies and (
             self.parallel.mixed_precision != "bf16" or self.parallel.strategy == "fsdp"
         ):
@@ -382,14 +384,6 @@ class TrainConfig:
                 "parallel.mixed_precision=bf16 and parallel.strategy to 'none' or 'ddp' (FSDP's mixed precision "
                 "makes its own bf16 copies), or parallel.bf16_weight_copies=false"
             )
-        if self.model.generator == "lora":
-            if self.parallel.strategy == "fsdp":
-                raise UserError(
-                    "model.generator='lora' runs with parallel.strategy 'none' (one GPU) or 'ddp': a LoRA UNet mixes "
-                    "frozen and trainable parameters of two dtypes, which distar does not shard yet"
-                )
-            if self.model.generator_lora_rank < 1 or not self.model.generator_lora_alpha > 0:
-                raise UserError("model.generator_lora_rank must be at least 1 and model.generator_lora_alpha positive")
         if not self.reward.weights and self.loss.alpha_rew != 0:
             raise UserError(
                 "reward.weights is empty but loss.alpha_rew is not 0: name a reward or set loss.alpha_rew=0"
