@@ -115,6 +115,26 @@ def sampling(trainer, device: torch.device, steps: int = 50, repeats: int = 3) -
     return {"one_step_s": t1, "many_step_cfg_s": t50, "steps": steps, "ratio": t1 / t50, "batch": 1}
 
 
+def attention_kernels(trainer, device: torch.device) -> dict[str, int]:
+    """The GPU kernels one reference pass (CFG, 2B) runs whose names say attention: which SDPA backend (flash,
+    memory-efficient, cuDNN, or the unfused math path) the UNet's attention reached."""
+    from torch.profiler import ProfilerActivity, profile
+
+    batch = trainer.data.batch(0, 0, 1, trainer.config.data.batch_size, 0, shuffle=False)
+    cond = trainer.method.conditioning(batch)
+    x = torch.randn((len(batch.prompts), *trainer.latent_shape), device=device)
+    t = torch.full((x.shape[0],), 500, device=device, dtype=torch.long)
+    with torch.no_grad(), trainer.autocast, profile(activities=[ProfilerActivity.CUDA]) as prof:
+        trainer.nets.reference(x, t, cond)
+        anatomy.synchronize(device)
+    words = ("flash", "fmha", "attention", "attn", "softmax")
+    return {
+        e.key: e.count
+        for e in prof.key_averages()
+        if e.device_type.name == "CUDA" and any(w in e.key.lower() for w in words)
+    }
+
+
 def model_flops(arch_name: str, preset: str, overrides: list[str], workdir: Path) -> dict:
     """FLOPs of each part counted on "meta" (shapes only), with and without activation checkpointing."""
     out = {}
@@ -145,7 +165,11 @@ def iterations(args, name: str, overrides: list[str], workdir: Path, world: Worl
     device = world.device
     started = time.perf_counter()
     trainer = anatomy.build_trainer(ARCHITECTURES[args.arch](), "sdxl", overrides, workdir, world=world)
-    out = {"build_s": time.perf_counter() - started, "memory_after_build": memory_gb(device)}
+    out = {
+        "build_s": time.perf_counter() - started,
+        "memory_after_build": memory_gb(device),
+        "batch": trainer.config.data.batch_size,
+    }
     trainer.train_step()  # warm-up: optimizer states, kernels, allocator
     out["memory_after_first_iteration"] = memory_gb(device)
     if device.type == "cuda":
@@ -251,6 +275,14 @@ def main(argv: list[str] | None = None) -> int:
             "parallel.channels_last=true",
             "model.vae_dtype=bf16",
         ],
+        # the smallest memory: generator and assistant both LoRA (frozen bf16 bases), with the copies
+        "lora-both+fused+copies": [
+            *base,
+            *FUSED_NO_SHARDING,
+            *COPIES,
+            "model.assistant=lora",
+            "model.generator=lora",
+        ],
         # all of it compiled per region
         "autocast+fused+copies+nhwc+vae-bf16+compile": [
             *base,
@@ -321,6 +353,9 @@ def main(argv: list[str] | None = None) -> int:
 
         result["sampling"] = sampling(trainer, device, steps=args.sampling_steps)
         save("sampling")
+        if device.type == "cuda":
+            result["attention_kernels"] = attention_kernels(trainer, device)
+            save("attention kernels")
 
         if args.profile:
             from torch.profiler import ProfilerActivity, profile

@@ -306,7 +306,8 @@ def _gpu_section(r: dict) -> list[str]:
             if "iteration_s" not in x:
                 out.append(f"| {v} | failed: {x.get('error', '?')} | | | |")
                 continue
-            mfu = f"{100 * _mfu(g, r, x['iteration_s']):.1f} %" if model else "—"
+            scale = x.get("batch", g["batch"]) / g["batch"]  # model FLOPs grow with the batch
+            mfu = f"{100 * scale * _mfu(g, r, x['iteration_s']):.1f} %" if model else "—"
             out.append(
                 f"| {v} | {x['iteration_s']:.2f} s | {x['images_per_s']:.2f} | "
                 f"{x['memory_iterations']['peak_allocated_gb']:.1f} GiB | {mfu} |"
@@ -329,6 +330,10 @@ def _gpu_section(r: dict) -> list[str]:
             out += ["", "Anatomy on the GPU (the fsdp+fused variant):", ""]
             out += ["| part | median |", "|---|---|"] + [f"| {k} | {_ms(v)} |" for k, v in a["median_s"].items()]
             out += ["", f"Iteration whole ÷ parts: {a['iteration']['overhead']:.3f}."]
+        if g.get("attention_kernels"):
+            kernels = ", ".join(f"`{k}` ×{n}" for k, n in sorted(g["attention_kernels"].items()))
+            out += ["", f"Attention kernels of one reference pass (CFG, 2B): {kernels}."]
+    free_8x80 = 79.6 - r["memory"]["sdxl_8x80"]["peak_bytes"] / GiB
     out += [
         "",
         "**Why the MFU is low, and what would fix it.** The profiles (docs/gpu/*_profile.txt, one "
@@ -339,11 +344,17 @@ def _gpu_section(r: dict) -> list[str]:
         "2 × 2.57 B "
         "parameters, and 12 % the VAE decoder's fp32 GroupNorm at 1024² (memory-bound); FSDP2 on a single GPU "
         "only adds its per-block copy-in (the fsdp+fused variant is slower; on 8 GPUs the same copies are the "
-        "all-gathers it exists for). What would lift it: compiling each UNet block and the VAE decoder "
-        "(torch.compile per block, as torchtitan does under FSDP2) to fuse the norms and element-wise work and "
-        "cut launches; CUDA graphs for the fixed-shape passes; keeping the bf16 weight copies across the K_TA "
-        "assistant updates; a larger per-GPU batch once FSDP over 8 GPUs frees the memory (the plan leaves "
-        f"{79.6 - r['memory']['sdxl_8x80']['peak_bytes'] / GiB:.0f} GiB of an 80 GB card free at 2 "
-        "images).",
+        "all-gathers it exists for).",
+        "",
+        "**What is built against it, each a switch with a variant of benchmarks/gpu_sdxl_step.py, none measured "
+        "on a GPU yet:** regional compilation of each UNet block and the VAE decoder (`parallel.compile`, the "
+        "`+compile` variants), to fuse the norms and element-wise work and cut launches; bf16 weight copies made "
+        "once for the passes whose weights cannot change (`parallel.bf16_weight_copies`, `+copies`: the K_TA "
+        "generator samples and the frozen assistant stop casting every weight on every call); no host sync "
+        "between log steps, the non-finite skip decided on the device by fused AdamW (`fused` variants); "
+        "channels_last convolutions (`+nhwc`); the VAE decoder in bf16 with fp32 GroupNorm (`+vae-bf16`, its "
+        "error in §7); a larger batch per GPU (`--largest-batch VARIANT` runs one at the largest batch "
+        f"`distar plan` fits; on 8 GPUs with FSDP the plan leaves {free_8x80:.0f} GiB of an 80 GB card free at 2 "
+        "images). Still open: CUDA graphs for the fixed-shape passes.",
     ]
     return out

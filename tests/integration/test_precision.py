@@ -179,3 +179,20 @@ def test_the_bf16_vae_with_fp32_norms_decodes_within_its_bound(tiny_sdxl):
     (grad_want,) = torch.autograd.grad((want * g).sum(), x0)
     (grad_got,) = torch.autograd.grad((got * g).sum(), x0)
     assert torch.nn.functional.cosine_similarity(grad_got.flatten(), grad_want.flatten(), dim=0) > 0.99
+
+
+def test_every_attention_runs_through_scaled_dot_product_attention(trainer_of):
+    """SDPA is what dispatches to flash / memory-efficient kernels on a GPU: every attention of the UNets and the
+    VAE uses diffusers' SDPA processor, and the reward's CLIP towers transformers' SDPA implementation, also on
+    the LoRA-adapted shared UNet."""
+    from diffusers.models.attention_processor import Attention, AttnProcessor2_0
+
+    trainer = trainer_of("model.assistant=lora", "model.assistant_lora_rank=4", "model.generator=lora")
+    nets = trainer.nets
+    modules = [nets.generator_unet, nets.reference.unet, nets.vae]
+    attentions = [m for module in modules for m in module.modules() if isinstance(m, Attention)]
+    assert attentions and all(isinstance(a.processor, AttnProcessor2_0) for a in attentions)
+    reward_configs = [
+        m.config for m in nets.reward.modules() if hasattr(m, "config") and hasattr(m.config, "_attn_implementation")
+    ]
+    assert reward_configs and all(c._attn_implementation == "sdpa" for c in reward_configs)
