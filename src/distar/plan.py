@@ -474,7 +474,7 @@ def estimate_time(
     rate = achievable_flops or spec["bf16_flops"]
     link = infiniband_bytes_s if nodes > 1 else (nvlink_bytes_s or spec["nvlink_bytes_s"])
     p = result["parameters"]
-    comm = communication_bytes(config, p["unet"], p["assistant"], result["world_size"], p["generator"])
+    comm = communication_bytes(config, p["unet"], p["assistant"], result["world_size"], p.get("generator"))
     compute_s = flops["with_recompute"] / rate
     transfer_s = comm["total"] / link
     base_s = measured_iteration_s if measured_iteration_s is not None else compute_s

@@ -134,3 +134,15 @@ def test_a_lora_generator_saves_its_fp32_weights_gradients_and_adamw_states():
     assert lora["peak_bytes"] < full["peak_bytes"]
     with pytest.raises(UserError, match="model.generator='lora'"):
         load_config("sdxl", ["data.prompts=gs://b/p", "model.generator=lora"])  # fsdp: not sharded yet
+
+
+def test_ddp_all_reduces_only_what_trains():
+    from distar.plan import communication_bytes
+    from distar.train.config import load_config
+
+    c = load_config("sdxl", ["data.prompts=gs://b/p", "parallel.strategy=ddp", "model.generator=lora"])
+    full = communication_bytes(c, 2_000, 1_000, world_size=8)
+    lora = communication_bytes(c, 2_000, 1_000, world_size=8, p_generator=50)
+    assert full["generator update"] == pytest.approx(2 * 7 / 8 * 4 * 2_000)
+    assert lora["generator update"] == pytest.approx(2 * 7 / 8 * 4 * 50)
+    assert lora["assistant updates"] == full["assistant updates"] == pytest.approx(5 * 2 * 7 / 8 * 4 * 1_000)
