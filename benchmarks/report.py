@@ -235,7 +235,8 @@ def _precision_section(p: dict) -> list[str]:
         f"{_ms(w['samples_copies_s'])} against {_ms(w['samples_autocast_s'])} with autocast's casts "
         f"({w['samples_ratio']:.2f}); the whole iteration {_ms(w['iteration_copies_s'])} against "
         f"{_ms(w['iteration_autocast_s'])} ({w['iteration_ratio']:.2f}). Same losses, norms and rewards to the last "
-        f"bit: {w['same_values']}.",
+        f"bit: {w['same_values']}. On this CPU a cast is cheap next to a bf16 matrix product and the rounds scatter "
+        "by about ±10 %: the ratio to look for is the GPU's, where each cast is a kernel launch.",
         "",
         f"**channels_last** (`parallel.channels_last`), the medium UNet's forward and backward at "
         f"{cl['latent_side']}² latents: {_ms(cl['channels_last_s'])} against {_ms(cl['default_s'])} "
