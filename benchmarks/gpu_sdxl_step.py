@@ -194,11 +194,6 @@ def iterations(args, name: str, overrides: list[str], workdir: Path, world: Worl
     return trainer, out
 
 
-def _batch_of(overrides: list[str], default: int) -> int:
-    sizes = [int(o.split("=", 1)[1]) for o in overrides if o.startswith("data.batch_size=")]
-    return sizes[-1] if sizes else default
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arch", default="sdxl", choices=sorted(ARCHITECTURES))
@@ -307,7 +302,6 @@ def main(argv: list[str] | None = None) -> int:
         gib = torch.cuda.get_device_properties(device).total_memory / 2**30 * 0.97
         n, _ = largest_batch(load_config(preset, ["data.prompts=unused", *chosen]), 1, args.arch, gib)
         variants[f"{args.largest_batch}@batch{n}"] = [*chosen, f"data.batch_size={n}"]
-    batches = {name: _batch_of(overrides, args.batch) for name, overrides in variants.items()}
     result: dict = {
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "arch": args.arch,
@@ -395,11 +389,10 @@ def main(argv: list[str] | None = None) -> int:
         if "matmul_bf16_flops" in result:
             result["mfu_of_measured_ceiling"] = result["achieved_model_flops"] / result["matmul_bf16_flops"]
         # Every variant's MFU: model FLOPs grow linearly with the batch (every network works per image)
-        for name, n in batches.items():
+        for name in variants:
             v = result.get(name, {})
             if "iteration_s" in v:
-                v["model_flops_per_iteration"] = model * n / args.batch
-                v["batch"] = n
+                v["model_flops_per_iteration"] = model * v["batch"] / args.batch
                 if peak:
                     v["mfu"] = v["model_flops_per_iteration"] / v["iteration_s"] / peak
         save("model flops")

@@ -214,13 +214,10 @@ def performance_markdown(r: dict) -> str:
 def _precision_section(p: dict) -> list[str]:
     w, cl, v = p["weight_copies"], p["channels_last"], p["vae_bf16"]
     rows = [
-        f"| bf16 VAE, fp32 GroupNorm | {v['bf16_fp32_norms']['mean_abs_error_255']:.2f} | "
-        f"{v['bf16_fp32_norms']['max_abs_error_255']:.1f} | {v['bf16_fp32_norms']['psnr_db']:.1f} dB | "
-        f"{v['bf16_fp32_norms']['grad_cosine']:.5f} | {v['bf16_fp32_norms']['grad_relative_error']:.3f} | "
-        f"{v['bf16_fp32_norms']['seconds'] / v['fp32_s']:.2f} |",
-        f"| bf16 VAE, bf16 GroupNorm | {v['bf16']['mean_abs_error_255']:.2f} | {v['bf16']['max_abs_error_255']:.1f} | "
-        f"{v['bf16']['psnr_db']:.1f} dB | {v['bf16']['grad_cosine']:.5f} | {v['bf16']['grad_relative_error']:.3f} | "
-        f"{v['bf16']['seconds'] / v['fp32_s']:.2f} |",
+        f"| bf16 VAE, {norms} GroupNorm | {e['mean_abs_error_255']:.2f} | {e['max_abs_error_255']:.1f} | "
+        f"{e['psnr_db']:.1f} dB | {e['grad_cosine']:.5f} | {e['grad_relative_error']:.3f} | "
+        f"{e['seconds'] / v['fp32_s']:.2f} |"
+        for norms, e in (("fp32", v["bf16_fp32_norms"]), ("bf16", v["bf16"]))
     ]
     return [
         "",

@@ -207,23 +207,20 @@ def plan(config: TrainConfig, world_size: int, arch: Architecture | str = "sdxl"
     lora_g = config.model.generator == "lora"
     p_generator = lora_parameters(nets["reference_unet"], config.model.generator_lora_rank) if lora_g else p_unet
     trained = (
-        f"{'generator' if not lora_g else 'generator LoRA adapters'} + "
-        f"{'assistant' if not lora else 'assistant LoRA adapters'}"
+        f"{'generator LoRA adapters' if lora_g else 'generator'} + {'assistant LoRA adapters' if lora else 'assistant'}"
     )
+    adamw = 2 * 4 * (p_generator + p_assistant) / shard
     items = {
         f"weights: {trained} (fp32)": 4 * (p_generator + p_assistant) / shard,
         "weights: generator's frozen base": ref_b * p_unet / shard if lora_g else 0,
         "weights: reference" + (" (also the assistant's base)" if lora else ""): ref_b * p_unet / shard,
         "weights: VAE": vae_b * p_vae,
         "weights: reward": rew_b * p_reward,
-        f"optimizer: AdamW states, {trained if lora or lora_g else 'both UNets'} (fp32)": 2
-        * 4
-        * (p_generator + p_assistant)
-        / shard,
+        f"optimizer: AdamW states, {trained if lora or lora_g else 'both UNets'} (fp32)": adamw,
         "EMA of the generator (fp32)": 4 * p_generator / shard if config.ema_decay > 0 else 0,
         "text encoders": 2 * 817_000_000 if text_encoders else 0,
     }
-    grads = 4 * max(p_generator, p_assistant) / shard
+    grads = 4 * max(p_generator, p_assistant) / shard  # and multi-tensor AdamW's temporaries of the same size
     in_flight = 0.0
     if strategy == "fsdp":  # the current and the prefetched block unsharded in the compute dtype, one block's grads
         in_flight = 2 * (2 if bf16 else 4) * p_block + 4 * p_block
@@ -257,7 +254,7 @@ def plan(config: TrainConfig, world_size: int, arch: Architecture | str = "sdxl"
         + autocast_copies
         + copies_g
         + in_flight,
-        "optimizer step": grads + (0 if _fused(config) else 4 * max(p_generator, p_assistant) / shard),
+        "optimizer step": grads + (0 if _fused(config) else grads),
     }
     peak_phase = max(phases, key=phases.get)
     return {
