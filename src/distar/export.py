@@ -110,12 +110,13 @@ def _lora_generator_unet(model: dict, hub: dict, adapters: dict[str, torch.Tenso
 
     unet = load_generator_init(model["generator_init"], model["reference"], revision=model["revision"], **hub)
     add_generator_adapter(unet, model["generator_lora_rank"], model["generator_lora_alpha"])
-    expected = {name for name, _ in unet.named_parameters() if is_adapter_param(name)}
-    if set(adapters) != expected:
+    expected = {name: p.shape for name, p in unet.named_parameters() if is_adapter_param(name)}
+    wrong = [k for k in expected.keys() & adapters.keys() if adapters[k].shape != expected[k]]
+    if adapters.keys() != expected.keys() or wrong:
         raise UserError(
             f"{source}: the generator's adapters do not fit a rank-{model['generator_lora_rank']} LoRA on "
-            f"{model['generator_init']!r} ({len(expected - set(adapters))} missing, "
-            f"{len(set(adapters) - expected)} unexpected keys)"
+            f"{model['generator_init']!r} ({len(expected.keys() - adapters.keys())} missing, "
+            f"{len(adapters.keys() - expected.keys())} unexpected, {len(wrong)} of another shape)"
         )
     unet.load_state_dict(adapters, strict=False)
     return merge_generator_adapter(unet).float()

@@ -134,6 +134,8 @@ def test_a_lora_generator_saves_its_fp32_weights_gradients_and_adamw_states():
     assert lora["peak_bytes"] < full["peak_bytes"]
     with pytest.raises(UserError, match="model.generator='lora'"):
         load_config("sdxl", ["data.prompts=gs://b/p", "model.generator=lora"])  # fsdp: not sharded yet
+    with pytest.raises(UserError, match="model.generator_lora_rank must be at least 1"):
+        load_config("sdxl-1gpu", ["data.prompts=gs://b/p", "model.generator=lora", "model.generator_lora_rank=0"])
 
 
 def test_ddp_all_reduces_only_what_trains():
