@@ -20,9 +20,9 @@ from pathlib import Path
 
 import torch
 
+from distar.backbones.sdxl import decode
 from distar.losses import assistant_loss
 from distar.models.architectures import Architecture, random_networks
-from distar.models.sdxl import decode
 from distar.train import distributed
 from distar.train.config import load_config
 from distar.train.data import PromptSet, write_embedding_shard
@@ -60,13 +60,10 @@ def build_trainer(
     world = world or distributed.init(device)
     if not shard.exists():
         g = torch.Generator().manual_seed(0)
-        write_embedding_shard(
-            str(shard),
-            [f"prompt {i}" for i in range(n_prompts)],
-            torch.randn(n_prompts, 77, arch.text_dim, generator=g),
-            torch.randn(n_prompts, arch.pooled_dim, generator=g),
-        )
-    data = PromptSet(str(shard.parent))
+        shapes = arch.family.embedding_shapes(arch.unet)
+        columns = {name: torch.randn(n_prompts, *shapes[name], generator=g) for name in arch.family.embedding_columns}
+        write_embedding_shard(str(shard), [f"prompt {i}" for i in range(n_prompts)], columns)
+    data = PromptSet(str(shard.parent), embedding_columns=arch.family.embedding_columns)
     nets = assemble(config, world, **random_networks(arch, next(iter(config.reward.weights)), world.device))
     return Trainer(config, world, data=data, nets=nets)
 

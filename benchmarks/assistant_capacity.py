@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     import torch
 
-    from distar.models.sdxl import adapter_parameters  # noqa: F401 - the LoRA path must import
+    from distar.backbones.shared import adapter_parameters  # noqa: F401 - the LoRA path must import
 
     with tempfile.TemporaryDirectory() as tmp:
         full = run_one(Path(tmp) / "full", args.steps, [])

@@ -82,7 +82,7 @@ def sampling(trainer, device: torch.device, steps: int = 50, repeats: int = 3) -
     """One generator pass against `steps` Euler steps of the CFG reference (2B per step), same bf16 UNet, B = 1."""
     from diffusers import EulerDiscreteScheduler
 
-    from distar.models.sdxl import OneStepGenerator
+    from distar.backbones import OneStepGenerator
 
     unet, reference = trainer.nets.reference.unet, trainer.nets.reference
     one_step = OneStepGenerator(unet, t_star=trainer.config.model.t_star)

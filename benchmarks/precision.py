@@ -127,8 +127,7 @@ def vae_bf16(side: int = 512) -> dict:
     `side`² pixels, bf16 with fp32 norms and plain bf16 against fp32, from the same random weights and latents."""
     from diffusers import AutoencoderKL
 
-    from distar.models.architectures import SDXL_VAE_CONFIG
-    from distar.models.sdxl import decode
+    from distar.backbones.sdxl import SDXL_VAE_CONFIG, decode
     from distar.train.precision import fp32_norms
 
     torch.manual_seed(0)

@@ -74,7 +74,7 @@ def step_anatomy(name: str, repeats: int) -> dict:
 def sampling(repeats: int = 5) -> dict:
     from diffusers import EulerDiscreteScheduler, LCMScheduler, StableDiffusionXLPipeline
 
-    from distar.models.tiny import build_tiny_sdxl
+    from distar.backbones.sdxl import build_tiny_sdxl
 
     with tempfile.TemporaryDirectory() as tmp:
         pipe = StableDiffusionXLPipeline.from_pretrained(build_tiny_sdxl(Path(tmp) / "sdxl"))
@@ -171,7 +171,7 @@ def curation(n: int) -> dict:
     from transformers import AutoTokenizer
 
     from distar.curate import CurateConfig, _token_counts, curate
-    from distar.models.tiny import write_tiny_clip_tokenizer
+    from distar.tiny_text import write_tiny_clip_tokenizer
 
     prompts = synthetic_prompts(n)
     with tempfile.TemporaryDirectory() as tmp:
@@ -257,12 +257,13 @@ def regional_compile(repeats: int) -> dict:
     by side after a warm-up that pays the compile (timed on its own); the largest output difference."""
     import copy
 
-    from distar.models.tiny import build_tiny_unet
+    from distar import backbones
+    from distar.backbones.sdxl import build_tiny_unet
     from distar.train import parallel
 
     eager = build_tiny_unet(seed=0)
     compiled = copy.deepcopy(eager)
-    for block in parallel.unet_block_modules(compiled):
+    for block in parallel.block_modules(backbones.get("sdxl"), compiled):
         block.compile()
     g = torch.Generator().manual_seed(0)
     x, t = torch.randn(2, 4, 32, 32, generator=g), torch.tensor([300, 800])

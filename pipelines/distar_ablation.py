@@ -24,7 +24,7 @@ from components.evaluate import evaluate  # noqa: E402
 from components.export import export  # noqa: E402
 from components.train import train_local, train_trainjob  # noqa: E402
 from distar.compare import TABLE3  # noqa: E402
-from distar.prompt_sets import PARTI_URL  # noqa: E402
+from distar.prompts import PARTI_URL  # noqa: E402
 from pipelines.distar_sdxl import LAUNCHERS, place, shared_steps, train_step  # noqa: E402
 
 PARALLELISM = 3

@@ -25,7 +25,7 @@ from components.curate import curate  # noqa: E402
 from components.evaluate import evaluate  # noqa: E402
 from components.export import export  # noqa: E402
 from components.train import train_local, train_trainjob  # noqa: E402
-from distar.prompt_sets import PARTI_URL  # noqa: E402
+from distar.prompts import PARTI_URL  # noqa: E402
 from distar.train.trainjob import HUB_SECRET_KEYS, STORAGE_SECRET_KEYS  # noqa: E402
 
 LAUNCHERS = ("trainjob", "local")

@@ -26,6 +26,6 @@ def tiny_root(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_sdxl(tmp_path_factory):
     """A tiny SDXL pipeline directory in the hub's layout (random weights, seed 0)."""
-    from distar.models.tiny import build_tiny_sdxl
+    from distar.backbones.sdxl import build_tiny_sdxl
 
     return build_tiny_sdxl(tmp_path_factory.mktemp("tiny") / "sdxl", seed=0)

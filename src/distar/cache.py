@@ -16,19 +16,11 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from distar import sources, storage, tiny_preset
+from distar import backbones, sources, storage, tiny_preset
 from distar.errors import UserError
-from distar.prompt_sets import HPS_URL, PARTI_URL
+from distar.prompts import HPS_URL, PARTI_URL
 from distar.sources import MANIFEST, entry_dir, lookup, read_manifest, sha256_file, verify_cache, verify_entry
 
-# SDXL from the hub: the fp16 weights (half the download; the trainer keeps fp32 masters of what it trains) and
-# the fp32 VAE (the SDXL VAE overflows in fp16).
-SDXL_PARTS = [
-    "model_index.json", "scheduler/*", "unet/config.json", "unet/diffusion_pytorch_model.fp16.safetensors",
-    "vae/config.json", "vae/diffusion_pytorch_model.safetensors", "text_encoder/config.json",
-    "text_encoder/model.fp16.safetensors", "text_encoder_2/config.json", "text_encoder_2/model.fp16.safetensors",
-    "tokenizer/*", "tokenizer_2/*",
-]  # fmt: skip
 CLIP_FILES = ["config.json", "model.safetensors", "*.txt", "tokenizer*.json", "vocab.json", "merges.txt",
               "special_tokens_map.json", "preprocessor_config.json"]  # fmt: skip
 PROCESSOR_FILES = ["*.txt", "tokenizer*.json", "vocab.json", "special_tokens_map.json", "preprocessor_config.json"]
@@ -52,10 +44,11 @@ class CacheItem:
 
 
 PRESETS = {
-    "sdxl": [
-        CacheItem("stabilityai/stable-diffusion-xl-base-1.0", allow_patterns=SDXL_PARTS),
-        CacheItem("tianweiy/DMD2:dmd2_sdxl_1step_unet_fp16.bin"),
-    ],
+    # each backbone's models: the reference pipeline and the generator's initialisation (`Backbone.cache_items`)
+    **{
+        name: [CacheItem(key, allow_patterns=patterns) for key, patterns in backbones.get(name).cache_items()]
+        for name in backbones.NAMES
+    },
     "rewards": [
         CacheItem("yuvalkirstain/PickScore_v1", allow_patterns=CLIP_FILES),
         CacheItem("laion/CLIP-ViT-H-14-laion2B-s32B-b79K", allow_patterns=PROCESSOR_FILES),

@@ -11,27 +11,20 @@ and one 8-byte digest per kept prompt (about 10M prompts in 2 GB).
 
 from __future__ import annotations
 
-import csv
 import hashlib
-import io
-import json
 import re
 import time
 import unicodedata
 from collections import Counter
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 
 import numpy as np
 
 from distar import storage
 from distar.errors import UserError
+from distar.prompts import MANIFEST, SourceOptions, check_format, read_source, split_files
 
-PROMPT_COLUMNS = ("prompt", "Prompt", "text", "caption", "TEXT", "Text")
-CATEGORY_COLUMNS = ("category", "Category")
-FORMATS = {".tsv": "tsv", ".csv": "csv", ".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet", ".txt": "txt"}
 RULES = ("non_text", "undecodable", "empty", "blocklist", "too_long", "duplicate", "category_cap")
-MANIFEST = "manifest.json"
 
 
 @dataclass
@@ -97,150 +90,6 @@ def _as_string_array(values):
             return values
         return pa.nulls(len(values), pa.string())
     return pa.array([v if isinstance(v, str) else None for v in values], pa.string())
-
-
-def _format(uri: str) -> str:
-    name = uri.rsplit("/", 1)[-1].lower()
-    for ext, fmt in FORMATS.items():
-        if name.endswith(ext) or name.endswith(ext + ".gz"):
-            return fmt
-    raise UserError(f"source {uri!r}: unknown format; use a .tsv, .csv, .jsonl, .parquet or .txt file")
-
-
-@dataclass
-class Rows:
-    """One batch read from a source: prompt values (None = not text), categories, and undecodable rows."""
-
-    prompts: list  # a pyarrow array for Parquet sources (no conversion on the fast path); see as_list
-    categories: list | None
-    undecodable: int = 0
-
-    def as_list(self) -> list:
-        """The prompt values as Python objects, whatever the source."""
-        return self.prompts if isinstance(self.prompts, list) else self.prompts.to_pylist()
-
-
-def _pick(columns: list[str], wanted: str | None, defaults: tuple[str, ...], uri: str, what: str) -> str | None:
-    if wanted is not None:
-        if wanted not in columns:
-            raise UserError(f"source {uri!r} has no {what} column {wanted!r} (columns: {', '.join(columns)})")
-        return wanted
-    found = next((c for c in defaults if c in columns), None)
-    if found is None and what == "prompt":
-        raise UserError(f"source {uri!r} has no prompt column (columns: {', '.join(columns)}); name it with --column")
-    return found
-
-
-def read_source(uri: str, config: CurateConfig) -> Iterator[Rows]:
-    fs, path = storage.filesystem(uri)
-    if not fs.exists(path):
-        raise UserError(f"source {uri!r} does not exist")
-    if fs.size(path) == 0:
-        raise UserError(f"source {uri!r} is empty")
-    fmt = _format(uri)
-    compression = "gzip" if path.endswith(".gz") else None
-    with fs.open(path, "rb", compression=compression) as fh:
-        if fmt == "parquet":
-            yield from _read_parquet(fh, uri, config)
-        elif fmt == "txt":
-            yield from _read_lines(fh, config)
-        elif fmt == "jsonl":
-            yield from _read_jsonl(fh, uri, config)
-        else:
-            yield from _read_delimited(fh, uri, config, "\t" if fmt == "tsv" else ",")
-
-
-def _read_parquet(fh, uri, config):
-    import pyarrow.parquet as pq
-
-    pf = pq.ParquetFile(fh)
-    columns = pf.schema_arrow.names
-    col = _pick(columns, config.column, PROMPT_COLUMNS, uri, "prompt")
-    cat = _pick(columns, config.category_column, CATEGORY_COLUMNS, uri, "category")
-    for batch in pf.iter_batches(batch_size=config.batch_rows, columns=[c for c in (col, cat) if c]):
-        values = batch.column(col)
-        cats = batch.column(cat).to_pylist() if cat else None
-        yield Rows(values, cats)
-
-
-def _decode_lines(fh) -> Iterator[str | None]:
-    """Each line of a binary stream, or None for a line that is not UTF-8."""
-    for raw in fh:
-        try:
-            yield raw.decode("utf-8").rstrip("\r\n")
-        except UnicodeDecodeError:
-            yield None
-
-
-def _read_lines(fh, config):
-    batch, bad = [], 0
-    for line in _decode_lines(fh):
-        if line is None:
-            bad += 1
-            continue
-        batch.append(line)
-        if len(batch) >= config.batch_rows:
-            yield Rows(batch, None, bad)
-            batch, bad = [], 0
-    yield Rows(batch, None, bad)
-
-
-def _read_jsonl(fh, uri, config):
-    col = cat = None
-    batch, cats, bad = [], [], 0
-    for n, line in enumerate(_decode_lines(fh), 1):
-        if line is None:
-            bad += 1
-            continue
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise UserError(f"source {uri!r} line {n} is not JSON ({err.msg}); fix or remove it") from None
-        if not isinstance(record, dict):
-            raise UserError(f"source {uri!r} line {n} is a JSON {type(record).__name__}, not an object")
-        if col is None:
-            col = _pick(list(record), config.column, PROMPT_COLUMNS, uri, "prompt")
-            cat = _pick(list(record), config.category_column, CATEGORY_COLUMNS, uri, "category")
-        batch.append(record.get(col))
-        cats.append(record.get(cat) if cat else None)
-        if len(batch) >= config.batch_rows:
-            yield Rows(batch, cats if cat else None, bad)
-            batch, cats, bad = [], [], 0
-    if col is None and not bad:
-        raise UserError(f"source {uri!r} holds no JSON records")
-    yield Rows(batch, cats if cat else None, bad)
-
-
-def _read_delimited(fh, uri, config, delimiter):
-    text = io.TextIOWrapper(fh, encoding="utf-8", errors="surrogateescape", newline="")
-    reader = csv.reader(text, delimiter=delimiter)
-    header = next(reader, None)
-    if not header:
-        raise UserError(f"source {uri!r} has no header row")
-    col = _pick(header, config.column, PROMPT_COLUMNS, uri, "prompt")
-    cat = _pick(header, config.category_column, CATEGORY_COLUMNS, uri, "category")
-    ci, ki = header.index(col), (header.index(cat) if cat else None)
-    batch, cats, bad = [], [], 0
-    for row in reader:
-        value = row[ci] if ci < len(row) else None
-        if value is not None and _has_surrogates(value):
-            bad += 1
-            continue
-        batch.append(value)
-        cats.append(row[ki] if ki is not None and ki < len(row) else None)
-        if len(batch) >= config.batch_rows:
-            yield Rows(batch, cats if cat else None, bad)
-            batch, cats, bad = [], [], 0
-    yield Rows(batch, cats if cat else None, bad)
-
-
-_SURROGATE = re.compile("[\udc80-\udcff]")
-
-
-def _has_surrogates(value: str) -> bool:
-    return _SURROGATE.search(value) is not None
 
 
 class _ShardWriter:
@@ -403,7 +252,7 @@ def curate(config: CurateConfig, progress: bool = False) -> dict:
     if config.max_tokens < 3:
         raise UserError(f"--max-tokens must be at least 3, got {config.max_tokens}")
     for uri in config.sources:  # every source is checked before anything is read or written
-        _format(uri)
+        check_format(uri)
         fs, path = storage.filesystem(uri)
         if not fs.exists(path):
             raise UserError(f"source {uri!r} does not exist")
@@ -434,7 +283,7 @@ def curate(config: CurateConfig, progress: bool = False) -> dict:
     cut_chars = 0
     for uri in config.sources:
         source_in = 0
-        for rows in read_source(uri, config):
+        for rows in read_source(uri, SourceOptions(config.column, config.category_column, config.batch_rows)):
             rows_in += len(rows.prompts) + rows.undecodable
             source_in += len(rows.prompts) + rows.undecodable
             dropped["undecodable"] += rows.undecodable
@@ -574,24 +423,6 @@ def summary_markdown(stats: dict) -> str:
             f"| {k} | {v} |" for k, v in stats["categories"].items()
         ]
     return "\n".join(lines) + "\n"
-
-
-def split_files(uri: str, split: str = "train") -> list[str] | None:
-    """The shard URIs of a split of a curated set (None when `uri` holds no manifest)."""
-    fs, path = storage.filesystem(uri)
-    manifest_path = f"{path.rstrip('/')}/{MANIFEST}"
-    if not fs.exists(manifest_path):
-        return None
-    try:
-        manifest = json.loads(fs.cat_file(manifest_path))
-        files = manifest["splits"][split]["files"]
-    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as err:
-        raise UserError(f"{uri}/{MANIFEST} is corrupt ({err!r}); run `distar curate` again") from None
-    base = str(uri).rstrip("/")
-    missing = [f["path"] for f in files if not fs.exists(f"{path.rstrip('/')}/{f['path']}")]
-    if missing:
-        raise UserError(f"{uri}: shards its manifest lists are missing ({missing[:3]}); run `distar curate` again")
-    return [f"{base}/{f['path']}" for f in files]
 
 
 __all__ = ["CurateConfig", "curate", "normalise", "split_files", "summary_markdown"]

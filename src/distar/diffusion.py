@@ -1,9 +1,12 @@
-"""Discrete variance-preserving diffusion: the schedule and its unit conversions (METHOD.md §2).
+"""Noise schedules and their unit conversions (METHOD.md §2): the `Schedule` protocol the losses are written
+against, and the discrete variance-preserving schedule that implements it.
 
-Forward process     x_t = a_t x0 + σ_t ε,   a_t = √ᾱ_t,  σ_t = √(1 − ᾱ_t)
+Forward process     x_t = a_t x0 + σ_t ε   (VP: a_t = √ᾱ_t, σ_t = √(1 − ᾱ_t))
 Network score       s(x_t) = −ε̂(x_t, t) / σ_t
 Kernel score        ∇_{x_t} log p(x_t | x0) = −ε / σ_t
-One-step generator  x0 = (z − σ_{t*} ε̂_θ(z, t*, c)) / a_{t*}     (DMD2 convention, t* = 399 for SDXL)
+One-step generator  x0 = (z − σ_{t*} ε̂_θ(z, t*, c)) / a_{t*}     (DMD2 convention: noise z read as x_{t*})
+
+Which schedule a model uses (SDXL's table, t* = 399) is its backbone's business: `distar.backbones`.
 
 No I/O, no configuration, no distributed code: every function here is checked against
 docs/METHOD.md line by line and against closed forms in tests/unit/test_diffusion.py.
@@ -11,12 +14,38 @@ docs/METHOD.md line by line and against closed forms in tests/unit/test_diffusio
 
 from __future__ import annotations
 
+from typing import Protocol
+
 import torch
 
-SDXL_NUM_TRAIN_TIMESTEPS = 1000
-SDXL_BETA_START = 0.00085
-SDXL_BETA_END = 0.012
-SDXL_GENERATOR_TIMESTEP = 399
+
+class Schedule(Protocol):
+    """What the losses need of a noise schedule: x_t = a(t)·x0 + σ(t)·ε with t a tensor of one time per sample
+    (integer table indices for a discrete schedule, floats for a continuous one)."""
+
+    def check_t(self, t: torch.Tensor, name: str = "t") -> torch.Tensor:
+        """t in the schedule's domain and dtype; a ValueError naming `name` otherwise."""
+        ...
+
+    def a(self, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """The signal scale, shaped (B, 1, …, 1) to broadcast against `like` (B, …)."""
+        ...
+
+    def sigma(self, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """The noise scale, shaped like `a`."""
+        ...
+
+    def add_noise(self, x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """x_t = a(t)·x0 + σ(t)·ε."""
+        ...
+
+    def sample_t(self, n: int, lo, hi, generator: torch.Generator) -> torch.Tensor:
+        """n times drawn from [lo, hi) with `generator`, on the CPU."""
+        ...
+
+    def model_time(self, t: torch.Tensor) -> torch.Tensor:
+        """The time argument the denoising network takes for t."""
+        ...
 
 
 def values_on_host(t: torch.Tensor) -> bool:
@@ -45,11 +74,6 @@ class VPSchedule:
         self._cache: dict[tuple[torch.device, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}
 
     @classmethod
-    def sdxl(cls) -> VPSchedule:
-        """SDXL-base / DMD2: 1000 steps, "scaled_linear" betas from 0.00085 to 0.012."""
-        return cls.scaled_linear(SDXL_NUM_TRAIN_TIMESTEPS, SDXL_BETA_START, SDXL_BETA_END)
-
-    @classmethod
     def scaled_linear(cls, num_steps: int, beta_start: float, beta_end: float) -> VPSchedule:
         # diffusers' "scaled_linear": linear in √β, then squared.
         betas = torch.linspace(beta_start**0.5, beta_end**0.5, num_steps, dtype=torch.float64) ** 2
@@ -72,6 +96,16 @@ class VPSchedule:
                 f"got values in [{int(t.min())}, {int(t.max())}]"
             )
         return t.long()
+
+    check_t = check_timesteps
+
+    def sample_t(self, n: int, lo: int, hi: int, generator: torch.Generator) -> torch.Tensor:
+        """n integer timesteps uniform on [lo, hi)."""
+        return torch.randint(lo, hi, (n,), generator=generator)
+
+    def model_time(self, t: torch.Tensor) -> torch.Tensor:
+        """A VP network takes the table index itself."""
+        return t
 
     def _tables(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         dtype = like.dtype if like.dtype.is_floating_point else torch.float32

@@ -28,9 +28,9 @@ from pathlib import Path
 
 import torch
 
-from distar import sources, storage, tiny_preset
+from distar import backbones, sources, storage, tiny_preset
 from distar.errors import UserError
-from distar.prompt_sets import HPS_STYLES, PARTI_URL
+from distar.prompts import HPS_STYLES, PARTI_URL
 from distar.rewards import PAPER_SCALE  # the one unit of each reward, shared with training
 
 PARTI_METRICS = ("imagereward", "aesthetic", "pickscore", "clip")
@@ -110,14 +110,13 @@ def _prompt_id(set_name: str, text: str, index: int) -> str:
 
 
 def load_prompts(config: EvaluateConfig) -> list[Prompt]:
-    from distar.curate import CurateConfig, read_source
+    from distar.prompts import read_source
 
     prompts = []
     wanted = set(config.rewards)
     if wanted & set(PARTI_METRICS):
-        reader = CurateConfig([], "", column=None, category_column=None)
         texts, cats = [], []
-        for rows in read_source(sources.local(config.prompts), reader):
+        for rows in read_source(sources.local(config.prompts)):
             texts += rows.as_list()
             cats += rows.categories or [None] * len(rows.prompts)
         for i, (t, c) in enumerate(zip(texts, cats, strict=True)):
@@ -151,64 +150,61 @@ class Sampler:
     its own scheduler, N steps and CFG."""
 
     def __init__(self, spec: str, config: EvaluateConfig, device: torch.device):
-        from diffusers import StableDiffusionXLPipeline
-
         self.steps = None
         parsed = sources.parse(spec, evaluate_forms=True)
-        source, unet = spec, None
+        source, raw = spec, None
         if parsed.kind in ("unet", "reference") and not config.reference:
             raise UserError(f"{spec!r} needs --reference (the pipeline whose UNet it replaces, or that it samples)")
-        if parsed.kind == "unet":  # the initial generator: a raw UNet state dict in the reference's pipeline
-            from distar.models.sdxl import load_dmd2_unet
-
-            unet = load_dmd2_unet(parsed.inner.text, config.reference, cache_dir=config.cache_dir)
-            source = config.reference
+        if parsed.kind == "unet":  # the initial generator: a raw state dict in the reference's pipeline
+            raw, source = parsed.inner.text, config.reference
         elif parsed.kind == "reference":
             self.steps = parsed.steps
             source = config.reference
         root = sources.resolve_dir(source, cache_dir=config.cache_dir)
         if not (root / "model_index.json").is_file():
             raise UserError(f"{source!r} is not a diffusers pipeline (no model_index.json); run `distar export`")
-        extra = {"unet": unet} if unet is not None else {}
+        self.backbone = backbones.get(_recorded_backbone(root))
+        net = None
+        if raw is not None:
+            net = self.backbone.load_raw_generator(raw, config.reference, cache_dir=config.cache_dir)
         dtype = sources.parse_dtype(config.dtype)
-        if unet is not None:
-            unet = unet.to(dtype)
-        self.pipe = StableDiffusionXLPipeline.from_pretrained(root, torch_dtype=dtype, **extra).to(device)
+        self.pipe = self.backbone.load_pipeline(root, dtype, net).to(device)
         self.pipe.set_progress_bar_config(disable=True)
         self.config, self.device, self.name = config, device, spec
-        self.latent_channels = self.pipe.unet.config.in_channels
-        self.side = self.pipe.unet.config.sample_size
+        self.latent_shape = self.backbone.pipeline_latent_shape(self.pipe)
 
     def noise(self, prompt: Prompt) -> torch.Tensor:
         seed = int.from_bytes(
             hashlib.blake2b(f"{self.config.seed}/{prompt.id}".encode(), digest_size=8).digest(), "big"
         )
         g = torch.Generator().manual_seed(seed)
-        return torch.randn(self.latent_channels, self.side, self.side, generator=g)
+        return torch.randn(*self.latent_shape, generator=g)
 
     @torch.no_grad()
     def __call__(self, prompts: list[Prompt]) -> torch.Tensor:
-        latents = torch.stack([self.noise(p) for p in prompts]).to(self.device, self.pipe.unet.dtype)
+        dtype = self.backbone.pipeline_dtype(self.pipe)
+        latents = torch.stack([self.noise(p) for p in prompts]).to(self.device, dtype)
         texts = [p.text for p in prompts]
         if self.steps is None:
-            out = self.pipe(
-                texts,
-                latents=latents,
-                num_inference_steps=1,
-                timesteps=[self.config.t_star],
-                guidance_scale=0.0,
-                output_type="pt",
-            )
+            images = self.backbone.sample_one_step(self.pipe, texts, latents, self.config.t_star)
         else:
-            latents = latents * self.pipe.scheduler.init_noise_sigma
-            out = self.pipe(
-                texts,
-                latents=latents,
-                num_inference_steps=self.steps,
-                guidance_scale=self.config.guidance_scale,
-                output_type="pt",
-            )
-        return out.images.float().clamp(0, 1)
+            images = self.backbone.sample_steps(self.pipe, texts, latents, self.steps, self.config.guidance_scale)
+        return images.float().clamp(0, 1)
+
+
+def _recorded_backbone(root: Path) -> str:
+    """The backbone an exported pipeline records in its distar.json; a pipeline without one (a reference, or an
+    export from before the choice) is the default's."""
+    meta = root / "distar.json"
+    if meta.is_file():
+        try:
+            name = json.loads(meta.read_text()).get("backbone", backbones.DEFAULT)
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as err:
+            raise UserError(f"{meta} is not valid JSON ({err}); export the model again") from None
+        if name not in backbones.NAMES:
+            raise UserError(f"{meta} names backbone {name!r}, which this distar does not know ({backbones.NAMES})")
+        return name
+    return backbones.DEFAULT
 
 
 def _load_metrics(config: EvaluateConfig, device):

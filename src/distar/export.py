@@ -1,11 +1,12 @@
-"""Training checkpoint → a complete diffusers StableDiffusionXLPipeline directory for one-step generation.
+"""Training checkpoint → a complete diffusers pipeline directory for one-step generation (the backbone's
+`pipeline_name`).
 
 The generator's weights are read from the DCP checkpoint in one process, whatever the number of processes that
-wrote it. The directory holds the generator UNet (fp32, and fp16 as variant "fp16"), the reference's text
-encoders, tokenizers and VAE, an LCMScheduler for one step at t* (stock diffusers:
-`pipe(prompt, num_inference_steps=1, timesteps=[t*], guidance_scale=0)`), a model card, and optionally the EMA
-UNet (unet_ema/) and a single-file fp16 UNet in DMD2's layout. model_index.json is written last: a reader that
-finds it finds a complete pipeline.
+wrote it. The directory holds the generator's network (fp32, and fp16 as variant "fp16"), the reference's text
+encoders, tokenizers and VAE, a scheduler configured for one step at t* (stock diffusers; the model card says
+how to call it), distar.json (the run's backbone, t*, losses and rewards), a model card, and optionally the EMA
+network (unet_ema/) and a single-file fp16 state dict. model_index.json is written last: a reader that finds it
+finds a complete pipeline.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from distar import sources, storage, tiny_preset
+from distar import backbones, sources, storage, tiny_preset
 from distar.errors import UserError
 from distar.train.checkpoint import MARKER, Checkpointer, load_unet_weights, read_config, verify_checkpoint
 
@@ -89,27 +90,14 @@ def resolve_checkpoint(uri: str) -> str:
     raise UserError(f"{uri!r} is neither a complete checkpoint nor a run holding one (checkpoints/step_*/{MARKER})")
 
 
-def _generator_unet(reference_root: Path, weights: dict[str, torch.Tensor], source: str):
-    from diffusers import UNet2DConditionModel
+def _lora_generator_unet(backbone, model: dict, hub: dict, adapters: dict[str, torch.Tensor], source: str):
+    """A LoRA generator's checkpoint holds its adapters: they go onto the initial network the run started from
+    (`model.generator_init`, loaded again) and are merged into its weights, which gives a plain network."""
+    from distar.backbones.shared import add_generator_adapter, is_adapter_param, merge_generator_adapter
 
-    unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(reference_root, subfolder="unet"))
-    missing, unexpected = unet.load_state_dict(weights, strict=False)
-    if missing or unexpected:
-        example = (missing + unexpected)[:3]
-        raise UserError(
-            f"{source}: the generator's weights do not fit the reference's UNet config "
-            f"({len(missing)} missing, {len(unexpected)} unexpected keys, e.g. {example})"
-        )
-    return unet
-
-
-def _lora_generator_unet(model: dict, hub: dict, adapters: dict[str, torch.Tensor], source: str):
-    """A LoRA generator's checkpoint holds its adapters: they go onto the initial UNet the run started from
-    (`model.generator_init`, loaded again) and are merged into its weights, which gives a plain UNet."""
-    from distar.models.sdxl import add_generator_adapter, is_adapter_param, load_generator_init, merge_generator_adapter
-
-    unet = load_generator_init(model["generator_init"], model["reference"], revision=model["revision"], **hub)
-    add_generator_adapter(unet, model["generator_lora_rank"], model["generator_lora_alpha"])
+    unet = backbone.load_generator_init(model["generator_init"], model["reference"], revision=model["revision"], **hub)
+    rank, alpha = model["generator_lora_rank"], model["generator_lora_alpha"]
+    add_generator_adapter(unet, backbone.lora_targets, rank, alpha)
     expected = {name: p.shape for name, p in unet.named_parameters() if is_adapter_param(name)}
     wrong = [k for k in expected.keys() & adapters.keys() if adapters[k].shape != expected[k]]
     if adapters.keys() != expected.keys() or wrong:
@@ -123,24 +111,21 @@ def _lora_generator_unet(model: dict, hub: dict, adapters: dict[str, torch.Tenso
 
 
 def export(config: ExportConfig) -> dict:
-    from diffusers import LCMScheduler, StableDiffusionXLPipeline
-
-    from distar.models.sdxl import load_vae, locate
-
     checkpoint = resolve_checkpoint(config.checkpoint)
     check_out(config.out, checkpoint, config.force)
     verify_checkpoint(checkpoint)  # before anything in it is parsed
     train = read_config(checkpoint)
     model = train["model"]
+    backbone = backbones.get(model.get("backbone", backbones.DEFAULT))  # checkpoints before the choice: SDXL
     tiny_preset.prepare(model)
     hub = sources.hub_options(model["cache_dir"], model["offline"])
     reference = model["reference"]
-    parts = ["tokenizer", "tokenizer_2", "text_encoder", "text_encoder_2", "unet"]
-    root = locate(reference, parts + ([] if model["vae"] else ["vae"]), revision=model["revision"], **hub)
+    parts = list(backbone.pipeline_parts) + ([] if model["vae"] else ["vae"])
+    root = backbone.locate(reference, parts, revision=model["revision"], **hub)
     if model.get("generator", "full") == "lora":
-        build = lambda weights: _lora_generator_unet(model, hub, weights, checkpoint)  # noqa: E731
+        build = lambda weights: _lora_generator_unet(backbone, model, hub, weights, checkpoint)  # noqa: E731
     else:
-        build = lambda weights: _generator_unet(root, weights, checkpoint)  # noqa: E731
+        build = lambda weights: backbone.generator_from_weights(root, weights, checkpoint)  # noqa: E731
     unet = build(load_unet_weights(checkpoint, "generator"))
     ema_unet = None
     if config.ema:
@@ -150,17 +135,8 @@ def export(config: ExportConfig) -> dict:
             raise UserError(
                 f"--ema: checkpoint {checkpoint!r} holds no EMA weights (train with ema_decay > 0)"
             ) from err
-    vae = load_vae(model["vae"] or root, dtype="fp32", **hub)
-    scheduler = LCMScheduler.from_config(
-        json.loads((root / "scheduler" / "scheduler_config.json").read_text()) if (root / "scheduler").is_dir() else {}
-    )
-    pipe = StableDiffusionXLPipeline.from_pretrained(
-        root,
-        unet=unet,
-        vae=vae,
-        scheduler=scheduler,
-        torch_dtype=torch.float32,
-    )
+    vae = backbone.load_vae(model["vae"] or root, dtype="fp32", **hub)
+    pipe = backbone.one_step_pipeline(root, unet, vae)
     trainer_state = json.loads(
         storage.filesystem(checkpoint)[0].cat_file(
             f"{storage.filesystem(checkpoint)[1].rstrip('/')}/trainer_state.json"
@@ -182,6 +158,7 @@ def export(config: ExportConfig) -> dict:
 
             save_file({k: v.contiguous() for k, v in unet.state_dict().items()}, str(local / SINGLE_FILE))
         distar_meta = {
+            "backbone": backbone.name,
             "checkpoint": checkpoint,
             "step": trainer_state["step"],
             "t_star": model["t_star"],
@@ -193,7 +170,7 @@ def export(config: ExportConfig) -> dict:
         }
         (local / "distar.json").write_text(json.dumps(distar_meta, indent=2))
         (local / "README.md").write_text(
-            model_card(distar_meta, metrics, ema=ema_unet is not None, single_file=config.single_file)
+            model_card(backbone, distar_meta, metrics, ema=ema_unet is not None, single_file=config.single_file)
         )
         index = (local / "model_index.json").read_text()
         (local / "model_index.json").unlink()
@@ -210,17 +187,18 @@ def export(config: ExportConfig) -> dict:
     return {"out": config.out, **distar_meta}
 
 
-def model_card(meta: dict, metrics: dict | None, ema: bool, single_file: bool) -> str:
+def model_card(backbone, meta: dict, metrics: dict | None, ema: bool, single_file: bool) -> str:
     loss, reward, t = meta["loss"], meta["reward"], meta["t_star"]
+    usage = backbone.usage(t)
     lines = [
         "---",
         "library_name: diffusers",
         "pipeline_tag: text-to-image",
-        "tags: [diff-instruct-star, one-step, sdxl]",
+        f"tags: [{', '.join(usage['tags'])}]",
         f"base_model: {meta['reference']}",
         "---",
         "",
-        "# One-step SDXL generator post-trained with Diff-Instruct* (DI*)",
+        f"# {usage['title']}",
         "",
         f"Trained by distar for {meta['step']} generator updates from `{meta['generator_init']}` against the reference "
         f"`{meta['reference']}` (CFG {loss['alpha_cfg']}, {loss['cfg']}): a {loss['distance']} score divergence "
@@ -230,24 +208,15 @@ def model_card(meta: dict, metrics: dict | None, ema: bool, single_file: bool) -
         "## Use",
         "",
         "```python",
-        "import torch",
-        "from diffusers import StableDiffusionXLPipeline",
-        "",
-        'pipe = StableDiffusionXLPipeline.from_pretrained("PATH", torch_dtype=torch.float16, variant="fp16")',
-        'pipe = pipe.to("cuda")',
-        f'image = pipe("a photo of a cat", num_inference_steps=1, timesteps=[{t}], guidance_scale=0).images[0]',
+        *usage["code"],
         "```",
         "",
-        f"One step at t* = {t} (the LCMScheduler is configured; pass `timesteps=[{t}]`), no CFG.",
+        usage["how"],
     ]
     if ema:
-        lines += [
-            "",
-            "`unet_ema/` holds the EMA of the generator's weights: "
-            '`UNet2DConditionModel.from_pretrained("PATH", subfolder="unet_ema")`.',
-        ]
+        lines += ["", f"`unet_ema/` holds the EMA of the generator's weights: {usage['ema']}."]
     if single_file:
-        lines += ["", f"`{SINGLE_FILE}` is the UNet as one fp16 state dict (DMD2's file layout)."]
+        lines += ["", f"`{SINGLE_FILE}` is the generator's network as one fp16 state dict (DMD2's file layout)."]
     if metrics:
         lines += ["", "## Metrics", "", "| metric | value |", "|---|---|"]
         lines += [f"| {k} | {v:.4g} |" for k, v in metrics.items() if isinstance(v, (int, float))]

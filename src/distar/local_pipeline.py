@@ -126,7 +126,7 @@ OUTPUTS = [
         "logs/metrics.jsonl, samples/) and the final checkpoint",
     ),
     ("train/report", "the training report: loss, reward and divergence curves, sample grids"),
-    ("export/pipeline", "a diffusers StableDiffusionXLPipeline for one-step sampling, with its model card"),
+    ("export/pipeline", "a diffusers pipeline for one-step sampling, with its model card"),
     ("evaluate/metrics", "the evaluation metrics on the paper's scales"),
     ("evaluate/report", "report.html: metrics against the baseline and the paper's rows, histograms, images"),
     ("baseline/report", "a baseline's evaluation (stored once per model and protocol under training-runs/baselines)"),

@@ -26,7 +26,7 @@ from typing import Literal, NamedTuple, get_args
 
 import torch
 
-from distar.diffusion import VPSchedule
+from distar.diffusion import Schedule
 
 EpsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 BranchesFn = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
@@ -125,7 +125,7 @@ def generator_loss_parts(
     eps: torch.Tensor,
     eps_assistant: EpsFn,
     eps_reference: EpsFn,
-    schedule: VPSchedule,
+    schedule: Schedule,
     *,
     divergence: str = "score",
     distance: str = "pseudo_huber",
@@ -136,7 +136,8 @@ def generator_loss_parts(
 ) -> GeneratorLossParts:
     """The divergence part of the generator loss, L_div, as a batch mean (METHOD.md §4), with its parts.
 
-    x0: generator output (B, …) carrying the graph to θ.  t: LongTensor (B,).  eps: noise like x0.
+    x0: generator output (B, …) carrying the graph to θ.  t: one time per sample (B,), in the schedule's
+    domain (integer indices for a VP table, floats for a continuous schedule).  eps: noise like x0.
     eps_assistant(x_t, t), eps_reference(x_t, t): ε-predictions; the reference already includes its
     conditioning and CFG. The caller keeps their parameters frozen (requires_grad False): this loss
     differentiates through their inputs only.
@@ -154,7 +155,7 @@ def generator_loss_parts(
         raise ValueError(f"x0 must have a non-empty batch dimension, got shape {tuple(x0.shape)}")
     if eps.shape != x0.shape:
         raise ValueError(f"eps has shape {tuple(eps.shape)} but x0 has shape {tuple(x0.shape)}")
-    t = schedule.check_timesteps(t, "t")
+    t = schedule.check_t(t, "t")
     if t.shape != (x0.shape[0],):
         raise ValueError(f"t must have shape ({x0.shape[0]},) (one timestep per sample), got {tuple(t.shape)}")
     weight = _per_sample_weight(weight, x0)
@@ -212,7 +213,7 @@ def generator_objective(
     eps: torch.Tensor,
     eps_assistant: EpsFn,
     eps_reference: EpsFn,
-    schedule: VPSchedule,
+    schedule: Schedule,
     *,
     reward: torch.Tensor | None = None,
     alpha_rew: float = 0.0,
@@ -247,7 +248,7 @@ def cfg_reward_loss(
     t: torch.Tensor,
     eps_cond: torch.Tensor,
     eps_uncond: torch.Tensor,
-    schedule: VPSchedule,
+    schedule: Schedule,
     guidance_scale: float,
     weight: torch.Tensor | None = None,
 ) -> torch.Tensor:
@@ -262,7 +263,7 @@ def cfg_reward_loss(
             f"eps_cond {tuple(eps_cond.shape)}, eps_uncond {tuple(eps_uncond.shape)} and x_t {tuple(x_t.shape)} "
             "must have the same shape"
         )
-    t = schedule.check_timesteps(t, "t")
+    t = schedule.check_t(t, "t")
     weight = _per_sample_weight(weight, x_t)
     sigma = schedule.sigma(t, x_t)
     log_p_c_grad = (-(eps_cond - eps_uncond) / sigma).detach()
@@ -284,11 +285,11 @@ def assistant_loss(eps_hat: torch.Tensor, eps: torch.Tensor, weight: torch.Tenso
     return (weight * per_sample).mean()
 
 
-def time_weight(schedule: VPSchedule, t: torch.Tensor, kind: str, like: torch.Tensor) -> torch.Tensor:
+def time_weight(schedule: Schedule, t: torch.Tensor, kind: str, like: torch.Tensor) -> torch.Tensor:
     """w(t) per sample: "uniform" 1; "sigma" σ_t (turns one factor of 1/σ_t back into ε units);
     "sigma2" σ_t² (the L2 score divergence in ε units, the DMD/SiD scale)."""
     _check_choice("weighting", kind, TIME_WEIGHTINGS)
-    t = schedule.check_timesteps(t)
+    t = schedule.check_t(t)
     sigma = schedule.sigma(t, like).reshape(-1)
     if kind == "uniform":
         return torch.ones_like(sigma)

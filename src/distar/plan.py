@@ -124,34 +124,36 @@ def _meta_networks(config: TrainConfig, arch: Architecture) -> dict:
 def measure_activations(config: TrainConfig, arch: Architecture, nets: dict | None = None) -> Activations:
     """Run the generator update's forward passes on "meta" (batch, resolution and dtypes of `config`); `nets` are
     `random_networks` of `arch` on "meta" (made here when not given; their dtypes are changed)."""
-    from distar.models.sdxl import Assistant, OneStepGenerator, Reference, SDXLConditioning, add_time_ids, decode
+    from distar.backbones import Assistant, OneStepGenerator, Reference
 
     meta = torch.device("meta")
     nets = nets or _meta_networks(config, arch)
-    # Under bf16 autocast the trainable UNets and the VAE compute in bf16 whatever their weights' dtype.
+    family = arch.family
+    # Under bf16 autocast the trainable networks and the VAE compute in bf16 whatever their weights' dtype.
     compute = torch.bfloat16 if config.parallel.mixed_precision == "bf16" else torch.float32
-    generator = OneStepGenerator(nets["generator_unet"].to(compute), t_star=config.model.t_star)
-    assistant = Assistant(nets["assistant_unet"].to(compute)).requires_grad_(False)
-    reference = Reference(nets["reference_unet"].to(parse_dtype(config.model.reference_dtype)), config.loss.alpha_cfg)
+    generator = OneStepGenerator(nets["generator_unet"].to(compute), t_star=config.model.t_star, backbone=family)
+    assistant = Assistant(nets["assistant_unet"].to(compute), backbone=family).requires_grad_(False)
+    reference = Reference(
+        nets["reference_unet"].to(parse_dtype(config.model.reference_dtype)), config.loss.alpha_cfg, backbone=family
+    )
     vae = nets["vae"].to(compute).requires_grad_(False)
     reward = nets["reward"]
     if reward is not None:
         reward = reward.to(parse_dtype(config.reward.dtype)).requires_grad_(False)
 
-    vae_blocks = [resnet for resnets in parallel.vae_decoder_resnets(vae) for resnet in resnets]
+    vae_blocks = [block for blocks in family.vae_blocks(vae) for block in blocks]
     blocks = {
-        "generator": parallel.unet_block_modules(generator.unet),
-        "assistant": parallel.unet_block_modules(assistant.unet),
-        "reference": parallel.unet_block_modules(reference.unet),
+        "generator": parallel.block_modules(family, generator.unet),
+        "assistant": parallel.block_modules(family, assistant.unet),
+        "reference": parallel.block_modules(family, reference.unet),
         "vae": vae_blocks,
     }
     modules = [generator, assistant, reference, vae] + ([reward] if reward is not None else [])
     counter = _SavedBytes(modules, blocks)
     b, side = config.data.batch_size, config.data.resolution // arch.vae_factor
-    embeds = torch.zeros(b, 77, arch.text_dim, device=meta)
     res = config.data.resolution
-    cond = SDXLConditioning(embeds, torch.zeros(b, arch.pooled_dim, device=meta), add_time_ids(b, res, res).to(meta))
-    z = torch.zeros(b, arch.unet["in_channels"], side, side, device=meta)
+    cond = family.shape_conditioning(b, res, res, arch.unet, meta)
+    z = torch.zeros(b, arch.latent_channels, side, side, device=meta)
     t = torch.full((b,), 500, dtype=torch.long, device=meta)
     parts: dict[str, int] = {}
     with counter.counting():
@@ -160,7 +162,7 @@ def measure_activations(config: TrainConfig, arch: Architecture, nets: dict | No
         parts["generator"] = counter.total - before
         if reward is not None:
             before = counter.total
-            images = decode(vae, x0).float()
+            images = family.decode(vae, x0).float()
             parts["vae"] = counter.total - before
             before = counter.total
             reward(images, [""] * b)
@@ -193,7 +195,7 @@ def plan(config: TrainConfig, world_size: int, arch: Architecture | str = "sdxl"
     nets = _meta_networks(config, arch)
     p_unet, p_vae = _n(nets["reference_unet"]), _n(nets["vae"])
     p_reward = _n(nets["reward"]) if nets["reward"] is not None and config.reward.weights else 0
-    p_block = max(_n(block) for block in parallel.unet_block_modules(nets["reference_unet"]))
+    p_block = max(_n(block) for block in parallel.block_modules(arch.family, nets["reference_unet"]))
     strategy = config.parallel.strategy
     shard = world_size if strategy == "fsdp" else 1
     if strategy == "none" and world_size > 1:
@@ -203,9 +205,12 @@ def plan(config: TrainConfig, world_size: int, arch: Architecture | str = "sdxl"
     )
     bf16 = config.parallel.mixed_precision == "bf16"
     lora = config.model.assistant == "lora"
-    p_assistant = lora_parameters(nets["reference_unet"], config.model.assistant_lora_rank) if lora else p_unet
+    targets = arch.family.lora_targets
+    p_assistant = lora_parameters(nets["reference_unet"], config.model.assistant_lora_rank, targets) if lora else p_unet
     lora_g = config.model.generator == "lora"
-    p_generator = lora_parameters(nets["reference_unet"], config.model.generator_lora_rank) if lora_g else p_unet
+    p_generator = (
+        lora_parameters(nets["reference_unet"], config.model.generator_lora_rank, targets) if lora_g else p_unet
+    )
     trained = (
         f"{'generator LoRA adapters' if lora_g else 'generator'} + {'assistant LoRA adapters' if lora else 'assistant'}"
     )
@@ -289,15 +294,13 @@ def plan(config: TrainConfig, world_size: int, arch: Architecture | str = "sdxl"
     }
 
 
-def lora_parameters(unet: nn.Module, rank: int) -> int:
-    """Parameters of rank-`rank` LoRA adapters on `unet`'s attention projections (models.sdxl.LORA_TARGETS):
+def lora_parameters(net: nn.Module, rank: int, targets: tuple[str, ...]) -> int:
+    """Parameters of rank-`rank` LoRA adapters on `net`'s `targets` (the backbone's `lora_targets`):
     r · (in + out) per adapted linear layer."""
-    from distar.models.sdxl import LORA_TARGETS
-
     return sum(
         rank * (m.in_features + m.out_features)
-        for name, m in unet.named_modules()
-        if isinstance(m, nn.Linear) and any(name.endswith(f".{t}") for t in LORA_TARGETS)
+        for name, m in net.named_modules()
+        if isinstance(m, nn.Linear) and any(name.endswith(f".{t}") for t in targets)
     )
 
 
@@ -353,12 +356,10 @@ GPUS = {
 INFINIBAND_BYTES_S = 50e9
 
 
-# The modules activation checkpointing wraps (parallel.unet_blocks, parallel.vae_decoder_resnets), by their names in
-# torch's FLOP counter: only their forwards run again in the backward pass.
-_CHECKPOINTED = re.compile(
-    r"^[^.]+(?:\.unet)?\.(?:down_blocks\.\d+|mid_block|up_blocks\.\d+)$"
-    r"|^[^.]+\.decoder\.(?:mid_block\.resnets\.\d+|up_blocks\.\d+\.resnets\.\d+)$"
-)
+def _checkpointed(family) -> re.Pattern:
+    """The modules activation checkpointing wraps (the backbone's `blocks` and `vae_blocks`), by their names in
+    torch's FLOP counter: only their forwards run again in the backward pass."""
+    return re.compile(rf"^[^.]+(?:\.unet)?\.{family.block_pattern}$|^[^.]+\.{family.vae_block_pattern}$")
 
 
 def forward_flops(
@@ -368,35 +369,35 @@ def forward_flops(
     and of the part of it inside the modules activation checkpointing wraps."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from distar.models.sdxl import Assistant, OneStepGenerator, Reference, SDXLConditioning, add_time_ids, decode
+    from distar.backbones import Assistant, OneStepGenerator, Reference
 
     meta = torch.device("meta")
     nets = nets or _meta_networks(config, arch)
+    family = arch.family
     b, side, res = config.data.batch_size, config.data.resolution // arch.vae_factor, config.data.resolution
-    cond = SDXLConditioning(
-        torch.zeros(b, 77, arch.text_dim, device=meta),
-        torch.zeros(b, arch.pooled_dim, device=meta),
-        add_time_ids(b, res, res).to(meta),
-    )
-    z = torch.zeros(b, arch.unet["in_channels"], side, side, device=meta)
+    cond = family.shape_conditioning(b, res, res, arch.unet, meta)
+    z = torch.zeros(b, arch.latent_channels, side, side, device=meta)
     t = torch.full((b,), 500, dtype=torch.long, device=meta)
-    generator = OneStepGenerator(nets["generator_unet"], t_star=config.model.t_star)
+    generator = OneStepGenerator(nets["generator_unet"], t_star=config.model.t_star, backbone=family)
+    assistant = Assistant(nets["assistant_unet"], backbone=family).requires_grad_(False)
+    reference = Reference(nets["reference_unet"], config.loss.alpha_cfg, backbone=family)
     calls = {
         "generator": lambda: generator(z, cond),
-        "assistant": lambda: Assistant(nets["assistant_unet"]).requires_grad_(False)(z, t, cond),
-        "reference (CFG, 2B)": lambda: Reference(nets["reference_unet"], config.loss.alpha_cfg)(z, t, cond),
+        "assistant": lambda: assistant(z, t, cond),
+        "reference (CFG, 2B)": lambda: reference(z, t, cond),
     }
     if nets["reward"] is not None and config.reward.weights:
         images = torch.zeros(b, 3, res, res, device=meta)
-        calls["VAE decode"] = lambda: decode(nets["vae"].requires_grad_(False), z)
+        calls["VAE decode"] = lambda: family.decode(nets["vae"].requires_grad_(False), z)
         calls["reward"] = lambda: nets["reward"].requires_grad_(False)(images, [""] * b)
     out, inside = {}, {}
+    checkpointed = _checkpointed(family)
     for name, call in calls.items():
         with torch.no_grad(), FlopCounterMode(display=False) as counter:
             call()
         out[name] = counter.get_total_flops()
         counts = counter.get_flop_counts()
-        inside[name] = sum(sum(counts[key].values()) for key in counts if _CHECKPOINTED.match(key))
+        inside[name] = sum(sum(counts[key].values()) for key in counts if checkpointed.match(key))
     return out, inside
 
 

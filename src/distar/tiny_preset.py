@@ -3,7 +3,7 @@
 `tiny:NAME` in a config is the path NAME under the tiny root ($DISTAR_TINY_DIR, default ~/.cache/distar/tiny-v2;
 the mapping is `distar.sources.tiny_path`). Each entry point that runs on them calls `prepare` (or `materialize`)
 once, before anything resolves a `tiny:` source:
-  tiny:sdxl                        an SDXL-shaped pipeline directory (models.tiny.build_tiny_sdxl)
+  tiny:sdxl                        an SDXL-shaped pipeline directory (each backbone's `build_tiny`)
   tiny:dmd2_unet.safetensors       a raw UNet state dict in DMD2's file layout (another seed: the "1-step" start)
   tiny:rewards/<name>              every reward's tiny stand-in (rewards.tiny.build_tiny_rewards)
   tiny:prompts                     a Parquet prompt set (256 prompts) in the layout `distar curate` writes
@@ -21,7 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from distar.prompt_sets import HPS_STYLES
+from distar.prompts import HPS_STYLES
 from distar.sources import TINY_PREFIX as PREFIX
 from distar.sources import TINY_VERSION as VERSION
 from distar.sources import tiny_root, uses_tiny
@@ -38,13 +38,12 @@ def tiny_prompts() -> list[str]:
 def _build(root: Path) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
-    from safetensors.torch import save_file
 
-    from distar.models.tiny import build_tiny_sdxl, build_tiny_unet
+    from distar import backbones
     from distar.rewards.tiny import build_tiny_rewards
 
-    build_tiny_sdxl(root / "sdxl", seed=0)
-    save_file(build_tiny_unet(seed=1).state_dict(), str(root / "dmd2_unet.safetensors"))
+    for name in backbones.NAMES:
+        backbones.get(name).build_tiny(root, seed=0)
     build_tiny_rewards(root / "rewards")
     (root / "prompts").mkdir()
     prompts = tiny_prompts()

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from distar import backbones
 from distar.diffusion import VPSchedule
 from distar.errors import UserError
 from distar.losses import DivergenceConfig, assistant_loss, generator_loss, time_weight
@@ -194,7 +195,7 @@ def run(config: ToyConfig, out_dir: str | Path | None = None, progress: bool = F
     """Train the lab's generator with DI* and return (and write) its metrics."""
     torch.manual_seed(config.seed)
     gen_rng = torch.Generator().manual_seed(config.seed)
-    schedule = VPSchedule.sdxl()
+    schedule = backbones.get("sdxl").schedule()  # the 2-D lab runs on SDXL's VP schedule
     reference = GaussianMixture.ring(config.num_modes, config.radius, config.mode_std, schedule)
     for k in config.rewarded_modes:
         if not 0 <= k < config.num_modes:

@@ -10,9 +10,9 @@ import pytest
 from helpers.storage_servers import server
 from helpers.tiny import tiny
 
+from distar.backbones.sdxl import load_dmd2_unet, load_unet
 from distar.cache import cache_models, lookup, parse_models, read_manifest, sha256_file, verify_cache
 from distar.errors import UserError
-from distar.models.sdxl import load_dmd2_unet, load_unet
 
 SDXL = "stabilityai/stable-diffusion-xl-base-1.0"
 DMD2 = "tianweiy/DMD2:dmd2_sdxl_1step_unet_fp16.bin"

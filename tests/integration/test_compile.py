@@ -8,8 +8,11 @@ import copy
 import pytest
 import torch
 
-from distar.models import PromptEncoder, load_unet
+from distar import backbones
+from distar.backbones.sdxl import PromptEncoder, load_unet
 from distar.train import parallel
+
+SDXL = backbones.get("sdxl")
 
 
 @pytest.mark.slow
@@ -20,7 +23,7 @@ def test_compiled_unet_blocks_match_eager_forward_and_backward(tiny_sdxl):
     names = [n for n, _ in compiled.named_parameters()]
     # one cross-attention block (attention, norms, resnets: what compilation fuses), to keep inductor's CPU compile
     # to seconds; parallel.compile_regions does every block the same way
-    blocks = [b for b in parallel.unet_block_modules(compiled) if getattr(b, "has_cross_attention", False)]
+    blocks = [b for b in parallel.block_modules(SDXL, compiled) if getattr(b, "has_cross_attention", False)]
     blocks[0].compile()
     assert [n for n, _ in compiled.named_parameters()] == names  # checkpoints and optimizer states unchanged
     g = torch.Generator().manual_seed(0)
@@ -48,7 +51,7 @@ def test_a_compiled_block_follows_the_bf16_weight_copies_and_back(tiny_sdxl):
     cond = PromptEncoder.from_pretrained(tiny_sdxl).encode(["a red cube", "a horse"], height=64, width=64)
     eager = load_unet(tiny_sdxl)
     compiled = copy.deepcopy(eager)
-    [b for b in parallel.unet_block_modules(compiled) if getattr(b, "has_cross_attention", False)][0].compile()
+    [b for b in parallel.block_modules(SDXL, compiled) if getattr(b, "has_cross_attention", False)][0].compile()
     g = torch.Generator().manual_seed(0)
     x, t = torch.randn(2, 4, 32, 32, generator=g), torch.tensor([300, 800])
     autocast = torch.autocast("cpu", dtype=torch.bfloat16)

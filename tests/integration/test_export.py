@@ -32,7 +32,8 @@ def exported(trained, tmp_path_factory):
 def test_stock_diffusers_one_step_equals_the_trainers_generator(trained, exported):
     from diffusers import LCMScheduler, StableDiffusionXLPipeline
 
-    from distar.models.sdxl import OneStepGenerator, PromptEncoder, load_unet
+    from distar.backbones import OneStepGenerator
+    from distar.backbones.sdxl import PromptEncoder, load_unet
 
     pipe = StableDiffusionXLPipeline.from_pretrained(exported)
     assert isinstance(pipe.scheduler, LCMScheduler)
@@ -109,7 +110,9 @@ def test_a_lora_generator_exports_merged_into_a_plain_unet(tmp_path):
     diffusers' one step equals the trainer's LoRA generator (adapters unmerged)."""
     from diffusers import StableDiffusionXLPipeline
 
-    from distar.models.sdxl import OneStepGenerator, PromptEncoder, add_generator_adapter, load_generator_init
+    from distar.backbones import OneStepGenerator
+    from distar.backbones.sdxl import SDXL, PromptEncoder, load_generator_init
+    from distar.backbones.shared import add_generator_adapter
 
     lora = ["model.generator=lora", "model.generator_lora_rank=4", "model.generator_lora_alpha=8"]
     summary = run("tiny", [f"out={tmp_path / 'run'}", "steps=2", "parallel.strategy=none", "log.progress=false", *lora])
@@ -125,7 +128,9 @@ def test_a_lora_generator_exports_merged_into_a_plain_unet(tmp_path):
     latents = pipe(
         prompts, latents=z.clone(), num_inference_steps=1, timesteps=[399], guidance_scale=0, output_type="latent"
     ).images
-    unet = add_generator_adapter(load_generator_init("tiny:dmd2_unet.safetensors", tiny("tiny:sdxl")), 4, 8)
+    unet = add_generator_adapter(
+        load_generator_init("tiny:dmd2_unet.safetensors", tiny("tiny:sdxl")), SDXL.lora_targets, 4, 8
+    )
     unet.load_state_dict(adapters, strict=False)
     with torch.no_grad():
         x0 = OneStepGenerator(unet)(z, PromptEncoder.from_pretrained(tiny("tiny:sdxl")).encode(prompts, 64, 64))

@@ -157,8 +157,7 @@ def test_a_common_step_with_fused_adamw_reads_nothing_back(trainer_of, monkeypat
 
 
 def test_the_bf16_vae_with_fp32_norms_decodes_within_its_bound(tiny_sdxl):
-    from distar.models import load_vae
-    from distar.models.sdxl import decode
+    from distar.backbones.sdxl import decode, load_vae
     from distar.train.precision import fp32_norms
 
     reference = load_vae(tiny_sdxl, dtype="fp32")

@@ -8,7 +8,7 @@ from functools import cache
 import pytest
 import torch
 
-from distar.diffusion import VPSchedule
+from distar.backbones.sdxl import schedule as sdxl_schedule
 from distar.toy import GaussianMixture, ToyConfig, energy_distance, run
 
 
@@ -39,7 +39,7 @@ def test_reward_moves_mass_to_rewarded_modes_and_stays_on_support(divergence):
 
 
 def test_mixture_eps_is_the_exact_score():
-    schedule = VPSchedule.sdxl()
+    schedule = sdxl_schedule()
     gm = GaussianMixture.ring(5, 2.0, 0.3, schedule)
     x = torch.randn(16, 2, dtype=torch.float64, requires_grad=True)
     gm.means, gm.stds, gm.weights = gm.means.double(), gm.stds.double(), gm.weights.double()

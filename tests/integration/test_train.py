@@ -113,13 +113,14 @@ def test_prompt_set_errors(tmp_path):
 
 def test_precomputed_embeddings_round_trip(tmp_path):
     embeds, pooled = torch.randn(3, 77, 8), torch.randn(3, 4)
-    write_embedding_shard(str(tmp_path / "e" / "part-00000.parquet"), ["a", "b", "c"], embeds, pooled, "float32")
+    columns = {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}
+    write_embedding_shard(str(tmp_path / "e" / "part-00000.parquet"), ["a", "b", "c"], columns, "float32")
     data = PromptSet(str(tmp_path / "e"))
     assert data.has_embeddings
     batch = data.batch(0, 0, 1, 3, seed=0, shuffle=False)
     assert batch.prompts == ["a", "b", "c"]
-    torch.testing.assert_close(batch.prompt_embeds, embeds)
-    torch.testing.assert_close(batch.pooled_prompt_embeds, pooled)
+    torch.testing.assert_close(batch.embeddings[0], embeds)
+    torch.testing.assert_close(batch.embeddings[1], pooled)
     assert not PromptSet(str(tmp_path / "e"), use_embeddings=False).has_embeddings
 
 
@@ -290,13 +291,14 @@ def test_loop_options_run_and_log_finite_values(overrides, tmp_path):
 
 def test_precomputed_embeddings_replace_the_text_encoders(tmp_path):
     from distar import tiny_preset
-    from distar.models.sdxl import PromptEncoder
+    from distar.backbones.sdxl import PromptEncoder
 
     prompts = tiny_preset.tiny_prompts()[:8]
     encoder = PromptEncoder.from_pretrained(tiny("tiny:sdxl"))
     cond = encoder.encode(prompts, 64, 64)
     shard = tmp_path / "emb" / "part-00000.parquet"
-    write_embedding_shard(str(shard), prompts, cond.prompt_embeds, cond.pooled_prompt_embeds, "float32")
+    columns = {"prompt_embeds": cond.prompt_embeds, "pooled_prompt_embeds": cond.pooled_prompt_embeds}
+    write_embedding_shard(str(shard), prompts, columns, "float32")
     from distar.train import distributed
     from distar.train.trainer import Trainer
 
@@ -318,7 +320,7 @@ def test_precomputed_embeddings_replace_the_text_encoders(tmp_path):
 @pytest.mark.parametrize("implementation,flags", [("fused", {"fused": True}), ("foreach", {"foreach": True}),
                                                   ("auto", {"fused": None, "foreach": None})])  # fmt: skip
 def test_optimizer_implementation_reaches_adamw(implementation, flags):
-    from distar.models.tiny import build_tiny_unet
+    from distar.backbones.sdxl import build_tiny_unet
     from distar.train.trainer import Trainer
 
     config = load_config("tiny", [f"generator_optim.implementation={implementation}"])

@@ -57,7 +57,7 @@ def assert_same_weights(a: str, b: str, atol=1e-6):
 
 
 def initial_weights(network: str) -> dict[str, torch.Tensor]:
-    from distar.models.sdxl import load_unet
+    from distar.backbones.sdxl import load_unet
     from distar.sources import read_state_dict
 
     if network == "generator":

@@ -5,11 +5,12 @@ import math
 import pytest
 import torch
 
+from distar.backbones.sdxl import schedule as sdxl_schedule
 from distar.diffusion import VPSchedule
 
 
 def test_sdxl_schedule_matches_the_scaled_linear_definition():
-    s = VPSchedule.sdxl()
+    s = sdxl_schedule()
     assert s.num_steps == 1000
     betas = [(0.00085**0.5 + (0.012**0.5 - 0.00085**0.5) * i / 999) ** 2 for i in range(1000)]
     abar = 1.0
@@ -25,13 +26,13 @@ def test_sdxl_schedule_agrees_with_diffusers_scheduler():
     ref = EulerDiscreteScheduler(
         beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, num_train_timesteps=1000
     )
-    ours = VPSchedule.sdxl().alphas_cumprod
+    ours = sdxl_schedule().alphas_cumprod
     # diffusers computes in float32; ours is float64.
     torch.testing.assert_close(ref.alphas_cumprod.double(), ours, rtol=1e-5, atol=1e-6)
 
 
 def test_a_and_sigma_broadcast_and_satisfy_vp_identity():
-    s = VPSchedule.sdxl()
+    s = sdxl_schedule()
     x = torch.zeros(3, 4, 5, 5)
     t = torch.tensor([0, 399, 999])
     a, sig = s.a(t, x), s.sigma(t, x)
@@ -42,7 +43,7 @@ def test_a_and_sigma_broadcast_and_satisfy_vp_identity():
 
 def test_conversions_are_mutually_inverse_and_match_hand_formulas():
     g = torch.Generator().manual_seed(0)
-    s = VPSchedule.sdxl()
+    s = sdxl_schedule()
     x0 = torch.randn(4, 2, 3, generator=g, dtype=torch.float64)
     eps = torch.randn(4, 2, 3, generator=g, dtype=torch.float64)
     t = torch.tensor([5, 250, 600, 990])
@@ -59,7 +60,7 @@ def test_conversions_are_mutually_inverse_and_match_hand_formulas():
 
 
 def test_one_step_generator_map_by_hand():
-    s = VPSchedule.sdxl()
+    s = sdxl_schedule()
     z = torch.tensor([[1.0, -2.0]], dtype=torch.float64)
     eps_hat = torch.tensor([[0.5, 0.25]], dtype=torch.float64)
     abar = float(s.alphas_cumprod[399])
@@ -69,7 +70,7 @@ def test_one_step_generator_map_by_hand():
 
 def test_exact_gaussian_denoiser_recovers_the_score():
     """For x0 ~ N(m, r²) the true ε-prediction is σ (x_t − a m)/(a² r² + σ²); its score is the density's."""
-    s = VPSchedule.sdxl()
+    s = sdxl_schedule()
     m, r = 0.7, 0.4
     t = torch.tensor([300])
     x_t = torch.linspace(-3, 3, 7, dtype=torch.float64).reshape(7, 1)
@@ -92,7 +93,7 @@ def test_exact_gaussian_denoiser_recovers_the_score():
     ],
 )
 def test_bad_timesteps_name_the_argument(bad, match):
-    s = VPSchedule.sdxl()
+    s = sdxl_schedule()
     with pytest.raises(ValueError, match=match):
         s.add_noise(torch.zeros(1, 2), torch.zeros(1, 2), bad)
 

@@ -8,9 +8,11 @@ import pytest
 import torch
 import torch.utils.checkpoint
 
+from distar import backbones
+from distar.backbones import Assistant, Reference
+from distar.backbones.sdxl import SDXL, PromptEncoder, load_unet
+from distar.backbones.shared import adapter_parameters, add_assistant_adapter
 from distar.errors import UserError
-from distar.models import Assistant, PromptEncoder, Reference, load_unet
-from distar.models.sdxl import adapter_parameters, add_assistant_adapter
 from distar.train import parallel
 
 PROMPTS = ["a red cube on a blue sphere", "an astronaut riding a horse"]
@@ -29,7 +31,7 @@ def _shared(tiny_sdxl, rank=4):
     plain = load_unet(tiny_sdxl)
     unet = copy.deepcopy(plain)
     reference = Reference(unet, guidance_scale=7.5)
-    assistant = Assistant(add_assistant_adapter(unet, rank=rank, alpha=rank))
+    assistant = Assistant(add_assistant_adapter(unet, SDXL.lora_targets, rank=rank, alpha=rank))
     return Reference(plain, guidance_scale=7.5), reference, assistant
 
 
@@ -74,7 +76,7 @@ def test_checkpointed_recompute_keeps_each_forwards_adapter_state(setup):
         for p in adapter_parameters(assistant.unet):
             p.add_(0.05 * torch.randn_like(p, generator=torch.Generator().manual_seed(1)))
     eager = _grads(reference, assistant, x_t, t, cond)
-    parallel.apply_activation_checkpointing(reference.unet)  # one UNet, both roles
+    parallel.apply_activation_checkpointing(backbones.get("sdxl"), reference.unet)  # one UNet, both roles
     assert any(isinstance(m, parallel.AdapterStateCheckpoint) for m in reference.unet.modules())
     checkpointed = _grads(reference, assistant, x_t, t, cond)
     for a, b in zip(eager, checkpointed, strict=True):
@@ -87,7 +89,7 @@ def test_checkpointed_recompute_keeps_each_forwards_adapter_state(setup):
             p.copy_(q)
     from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 
-    for parent, key in parallel.unet_blocks(reference2.unet):
+    for parent, key in backbones.get("sdxl").blocks(reference2.unet):
         parallel._set(parent, key, checkpoint_wrapper(parallel._get(parent, key)))
     with pytest.raises(torch.utils.checkpoint.CheckpointError):
         _grads(reference2, assistant2, x_t, t, cond)

@@ -12,10 +12,10 @@ import math
 import pytest
 import torch
 
-from distar.diffusion import VPSchedule
+from distar.backbones.sdxl import schedule as sdxl_schedule
 from distar.losses import assistant_loss, cfg, generator_loss, score_distance, score_distance_grad, time_weight
 
-SCHEDULE = VPSchedule.sdxl()
+SCHEDULE = sdxl_schedule()
 DIM = 3
 MU0 = torch.tensor([0.5, -0.3, 1.0], dtype=torch.float64)
 LOG_S0 = torch.tensor([0.8, 1.2, 0.5], dtype=torch.float64).log()
@@ -276,7 +276,7 @@ def test_assistant_loss_bad_input():
 def test_cfg_reward_loss_gradient_is_the_scaled_detached_score_gap():
     from distar.losses import cfg_reward_loss
 
-    schedule = VPSchedule.sdxl()
+    schedule = sdxl_schedule()
     torch.manual_seed(0)
     x_t = torch.randn(3, 4, 2, 2, requires_grad=True)
     t = torch.tensor([50, 400, 900])

@@ -7,20 +7,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from distar.diffusion import VPSchedule
+from distar.backbones import Assistant, OneStepGenerator, Reference
+from distar.backbones.sdxl import PromptEncoder, build_tiny_unet, decode, load_dmd2_unet, load_unet, load_vae, locate
+from distar.backbones.sdxl import schedule as sdxl_schedule
 from distar.errors import UserError
-from distar.models import (
-    Assistant,
-    OneStepGenerator,
-    PromptEncoder,
-    Reference,
-    decode,
-    load_dmd2_unet,
-    load_unet,
-    load_vae,
-    locate,
-)
-from distar.models.tiny import build_tiny_unet
 
 PROMPTS = ["a red cube on a blue sphere", "an astronaut riding a horse"]
 
@@ -71,7 +61,7 @@ def test_generator_x0_is_the_one_step_formula(parts):
     z = torch.randn(2, 4, 32, 32, generator=torch.Generator().manual_seed(0))
     x0 = gen(z, cond)
     eps_hat = unet(z, torch.tensor([399, 399]), **cond.unet_kwargs()).sample
-    abar = float(VPSchedule.sdxl().alphas_cumprod[399])
+    abar = float(sdxl_schedule().alphas_cumprod[399])
     torch.testing.assert_close(x0, (z - (1 - abar) ** 0.5 * eps_hat) / abar**0.5, atol=1e-5, rtol=1e-5)
     other = OneStepGenerator(unet, t_star=250)(z, cond)
     assert not torch.allclose(other, x0)
@@ -194,7 +184,7 @@ def test_model_cache_is_read_for_hub_ids(tiny_sdxl, tmp_path):
 
 
 def test_dtype_policy_keeps_the_sdxl_vae_out_of_fp16():
-    from distar.models.sdxl import DTypePolicy
+    from distar.backbones.sdxl import DTypePolicy
 
     assert DTypePolicy().check().vae == "fp32"
     DTypePolicy(vae="fp16").check(vae_source="madebyollin/sdxl-vae-fp16-fix")
@@ -242,7 +232,7 @@ def test_stock_diffusers_one_step_sampling_equals_the_generator(tiny_sdxl, parts
 def test_sdxl_unet_config_has_the_published_parameter_count():
     from diffusers import UNet2DConditionModel
 
-    from distar.models.sdxl import SDXL_UNET_CONFIG
+    from distar.backbones.sdxl import SDXL_UNET_CONFIG
 
     with torch.device("meta"):
         unet = UNet2DConditionModel(**SDXL_UNET_CONFIG)

@@ -273,7 +273,7 @@ def test_image_reward_converter_rejects_other_checkpoints(tmp_path):
 def test_the_reward_term_of_l_g_has_the_papers_weight(specs, rewards):
     """∂(−α_rew · r)/∂images = −α_rew · w · PAPER_SCALE · ∂raw/∂images: α_rew = 100 with pickscore = 1 is exactly
     100 × the cosine, the paper's setting; the sdxl preset trains on it."""
-    from distar.diffusion import VPSchedule
+    from distar.backbones.sdxl import schedule as sdxl_schedule
     from distar.losses import generator_objective
     from distar.rewards import PAPER_SCALE
     from distar.train.config import load_config
@@ -288,7 +288,7 @@ def test_the_reward_term_of_l_g_has_the_papers_weight(specs, rewards):
         return torch.zeros_like(x_t)
 
     loss = generator_objective(
-        zeros, torch.tensor([100, 200]), zeros, eps, eps, VPSchedule.sdxl(), reward=r, alpha_rew=alpha
+        zeros, torch.tensor([100, 200]), zeros, eps, eps, sdxl_schedule(), reward=r, alpha_rew=alpha
     )
     (got,) = torch.autograd.grad(loss.reward_loss, images)
     raw = rewards["pickscore"](images, PROMPTS).mean()

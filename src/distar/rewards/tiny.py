@@ -10,9 +10,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from distar.models.tiny import write_tiny_clip_tokenizer
 from distar.rewards.models import AestheticHead
 from distar.rewards.preprocess import CLIP_MEAN, CLIP_STD
+from distar.tiny_text import write_tiny_clip_tokenizer
 
 TINY_IMAGE_SIZE = 32
 

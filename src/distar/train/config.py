@@ -17,18 +17,20 @@ from importlib import resources
 from pathlib import Path
 from typing import Literal
 
-from distar import storage
+from distar import backbones, storage
+from distar.backbones.sdxl import DMD2_REPO, DMD2_UNET_1STEP, GENERATOR_TIMESTEP, SDXL_BASE
 from distar.config import apply_mapping, apply_overrides, check_choices
-from distar.diffusion import SDXL_GENERATOR_TIMESTEP
 from distar.errors import UserError, redact
 from distar.losses import DivergenceConfig
-from distar.models.sdxl import DMD2_REPO, DMD2_UNET_1STEP, SDXL_BASE
 
 PRESETS = ("tiny", "sdxl", "sdxl-1gpu")
 
 
 @dataclass
 class ModelConfig:
+    backbone: Literal[backbones.NAMES] = backbones.DEFAULT
+    """The model family (`distar.backbones`): its schedule, conditioning, loaders and pipeline. The defaults below
+    are SDXL's."""
     reference: str = SDXL_BASE
     """The reference SDXL pipeline (UNet, text encoders, tokenizers, VAE): hub id, directory, fsspec URI, or
     `tiny:sdxl` for the tiny preset's models."""
@@ -59,7 +61,7 @@ class ModelConfig:
     """LoRA scaling numerator (the update is scaled by alpha / rank)."""
     vae: str | None = None
     """A VAE source other than the reference's (e.g. madebyollin/sdxl-vae-fp16-fix); None: the reference's."""
-    t_star: int = SDXL_GENERATOR_TIMESTEP
+    t_star: int = GENERATOR_TIMESTEP
     """The generator's fixed timestep t* (DMD2's 1-step convention: 399)."""
     cache_dir: str | None = None
     """Model cache written by `distar cache`; hub ids found there are read from it."""
@@ -296,6 +298,7 @@ class TrainConfig:
         """Keys whose value differs from a saved config.json, except those a resumed run may change
         (RESUME_SAFE_KEYS)."""
         now, before = _flat(self.to_dict()), _flat(saved)
+        before.setdefault("model.backbone", backbones.DEFAULT)  # configs saved before there was a choice
         keys = sorted(set(now) | set(before))
         changed = [k for k in keys if now.get(k) != before.get(k)]
         return [k for k in changed if not any(k == s or k.startswith(s + ".") for s in RESUME_SAFE_KEYS)]
@@ -317,8 +320,10 @@ class TrainConfig:
             section, name = key.split(".")
             if not 0.0 <= getattr(getattr(self, section), name) < 1.0:
                 raise UserError(f"config key {key!r} must be in [0, 1), got {getattr(getattr(self, section), name)}")
-        if not 0 <= self.model.t_star < 1000:
-            raise UserError(f"config key 'model.t_star' must be in [0, 1000), got {self.model.t_star}")
+        try:
+            backbones.get(self.model.backbone).check_t_star(self.model.t_star)
+        except ValueError as err:
+            raise UserError(f"config key 'model.t_star': {err}") from None
         bad_weights = {k: w for k, w in self.reward.weights.items() if not math.isfinite(w)}
         if bad_weights:
             raise UserError(f"config key 'reward.weights': every weight must be finite, got {bad_weights}")

@@ -17,8 +17,6 @@ import torch
 from distar import storage
 from distar.errors import UserError
 
-EMBEDS = "prompt_embeds"
-POOLED = "pooled_prompt_embeds"
 SHAPE_KEY = b"distar.embedding_shapes"
 
 
@@ -26,12 +24,13 @@ SHAPE_KEY = b"distar.embedding_shapes"
 class PromptBatch:
     prompts: list[str]
     indices: list[int]
-    prompt_embeds: torch.Tensor | None = None  # (B, 77, D) when precomputed
-    pooled_prompt_embeds: torch.Tensor | None = None  # (B, P)
+    embeddings: list[torch.Tensor] | None = None
+    """Precomputed text embeddings, one tensor per column of the backbone's `embedding_columns` (SDXL: the
+    (B, 77, D) prompt embeddings and the (B, P) pooled ones)."""
 
 
 def _parquet_files(uri: str) -> tuple[object, list[str]]:
-    from distar.curate import split_files
+    from distar.prompts import split_files
 
     fs, path = storage.filesystem(uri)
     curated = split_files(uri, "train") if fs.exists(path) else None
@@ -52,14 +51,22 @@ def _parquet_files(uri: str) -> tuple[object, list[str]]:
 
 
 class PromptSet:
-    """Every prompt of the shards under `uri` (sorted by path), with precomputed embeddings when present."""
+    """Every prompt of the shards under `uri` (sorted by path), with precomputed embeddings when every shard has
+    the `embedding_columns` (a backbone's)."""
 
-    def __init__(self, uri: str, column: str = "prompt", use_embeddings: bool = True):
+    def __init__(
+        self,
+        uri: str,
+        column: str = "prompt",
+        use_embeddings: bool = True,
+        embedding_columns: tuple[str, ...] = ("prompt_embeds", "pooled_prompt_embeds"),
+    ):
         import pyarrow as pa
         import pyarrow.parquet as pq
 
         fs, files = _parquet_files(uri)
-        prompts, embeds, pooled, shapes = [], [], [], None
+        prompts, shapes = [], None
+        embeds: dict[str, list[np.ndarray]] = {name: [] for name in embedding_columns}
         for f in files:
             with fs.open(f, "rb") as fh:
                 table = pq.read_table(fh)
@@ -68,22 +75,23 @@ class PromptSet:
                     f"{f!r} has no column {column!r} (columns: {', '.join(table.column_names)}); set data.prompt_column"
                 )
             prompts.append(table.column(column).cast(pa.string()))
-            has_embeds = EMBEDS in table.column_names and POOLED in table.column_names
+            has_embeds = all(name in table.column_names for name in embedding_columns)
             if use_embeddings and has_embeds:
                 meta = json.loads((table.schema.metadata or {}).get(SHAPE_KEY, b"{}"))
                 shapes = shapes or meta
-                embeds.append(_fixed_rows(table.column(EMBEDS)))
-                pooled.append(_fixed_rows(table.column(POOLED)))
+                for name in embedding_columns:
+                    embeds[name].append(_fixed_rows(table.column(name)))
         self.prompts = pa.chunked_array(prompts).combine_chunks()
         if self.prompts.null_count:
             raise UserError(f"data.prompts {uri!r}: {self.prompts.null_count} prompts are null; curate the set first")
         self.size = len(self.prompts)
         if self.size == 0:
             raise UserError(f"data.prompts {uri!r} holds no prompts")
-        self.embeds = self.pooled = None
-        if embeds and len(embeds) == len(files):
-            self.embeds = np.concatenate(embeds).reshape(self.size, *shapes[EMBEDS])
-            self.pooled = np.concatenate(pooled).reshape(self.size, *shapes[POOLED])
+        self.embeddings: list[np.ndarray] | None = None
+        if embedding_columns and all(len(parts) == len(files) for parts in embeds.values()):
+            self.embeddings = [
+                np.concatenate(embeds[name]).reshape(self.size, *shapes[name]) for name in embedding_columns
+            ]
         self._epoch, self._order = -1, None
 
     def __len__(self) -> int:
@@ -91,7 +99,7 @@ class PromptSet:
 
     @property
     def has_embeddings(self) -> bool:
-        return self.embeds is not None
+        return self.embeddings is not None
 
     def order(self, epoch: int, seed: int, shuffle: bool = True) -> np.ndarray:
         if self._epoch != epoch:
@@ -115,9 +123,8 @@ class PromptSet:
         """This rank's share of the global batch that starts at global sample `samples_seen`."""
         idx = self.indices(samples_seen + rank * batch_size, batch_size, seed, shuffle)
         batch = PromptBatch([self.prompts[i].as_py() for i in idx], idx)
-        if self.embeds is not None:
-            batch.prompt_embeds = torch.from_numpy(np.ascontiguousarray(self.embeds[idx]))
-            batch.pooled_prompt_embeds = torch.from_numpy(np.ascontiguousarray(self.pooled[idx]))
+        if self.embeddings is not None:
+            batch.embeddings = [torch.from_numpy(np.ascontiguousarray(e[idx])) for e in self.embeddings]
         return batch
 
 
@@ -133,26 +140,23 @@ def _fixed_rows(column) -> np.ndarray:
 def write_embedding_shard(
     uri: str,
     prompts: list[str],
-    prompt_embeds: torch.Tensor,
-    pooled: torch.Tensor,
+    embeddings: dict[str, torch.Tensor],
     dtype: str = "float16",
     extra: dict | None = None,
 ) -> None:
-    """One Parquet shard of prompts with their text embeddings (the layout PromptSet reads)."""
+    """One Parquet shard of prompts with their text embeddings, a column each (the layout PromptSet reads)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     np_dtype = {"float16": np.float16, "float32": np.float32}[dtype]
-    e = prompt_embeds.detach().float().cpu().numpy().astype(np_dtype)
-    p = pooled.detach().float().cpu().numpy().astype(np_dtype)
-    width_e, width_p = int(np.prod(e.shape[1:])), int(np.prod(p.shape[1:]))
-    columns = {
-        "prompt": pa.array(prompts, pa.string()),
-        EMBEDS: pa.FixedSizeListArray.from_arrays(pa.array(e.reshape(-1)), width_e),
-        POOLED: pa.FixedSizeListArray.from_arrays(pa.array(p.reshape(-1)), width_p),
-    }
+    columns = {"prompt": pa.array(prompts, pa.string())}
+    shapes = {}
+    for name, tensor in embeddings.items():
+        e = tensor.detach().float().cpu().numpy().astype(np_dtype)
+        columns[name] = pa.FixedSizeListArray.from_arrays(pa.array(e.reshape(-1)), int(np.prod(e.shape[1:])))
+        shapes[name] = list(e.shape[1:])
     columns.update({k: pa.array(v) for k, v in (extra or {}).items()})
-    shapes = json.dumps({EMBEDS: list(e.shape[1:]), POOLED: list(p.shape[1:])})
+    shapes = json.dumps(shapes)
     table = pa.table(columns).replace_schema_metadata({SHAPE_KEY: shapes.encode()})
     fs, path = storage.filesystem(uri)
     fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)

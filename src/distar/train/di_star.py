@@ -15,9 +15,8 @@ from collections.abc import Iterable
 import numpy as np
 import torch
 
-from distar.diffusion import VPSchedule
+from distar.backbones import Conditioning
 from distar.losses import assistant_loss, generator_objective, time_weight
-from distar.models.sdxl import SDXLConditioning, add_time_ids, decode
 from distar.train import parallel, precision
 from distar.train.config import TrainConfig
 from distar.train.data import PromptBatch, PromptSet
@@ -28,7 +27,7 @@ from distar.train.networks import Networks
 Z, T, EPS, SAMPLES = 1, 2, 3, 4
 WARMUP_UPDATES = 1 << 20  # the update index of warm-up update k is WARMUP_UPDATES + k: its own streams
 
-MicroBatch = tuple[int, PromptBatch, SDXLConditioning]
+MicroBatch = tuple[int, PromptBatch, Conditioning]
 
 
 def stream(seed: int, rank: int, step: int, micro: int, purpose: int, update: int = 0) -> torch.Generator:
@@ -59,7 +58,8 @@ class DIStar:
     def __init__(self, config: TrainConfig, world: World, nets: Networks, data: PromptSet, latent_shape: tuple):
         self.config, self.world, self.nets, self.data = config, world, nets, data
         self.latent_shape = latent_shape
-        self.schedule = VPSchedule.sdxl()
+        self.backbone = nets.generator.backbone
+        self.schedule = self.backbone.schedule()
         self.autocast = contextlib.nullcontext()
         if config.parallel.mixed_precision == "bf16":
             self.autocast = torch.autocast(world.device.type, dtype=torch.bfloat16)
@@ -72,21 +72,19 @@ class DIStar:
 
     # -- inputs -------------------------------------------------------------------------------------
 
-    def conditioning(self, batch: PromptBatch) -> SDXLConditioning:
+    def conditioning(self, batch: PromptBatch) -> Conditioning:
         res = self.config.data.resolution
-        if batch.prompt_embeds is not None:
-            n = len(batch.prompts)
+        if batch.embeddings is not None:
             # Shards store fp16 (half the bytes); the networks take fp32 inputs and cast to their own dtype.
-            return SDXLConditioning(batch.prompt_embeds, batch.pooled_prompt_embeds, add_time_ids(n, res, res)).to(
-                self.world.device, torch.float32
-            )
+            cond = self.backbone.conditioning_from_embeddings(batch.embeddings, res, res)
+            return cond.to(self.world.device, torch.float32)
         return self.nets.prompt_encoder.encode(batch.prompts, res, res)
 
     def noise(self, gen: torch.Generator, n: int) -> torch.Tensor:
         return torch.randn((n, *self.latent_shape), generator=gen).to(self.world.device)
 
-    def timesteps(self, gen: torch.Generator, n: int, lo: int, hi: int) -> torch.Tensor:
-        return torch.randint(lo, hi, (n,), generator=gen).to(self.world.device)
+    def timesteps(self, gen: torch.Generator, n: int, lo, hi) -> torch.Tensor:
+        return self.schedule.sample_t(n, lo, hi, gen).to(self.world.device)
 
     def micro_batches(self, samples_seen: int) -> list[MicroBatch]:
         """The step's micro-batches of this rank, from the global sample counter."""
@@ -160,7 +158,7 @@ class DIStar:
         reward = None
         if nets.reward is not None:
             with contextlib.nullcontext() if L.alpha_rew != 0 else torch.no_grad():
-                terms = nets.reward.terms(decode(nets.vae, x0), prompts)
+                terms = nets.reward.terms(self.backbone.decode(nets.vae, x0), prompts)
                 reward = nets.reward.combine({k: v.float() for k, v in terms.items()})
             parts["reward"] = reward.detach().mean()
             parts.update({f"reward/{k}": v.detach().float().mean() for k, v in terms.items()})
@@ -206,7 +204,7 @@ class DIStar:
             cond = self.conditioning(batch)
             z = self.noise(stream(self.config.seed, 0, 0, s, SAMPLES, update=1 + s), k)
             with self.autocast:
-                images.append(decode(self.nets.vae, self.nets.generator(z, cond).float()).float().cpu())
+                images.append(self.backbone.decode(self.nets.vae, self.nets.generator(z, cond).float()).float().cpu())
         stacked = torch.stack(images, dim=1)  # (k, seeds, 3, H, W)
         return stacked.flatten(0, 1), [p for p in batch.prompts for _ in range(seeds)]
 
@@ -221,7 +219,7 @@ class DIStar:
         z = self.noise(stream(self.config.seed, 0, 0, 0, SAMPLES), k)
         with self.autocast:
             x0 = self.nets.generator(z, cond).float()
-            images = decode(self.nets.vae, x0).float()
+            images = self.backbone.decode(self.nets.vae, x0).float()
             values = {}
             if self.nets.reward is not None:
                 terms = self.nets.reward.terms(images, batch.prompts)

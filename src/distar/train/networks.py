@@ -10,19 +10,9 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from distar import sources
-from distar.models.sdxl import (
-    Assistant,
-    OneStepGenerator,
-    PromptEncoder,
-    Reference,
-    add_assistant_adapter,
-    add_generator_adapter,
-    is_adapter_param,
-    load_generator_init,
-    load_unet,
-    load_vae,
-)
+from distar import backbones, sources
+from distar.backbones import Assistant, OneStepGenerator, PromptEncoder, Reference
+from distar.backbones.shared import add_assistant_adapter, add_generator_adapter, is_adapter_param
 from distar.rewards import WeightedReward
 from distar.sources import parse_dtype
 from distar.train import parallel, precision
@@ -33,6 +23,7 @@ from distar.train.distributed import World
 @dataclass
 class Networks:
     generator: OneStepGenerator
+    """The generator, and through it the backbone (`generator.backbone`) every network shares."""
     assistant: Assistant
     reference: Reference
     prompt_encoder: PromptEncoder | None
@@ -73,21 +64,22 @@ class Networks:
 def build_networks(config: TrainConfig, world: World, need_text_encoders: bool) -> Networks:
     """Load every network the config names, then `assemble` them."""
     m = config.model
+    backbone = backbones.get(m.backbone)
     hub = sources.hub_options(m.cache_dir, m.offline)
     ref_options = {**hub, "revision": m.revision}
-    reference_unet = load_unet(m.reference, dtype="fp32", **ref_options)
+    reference_unet = backbone.load_denoiser(m.reference, dtype="fp32", **ref_options)
 
-    generator_unet = load_generator_init(
-        m.generator_init, m.reference, reference_unet=reference_unet, revision=m.revision, **hub
+    generator_unet = backbone.load_generator_init(
+        m.generator_init, m.reference, reference_net=reference_unet, revision=m.revision, **hub
     )
-    assistant_unet = None  # LoRA: adapters on the reference's UNet, added in `assemble`
+    assistant_unet = None  # LoRA: adapters on the reference's network, added in `assemble`
     if m.assistant == "full":
         assistant_init = None if m.assistant_init == "reference" else m.assistant_init
-        assistant_unet = Assistant.from_reference(reference_unet, init=assistant_init, **hub).unet
+        assistant_unet = Assistant.from_reference(reference_unet, init=assistant_init, backbone=backbone, **hub).unet
     prompt_encoder = None
     if need_text_encoders:
-        prompt_encoder = PromptEncoder.from_pretrained(m.reference, dtype=m.text_encoder_dtype, **ref_options)
-    vae = load_vae(m.vae or m.reference, dtype=m.vae_dtype, **(hub if m.vae else ref_options))
+        prompt_encoder = backbone.prompt_encoder(m.reference, dtype=m.text_encoder_dtype, **ref_options)
+    vae = backbone.load_vae(m.vae or m.reference, dtype=m.vae_dtype, **(hub if m.vae else ref_options))
     reward = None
     if config.reward.weights:
         r = config.reward
@@ -108,18 +100,24 @@ def assemble(
     """The networks as the loop uses them: weight dtypes and device here, then `parallel.parallelize`.
     `assistant_unet` None: the assistant is LoRA adapters on the reference's UNet (model.assistant = "lora")."""
     m = config.model
+    backbone = backbones.get(m.backbone)
+    targets = backbone.lora_targets
     if m.generator == "lora":  # a frozen base in the reference's dtype, trainable fp32 adapters
         generator_unet = generator_unet.to(world.device, parse_dtype(m.reference_dtype))
-        add_generator_adapter(generator_unet, m.generator_lora_rank, m.generator_lora_alpha, config.seed)
+        add_generator_adapter(generator_unet, targets, m.generator_lora_rank, m.generator_lora_alpha, config.seed)
     else:
         generator_unet = generator_unet.float()
-    generator = OneStepGenerator(generator_unet.to(world.device), t_star=m.t_star)
-    reference = Reference(reference_unet.to(world.device, parse_dtype(m.reference_dtype)), config.loss.alpha_cfg)
+    generator = OneStepGenerator(generator_unet.to(world.device), t_star=m.t_star, backbone=backbone)
+    reference = Reference(
+        reference_unet.to(world.device, parse_dtype(m.reference_dtype)), config.loss.alpha_cfg, backbone=backbone
+    )
     if assistant_unet is None or m.assistant == "lora":
-        adapter = add_assistant_adapter(reference.unet, m.assistant_lora_rank, m.assistant_lora_alpha, config.seed)
-        assistant = Assistant(adapter)
+        rank, alpha = m.assistant_lora_rank, m.assistant_lora_alpha
+        assistant = Assistant(
+            add_assistant_adapter(reference.unet, targets, rank, alpha, config.seed), backbone=backbone
+        )
     else:
-        assistant = Assistant(assistant_unet.float()).to(world.device)
+        assistant = Assistant(assistant_unet.float(), backbone=backbone).to(world.device)
     if prompt_encoder is not None:
         prompt_encoder.to(world.device, parse_dtype(m.text_encoder_dtype))
     vae = vae.to(world.device, parse_dtype(m.vae_dtype)).requires_grad_(False).eval()

@@ -1,8 +1,8 @@
 """Parallelism applied from outside the models: activation checkpointing, then FSDP2 or DDP.
 
 `parallelize` is the one entry (torchtitan's per-model rule): it takes the assembled networks and the parallel
-config and returns them ready for the loop. FSDP2 (`fully_shard`) shards each UNet block (down blocks, mid block,
-up blocks) and then the root, so only one block's full parameters live at a time; activation checkpointing wraps
+config and returns them ready for the loop. FSDP2 (`fully_shard`) shards each block of a network (the backbone's
+`blocks`) and then the root, so only one block's full parameters live at a time; activation checkpointing wraps
 the same blocks first (the torchtitan / FastGen order). The frozen reference is sharded in its own (bf16) weights
 without gradients. The loop asks this module, and nothing else, about wrappers: `gradient_sync`, `param_name`,
 `clip_grad_norm`.
@@ -22,24 +22,13 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.nn.parallel import DistributedDataParallel
 
-
-def unet_blocks(unet: nn.Module) -> list[tuple[nn.ModuleList | nn.Module, str | int]]:
-    """(parent, key) of every block of a diffusers UNet2DConditionModel, in forward order."""
-    blocks = [(unet.down_blocks, i) for i in range(len(unet.down_blocks))]
-    if getattr(unet, "mid_block", None) is not None:
-        blocks.append((unet, "mid_block"))
-    blocks += [(unet.up_blocks, i) for i in range(len(unet.up_blocks))]
-    return blocks
+from distar.backbones import shared
+from distar.backbones.base import Backbone
 
 
-def unet_block_modules(unet: nn.Module) -> list[nn.Module]:
-    """The blocks of `unet_blocks`, themselves."""
-    return [_get(parent, key) for parent, key in unet_blocks(unet)]
-
-
-def vae_decoder_resnets(vae: nn.Module) -> list[nn.ModuleList]:
-    """The ResNet lists of the VAE decoder's mid and up blocks: what VAE checkpointing wraps."""
-    return [vae.decoder.mid_block.resnets] + [up.resnets for up in vae.decoder.up_blocks]
+def block_modules(backbone: Backbone, net: nn.Module) -> list[nn.Module]:
+    """The blocks of `backbone.blocks(net)`, themselves."""
+    return [_get(parent, key) for parent, key in backbone.blocks(net)]
 
 
 def _get(parent, key):
@@ -53,28 +42,25 @@ def _set(parent, key, module):
         setattr(parent, key, module)
 
 
-def apply_activation_checkpointing(unet: nn.Module) -> nn.Module:
-    from distar.models.sdxl import has_adapters
-
-    for parent, key in unet_blocks(unet):
+def apply_activation_checkpointing(backbone: Backbone, net: nn.Module) -> nn.Module:
+    state = shared.base(net)
+    for parent, key in backbone.blocks(net):
         block = _get(parent, key)
-        _set(parent, key, AdapterStateCheckpoint(block, unet) if has_adapters(unet) else checkpoint_wrapper(block))
-    return unet
+        _set(parent, key, AdapterStateCheckpoint(block, state) if state.has_adapters else checkpoint_wrapper(block))
+    return net
 
 
 class AdapterStateCheckpoint(nn.Module):
-    """Activation checkpointing of one block of a UNet whose LoRA adapters are switched per forward (the shared
-    reference / assistant UNet): the recompute in the backward pass runs with the adapters as they were in the
+    """Activation checkpointing of one block of a network whose LoRA adapters are switched per forward (the shared
+    reference / assistant network): the recompute in the backward pass runs with the adapters as they were in the
     forward, whichever of the two ran last. The block sits where checkpoint_wrapper puts it, so parameter names
     are the same (`param_name`)."""
 
-    def __init__(self, block: nn.Module, root: nn.Module):
+    def __init__(self, block: nn.Module, state: shared.SharedBase):
         super().__init__()
-        from peft.tuners.tuners_utils import BaseTunerLayer
-
         self._checkpoint_wrapped_module = block
-        object.__setattr__(self, "_root", root)  # not a submodule: the UNet that owns this block
-        object.__setattr__(self, "_layers", [m for m in block.modules() if isinstance(m, BaseTunerLayer)])
+        self.state = state  # the owning network's adapter state (not a submodule)
+        self.layers = shared.tuner_layers(block)
 
     def __getattr__(self, name: str):
         try:
@@ -83,21 +69,18 @@ class AdapterStateCheckpoint(nn.Module):
             return getattr(self._checkpoint_wrapped_module, name)
 
     def forward(self, *args, **kwargs):
-        from distar.models.sdxl import ADAPTERS_ON
-
-        on = bool(getattr(self._root, ADAPTERS_ON))
+        on = self.state.adapters_on
         return torch.utils.checkpoint.checkpoint(self._run, on, *args, use_reentrant=False, **kwargs)
 
     def _run(self, on: bool, *args, **kwargs):
-        for layer in self._layers:
-            layer._disable_adapters = not on
+        shared.switch_adapters(self.layers, on)
         return self._checkpoint_wrapped_module(*args, **kwargs)
 
 
-def apply_vae_checkpointing(vae: nn.Module) -> nn.Module:
-    """Recompute each ResNet block of the VAE decoder in the backward pass: at 1024×1024 the decoder's activations
+def apply_vae_checkpointing(backbone: Backbone, vae: nn.Module) -> nn.Module:
+    """Recompute each block of the VAE decoder in the backward pass: at 1024×1024 the decoder's activations
     for the reward gradient are the largest single item of the budget (docs/TRAINING.md)."""
-    for resnets in vae_decoder_resnets(vae):
+    for resnets in backbone.vae_blocks(vae):
         for i in range(len(resnets)):
             resnets[i] = checkpoint_wrapper(resnets[i])
     return vae
@@ -107,16 +90,18 @@ def mesh(world_size: int, device: torch.device) -> DeviceMesh:
     return init_device_mesh(device.type, (world_size,))
 
 
-def shard_unet(unet: nn.Module, device_mesh: DeviceMesh, mixed_precision: str, trainable: bool) -> nn.Module:
+def shard(
+    backbone: Backbone, net: nn.Module, device_mesh: DeviceMesh, mixed_precision: str, trainable: bool
+) -> nn.Module:
     """fully_shard per block, then the root. Trainable UNets keep fp32 master weights and compute in bf16 when
     mixed_precision is bf16 (gradients reduced in fp32); a frozen UNet computes in its own dtype."""
     policy = MixedPrecisionPolicy()
     if trainable and mixed_precision == "bf16":
         policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-    for parent, key in unet_blocks(unet):
+    for parent, key in backbone.blocks(net):
         fully_shard(_get(parent, key), mesh=device_mesh, mp_policy=policy)
-    fully_shard(unet, mesh=device_mesh, mp_policy=policy)
-    return unet
+    fully_shard(net, mesh=device_mesh, mp_policy=policy)
+    return net
 
 
 def parallelize(nets, config, world):
@@ -130,30 +115,31 @@ def parallelize(nets, config, world):
 
     if config.strategy == "none" and world.size > 1:
         raise UserError(f"parallel.strategy='none' runs one process, but WORLD_SIZE is {world.size}; use ddp or fsdp")
+    backbone = nets.generator.backbone
     if config.activation_checkpointing:
         unets = (nets.generator.unet, nets.assistant.unet, nets.reference.unet)
-        for unet in {id(u): u for u in unets}.values():  # a LoRA assistant shares the reference's UNet
-            apply_activation_checkpointing(unet)
+        for unet in {id(u): u for u in unets}.values():  # a LoRA assistant shares the reference's network
+            apply_activation_checkpointing(backbone, unet)
     if getattr(config, "compile", False):
         compile_regions(nets, config.compile_cache)
     generator_train, assistant_train = nets.generator, nets.assistant
     if config.strategy == "fsdp":
         device_mesh = mesh(world.size, world.device)
-        shard_unet(nets.generator.unet, device_mesh, config.mixed_precision, trainable=True)
-        shard_unet(nets.assistant.unet, device_mesh, config.mixed_precision, trainable=True)
-        shard_unet(nets.reference.unet, device_mesh, config.mixed_precision, trainable=False)
+        shard(backbone, nets.generator.unet, device_mesh, config.mixed_precision, trainable=True)
+        shard(backbone, nets.assistant.unet, device_mesh, config.mixed_precision, trainable=True)
+        shard(backbone, nets.reference.unet, device_mesh, config.mixed_precision, trainable=False)
     elif config.strategy == "ddp":
         generator_train, assistant_train = (
             replicate(nets.generator, world.device),
             replicate(nets.assistant, world.device),
         )
     if config.vae_checkpointing:
-        apply_vae_checkpointing(nets.vae)
+        apply_vae_checkpointing(backbone, nets.vae)
     return dataclasses.replace(nets, generator_train=generator_train, assistant_train=assistant_train)
 
 
 def compile_regions(nets, cache_dir: str | None = None) -> None:
-    """torch.compile each UNet block (each of the three UNets; a LoRA assistant's UNet once) and the VAE decoder,
+    """torch.compile each block (of each of the three networks; a LoRA assistant's network once) and the VAE decoder,
     in place (`nn.Module.compile`: parameter names, and so checkpoints, stay the same). Blocks of one UNet share
     code, so compiling per block costs a few graphs, not one per call site."""
     import os
@@ -169,7 +155,7 @@ def compile_regions(nets, cache_dir: str | None = None) -> None:
     torch._functorch.config.donated_buffer = False
     unets = (nets.generator.unet, nets.assistant.unet, nets.reference.unet)
     for unet in {id(u): u for u in unets}.values():
-        for block in unet_block_modules(unet):
+        for block in block_modules(nets.generator.backbone, unet):
             block.compile()
     nets.vae.decoder.compile()
 

@@ -19,7 +19,7 @@ import time
 import torch
 from torch import nn
 
-from distar import sources, storage
+from distar import backbones, sources, storage
 from distar.errors import UserError
 from distar.train import Preempted, parallel
 from distar.train.checkpoint import (
@@ -59,7 +59,9 @@ class Trainer:
         self.config = config
         self.world = world
         if data is None:
-            data = PromptSet(sources.local(config.data.prompts), config.data.prompt_column, config.data.use_embeddings)
+            columns = backbones.get(config.model.backbone).embedding_columns
+            d = config.data
+            data = PromptSet(sources.local(d.prompts), d.prompt_column, d.use_embeddings, columns)
         self.data = data
         self.nets = nets or build_networks(config, world, need_text_encoders=not self.data.has_embeddings)
         self.optimizers = {
@@ -73,11 +75,12 @@ class Trainer:
                 for n, p in self.nets.generator_unet.named_parameters()
                 if p.requires_grad
             }
-        vae_factor = 2 ** (len(self.nets.vae.config.block_out_channels) - 1)
+        backbone = self.nets.generator.backbone
+        vae_factor = backbone.vae_factor(dict(self.nets.vae.config))
         if config.data.resolution % (vae_factor * 8):
             raise UserError(f"data.resolution={config.data.resolution} must be a multiple of {vae_factor * 8}")
         side = config.data.resolution // vae_factor
-        self.latent_shape = (self.nets.generator_unet.config.in_channels, side, side)
+        self.latent_shape = (backbone.latent_channels(dict(self.nets.generator_unet.config)), side, side)
         self.method = DIStar(config, world, self.nets, self.data, self.latent_shape)
         self.counters = {"step": 0, "samples_seen": 0, "skipped": {"generator": 0, "assistant": 0}}
         # skips not yet counted (device tensors, `settle`), the non-finite updates in a row, and the last update
