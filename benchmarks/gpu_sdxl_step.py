@@ -188,7 +188,7 @@ def iterations(args, name: str, overrides: list[str], workdir: Path, world: Worl
             "images_per_s": trainer.config.data.batch_size / statistics.median(times),
             "memory_iterations": memory_gb(device),
             "last_values": host_values({k: v for k, v in values.items() if not k.startswith("ok/")}),
-            "skipped": dict(trainer.skipped),
+            "skipped": trainer.skipped(),
         }
     )
     return trainer, out

@@ -489,24 +489,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from distar import storage
-    from distar.errors import redact
-    from distar.train import PREEMPTED, Preempted
+    from distar.train.stop import exit_code
 
     try:
         args.func(args)
-    except UserError as err:
-        print(f"distar {args.command}: error: {redact(err)}", file=sys.stderr)
-        return 2
-    except Preempted as err:
-        print(f"distar {args.command}: {err}", file=sys.stderr)
-        return PREEMPTED
-    except Exception as err:  # storage failures a user causes get one message; everything else is a bug
-        translated = storage.user_error(err)
-        if translated is None:
-            raise
-        print(f"distar {args.command}: error: {redact(translated)}", file=sys.stderr)
-        return 2
+    except Exception as err:  # a user's mistake or a preempted run: one line and its exit code; a bug: raised
+        return exit_code(err, f"distar {args.command}")
     return 0
 
 

@@ -111,7 +111,7 @@ def test_a_non_finite_update_is_skipped_and_counted_with_either_adamw(trainer_of
     assert all(torch.equal(before[k], after[k]) for k in before if k.startswith("g."))  # the generator never moved
     assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith("a."))  # the assistant did
     assert all(float(s["step"]) == 0 for s in state.values())  # fused AdamW took its step back
-    assert trainer.skipped == {"generator": 2, "assistant": 0}
+    assert trainer.skipped() == {"generator": 2, "assistant": 0}
 
 
 def test_fused_adamw_aborts_at_the_first_count_after_max_nonfinite(trainer_of):
@@ -125,35 +125,41 @@ def test_fused_adamw_aborts_at_the_first_count_after_max_nonfinite(trainer_of):
         trainer.settle()  # ... until the loop counts them (log and checkpoint steps, the end)
 
 
-def test_a_common_step_with_fused_adamw_reads_nothing_back(trainer_of, monkeypatch):
-    """The values, the gradient norms and the finite check stay on the device between log steps (on a GPU every
-    read stalls the host until the queue drains). The CPU stands in for the device: the value checks that read
-    CPU tensors (`values_on_host`) are told every tensor lives on an accelerator, as on a GPU."""
+def test_the_loops_common_steps_read_nothing_back(trainer_of, monkeypatch):
+    """With the default optimizer and EMA on, the loop's common steps (neither log, sample nor checkpoint steps)
+    leave the values, gradient norms, finite checks, skips and EMA on the device: on a GPU every read stalls the
+    host until the queue drains. The CPU stands in for the device: the value checks that read CPU tensors
+    (`values_on_host`) are told every tensor lives on an accelerator, as on a GPU."""
     from distar import diffusion
 
-    fused = ["generator_optim.implementation=fused", "assistant_optim.implementation=fused"]
-    trainer = trainer_of(*fused)
-    trainer.train_step()  # the first step builds the optimizer states
+    trainer = trainer_of("steps=5", "ema_decay=0.9", "assistant_updates=2", "log.every=4", "log.sample_every=1000",
+                         "checkpoint.every=1000")  # fmt: skip
+    assert all(o.defaults.get("fused") for o in trainer.optimizers.values())  # what "auto" chooses here
     monkeypatch.setattr(diffusion, "values_on_host", lambda t: False)
     reads = []
 
     def record(name, real):
         def read(self, *args):
             frames = [f.filename for f in traceback.extract_stack()[:-1] if "/torch/" not in f.filename]
-            reads.append((name, frames[-1]))
+            reads.append((name, frames[-1], trainer.step))
             return real(self, *args)
 
         return read
 
     for name in ("item", "tolist", "__bool__", "__float__", "__int__", "__format__"):
         monkeypatch.setattr(torch.Tensor, name, record(name, getattr(torch.Tensor, name)))
-    trainer.train_step()
+    ema_before = {k: v.clone() for k, v in trainer.ema.items()}
+    summary = trainer.fit()
     monkeypatch.undo()
     ours = [r for r in reads if "/distar/" in r[1]]
-    assert ours == []
-    # what is left is the reward's text tower: transformers checks its attention mask on the host
-    assert all("transformers/masking_utils" in where for _, where in reads), reads
-    assert trainer.skipped == {"generator": 0, "assistant": 0}
+    # Steps 2 and 3 run with the counter at 1 and 2 (step 4 measures the balance for its log step; step 1 builds
+    # the optimizer states): none of distar's code reads there.
+    assert [r for r in ours if r[2] in (1, 2)] == []
+    assert any(r[2] == 4 for r in ours)  # the log step reads its values: the recorder sees distar's reads
+    # what is left in common steps is the reward's text tower: transformers checks its attention mask on the host
+    assert all("transformers/masking_utils" in where for _, where, step in reads if step in (1, 2)), reads
+    assert summary["step"] == 5 and summary["skipped"] == {"generator": 0, "assistant": 0}
+    assert any(not torch.equal(ema_before[k], v) for k, v in trainer.ema.items())  # the EMA followed on the device
 
 
 def test_the_bf16_vae_with_fp32_norms_decodes_within_its_bound(tiny_sdxl):

@@ -317,8 +317,9 @@ def test_precomputed_embeddings_replace_the_text_encoders(tmp_path):
         distributed.shutdown()
 
 
-@pytest.mark.parametrize("implementation,flags", [("fused", {"fused": True}), ("foreach", {"foreach": True}),
-                                                  ("auto", {"fused": None, "foreach": None})])  # fmt: skip
+@pytest.mark.parametrize(
+    "implementation,flags", [("fused", {"fused": True}), ("foreach", {"foreach": True}), ("auto", {"fused": True})]
+)  # fmt: skip (auto: fused on the CPU)
 def test_optimizer_implementation_reaches_adamw(implementation, flags):
     from distar.backbones.sdxl import build_tiny_unet
     from distar.train.trainer import Trainer
@@ -327,6 +328,16 @@ def test_optimizer_implementation_reaches_adamw(implementation, flags):
     optimizer = Trainer._optimizer(build_tiny_unet(), config.generator_optim)
     assert isinstance(optimizer, torch.optim.AdamW)
     assert {k: optimizer.defaults[k] for k in flags} == flags
+
+
+def test_auto_optimizer_is_foreach_where_torch_has_no_fused_kernel():
+    from distar.backbones.sdxl import build_tiny_unet
+    from distar.train.trainer import Trainer
+
+    config = load_config("tiny", [])
+    with torch.device("meta"):
+        optimizer = Trainer._optimizer(build_tiny_unet(), config.generator_optim)
+    assert optimizer.defaults["foreach"] is True and not optimizer.defaults.get("fused")
 
 
 def test_unknown_optimizer_implementation_is_named():

@@ -19,9 +19,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 
-from distar.errors import UserError
+from distar.train.stop import PREEMPTED, Preempted, exit_code
+
+__all__ = ["PREEMPTED", "Preempted", "build_parser", "main", "run"]
 
 
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
@@ -60,14 +61,6 @@ def exec_torchrun(config_source: str, overrides: list[str], nproc_per_node: int,
     os.execv(cmd[0], cmd)
 
 
-PREEMPTED = 75
-"""The exit code of a run stopped by SIGTERM/SIGINT after a complete checkpoint (EX_TEMPFAIL: rerun resumes)."""
-
-
-class Preempted(Exception):
-    """SIGTERM or SIGINT stopped the run after a complete checkpoint; rerunning resumes from it."""
-
-
 def run(config_source: str, overrides: list[str], allow_config_change: bool = False) -> dict:
     """Load the config, join the process group, train, leave the group; returns rank 0's summary."""
     from distar import tiny_preset
@@ -100,26 +93,14 @@ def _quiet_libraries(is_main: bool) -> None:
 def main(argv: list[str] | None = None) -> int:
     import os
 
-    from distar import storage
-    from distar.errors import redact
-
     args = build_parser().parse_args(argv)
     quiet = os.environ.get("RANK", "0") != "0"  # under torchrun every rank fails alike: rank 0 says it once
     try:
         if args.nproc_per_node is not None:
             exec_torchrun(args.config, args.overrides, args.nproc_per_node, args.allow_config_change)
         summary = run(args.config, args.overrides, allow_config_change=args.allow_config_change)
-    except Preempted as err:
-        if not quiet:
-            print(f"distar train: {err}", file=sys.stderr)
-        return PREEMPTED
-    except Exception as err:  # a user error, or a storage failure a user causes: one message; else a bug
-        translated = err if isinstance(err, UserError) else storage.user_error(err)
-        if translated is None:
-            raise
-        if not quiet:
-            print(f"distar train: error: {redact(translated)}", file=sys.stderr)
-        return 2
+    except Exception as err:
+        return exit_code(err, "distar train", quiet)
     if summary.get("rank", 0) == 0:
         print(json.dumps(summary))
     return 0

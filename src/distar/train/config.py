@@ -138,8 +138,10 @@ class OptimConfig:
     warmup_steps: int = 0
     """Linear learning-rate warm-up over this many updates of this network."""
     implementation: Literal["auto", "fused", "foreach"] = "auto"
-    """AdamW kernels: "foreach" (multi-tensor passes), "fused" (one fused kernel), or "auto" (torch's default:
-    foreach on GPUs). On one H200 with FSDP2, fused was not faster than foreach (docs/PERFORMANCE.md)."""
+    """AdamW kernels: "foreach" (multi-tensor passes), "fused" (one fused kernel), or "auto": fused where torch
+    has it for the weights' device (CUDA, CPU), since only fused skips a non-finite update on the device, without
+    a host read per update (docs/TRAINING.md); foreach elsewhere. Which of the two is faster on a GPU is not
+    measured apart from FSDP yet (docs/PERFORMANCE.md §5)."""
 
 
 @dataclass

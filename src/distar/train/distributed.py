@@ -51,7 +51,7 @@ class World:
 
     def any_true(self, flag: bool) -> bool:
         """True on every rank when `flag` is true on any rank (False without a process group and flag False)."""
-        if not dist.is_initialized():
+        if not dist.is_initialized() or self.size == 1:
             return flag
         t = torch.tensor([1.0 if flag else 0.0], device=self.device)
         dist.all_reduce(t, op=dist.ReduceOp.MAX)

@@ -62,3 +62,80 @@ def breaches(values: dict[str, float], baseline: dict[str, float], min_diversity
         if key in values and values[key] < baseline[key] - delta:
             out.append(f"held-out {name} {values[key]:.4g} < start {baseline[key]:.4g} − {delta:g}")
     return out
+
+
+class Guard:
+    """The guardrails of one run (rank 0 measures, every rank learns the verdict): the held-out rewards and the
+    diversity model, loaded at the first evaluation; the initial generator's values (the baseline)."""
+
+    def __init__(self, config, world, method):
+        self.config, self.world, self.method = config, world, method
+        self._models = None
+        self.baseline: dict[str, float] | None = None
+        """The initial generator's guard values (rank 0)."""
+
+    def models(self) -> tuple:
+        """(the held-out rewards as one WeightedReward or None, the diversity model or None), loaded once."""
+        if self._models is None:
+            from distar import sources
+            from distar.rewards import WeightedReward, load_reward
+            from distar.sources import parse_dtype
+
+            r, g, m = self.config.reward, self.config.guard, self.config.model
+            hub = sources.hub_options(m.cache_dir, m.offline)
+
+            def placed(module):
+                return module.to(self.world.device, parse_dtype(r.dtype)).eval()
+
+            heldout = None
+            if g.heldout:
+                heldout = placed(WeightedReward.from_specs([r.spec(n) for n in g.heldout], dtype=r.dtype, **hub))
+            embedder = placed(load_reward(r.spec(g.diversity_model), dtype=r.dtype, **hub)) if g.seeds >= 2 else None
+            self._models = (heldout, embedder)
+        return self._models
+
+    @torch.no_grad()
+    def values(self) -> dict[str, float]:
+        """guard/* values of the generator now: held-out rewards, diversity, image statistics (rank 0 only)."""
+        g = self.config.guard
+        heldout, embedder = self.models()
+        images, prompts = self.method.guard_images(g.prompts, max(g.seeds, 1))
+        device_images = images.to(self.world.device)
+        values = {f"guard/{k}": v for k, v in image_statistics(images).items()}
+        if heldout is not None:  # on the paper's scales, as the trained reward
+            terms = heldout.terms(device_images, prompts)
+            values.update({f"guard/heldout/{name}": v.float().mean().item() for name, v in terms.items()})
+        if embedder is not None:
+            features = embedder.embed_images(device_images).cpu()
+            values["guard/diversity"] = diversity(features.reshape(-1, g.seeds, features.shape[-1]))
+        return values
+
+    def measure_baseline(self, fresh: bool) -> dict[str, float]:
+        """The initial generator's guard values: measured on a fresh start, read back on resume."""
+        import json
+
+        from distar import storage
+
+        fs, path = storage.filesystem(self.config.out)
+        where = f"{path.rstrip('/')}/guard_baseline.json"
+        if not fresh and fs.exists(where):
+            self.baseline = json.loads(fs.cat_file(where))
+            return self.baseline
+        self.baseline = self.values()
+        fs.makedirs(path, exist_ok=True)
+        storage.write_json(fs, where, self.baseline)
+        return self.baseline
+
+    def check(self, step: int, logger) -> list[str]:
+        """Evaluate the guards now (rank 0), log them, and return the breaches every rank agrees on."""
+        import sys
+
+        g = self.config.guard
+        found = None
+        if self.world.is_main:
+            values = self.values()
+            found = breaches(values, self.baseline, g.min_diversity, g.max_heldout_drop)
+            logger.log(step, {**values, "guard/breached": float(bool(found))})
+            if found:
+                print(f"distar train: guard breached at step {step}: {'; '.join(found)}", file=sys.stderr)
+        return self.world.gather(found)[0]

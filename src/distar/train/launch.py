@@ -11,7 +11,7 @@ import sys
 
 from distar import storage
 from distar.errors import UserError
-from distar.train import PREEMPTED, Preempted
+from distar.train.stop import PREEMPTED, Preempted
 from distar.train.trainjob import SHUTDOWN_TIMEOUT_S, TrainJobSpec
 
 

@@ -9,19 +9,17 @@ interrupted one stopped.
 
 from __future__ import annotations
 
-import json
 import resource
-import signal
 import sys
-import threading
 import time
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from distar import backbones, sources, storage
 from distar.errors import UserError
-from distar.train import Preempted, parallel
+from distar.train import parallel
 from distar.train.checkpoint import (
     Checkpointer,
     CheckpointError,
@@ -35,10 +33,12 @@ from distar.train.config import OptimConfig, TrainConfig
 from distar.train.data import PromptSet
 from distar.train.di_star import WARMUP_UPDATES, DIStar
 from distar.train.distributed import World
+from distar.train.guard import Guard
 from distar.train.lease import Lease, LeaseHeldError
 from distar.train.metrics import MetricLogger, image_grid
 from distar.train.networks import Networks, assemble, build_networks
 from distar.train.progress import ProgressReporter
+from distar.train.stop import Preempted, StopSignals
 
 __all__ = ["NonFiniteError", "Trainer", "assemble", "build_networks"]
 
@@ -88,13 +88,16 @@ class Trainer:
         self._pending = {"generator": zero.clone(), "assistant": zero.clone(), "in_a_row": zero.clone(), "last": ""}
         self.checkpointer = Checkpointer(config.out, world, config.checkpoint.keep_last)
         self.state = self._train_state()
-        self._guard = None  # the guardrails' models, loaded at their first evaluation
-        self.guard_baseline: dict[str, float] | None = None  # the initial generator's guard values (rank 0)
+        self.guard = Guard(config, world, self.method)
 
     @staticmethod
     def _optimizer(unet: nn.Module, o: OptimConfig) -> torch.optim.Optimizer:
         params = [p for p in unet.parameters() if p.requires_grad]
-        kernels = {"auto": {}, "fused": {"fused": True}, "foreach": {"foreach": True}}[o.implementation]
+        implementation = o.implementation
+        if implementation == "auto":  # fused skips a non-finite update on the device: no host read per update
+            fusable = all(p.device.type in ("cuda", "cpu") and p.dtype.is_floating_point for p in params)
+            implementation = "fused" if fusable else "foreach"
+        kernels = {"fused": {"fused": True}, "foreach": {"foreach": True}}[implementation]
         return torch.optim.AdamW(
             params, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, weight_decay=o.weight_decay, **kernels
         )
@@ -114,7 +117,6 @@ class Trainer:
     # The counters live in the train state; these name them for the loop.
     step = property(lambda self: self.counters["step"])
     samples_seen = property(lambda self: self.counters["samples_seen"])
-    skipped = property(lambda self: self.settle()["skipped"])
     schedule = property(lambda self: self.method.schedule)
     autocast = property(lambda self: self.method.autocast)
 
@@ -204,6 +206,10 @@ class Trainer:
             self.settle()  # the verdict is on the host already: counters and the abort as of this update
         return norm, ok
 
+    def skipped(self) -> dict[str, int]:
+        """Updates skipped so far per network (settles the counts kept on the device: one host read)."""
+        return dict(self.settle()["skipped"])
+
     def settle(self) -> dict:
         """Move the skip counts kept on the device into the counters (one host sync), and abort after
         max_nonfinite non-finite updates in a row. Returns the counters."""
@@ -223,11 +229,14 @@ class Trainer:
         return self.counters
 
     @torch.no_grad()
-    def _update_ema(self) -> None:
-        decay = self.config.ema_decay
+    def _update_ema(self, ok: torch.Tensor) -> None:
+        """EMA ← EMA + (1 − decay)·(θ − EMA) after an update that was applied; a skipped update (`ok` false)
+        moves nothing. The verdict stays on the device: the weight is (1 − decay)·ok."""
+        weight = ok.to(torch.float32) * (1.0 - self.config.ema_decay)
         for name, p in self.nets.generator_unet.named_parameters():
             if p.requires_grad:
-                self.ema[parallel.param_name(name)].lerp_(p.detach(), 1.0 - decay)
+                ema = self.ema[parallel.param_name(name)]
+                ema.lerp_(p.detach(), weight.to(ema.device, ema.dtype))
 
     @property
     def global_batch(self) -> int:
@@ -247,8 +256,8 @@ class Trainer:
                     values[key] = values.get(key, 0.0) + v / c.assistant_updates
         upcoming = self.step + 1  # the balance is measured on log steps only (its extra cost: di_star)
         values.update(self.generator_update(batches, balance=upcoming % c.log.every == 0 or upcoming == c.steps))
-        if self.ema is not None and values["ok/generator"].item():
-            self._update_ema()
+        if self.ema is not None:
+            self._update_ema(values["ok/generator"])
         self.counters["step"] += 1
         self.counters["samples_seen"] += self.global_batch
         return values
@@ -261,73 +270,9 @@ class Trainer:
         from distar.train import report
 
         try:
-            report.render(self.config.out, self.config.guard, self.guard_baseline)
+            report.render(self.config.out, self.config.guard, self.guard.baseline)
         except Exception as err:  # the report is a view of the logs, which are written already
             print(f"distar train: warning: the training report was not written ({err!r})", file=sys.stderr)
-
-    # -- guardrails (guard.py) --------------------------------------------------------------------
-
-    def _guard_models(self) -> tuple:
-        """(the held-out rewards as one WeightedReward or None, the diversity model or None), loaded once, rank 0."""
-        if self._guard is None:
-            from distar.rewards import WeightedReward, load_reward
-            from distar.sources import parse_dtype
-
-            r, g, m = self.config.reward, self.config.guard, self.config.model
-            hub = sources.hub_options(m.cache_dir, m.offline)
-
-            def placed(module):
-                return module.to(self.world.device, parse_dtype(r.dtype)).eval()
-
-            heldout = None
-            if g.heldout:
-                heldout = placed(WeightedReward.from_specs([r.spec(n) for n in g.heldout], dtype=r.dtype, **hub))
-            embedder = placed(load_reward(r.spec(g.diversity_model), dtype=r.dtype, **hub)) if g.seeds >= 2 else None
-            self._guard = (heldout, embedder)
-        return self._guard
-
-    @torch.no_grad()
-    def guard_values(self) -> dict[str, float]:
-        """guard/* values of the generator now: held-out rewards, diversity, image statistics (rank 0 only)."""
-        from distar.train.guard import diversity, image_statistics
-
-        g = self.config.guard
-        heldout, embedder = self._guard_models()
-        images, prompts = self.method.guard_images(g.prompts, max(g.seeds, 1))
-        device_images = images.to(self.world.device)
-        values = {f"guard/{k}": v for k, v in image_statistics(images).items()}
-        if heldout is not None:  # on the paper's scales, as the trained reward
-            terms = heldout.terms(device_images, prompts)
-            values.update({f"guard/heldout/{name}": v.float().mean().item() for name, v in terms.items()})
-        if embedder is not None:
-            features = embedder.embed_images(device_images).cpu()
-            values["guard/diversity"] = diversity(features.reshape(-1, g.seeds, features.shape[-1]))
-        return values
-
-    def _guard_baseline(self, fresh: bool) -> dict[str, float]:
-        """The initial generator's guard values: measured on a fresh start, read back on resume."""
-        fs, path = storage.filesystem(self.config.out)
-        where = f"{path.rstrip('/')}/guard_baseline.json"
-        if not fresh and fs.exists(where):
-            return json.loads(fs.cat_file(where))
-        values = self.guard_values()
-        fs.makedirs(path, exist_ok=True)
-        storage.write_json(fs, where, values)
-        return values
-
-    def _check_guards(self, logger) -> list[str]:
-        """Evaluate the guards now (rank 0), log them, and return the breaches every rank agrees on."""
-        from distar.train.guard import breaches
-
-        g = self.config.guard
-        found = None
-        if self.world.is_main:
-            values = self.guard_values()
-            found = breaches(values, self.guard_baseline, g.min_diversity, g.max_heldout_drop)
-            logger.log(self.step, {**values, "guard/breached": float(bool(found))})
-            if found:
-                print(f"distar train: guard breached at step {self.step}: {'; '.join(found)}", file=sys.stderr)
-        return self.world.gather(found)[0]
 
     # -- the loop -------------------------------------------------------------------------------
 
@@ -383,6 +328,45 @@ class Trainer:
         return {**summary, "rank": world.rank}
 
     def _fit(self, stop: StopSignals, lease: Lease | None) -> dict:
+        """The loop: per step one iteration, then its log, sample and checkpoint steps where they fall. Between
+        them nothing is read back from the device: the values, the skip counts and (with several processes) the
+        stop signal are read on log and checkpoint steps."""
+        c, world = self.config, self.world
+        loop = self._start()
+        try:
+            while self.step < c.steps:
+                started = time.perf_counter()
+                values = self.train_step()
+                elapsed = time.perf_counter() - started
+                final = self.step == c.steps
+                logged = self.step % c.log.every == 0 or final
+                if logged:
+                    self._log_step(loop, values, elapsed, lease)
+                if self.step % c.log.sample_every == 0 or final:
+                    self._sample_step(loop)
+                checkpointed = self.step % c.checkpoint.every == 0 or final or bool(loop.stopped_by)
+                if checkpointed:
+                    self._checkpoint_step(loop)
+                if loop.stopped_by:
+                    break
+                loop.advance()
+                # One process reads its flag after every step; several agree on it (an all-reduce, read on the
+                # host) on log and checkpoint steps only, so that common steps never wait for the device.
+                agree = logged or checkpointed or world.size == 1
+                if agree and world.any_true(stop.received is not None):
+                    self._preempt(loop, stop)  # every rank stops after the same step
+            self.settle()
+            if loop.saved_at != self.step:
+                self.save()
+            if loop.reporter is not None:
+                loop.reporter.finish(self.step, loop.last_values)
+        finally:
+            loop.close()
+        return self._summary(loop)
+
+    def _start(self) -> _Loop:
+        """Resume (or start fresh), write the resolved config, open the logs and progress, run the assistant's
+        warm-up and measure the guards' baseline."""
         c, world = self.config, self.world
         resumed = self.resume()
         if world.is_main:
@@ -398,115 +382,106 @@ class Trainer:
 
             progress = tqdm(total=c.steps, initial=self.step, desc="distar train", dynamic_ncols=True)
         reporter = ProgressReporter(c.steps, first_step=self.step) if world.is_main else None
-        last_eval: dict[str, float] = {}
-        last_values: dict[str, float] = {}
-        saved_at = self.step if resumed is not None else None
+        loop = _Loop(logger, progress, reporter, saved_at=self.step if resumed is not None else None)
         if resumed is None and self.step == 0 and c.assistant_warmup > 0:
             logger.log(0, world.mean(self.assistant_warmup()))
-        guard_ok, stopped_by = True, []
         if c.guard.enabled and world.is_main:
-            self.guard_baseline = self._guard_baseline(fresh=resumed is None)
-        try:
-            while self.step < c.steps:
-                started = time.perf_counter()
-                values = self.train_step()
-                elapsed = time.perf_counter() - started
-                if self.step % c.log.every == 0 or self.step == c.steps:
-                    values = world.mean(host_values({k: v for k, v in values.items() if not k.startswith("ok/")}))
-                    values.update(
-                        {
-                            "images_per_s": self.global_batch / elapsed,
-                            "step_time_s": elapsed,
-                            "skipped/generator": self.skipped["generator"],
-                            "skipped/assistant": self.skipped["assistant"],
-                            "lr/generator": self.optimizers["generator"].param_groups[0]["lr"],
-                            "lr/assistant": self.optimizers["assistant"].param_groups[0]["lr"],
-                            "peak_memory_gb": _peak_memory_gb(world.device),
-                        }
-                    )
-                    logger.log(self.step, values)
-                    last_values = values
-                    if reporter is not None:
-                        reporter.report(self.step, values)
-                    if lease is not None:
-                        lease.heartbeat()
-                if self.step % c.log.sample_every == 0 or self.step == c.steps:
-                    images, last_eval = self.sample()
-                    logger.log(self.step, last_eval)
-                    logger.images(self.step, image_grid(images))
-                    if c.guard.enabled:
-                        breached = self._check_guards(logger)
-                        guard_ok = not breached
-                        if breached and c.guard.stop_on_breach:
-                            stopped_by = breached
-                if self.step % c.checkpoint.every == 0 or self.step == c.steps or stopped_by:
-                    self.save()
-                    saved_at = self.step
-                    if c.guard.enabled and guard_ok:
-                        self.checkpointer.mark_best(self.step)
-                    logger.flush()
-                if stopped_by:
-                    break
-                if progress is not None:
-                    progress.update(1)
-                    progress.set_postfix(  # as of the last log step: reading this step's values would sync
-                        reward=f"{last_values.get('reward', float('nan')):.4g}",
-                        div=f"{last_values.get('divergence', float('nan')):.4g}",
-                        balance=f"{last_values.get('balance/reward_to_divergence', float('nan')):.3g}",
-                    )
-                if world.any_true(stop.received is not None):  # every rank stops after the same step
-                    if saved_at != self.step:
-                        self.save()
-                        saved_at = self.step
-                    logger.flush()
-                    raise Preempted(
-                        f"stopped by {stop.received or 'a signal on another rank'} after step {self.step}: checkpoint "
-                        f"{self.checkpointer.uri(self.step)} is complete; rerun the same command to resume"
-                    )
-            self.settle()
-            if saved_at != self.step:
-                self.save()
-            if reporter is not None:
-                reporter.finish(self.step, last_values)
-        finally:
-            if progress is not None:
-                progress.close()
-            logger.close()
+            self.guard.measure_baseline(fresh=resumed is None)
+        return loop
+
+    def _log_step(self, loop: _Loop, values: dict, elapsed: float, lease: Lease | None) -> None:
+        """Read the step's values in one transfer, average them over ranks, log them, report progress, and beat
+        the lease's heartbeat."""
+        values = self.world.mean(host_values({k: v for k, v in values.items() if not k.startswith("ok/")}))
+        skipped = self.skipped()
+        values.update(
+            {
+                "images_per_s": self.global_batch / elapsed,
+                "step_time_s": elapsed,
+                "skipped/generator": skipped["generator"],
+                "skipped/assistant": skipped["assistant"],
+                "lr/generator": self.optimizers["generator"].param_groups[0]["lr"],
+                "lr/assistant": self.optimizers["assistant"].param_groups[0]["lr"],
+                "peak_memory_gb": _peak_memory_gb(self.world.device),
+            }
+        )
+        loop.logger.log(self.step, values)
+        loop.last_values = values
+        if loop.reporter is not None:
+            loop.reporter.report(self.step, values)
+        if lease is not None:
+            lease.heartbeat()
+
+    def _sample_step(self, loop: _Loop) -> None:
+        """The fixed sample grid and its reward; the guards, which may stop the run."""
+        images, loop.last_eval = self.sample()
+        loop.logger.log(self.step, loop.last_eval)
+        loop.logger.images(self.step, image_grid(images))
+        if self.config.guard.enabled:
+            breached = self.guard.check(self.step, loop.logger)
+            loop.guard_ok = not breached
+            if breached and self.config.guard.stop_on_breach:
+                loop.stopped_by = breached
+
+    def _checkpoint_step(self, loop: _Loop) -> None:
+        self.save()
+        loop.saved_at = self.step
+        if self.config.guard.enabled and loop.guard_ok:
+            self.checkpointer.mark_best(self.step)
+        loop.logger.flush()
+
+    def _preempt(self, loop: _Loop, stop: StopSignals) -> None:
+        if loop.saved_at != self.step:
+            self.save()
+            loop.saved_at = self.step
+        loop.logger.flush()
+        raise Preempted(
+            f"stopped by {stop.received or 'a signal on another rank'} after step {self.step}: checkpoint "
+            f"{self.checkpointer.uri(self.step)} is complete; rerun the same command to resume"
+        )
+
+    def _summary(self, loop: _Loop) -> dict:
+        c = self.config
         return {
             "step": self.step,
             "samples_seen": self.samples_seen,
-            "skipped": self.skipped,
+            "skipped": self.skipped(),
             "checkpoint": self.checkpointer.uri(self.step),
             "config_digest": c.digest(),
-            "final": {k: last_values[k] for k in FINAL_METRICS if k in last_values},
-            **last_eval,
+            "final": {k: loop.last_values[k] for k in FINAL_METRICS if k in loop.last_values},
+            **loop.last_eval,
             **({"best": self.checkpointer.best()} if c.guard.enabled else {}),
-            **({"stopped_by_guard": stopped_by} if stopped_by else {}),
+            **({"stopped_by_guard": loop.stopped_by} if loop.stopped_by else {}),
         }
 
 
-class StopSignals:
-    """SIGTERM (what Kubernetes and Kueue send before killing a pod) and SIGINT set a flag instead of ending the
-    process; the loop reads it after each step. The previous handlers come back on exit."""
+@dataclass
+class _Loop:
+    """What the loop carries from step to step: its outputs, the newest logged values, what was saved."""
 
-    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+    logger: MetricLogger
+    progress: object | None
+    reporter: ProgressReporter | None
+    saved_at: int | None = None
+    last_values: dict = field(default_factory=dict)
+    last_eval: dict = field(default_factory=dict)
+    guard_ok: bool = True
+    stopped_by: list = field(default_factory=list)
 
-    def __init__(self):
-        self.received: str | None = None
-        self._previous = {}
+    def advance(self) -> None:
+        """The progress bar, with the values of the last log step (reading this step's would sync)."""
+        if self.progress is not None:
+            self.progress.update(1)
+            self.progress.set_postfix(
+                reward=f"{self.last_values.get('reward', float('nan')):.4g}",
+                div=f"{self.last_values.get('divergence', float('nan')):.4g}",
+                balance=f"{self.last_values.get('balance/reward_to_divergence', float('nan')):.3g}",
+            )
 
-    def _handle(self, signum, frame):
-        self.received = signal.Signals(signum).name
-
-    def __enter__(self) -> StopSignals:
-        if threading.current_thread() is threading.main_thread():
-            for sig in self.SIGNALS:
-                self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
+    def close(self) -> None:
+        if self.progress is not None:
+            self.progress.close()
+        self.logger.close()
 
 
 def host_values(values: dict) -> dict[str, float]:
