@@ -95,6 +95,68 @@ def test_checkpointed_recompute_keeps_each_forwards_adapter_state(setup):
         _grads(reference2, assistant2, x_t, t, cond)
 
 
+def _generator_update_grad(reference, assistant, x_t, t, cond, order: str, copies: bool) -> torch.Tensor:
+    """∂/∂x_t of a loss over the shared network's passes in `order`, as the generator update runs them: the
+    assistant frozen, under bf16 autocast, with bf16 compute weights made once around them (`copies`)."""
+    from distar.train import precision
+
+    x = x_t.clone().requires_grad_(True)
+    for p in assistant.trainable():
+        p.requires_grad_(False)
+    try:
+        with precision.frozen_bf16_weights(assistant.unet, copies), torch.autocast("cpu", dtype=torch.bfloat16):
+            calls = {
+                "assistant": lambda: assistant(x, t, cond),
+                "reference": lambda: reference(x, t, cond),
+                "branches": lambda: torch.cat(reference.branches(x, t, cond)),
+            }
+            outs = [calls[name]().float() for name in order.split("+")]
+            loss = sum((o * (i + 1)).square().mean() for i, o in enumerate(outs))
+        (grad,) = torch.autograd.grad(loss, x)
+    finally:
+        for p in assistant.trainable():
+            p.requires_grad_(True)
+    return grad
+
+
+ORDERS = ["assistant+reference", "reference+assistant", "assistant+branches", "branches+assistant+reference"]
+
+
+@pytest.mark.parametrize("order", ORDERS)
+def test_copies_adapter_switches_and_recomputes_in_the_trainers_orders(setup, order):
+    tiny_sdxl, cond, x_t, t = setup
+    _, reference, assistant = _shared(tiny_sdxl)
+    with torch.no_grad():
+        for p in adapter_parameters(assistant.unet):
+            p.add_(0.05 * torch.randn_like(p, generator=torch.Generator().manual_seed(2)))
+    state = reference.base
+    flags = [p.requires_grad for p in reference.unet.parameters()]
+    weights = [(p.data_ptr(), p.dtype) for p in reference.unet.parameters()]
+    eager = _generator_update_grad(reference, assistant, x_t, t, cond, order, copies=False)
+    copied = _generator_update_grad(reference, assistant, x_t, t, cond, order, copies=True)
+    parallel.apply_activation_checkpointing(backbones.get("sdxl"), reference.unet)
+    recomputed = _generator_update_grad(reference, assistant, x_t, t, cond, order, copies=True)
+    torch.testing.assert_close(copied, eager, rtol=0, atol=0)  # the copies are autocast's own rounding
+    torch.testing.assert_close(recomputed, eager, rtol=0, atol=0)  # each recompute saw its forward's adapters
+    # and afterwards: adapters off, fp32 weights back (the same storage), the loop's requires_grad flags untouched
+    assert state.adapters_on is False and state.input_dtype is None
+    assert [p.requires_grad for p in reference.unet.parameters()] == flags
+    assert [(p.data_ptr(), p.dtype) for p in reference.unet.parameters()] == weights
+    # the assistant's own update (adapters on, trainable) recomputes to the eager gradients too
+    eager_update = _grads(*_shared_copy(tiny_sdxl, assistant), x_t, t, cond)
+    for a, b in zip(eager_update, _grads(reference, assistant, x_t, t, cond), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+def _shared_copy(tiny_sdxl, assistant):
+    """A fresh shared network, not checkpointed, with `assistant`'s adapter weights."""
+    _, reference, twin = _shared(tiny_sdxl)
+    with torch.no_grad():
+        for p, q in zip(adapter_parameters(twin.unet), adapter_parameters(assistant.unet), strict=True):
+            p.copy_(q)
+    return reference, twin
+
+
 def test_config_rules(tiny_sdxl):
     from distar.train.config import load_config
 
