@@ -24,6 +24,7 @@ from components.evaluate import evaluate  # noqa: E402
 from components.export import export  # noqa: E402
 from components.train import train_local, train_trainjob  # noqa: E402
 from distar.compare import TABLE3  # noqa: E402
+from distar.evaluate import protocol  # noqa: E402
 from distar.prompts import PARTI_URL  # noqa: E402
 from pipelines.distar_sdxl import LAUNCHERS, place, shared_steps, train_step  # noqa: E402
 
@@ -66,9 +67,9 @@ def build(launcher: str = "trainjob", parallelism: int = PARALLELISM):
         initial: str = DMD2,
         reference: str = SDXL,
         reference_steps: str = "reference:50",
-        eval_prompts: str = "prompts/parti/PartiPrompts.tsv",
-        eval_hps_prompts: str = "prompts/hpsv2",
-        eval_rewards: list = ["imagereward", "aesthetic", "pickscore", "clip", "hpsv2.1"],  # noqa: B006
+        eval_prompts: str = protocol.PARTI_IN_CACHE,
+        eval_hps_prompts: str = protocol.HPS_IN_CACHE,
+        eval_rewards: list = protocol.METRICS,
         eval_max_prompts: int = 0,
         eval_batch_size: int = 4,
         eval_gpus: int = 1,

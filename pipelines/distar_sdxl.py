@@ -25,6 +25,7 @@ from components.curate import curate  # noqa: E402
 from components.evaluate import evaluate  # noqa: E402
 from components.export import export  # noqa: E402
 from components.train import train_local, train_trainjob  # noqa: E402
+from distar.evaluate import protocol  # noqa: E402
 from distar.prompts import PARTI_URL  # noqa: E402
 from distar.train.trainjob import HUB_SECRET_KEYS, STORAGE_SECRET_KEYS  # noqa: E402
 
@@ -126,9 +127,9 @@ def build(launcher: str = "trainjob"):
         tolerations: list = [],  # noqa: B006
         max_restarts: int = 3,
         ema: bool = False,
-        eval_prompts: str = "prompts/parti/PartiPrompts.tsv",
-        eval_hps_prompts: str = "prompts/hpsv2",
-        eval_rewards: list = ["imagereward", "aesthetic", "pickscore", "clip", "hpsv2.1"],  # noqa: B006
+        eval_prompts: str = protocol.PARTI_IN_CACHE,
+        eval_hps_prompts: str = protocol.HPS_IN_CACHE,
+        eval_rewards: list = protocol.METRICS,
         eval_baseline: str = "",
         eval_max_prompts: int = 0,
         eval_batch_size: int = 4,

@@ -320,6 +320,7 @@ def build_parser() -> argparse.ArgumentParser:
     exp.set_defaults(func=_export)
 
     from distar.evaluate import __doc__ as evaluate_doc
+    from distar.evaluate import protocol as P
 
     ev = sub.add_parser(
         "evaluate",
@@ -333,14 +334,16 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--reference", default=None, help="the pipeline that reference:N samples")
     ev.add_argument("--prompts", default=None, help="Parti prompts file/URI (default: the public PartiPrompts.tsv)")
     ev.add_argument("--hps-prompts", default=None, help="directory/URI of the HPSv2 benchmark style JSON files")
-    ev.add_argument("--rewards", nargs="*", default=None, help="metrics (default: all five)")
+    ev.add_argument("--rewards", nargs="*", default=None, help=f"metrics (default: {' '.join(P.METRICS)})")
     ev.add_argument("--source", action="append", default=[], metavar="NAME=SOURCE", help="a reward's model source")
     ev.add_argument("--head", action="append", default=[], metavar="NAME=FILE", help="a reward's head file")
     ev.add_argument("--cache-dir", default=None, help="model cache written by distar cache")
     ev.add_argument("--max-prompts", type=int, default=0, help="first N prompts of each set (0: all)")
     ev.add_argument("--batch-size", type=int, default=4)
-    ev.add_argument("--seed", type=int, default=0)
-    ev.add_argument("--t-star", type=int, default=399)
+    ev.add_argument("--seed", type=int, default=P.SEED, help="seed of each prompt's noise")
+    ev.add_argument(
+        "--t-star", type=int, default=None, help="the one-step time (default: the exported model's distar.json)"
+    )
     ev.add_argument("--dtype", default="fp32", help="precision of generation (fp32, bf16, fp16)")
     ev.add_argument("--label", default="", help="a name for the model in reports")
     ev.add_argument(

@@ -9,15 +9,14 @@ matches shows it (`paper`), the others show none rather than a guess.
 
 from __future__ import annotations
 
-import base64
 import html
-import io
 import json
 import math
 
 from distar import storage
 from distar.errors import UserError
 from distar.evaluate import PAPER, check_same_protocol, load_metrics
+from distar.evaluate.report import png_base64, thumbnail
 
 METRICS = ("imagereward", "aesthetic", "pickscore", "clip", "hpsv2.1")
 CURVES = ("reward", "divergence", "balance/reward_to_divergence")
@@ -172,23 +171,8 @@ def _signed(value) -> str:
     return "" if value is None else f"{value:+.3g}"
 
 
-def _png(fig) -> str:
-    buf = io.BytesIO()
-    fig.tight_layout()
-    fig.savefig(buf, format="png")
-    return base64.b64encode(buf.getvalue()).decode()
-
-
 def _thumbnail(uri: str, side: int = 160) -> str:
-    from PIL import Image
-
-    fs, path = storage.filesystem(uri)
-    with fs.open(path, "rb") as fh:
-        image = Image.open(fh).convert("RGB")
-        image.thumbnail((side, side))
-    buf = io.BytesIO()
-    image.save(buf, "JPEG", quality=85)
-    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
+    return thumbnail(*storage.filesystem(uri), side=side)
 
 
 def render(result: dict, loaded: dict, baselines: dict, images: int) -> str:
@@ -257,7 +241,7 @@ def render(result: dict, loaded: dict, baselines: dict, images: int) -> str:
         ax.set_xlabel("step", fontsize=8)
         ax.tick_params(labelsize=7)
         ax.legend(fontsize=7)
-        parts.append(f"<img alt='{e(key)}' src='data:image/png;base64,{_png(fig)}'>")
+        parts.append(f"<img alt='{e(key)}' src='data:image/png;base64,{png_base64(fig)}'>")
         plt.close(fig)
     parts.append("</body></html>")
     return "\n".join(parts)

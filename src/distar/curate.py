@@ -238,6 +238,143 @@ class TokenCounter:
         return text[: offsets[body - 1][1]].rstrip()
 
 
+@dataclass
+class Candidates:
+    """One batch of prompts on its way through the rules: the normalised texts (None: not text), their categories,
+    and which are still kept. Token counts and digests are filled in by the rules that need them."""
+
+    texts: list
+    categories: list | None
+    keep: np.ndarray
+    tokens: np.ndarray | None = None
+    digests: list | None = None
+
+    def kept(self) -> np.ndarray:
+        return np.flatnonzero(self.keep)
+
+
+class Curation:
+    """What the rules share across batches: the config, the tokenizer's counter, the blocklist, the digests seen,
+    the per-category counts and the tallies the report gives."""
+
+    def __init__(self, config: CurateConfig, counter: TokenCounter, blocklist: re.Pattern | None):
+        self.config, self.counter, self.blocklist = config, counter, blocklist
+        self.seen: set[bytes] = set()
+        self.per_category: Counter = Counter()
+        self.truncated = 0
+
+
+# The rules, in order: each looks at the kept prompts of a batch and returns the rows it drops (a boolean mask).
+
+
+def drop_non_text(c: Candidates, run: Curation) -> np.ndarray:
+    """A missing or non-string value."""
+    return np.fromiter((t is None for t in c.texts), dtype=bool, count=len(c.texts))
+
+
+def drop_empty(c: Candidates, run: Curation) -> np.ndarray:
+    """Nothing left after normalisation (NFC, whitespace runs collapsed, trimmed)."""
+    return np.fromiter((t is not None and not t for t in c.texts), dtype=bool, count=len(c.texts))
+
+
+def drop_blocklist(c: Candidates, run: Curation) -> np.ndarray:
+    """A blocklisted word or phrase (whole words, any case)."""
+    drop = np.zeros(len(c.texts), dtype=bool)
+    if run.blocklist is not None:
+        for k in c.kept():
+            drop[k] = run.blocklist.search(c.texts[k]) is not None
+    return drop
+
+
+def drop_too_long(c: Candidates, run: Curation) -> np.ndarray:
+    """Over `max_tokens` CLIP tokens: dropped under long_prompts="drop"; else cut at a token boundary (kept,
+    counted in `truncated`)."""
+    kept = c.kept()
+    body = run.config.max_tokens - 2  # without the start and end tokens
+    c.tokens = np.zeros(len(c.texts), dtype=np.int64)
+    drop = np.zeros(len(c.texts), dtype=bool)
+    if not len(kept):
+        return drop
+    c.tokens[kept] = run.counter([c.texts[k] for k in kept])
+    for k in kept[c.tokens[kept] > body]:  # rare
+        if run.config.long_prompts == "drop":
+            drop[k] = True
+            continue
+        c.texts[k] = run.counter.cut(c.texts[k], body)
+        c.tokens[k] = body
+        run.truncated += 1
+    return drop
+
+
+def drop_repeats(c: Candidates, run: Curation) -> dict[str, np.ndarray]:
+    """ "duplicate": the same prompt as one kept before (exact after normalisation; optionally ignoring case);
+    "category_cap": over `max_per_category` prompts of its category. Decided together, row by row: a prompt the
+    cap drops is not kept, so a later copy of it is judged by the cap again rather than called a duplicate."""
+    n = len(c.texts)
+    c.digests = [None] * n
+    duplicate, capped = np.zeros(n, dtype=bool), np.zeros(n, dtype=bool)
+    cap = run.config.max_per_category if c.categories is not None else 0
+    for k in c.kept():
+        key = c.texts[k].casefold() if run.config.case_insensitive else c.texts[k]
+        c.digests[k] = digest = hashlib.blake2b(key.encode(), digest_size=8).digest()
+        category = c.categories[k] if c.categories is not None else None
+        if digest in run.seen:
+            duplicate[k] = True
+        elif cap and run.per_category[category] >= cap:
+            capped[k] = True
+        else:
+            run.seen.add(digest)
+            run.per_category[category] += 1
+    return {"duplicate": duplicate, "category_cap": capped}
+
+
+RULE_FUNCTIONS = {
+    "non_text": drop_non_text,
+    "empty": drop_empty,
+    "blocklist": drop_blocklist,
+    "too_long": drop_too_long,
+    "duplicate+category_cap": drop_repeats,
+}
+"""Every rule but "undecodable" (bytes that are not UTF-8, which the readers count), in order; a rule returns the
+rows it drops, or one mask per reason."""
+
+
+def _candidates(rows, config: CurateConfig, cut: Counter) -> Candidates:
+    """A batch's prompts normalised in Arrow kernels (values over max_chars cut first, counted in `cut`)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    values = _as_string_array(rows.prompts)
+    over = pc.fill_null(pc.greater(pc.utf8_length(values), config.max_chars), False)
+    if pc.any(over).as_py():
+        cut["chars"] += pc.sum(over).as_py()
+        values = pc.utf8_slice_codeunits(values, 0, config.max_chars)
+    texts = normalise_array(values).to_pylist()
+    categories = None
+    if rows.categories is not None:
+        categories = pa.array([None if c is None else str(c) for c in rows.categories], pa.string()).to_pylist()
+    return Candidates(texts, categories, np.ones(len(texts), dtype=bool))
+
+
+def _split_rows(c: Candidates, uri: str, eval_fraction: float) -> dict[str, dict]:
+    """The kept rows of each split. A prompt's split is the position of its hash in [0, 1): the same whatever the
+    order or the other sources."""
+    kept = c.kept()
+    tokens = c.tokens[kept] + 2
+    position = np.frombuffer(b"".join(c.digests[k] for k in kept), dtype=">u8").astype(np.float64) / 2**64
+    out = {}
+    for split, mask in (("train", position >= eval_fraction), ("eval", position < eval_fraction)):
+        rows = kept[mask]
+        out[split] = {
+            "prompt": [c.texts[k] for k in rows],
+            "id": [c.digests[k].hex() for k in rows],
+            "source": [uri] * len(rows),
+            "tokens": tokens[mask].tolist(),
+            "category": [c.categories[k] for k in rows] if c.categories is not None else [],
+        }
+    return out
+
+
 def curate(config: CurateConfig, progress: bool = False) -> dict:
     """Run the curation; returns the stats (also written to {out}/stats.json)."""
     if not config.sources:
@@ -256,13 +393,9 @@ def curate(config: CurateConfig, progress: bool = False) -> dict:
         fs, path = storage.filesystem(uri)
         if not fs.exists(path):
             raise UserError(f"source {uri!r} does not exist")
-    import pyarrow as pa
-    import pyarrow.compute as pc
 
     started = time.perf_counter()
-    tokenizer = _load_tokenizer(config.tokenizer)
-    counter = TokenCounter(tokenizer)
-    blocklist = _load_blocklist(config.blocklist)
+    run = Curation(config, TokenCounter(_load_tokenizer(config.tokenizer)), _load_blocklist(config.blocklist))
     fs, out_path = storage.filesystem(config.out)
     if fs.exists(f"{out_path.rstrip('/')}/{MANIFEST}"):
         raise UserError(f"{config.out!r} already holds a curated set ({MANIFEST}); choose another --out")
@@ -272,89 +405,37 @@ def curate(config: CurateConfig, progress: bool = False) -> dict:
 
     # Categories are known after the first batch; writers are made then.
     writers: dict[str, _ShardWriter] = {}
-    dropped = Counter()
-    truncated = 0
-    seen: set[bytes] = set()
-    per_category = Counter()
-    lengths = Counter()
+    dropped, cut, lengths = Counter(), Counter(), Counter()
     rows_in = 0
     per_source = {}
-    body = config.max_tokens - 2  # without the start and end tokens
-    cut_chars = 0
     for uri in config.sources:
         source_in = 0
         for rows in read_source(uri, SourceOptions(config.column, config.category_column, config.batch_rows)):
             rows_in += len(rows.prompts) + rows.undecodable
             source_in += len(rows.prompts) + rows.undecodable
             dropped["undecodable"] += rows.undecodable
-            with_category = rows.categories is not None
             if not writers:
+                with_category = rows.categories is not None
                 writers = {s: _ShardWriter(config.out, s, config.shard_rows, with_category) for s in ("train", "eval")}
-            values = _as_string_array(rows.prompts)
-            over = pc.fill_null(pc.greater(pc.utf8_length(values), config.max_chars), False)
-            if pc.any(over).as_py():
-                cut_chars += pc.sum(over).as_py()
-                values = pc.utf8_slice_codeunits(values, 0, config.max_chars)
-            dropped["non_text"] += values.null_count
-            normalised = normalise_array(values)
-            keep = pc.fill_null(pc.greater(pc.utf8_length(normalised), 0), False)
-            dropped["empty"] += len(values) - values.null_count - pc.sum(keep).as_py() if len(values) else 0
-            texts = pc.filter(normalised, keep).to_pylist()
-            cats = None
-            if with_category:
-                labels = pa.array([None if c is None else str(c) for c in rows.categories], pa.string())
-                cats = pc.filter(labels, keep).to_pylist()
-            if blocklist is not None:
-                hit = [blocklist.search(t) is not None for t in texts]
-                dropped["blocklist"] += sum(hit)
-                texts = [t for t, h in zip(texts, hit, strict=True) if not h]
-                cats = [c for c, h in zip(cats, hit, strict=True) if not h] if with_category else None
-            if not texts:
+            batch = _candidates(rows, config, cut)
+            for name, rule in RULE_FUNCTIONS.items():
+                drops = rule(batch, run)
+                for reason, drop in drops.items() if isinstance(drops, dict) else [(name, drops)]:
+                    drop &= batch.keep
+                    dropped[reason] += int(drop.sum())
+                    batch.keep &= ~drop
+            if not batch.keep.any():
                 continue
-            counts = counter(texts)
-            keep = np.ones(len(texts), dtype=bool)
-            for k in np.flatnonzero(counts > body):  # rare: cut at a token boundary, or drop
-                if config.long_prompts == "drop":
-                    dropped["too_long"] += 1
-                    keep[k] = False
-                    continue
-                texts[k] = counter.cut(texts[k], body)
-                counts[k] = body
-                truncated += 1
-            keys = [t.casefold() for t in texts] if config.case_insensitive else texts
-            digests = [hashlib.blake2b(key.encode(), digest_size=8).digest() for key in keys]
-            cap = config.max_per_category if with_category else 0
-            for k, digest in enumerate(digests):
-                if not keep[k]:
-                    continue
-                if digest in seen:
-                    dropped["duplicate"] += 1
-                    keep[k] = False
-                elif cap and per_category[cats[k]] >= cap:
-                    dropped["category_cap"] += 1
-                    keep[k] = False
-                else:
-                    seen.add(digest)
-                    per_category[cats[k] if with_category else None] += 1
-            kept = np.flatnonzero(keep)
-            if not len(kept):
-                continue
-            tokens = counts[kept] + 2
+            tokens = batch.tokens[batch.keep] + 2
             lengths.update(dict(zip(*(v.tolist() for v in np.unique(tokens, return_counts=True)), strict=True)))
-            # A prompt's split is the position of its hash in [0, 1): the same whatever the order or the other sources.
-            position = np.frombuffer(b"".join(digests[k] for k in kept), dtype=">u8").astype(np.float64) / 2**64
-            for split, mask in (("train", position >= config.eval_fraction), ("eval", position < config.eval_fraction)):
-                rows_of_split = kept[mask]
-                writers[split].add_rows(
-                    {
-                        "prompt": [texts[k] for k in rows_of_split],
-                        "id": [digests[k].hex() for k in rows_of_split],
-                        "source": [uri] * len(rows_of_split),
-                        "tokens": tokens[mask].tolist(),
-                        "category": [cats[k] for k in rows_of_split] if with_category else [],
-                    }
-                )
+            for split, columns in _split_rows(batch, uri, config.eval_fraction).items():
+                writers[split].add_rows(columns)
         per_source[uri] = source_in
+    return _finish(config, fs, out_path, writers, run, dropped, cut, lengths, rows_in, per_source, started)
+
+
+def _finish(config, fs, out_path, writers, run, dropped, cut, lengths, rows_in, per_source, started) -> dict:
+    """Flush the shards; write stats.json, summary.md and, last, the manifest."""
     for w in writers.values():
         w.flush()
     rows_out = sum(w.rows for w in writers.values())
@@ -362,12 +443,12 @@ def curate(config: CurateConfig, progress: bool = False) -> dict:
         "rows_in": rows_in,
         "rows_out": rows_out,
         "dropped": {r: dropped.get(r, 0) for r in RULES},
-        "truncated": truncated,
-        "cut_chars": cut_chars,
+        "truncated": run.truncated,
+        "cut_chars": cut["chars"],
         "splits": {s: w.rows for s, w in writers.items()},
         "per_source": per_source,
         "length_histogram": _histogram(lengths, config.max_tokens),
-        "categories": {str(k): v for k, v in sorted(per_category.items(), key=lambda kv: str(kv[0]))}
+        "categories": {str(k): v for k, v in sorted(run.per_category.items(), key=lambda kv: str(kv[0]))}
         if writers and writers["train"].with_category
         else {},
         "seconds": round(time.perf_counter() - started, 3),

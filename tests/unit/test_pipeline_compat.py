@@ -81,3 +81,20 @@ def test_a_2_4_backend_is_not_supported_and_the_check_says_why(minimum):
     found = too_new(_docs(ROOT / "pipelines" / "distar_sdxl.yaml"), minimum)
     assert any("secretNameParameter" in p and ">= 2.5" in p for p in found)
     assert any("nodeSelectorJson" in p for p in found)
+
+
+def test_components_default_to_the_evaluation_protocol():
+    """A component ships its own source, so its defaults are literals: they must say what the protocol says."""
+    import inspect
+
+    sys.path.insert(0, str(ROOT))
+    from components.baseline import baseline
+    from components.evaluate import evaluate
+
+    from distar.evaluate import protocol
+
+    for component in (evaluate, baseline):
+        defaults = {k: p.default for k, p in inspect.signature(component.python_func).parameters.items()}
+        assert defaults["rewards"] == protocol.METRICS
+        assert defaults["prompts"] == protocol.PARTI_IN_CACHE
+        assert defaults["hps_prompts"] == protocol.HPS_IN_CACHE

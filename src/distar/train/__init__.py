@@ -51,8 +51,8 @@ def exec_torchrun(config_source: str, overrides: list[str], nproc_per_node: int,
     a Kubeflow Trainer runtime, or torchrun's own defaults, set the nodes)."""
     import os
 
+    from distar.train.command import torchrun_command
     from distar.train.config import load_config
-    from distar.train.launch import torchrun_command
 
     load_config(config_source, overrides)
     cmd = torchrun_command(config_source, overrides, nproc_per_node, standalone="PET_MASTER_ADDR" not in os.environ)

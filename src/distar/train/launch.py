@@ -7,35 +7,12 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 
 from distar import storage
 from distar.errors import UserError
+from distar.train.command import torchrun_command
 from distar.train.stop import PREEMPTED, Preempted
-from distar.train.trainjob import SHUTDOWN_TIMEOUT_S, TrainJobSpec
-
-
-def torchrun_command(
-    config: str, overrides: list[str], nproc_per_node: int = 1, max_restarts: int = 0, standalone: bool = True
-) -> list[str]:
-
-    return [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        *(["--standalone"] if standalone else []),
-        "--shutdown-timeout",
-        str(SHUTDOWN_TIMEOUT_S),
-        "--nproc_per_node",
-        str(nproc_per_node),
-        "--max-restarts",
-        str(max_restarts),
-        "-m",
-        "distar.train",
-        "--config",
-        config,
-        *overrides,
-    ]
+from distar.train.trainjob import TrainJobSpec
 
 
 def run_local(config: str, overrides: list[str], nproc_per_node: int = 1, max_restarts: int = 0) -> dict:
@@ -45,7 +22,7 @@ def run_local(config: str, overrides: list[str], nproc_per_node: int = 1, max_re
     from distar.train.config import load_config
 
     resolved = load_config(config, overrides)  # a bad key fails here, before any process starts
-    cmd = torchrun_command(config, overrides, nproc_per_node, max_restarts)
+    cmd = torchrun_command(config, overrides, nproc_per_node, max_restarts, standalone=True)
     print("+", " ".join(cmd), flush=True)
     proc = subprocess.run(cmd, env=os.environ.copy())
     if proc.returncode == PREEMPTED:

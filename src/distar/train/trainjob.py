@@ -18,10 +18,8 @@ import time
 from dataclasses import dataclass, field
 
 from distar.errors import UserError
+from distar.train.command import SHUTDOWN_TIMEOUT_S, torchrun_command
 
-# Seconds torchrun waits after forwarding SIGTERM before it kills the workers: longer than the SDXL checkpoint
-# (docs/TRAINING.md, "Guarantees under faults"); the pod gets a minute more before the kubelet kills it.
-SHUTDOWN_TIMEOUT_S = 600
 TERMINATION_GRACE_S = SHUTDOWN_TIMEOUT_S + 60
 # Trainer's webhook wants a domain-prefixed path as the manager of a runtime patch (IsDomainPrefixedPath).
 MANAGER = "distar.dev/launcher"
@@ -110,16 +108,7 @@ def manifest(spec: TrainJobSpec) -> dict:
             requests[key] = value
     trainer = {
         "image": spec.image,
-        "command": [
-            "torchrun",
-            "--shutdown-timeout",
-            str(SHUTDOWN_TIMEOUT_S),
-            "-m",
-            "distar.train",
-            "--config",
-            spec.config,
-            *spec.overrides,
-        ],
+        "command": torchrun_command(spec.config, spec.overrides, None, None, program=["torchrun"]),
         "numNodes": spec.num_nodes,
         "numProcPerNode": spec.nproc_per_node,
         "resourcesPerNode": {k: v for k, v in (("limits", limits), ("requests", requests)) if v},
