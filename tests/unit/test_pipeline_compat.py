@@ -90,7 +90,6 @@ def test_components_default_to_the_evaluation_protocol():
     sys.path.insert(0, str(ROOT))
     from components.baseline import baseline
     from components.evaluate import evaluate
-
     from distar.evaluate import protocol
 
     for component in (evaluate, baseline):
