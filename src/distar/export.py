@@ -14,14 +14,16 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
 from distar import backbones, sources, storage, tiny_preset
+from distar.config import apply_mapping
 from distar.errors import UserError
 from distar.train.checkpoint import MARKER, Checkpointer, load_unet_weights, read_config, verify_checkpoint
+from distar.train.config import ModelConfig, TrainConfig
 
 SINGLE_FILE = "generator_unet.fp16.safetensors"
 
@@ -90,20 +92,26 @@ def resolve_checkpoint(uri: str) -> str:
     raise UserError(f"{uri!r} is neither a complete checkpoint nor a run holding one (checkpoints/step_*/{MARKER})")
 
 
-def _lora_generator_unet(backbone, model: dict, hub: dict, adapters: dict[str, torch.Tensor], source: str):
+def _train_config(checkpoint: str) -> TrainConfig:
+    """The run's TrainConfig, as its checkpoint saved it (a config from before a field existed gets the field's
+    default, as the run had it)."""
+    return apply_mapping(TrainConfig(), read_config(checkpoint), source=f"{checkpoint}/config.json")
+
+
+def _lora_generator_unet(backbone, model: ModelConfig, hub: dict, adapters: dict[str, torch.Tensor], source: str):
     """A LoRA generator's checkpoint holds its adapters: they go onto the initial network the run started from
     (`model.generator_init`, loaded again) and are merged into its weights, which gives a plain network."""
     from distar.backbones.shared import add_generator_adapter, is_adapter_param, merge_generator_adapter
 
-    unet = backbone.load_generator_init(model["generator_init"], model["reference"], revision=model["revision"], **hub)
-    rank, alpha = model["generator_lora_rank"], model["generator_lora_alpha"]
+    unet = backbone.load_generator_init(model.generator_init, model.reference, revision=model.revision, **hub)
+    rank, alpha = model.generator_lora_rank, model.generator_lora_alpha
     add_generator_adapter(unet, backbone.lora_targets, rank, alpha)
     expected = {name: p.shape for name, p in unet.named_parameters() if is_adapter_param(name)}
     wrong = [k for k in expected.keys() & adapters.keys() if adapters[k].shape != expected[k]]
     if adapters.keys() != expected.keys() or wrong:
         raise UserError(
-            f"{source}: the generator's adapters do not fit a rank-{model['generator_lora_rank']} LoRA on "
-            f"{model['generator_init']!r} ({len(expected.keys() - adapters.keys())} missing, "
+            f"{source}: the generator's adapters do not fit a rank-{model.generator_lora_rank} LoRA on "
+            f"{model.generator_init!r} ({len(expected.keys() - adapters.keys())} missing, "
             f"{len(adapters.keys() - expected.keys())} unexpected, {len(wrong)} of another shape)"
         )
     unet.load_state_dict(adapters, strict=False)
@@ -114,15 +122,14 @@ def export(config: ExportConfig) -> dict:
     checkpoint = resolve_checkpoint(config.checkpoint)
     check_out(config.out, checkpoint, config.force)
     verify_checkpoint(checkpoint)  # before anything in it is parsed
-    train = read_config(checkpoint)
-    model = train["model"]
-    backbone = backbones.get(model.get("backbone", backbones.DEFAULT))  # checkpoints before the choice: SDXL
-    tiny_preset.prepare(model)
-    hub = sources.hub_options(model["cache_dir"], model["offline"])
-    reference = model["reference"]
-    parts = list(backbone.pipeline_parts) + ([] if model["vae"] else ["vae"])
-    root = backbone.locate(reference, parts, revision=model["revision"], **hub)
-    if model.get("generator", "full") == "lora":
+    train = _train_config(checkpoint)
+    model = train.model
+    backbone = backbones.get(model.backbone)
+    tiny_preset.prepare(asdict(model))
+    hub = sources.hub_options(model.cache_dir, model.offline)
+    parts = list(backbone.pipeline_parts) + ([] if model.vae else ["vae"])
+    root = backbone.locate(model.reference, parts, revision=model.revision, **hub)
+    if model.generator == "lora":
         build = lambda weights: _lora_generator_unet(backbone, model, hub, weights, checkpoint)  # noqa: E731
     else:
         build = lambda weights: backbone.generator_from_weights(root, weights, checkpoint)  # noqa: E731
@@ -135,7 +142,7 @@ def export(config: ExportConfig) -> dict:
             raise UserError(
                 f"--ema: checkpoint {checkpoint!r} holds no EMA weights (train with ema_decay > 0)"
             ) from err
-    vae = backbone.load_vae(model["vae"] or root, dtype="fp32", **hub)
+    vae = backbone.load_vae(model.vae or root, dtype="fp32", **hub)
     pipe = backbone.one_step_pipeline(root, unet, vae)
     trainer_state = json.loads(
         storage.filesystem(checkpoint)[0].cat_file(
@@ -161,12 +168,12 @@ def export(config: ExportConfig) -> dict:
             "backbone": backbone.name,
             "checkpoint": checkpoint,
             "step": trainer_state["step"],
-            "t_star": model["t_star"],
-            "reference": model["reference"],
-            "generator_init": model["generator_init"],
+            "t_star": model.t_star,
+            "reference": model.reference,
+            "generator_init": model.generator_init,
             "config_digest": trainer_state.get("config_digest"),
-            "loss": train["loss"],
-            "reward": train["reward"],
+            "loss": asdict(train.loss),
+            "reward": asdict(train.reward),
         }
         (local / "distar.json").write_text(json.dumps(distar_meta, indent=2))
         (local / "README.md").write_text(

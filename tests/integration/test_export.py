@@ -136,10 +136,11 @@ def test_a_lora_generator_exports_merged_into_a_plain_unet(tmp_path):
         x0 = OneStepGenerator(unet)(z, PromptEncoder.from_pretrained(tiny("tiny:sdxl")).encode(prompts, 64, 64))
     torch.testing.assert_close(latents, x0, atol=1e-4, rtol=1e-4)
     # adapters that do not fit the LoRA the run's config names are refused by name, not loaded half-way
-    from distar import backbones
-    from distar.export import _lora_generator_unet
-    from distar.train.checkpoint import read_config
+    import dataclasses
 
-    model = {**read_config(summary["checkpoint"])["model"], "generator_lora_rank": 8}
+    from distar import backbones
+    from distar.export import _lora_generator_unet, _train_config
+
+    model = dataclasses.replace(_train_config(summary["checkpoint"]).model, generator_lora_rank=8)
     with pytest.raises(UserError, match="do not fit a rank-8 LoRA.*0 missing, 0 unexpected, .* of another shape"):
         _lora_generator_unet(backbones.get("sdxl"), model, {}, adapters, summary["checkpoint"])

@@ -372,3 +372,23 @@ def test_a_lora_generator_trains_only_its_adapters_and_resumes_exactly(tmp_path)
     for key, value in adapters.items():
         torch.testing.assert_close(value, resumed[key], rtol=0, atol=1e-6, msg=key)
     assert max(v.abs().max().item() for k, v in adapters.items() if "lora_B" in k) > 0  # the generator trained
+
+
+def test_a_resolution_the_latents_cannot_take_is_refused_before_any_weights_load(tmp_path, monkeypatch):
+    from distar import backbones, tiny_preset
+    from distar.train import distributed
+    from distar.train.trainer import Trainer
+
+    config = load_config("tiny", [f"out={tmp_path / 'run'}", "data.resolution=60", "parallel.strategy=none"])
+    tiny_preset.prepare(config.to_dict())
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("weights were loaded")
+
+    monkeypatch.setattr(type(backbones.get("sdxl")), "load_denoiser", refuse)
+    world = distributed.init("cpu")
+    try:
+        with pytest.raises(UserError, match="data.resolution=60 must be a multiple of 16"):
+            Trainer(config, world)
+    finally:
+        distributed.shutdown()

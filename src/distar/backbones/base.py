@@ -148,6 +148,10 @@ class Backbone:
     def load_generator_init(self, init: str, reference, reference_net=None, revision=None, **resolve_kwargs):
         raise NotImplementedError
 
+    def vae_config(self, source, **resolve_kwargs) -> dict:
+        """The VAE's config alone, read before any weights (the latent size checks need it)."""
+        raise NotImplementedError
+
     def build_denoiser(self, config: dict) -> nn.Module:
         """A network of `config` with random weights (on the current default device)."""
         raise NotImplementedError

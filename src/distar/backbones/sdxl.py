@@ -519,6 +519,18 @@ class SDXL(Backbone):
     def load_vae(self, source, dtype="fp32", **resolve_kwargs):
         return load_vae(source, dtype=dtype, **resolve_kwargs)
 
+    def vae_config(self, source, **resolve_kwargs) -> dict:
+        """The VAE's config.json alone (of a pipeline directory or a standalone VAE): what the latent size needs,
+        read before any weights are."""
+        patterns = ["vae/config.json", "config.json", "model_index.json"]
+        root = resolve_dir(source, allow_patterns=patterns, **resolve_kwargs)
+        path = root / "vae" / "config.json" if (root / "vae").is_dir() else root / "config.json"
+        require_files(root, {"vae": [[str(path.relative_to(root))]]})
+        try:
+            return json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise UserError(f"{path} is not valid JSON ({err}); fetch the VAE again") from None
+
     def load_generator_init(self, init, reference, reference_net=None, revision=None, **resolve_kwargs):
         return load_generator_init(init, reference, reference_net, revision, **resolve_kwargs)
 

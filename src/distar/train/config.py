@@ -24,6 +24,9 @@ from distar.errors import UserError, redact
 from distar.losses import DivergenceConfig
 
 PRESETS = ("tiny", "sdxl", "sdxl-1gpu")
+DType = Literal["fp32", "bf16", "fp16", "float32", "bfloat16", "float16"]
+"""A weight dtype's name; the long names are written as the short ones when a config is loaded."""
+_SHORT_DTYPE = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 
 
 @dataclass
@@ -67,11 +70,11 @@ class ModelConfig:
     """Model cache written by `distar cache`; hub ids found there are read from it."""
     offline: bool = False
     """Never contact the hub (also set by HF_HUB_OFFLINE=1)."""
-    reference_dtype: str = "bf16"
+    reference_dtype: DType = "bf16"
     """Weights of the frozen reference UNet."""
-    text_encoder_dtype: str = "bf16"
+    text_encoder_dtype: DType = "bf16"
     """Weights of the frozen text encoders."""
-    vae_dtype: str = "fp32"
+    vae_dtype: DType = "fp32"
     """Weights of the frozen VAE (the SDXL VAE overflows in fp16; bf16 or fp16 only with the fp16-fix VAE)."""
     vae_fp32_norms: bool = True
     """With a bf16 or fp16 VAE, keep its GroupNorm layers in fp32 (input cast up, fp32 weights, output cast back):
@@ -90,7 +93,7 @@ class RewardConfig:
     """Tokenizer/processor source per reward name, where not the default."""
     heads: dict[str, str] = field(default_factory=dict)
     """Head file per reward name (the aesthetic MLP), where not the default."""
-    dtype: str = "bf16"
+    dtype: DType = "bf16"
     """Weights of the frozen reward models."""
 
     def spec(self, name: str, weight: float = 1.0):
@@ -306,14 +309,47 @@ class TrainConfig:
         return [k for k in changed if not any(k == s or k.startswith(s + ".") for s in RESUME_SAFE_KEYS)]
 
     def validate(self) -> TrainConfig:
-        """Cross-field checks (the choices are checked by the loader, from each field's Literal type); each failure
-        names the key and what to set."""
+        """Every section's checks, then the checks across sections (the choices are checked by the loader, from
+        each field's Literal type); each failure names the key and what to set. Long dtype names become short."""
         check_choices(self)
+        for section in (self.model, self.reward):
+            for f in dataclasses.fields(section):
+                if f.name.endswith("dtype"):
+                    value = getattr(section, f.name)
+                    setattr(section, f.name, _SHORT_DTYPE.get(value, value))
+        self._validate_run()
+        self._validate_numbers()
+        self._validate_model()
+        self._validate_reward()
+        self._validate_loss()
+        self._validate_data()
+        self._validate_guard()
+        self._validate_parallel()
+        return self
+
+    def _validate_run(self) -> None:
         if storage.is_root(self.out):
             raise UserError(
                 f"config key 'out' is {self.out!r}: name the run's own directory or URI (e.g. out=runs/r1 or "
                 "out=gs://BUCKET/runs/r1); a root or empty output would scatter checkpoints and logs"
             )
+        positive = {
+            "steps": self.steps,
+            "checkpoint.every": self.checkpoint.every,
+            "checkpoint.keep_last": self.checkpoint.keep_last,
+            "log.every": self.log.every,
+            "log.sample_every": self.log.sample_every,
+            "max_nonfinite": self.max_nonfinite,
+        }
+        _at_least_one(positive)
+        if self.assistant_warmup < 0:
+            raise UserError(f"config key 'assistant_warmup' must be 0 or more, got {self.assistant_warmup}")
+        if self.assistant_updates < 0:
+            raise UserError(f"config key 'assistant_updates' must be 0 or more, got {self.assistant_updates}")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise UserError(f"config key 'ema_decay' must be in [0, 1), got {self.ema_decay}")
+
+    def _validate_numbers(self) -> None:
         for key, value, lo, lo_open in self._domains():
             if not math.isfinite(value) or value < lo or (lo_open and value == lo):
                 bound = f"> {lo:g}" if lo_open else f"≥ {lo:g}"
@@ -322,80 +358,76 @@ class TrainConfig:
             section, name = key.split(".")
             if not 0.0 <= getattr(getattr(self, section), name) < 1.0:
                 raise UserError(f"config key {key!r} must be in [0, 1), got {getattr(getattr(self, section), name)}")
+
+    def _validate_model(self) -> None:
+        m = self.model
         try:
-            backbones.get(self.model.backbone).check_t_star(self.model.t_star)
+            backbones.get(m.backbone).check_t_star(m.t_star)
         except ValueError as err:
             raise UserError(f"config key 'model.t_star': {err}") from None
+        if m.assistant == "lora" and m.assistant_init != "reference":
+            raise UserError(
+                "model.assistant='lora' puts adapters on the reference: model.assistant_init must be 'reference'"
+            )
+        for network in ("assistant", "generator"):
+            if getattr(m, network) == "lora" and (
+                getattr(m, f"{network}_lora_rank") < 1 or not getattr(m, f"{network}_lora_alpha") > 0
+            ):
+                raise UserError(f"model.{network}_lora_rank must be at least 1 and model.{network}_lora_alpha positive")
+
+    def _validate_reward(self) -> None:
         bad_weights = {k: w for k, w in self.reward.weights.items() if not math.isfinite(w)}
         if bad_weights:
             raise UserError(f"config key 'reward.weights': every weight must be finite, got {bad_weights}")
-        positive = {
-            "steps": self.steps,
-            "data.batch_size": self.data.batch_size,
-            "data.grad_accum": self.data.grad_accum,
-            "data.resolution": self.data.resolution,
-            "checkpoint.every": self.checkpoint.every,
-            "checkpoint.keep_last": self.checkpoint.keep_last,
-            "log.every": self.log.every,
-            "log.sample_every": self.log.sample_every,
-            "max_nonfinite": self.max_nonfinite,
-        }
-        for key, value in positive.items():
-            if value < 1:
-                raise UserError(f"config key {key!r} must be at least 1, got {value}")
-        if self.guard.seeds == 1 or self.guard.seeds < 0 or self.guard.prompts < 1:
+        if not self.reward.weights and self.loss.alpha_rew != 0:
+            raise UserError(
+                "reward.weights is empty but loss.alpha_rew is not 0: name a reward or set loss.alpha_rew=0"
+            )
+
+    def _validate_loss(self) -> None:
+        L = self.loss
+        if not 0 <= L.t_min < L.t_max <= 1000:
+            raise UserError(f"loss.t_min={L.t_min}, loss.t_max={L.t_max}: need 0 ≤ t_min < t_max ≤ 1000")
+        if not 0 <= L.assistant_t_min < L.assistant_t_max <= 1000:
+            raise UserError("loss.assistant_t_min/assistant_t_max: need 0 ≤ assistant_t_min < assistant_t_max ≤ 1000")
+
+    def _validate_data(self) -> None:
+        d = self.data
+        _at_least_one(
+            {"data.batch_size": d.batch_size, "data.grad_accum": d.grad_accum, "data.resolution": d.resolution}
+        )
+        if not d.prompts:
+            raise UserError("config key 'data.prompts' is empty: set it to the curated prompt shards (distar curate)")
+
+    def _validate_guard(self) -> None:
+        g = self.guard
+        if g.seeds == 1 or g.seeds < 0 or g.prompts < 1:
             raise UserError(
                 "config keys 'guard.seeds' (0 or at least 2) and 'guard.prompts' (at least 1) are out of range"
             )
         from distar.rewards import KNOWN
 
-        unknown = sorted(n for n in {*self.guard.heldout, *self.guard.max_heldout_drop} if n not in KNOWN)
+        unknown = sorted(n for n in {*g.heldout, *g.max_heldout_drop} if n not in KNOWN)
         if unknown:
             raise UserError(
                 f"config key 'guard.heldout' / 'guard.max_heldout_drop': unknown rewards {unknown}; "
                 f"known: {', '.join(KNOWN)}"
             )
-        if self.assistant_warmup < 0:
-            raise UserError(f"config key 'assistant_warmup' must be 0 or more, got {self.assistant_warmup}")
-        if self.assistant_updates < 0:
-            raise UserError(f"config key 'assistant_updates' must be 0 or more, got {self.assistant_updates}")
-        if not 0 <= self.loss.t_min < self.loss.t_max <= 1000:
-            raise UserError(
-                f"loss.t_min={self.loss.t_min}, loss.t_max={self.loss.t_max}: need 0 ≤ t_min < t_max ≤ 1000"
-            )
-        if not 0 <= self.loss.assistant_t_min < self.loss.assistant_t_max <= 1000:
-            raise UserError("loss.assistant_t_min/assistant_t_max: need 0 ≤ assistant_t_min < assistant_t_max ≤ 1000")
-        if not 0.0 <= self.ema_decay < 1.0:
-            raise UserError(f"config key 'ema_decay' must be in [0, 1), got {self.ema_decay}")
-        if not self.data.prompts:
-            raise UserError("config key 'data.prompts' is empty: set it to the curated prompt shards (distar curate)")
-        if self.model.assistant == "lora" and self.model.assistant_init != "reference":
-            raise UserError(
-                "model.assistant='lora' puts adapters on the reference: model.assistant_init must be 'reference'"
-            )
+
+    def _validate_parallel(self) -> None:
+        p = self.parallel
         for network in ("assistant", "generator"):
-            if getattr(self.model, network) != "lora":
-                continue
-            if self.parallel.strategy == "fsdp":
+            if getattr(self.model, network) == "lora" and p.strategy == "fsdp":
                 raise UserError(
                     f"model.{network}='lora' runs with parallel.strategy 'none' (one GPU) or 'ddp': a LoRA UNet mixes "
                     "frozen bf16 and trainable fp32 parameters, which distar does not shard yet"
                 )
-            if getattr(self.model, f"{network}_lora_rank") < 1 or not getattr(self.model, f"{network}_lora_alpha") > 0:
-                raise UserError(f"model.{network}_lora_rank must be at least 1 and model.{network}_lora_alpha positive")
-        if self.parallel.bf16_weight_copies and (
-            self.parallel.mixed_precision != "bf16" or self.parallel.strategy == "fsdp"
-        ):
+        if p.bf16_weight_copies and (p.mixed_precision != "bf16" or p.strategy == "fsdp"):
             raise UserError(
                 "parallel.bf16_weight_copies replaces bf16 autocast's casts without FSDP: set "
                 "parallel.mixed_precision=bf16 and parallel.strategy to 'none' or 'ddp' (FSDP's mixed precision "
                 "makes its own bf16 copies), or parallel.bf16_weight_copies=false"
             )
-        if not self.reward.weights and self.loss.alpha_rew != 0:
-            raise UserError(
-                "reward.weights is empty but loss.alpha_rew is not 0: name a reward or set loss.alpha_rew=0"
-            )
-        return self
 
     def _domains(self):
         """(key, value, lower bound, bound excluded) of every bounded numeric field."""
@@ -450,6 +482,12 @@ def _flat(mapping: dict, prefix: str = "") -> dict:
 
 def preset_path(name: str) -> Path:
     return Path(str(resources.files("distar") / "presets" / f"{name}.toml"))
+
+
+def _at_least_one(values: dict[str, int]) -> None:
+    for key, value in values.items():
+        if value < 1:
+            raise UserError(f"config key {key!r} must be at least 1, got {value}")
 
 
 def load_config(source: str, overrides: list[str] = ()) -> TrainConfig:

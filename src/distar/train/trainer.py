@@ -63,6 +63,11 @@ class Trainer:
             d = config.data
             data = PromptSet(sources.local(d.prompts), d.prompt_column, d.use_embeddings, columns)
         self.data = data
+        if nets is None:
+            backbone, m = backbones.get(config.model.backbone), config.model
+            hub = sources.hub_options(m.cache_dir, m.offline)
+            vae = backbone.vae_config(m.vae or m.reference, **(hub if m.vae else {**hub, "revision": m.revision}))
+            _check_resolution(config.data.resolution, backbone.vae_factor(vae))  # before any weights load
         self.nets = nets or build_networks(config, world, need_text_encoders=not self.data.has_embeddings)
         self.optimizers = {
             "generator": self._optimizer(self.nets.generator_unet, config.generator_optim),
@@ -77,8 +82,7 @@ class Trainer:
             }
         backbone = self.nets.generator.backbone
         vae_factor = backbone.vae_factor(dict(self.nets.vae.config))
-        if config.data.resolution % (vae_factor * 8):
-            raise UserError(f"data.resolution={config.data.resolution} must be a multiple of {vae_factor * 8}")
+        _check_resolution(config.data.resolution, vae_factor)
         side = config.data.resolution // vae_factor
         self.latent_shape = (backbone.latent_channels(dict(self.nets.generator_unet.config)), side, side)
         self.method = DIStar(config, world, self.nets, self.data, self.latent_shape)
@@ -482,6 +486,12 @@ class _Loop:
         if self.progress is not None:
             self.progress.close()
         self.logger.close()
+
+
+def _check_resolution(resolution: int, vae_factor: int) -> None:
+    """Latents of resolution / vae_factor pixels must pass the denoiser's three halvings."""
+    if resolution % (vae_factor * 8):
+        raise UserError(f"data.resolution={resolution} must be a multiple of {vae_factor * 8}")
 
 
 def host_values(values: dict) -> dict[str, float]:
