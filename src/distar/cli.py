@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 
+from distar.config import add_config_arguments, config_from_args
 from distar.errors import UserError
 
 
@@ -34,20 +35,7 @@ def _train(args: argparse.Namespace) -> None:
 def _curate(args: argparse.Namespace) -> None:
     from distar.curate import CurateConfig, curate
 
-    config = CurateConfig(
-        sources=args.source,
-        out=args.out,
-        column=args.column,
-        category_column=args.category_column,
-        tokenizer=args.tokenizer,
-        max_tokens=args.max_tokens,
-        long_prompts=args.long_prompts,
-        case_insensitive=args.case_insensitive,
-        blocklist=args.blocklist,
-        eval_fraction=args.eval_fraction,
-        max_per_category=args.max_per_category,
-        shard_rows=args.shard_rows,
-    )
+    config = config_from_args(CurateConfig, args)
     stats = curate(config)
     print(json.dumps({k: stats[k] for k in ("rows_in", "rows_out", "dropped", "truncated", "splits", "seconds")}))
     print(f"wrote {args.out}/manifest.json, stats.json, summary.md")
@@ -72,27 +60,7 @@ def _export(args: argparse.Namespace) -> None:
 def _evaluate(args: argparse.Namespace) -> None:
     from distar.evaluate import EvaluateConfig, evaluate
 
-    d = EvaluateConfig("", "")
-    config = EvaluateConfig(
-        model=args.model,
-        out=args.out,
-        baseline=args.baseline,
-        reference=args.reference,
-        prompts=args.prompts or d.prompts,
-        hps_prompts=args.hps_prompts,
-        rewards=args.rewards or d.rewards,
-        sources=dict(s.split("=", 1) for s in args.source),
-        heads=dict(h.split("=", 1) for h in args.head),
-        cache_dir=args.cache_dir,
-        max_prompts=args.max_prompts,
-        batch_size=args.batch_size,
-        seed=args.seed,
-        t_star=args.t_star,
-        dtype=args.dtype,
-        label=args.label,
-        compare_to=args.compare_to,
-        allow_protocol_mismatch=args.allow_protocol_mismatch,
-    )
+    config = config_from_args(EvaluateConfig, args)
     report = evaluate(config)
     print(json.dumps(report["results"], indent=2))
     print(f"report: {args.out}/report.html")
@@ -272,22 +240,10 @@ def build_parser() -> argparse.ArgumentParser:
     from distar.curate import CurateConfig
     from distar.curate import __doc__ as curate_doc
 
-    d = CurateConfig([], "")
     curate = sub.add_parser(
         "curate", help="prompt sources → normalised, filtered, deduplicated Parquet shards", description=curate_doc
     )
-    curate.add_argument("--source", action="append", required=True, help="a prompt file or URI (repeatable)")
-    curate.add_argument("--out", required=True, help="output URI")
-    curate.add_argument("--column", default=None, help="the prompt column (default: prompt/Prompt/text/caption)")
-    curate.add_argument("--category-column", default=None, help="a category column (default: category/Category)")
-    curate.add_argument("--tokenizer", default=d.tokenizer, help="CLIP tokenizer that counts tokens")
-    curate.add_argument("--max-tokens", type=int, default=d.max_tokens, help="longest prompt in CLIP tokens")
-    curate.add_argument("--long-prompts", choices=["truncate", "drop"], default=d.long_prompts)
-    curate.add_argument("--case-insensitive", action="store_true", help="deduplicate ignoring case")
-    curate.add_argument("--blocklist", default=None, help="file of words/phrases to drop, one a line")
-    curate.add_argument("--eval-fraction", type=float, default=d.eval_fraction, help="share of the eval split")
-    curate.add_argument("--max-per-category", type=int, default=0, help="cap per category (0: none)")
-    curate.add_argument("--shard-rows", type=int, default=d.shard_rows, help="rows per output shard")
+    add_config_arguments(curate, CurateConfig, flags={"sources": "source"})
     curate.set_defaults(func=_curate)
 
     from distar.cache import PRESETS
@@ -319,8 +275,8 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--force", action="store_true", help="write into a non-empty --out (same-named files replaced)")
     exp.set_defaults(func=_export)
 
+    from distar.evaluate import EvaluateConfig
     from distar.evaluate import __doc__ as evaluate_doc
-    from distar.evaluate import protocol as P
 
     ev = sub.add_parser(
         "evaluate",
@@ -328,32 +284,7 @@ def build_parser() -> argparse.ArgumentParser:
         description=evaluate_doc,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    ev.add_argument("--model", required=True, help="exported pipeline (directory/URI) or reference:N")
-    ev.add_argument("--out", required=True, help="output URI (metrics.json, scores.parquet, images/, report.html)")
-    ev.add_argument("--baseline", default=None, help="another pipeline, or reference:N (with --reference)")
-    ev.add_argument("--reference", default=None, help="the pipeline that reference:N samples")
-    ev.add_argument("--prompts", default=None, help="Parti prompts file/URI (default: the public PartiPrompts.tsv)")
-    ev.add_argument("--hps-prompts", default=None, help="directory/URI of the HPSv2 benchmark style JSON files")
-    ev.add_argument("--rewards", nargs="*", default=None, help=f"metrics (default: {' '.join(P.METRICS)})")
-    ev.add_argument("--source", action="append", default=[], metavar="NAME=SOURCE", help="a reward's model source")
-    ev.add_argument("--head", action="append", default=[], metavar="NAME=FILE", help="a reward's head file")
-    ev.add_argument("--cache-dir", default=None, help="model cache written by distar cache")
-    ev.add_argument("--max-prompts", type=int, default=0, help="first N prompts of each set (0: all)")
-    ev.add_argument("--batch-size", type=int, default=4)
-    ev.add_argument("--seed", type=int, default=P.SEED, help="seed of each prompt's noise")
-    ev.add_argument(
-        "--t-star", type=int, default=None, help="the one-step time (default: the exported model's distar.json)"
-    )
-    ev.add_argument("--dtype", default="fp32", help="precision of generation (fp32, bf16, fp16)")
-    ev.add_argument("--label", default="", help="a name for the model in reports")
-    ev.add_argument(
-        "--compare-to",
-        default=None,
-        help="a metrics.json (or its directory) evaluated before: shown beside, refused under another protocol",
-    )
-    ev.add_argument(
-        "--allow-protocol-mismatch", action="store_true", help="compare even when the protocols differ (named)"
-    )
+    add_config_arguments(ev, EvaluateConfig, flags={"sources": "source", "heads": "head"})
     ev.set_defaults(func=_evaluate)
 
     from distar.compare import __doc__ as compare_doc

@@ -158,3 +158,91 @@ def _coerce(raw: str, annotation: Any, key: str) -> Any:
     else:
         raise UserError(f"config key {key!r} has a type ({annotation}) that cannot be set from the command line")
     raise UserError(f"config key {key!r}: {raw!r} is not a valid {getattr(annotation, '__name__', annotation)}")
+
+
+# -- command-line flags from a config dataclass -------------------------------------------------------
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """Each field's docstring (the string literal under it in the class body), read from the source."""
+    import ast
+    import inspect
+    import textwrap
+
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    except (OSError, TypeError):
+        return {}
+    body = tree.body[0].body
+    docs = {}
+    for node, after in zip(body, body[1:], strict=False):
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            if (
+                isinstance(after, ast.Expr)
+                and isinstance(after.value, ast.Constant)
+                and isinstance(after.value.value, str)
+            ):
+                docs[node.target.id] = " ".join(after.value.value.split())
+    return docs
+
+
+def add_config_arguments(parser, cls: type, flags: dict[str, str] | None = None) -> None:
+    """One flag per field of the dataclass `cls`: --NAME (or `flags[name]`), typed from its annotation, its default
+    shown, its help from the field's docstring. A list of strings is repeated flags (or, for a list with a
+    default, several values after one flag), a dict of strings repeated NAME=VALUE flags, a bool a switch, a
+    Literal its choices; a field without a default is required."""
+    hints = typing.get_type_hints(cls)
+    docs = field_docs(cls)
+    for f in dataclasses.fields(cls):
+        flag = "--" + (flags or {}).get(f.name, f.name).replace("_", "-")
+        annotation = hints[f.name]
+        required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        default = None if required else (f.default if f.default is not dataclasses.MISSING else f.default_factory())
+        shown = "" if required or default in (None, "", [], {}, False) else f" (default: {_shown(default)})"
+        kwargs: dict[str, Any] = {"dest": f.name, "help": (docs.get(f.name, "") + shown).strip() or None}
+        origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+        if origin in (typing.Union, types.UnionType):
+            annotation = next(a for a in args if a is not type(None))
+            origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+        if annotation is bool:
+            kwargs.update(action="store_false" if default else "store_true", default=default)
+        elif origin is typing.Literal:
+            kwargs.update(choices=list(args), default=default)
+        elif origin is list:
+            if required:
+                kwargs.update(action="append", metavar=f.name.upper().rstrip("S"))
+            else:
+                kwargs.update(nargs="*", default=default)
+        elif origin is dict:
+            kwargs.update(action="append", type=_pair(flag), default=[], metavar="NAME=VALUE")
+        else:
+            kwargs.update(type=annotation, default=default)
+        parser.add_argument(flag, required=required, **kwargs)
+
+
+def config_from_args(cls: type, args) -> Any:
+    """The dataclass `cls` from the flags `add_config_arguments` added (dict fields from their NAME=VALUE pairs)."""
+    hints = typing.get_type_hints(cls)
+    values = {}
+    for f in dataclasses.fields(cls):
+        value = getattr(args, f.name)
+        if typing.get_origin(hints[f.name]) is dict:
+            value = dict(value)
+        values[f.name] = value
+    return cls(**values)
+
+
+def _pair(flag: str):
+    import argparse
+
+    def parse(text: str) -> tuple[str, str]:
+        name, sep, value = text.partition("=")
+        if not sep or not name:
+            raise argparse.ArgumentTypeError(f"{text!r}: write NAME=VALUE")
+        return name, value
+
+    return parse
+
+
+def _shown(value: Any) -> str:
+    return " ".join(map(str, value)) if isinstance(value, list) else str(value)

@@ -17,6 +17,7 @@ import time
 import unicodedata
 from collections import Counter
 from dataclasses import asdict, dataclass
+from typing import Literal
 
 import numpy as np
 
@@ -41,7 +42,7 @@ class CurateConfig:
     """The CLIP tokenizer that counts tokens (hub id, directory, URI)."""
     max_tokens: int = 77
     """Longest prompt in CLIP tokens, with the start and end tokens (SDXL's text encoders read 77)."""
-    long_prompts: str = "truncate"
+    long_prompts: Literal["truncate", "drop"] = "truncate"
     """Over-long prompts: "truncate" (cut at a token boundary, counted) or "drop"."""
     case_insensitive: bool = False
     """Deduplicate ignoring case."""

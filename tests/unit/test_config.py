@@ -43,3 +43,32 @@ def test_the_divergence_fields_are_shared_and_keep_their_flat_keys():
     assert toy.loss_kwargs()["divergence"] == "kl" and toy.loss_kwargs()["distance"] == "l2"
     with pytest.raises(UserError, match="did you mean 'l2'"):
         apply_overrides(ToyConfig(), ["distance=l3"])
+
+
+def test_cli_flags_come_from_the_config_dataclasses():
+    """distar curate and distar evaluate build their flags from CurateConfig and EvaluateConfig: one flag per
+    field, typed, defaults and help from the field, and the dataclass rebuilt from the parsed flags."""
+    import dataclasses
+
+    from distar.cli import build_parser
+    from distar.curate import CurateConfig
+    from distar.evaluate import EvaluateConfig
+
+    parser = build_parser()
+    args = parser.parse_args(["curate", "--source", "a.tsv", "--source", "b.csv", "--out", "o", "--max-tokens", "20"])
+    from distar.config import config_from_args
+
+    curate = config_from_args(CurateConfig, args)
+    assert curate.sources == ["a.tsv", "b.csv"] and curate.max_tokens == 20 and curate.long_prompts == "truncate"
+    assert {f.name for f in dataclasses.fields(CurateConfig)} <= set(vars(args))
+    args = parser.parse_args(["evaluate", "--model", "m", "--out", "o", "--source", "clip=tiny:rewards/clip",
+                              "--rewards", "clip", "pickscore", "--allow-protocol-mismatch"])  # fmt: skip
+    evaluate = config_from_args(EvaluateConfig, args)
+    assert evaluate.sources == {"clip": "tiny:rewards/clip"} and evaluate.rewards == ["clip", "pickscore"]
+    assert evaluate.allow_protocol_mismatch and evaluate.t_star is None and evaluate.seed == EvaluateConfig("", "").seed
+    help_text = parser._subparsers._group_actions[0].choices["curate"].format_help()
+    assert "Deduplicate ignoring case." in help_text and "(default: 0.02)" in help_text
+    with pytest.raises(SystemExit):  # a bad NAME=VALUE is argparse's own usage error
+        parser.parse_args(["evaluate", "--model", "m", "--out", "o", "--source", "clip"])
+    with pytest.raises(SystemExit):
+        parser.parse_args(["curate", "--source", "a", "--out", "o", "--long-prompts", "cut"])

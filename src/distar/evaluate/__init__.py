@@ -60,7 +60,7 @@ class EvaluateConfig:
     hps_prompts: str | None = None
     """HPSv2 benchmark prompts: a directory/URI of anime.json, concept-art.json, paintings.json, photo.json."""
     rewards: list[str] = field(default_factory=lambda: list(P.METRICS))
-    """Metrics to compute (default: all five of the paper's tables)."""
+    """Metrics to compute: the paper's five by default."""
     sources: dict[str, str] = field(default_factory=dict)
     """Model source per reward, where not the default (as in the trainer's reward.sources)."""
     heads: dict[str, str] = field(default_factory=dict)
