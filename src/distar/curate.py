@@ -16,7 +16,7 @@ import re
 import time
 import unicodedata
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Literal
 
 import numpy as np
@@ -40,8 +40,11 @@ class CurateConfig:
     """A category column to keep and balance on (default: category or Category when present)."""
     tokenizer: str = "openai/clip-vit-large-patch14"
     """The CLIP tokenizer that counts tokens (hub id, directory, URI)."""
-    max_tokens: int = 77
-    """Longest prompt in CLIP tokens, with the start and end tokens (SDXL's text encoders read 77)."""
+    backbone: str = "sdxl"
+    """The model family whose text encoders read the prompts (`distar.backbones`): it sets the default token limit."""
+    max_tokens: int | None = None
+    """Longest prompt in CLIP tokens, with the start and end tokens; None: what the backbone's text encoders read
+    (SDXL: 77)."""
     long_prompts: Literal["truncate", "drop"] = "truncate"
     """Over-long prompts: "truncate" (cut at a token boundary, counted) or "drop"."""
     case_insensitive: bool = False
@@ -383,6 +386,12 @@ def curate(config: CurateConfig, progress: bool = False) -> dict:
     from distar import tiny_preset
 
     tiny_preset.prepare(config.tokenizer)
+    if config.max_tokens is None:
+        from distar import backbones
+
+        if config.backbone not in backbones.NAMES:
+            raise UserError(f"--backbone {config.backbone!r}: choose one of {', '.join(backbones.NAMES)}")
+        config = replace(config, max_tokens=backbones.get(config.backbone).max_prompt_tokens)
     if config.long_prompts not in ("truncate", "drop"):
         raise UserError(f"--long-prompts {config.long_prompts!r}: choose truncate or drop")
     if not 0.0 <= config.eval_fraction < 1.0:

@@ -72,3 +72,12 @@ def test_cli_flags_come_from_the_config_dataclasses():
         parser.parse_args(["evaluate", "--model", "m", "--out", "o", "--source", "clip"])
     with pytest.raises(SystemExit):
         parser.parse_args(["curate", "--source", "a", "--out", "o", "--long-prompts", "cut"])
+
+
+def test_curate_takes_its_token_limit_from_the_backbone_and_names_an_unknown_one(tmp_path):
+    from distar import backbones
+    from distar.curate import CurateConfig, curate
+
+    assert CurateConfig([], "").max_tokens is None and backbones.get("sdxl").max_prompt_tokens == 77
+    with pytest.raises(UserError, match="--backbone 'flux': choose one of sdxl"):
+        curate(CurateConfig(["x.tsv"], str(tmp_path / "o"), backbone="flux"))
