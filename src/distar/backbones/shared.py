@@ -41,9 +41,10 @@ def tuner_layers(module: nn.Module) -> list[nn.Module]:
 
 
 def switch_adapters(layers: Iterable[nn.Module], on: bool) -> None:
-    """Adapters of `layers` on or off through peft's public API, leaving every requires_grad flag as it was."""
+    """Adapters of `layers` on or off through peft's public API, leaving every requires_grad flag as it was (peft
+    sets those of the adapter weights, its `adapter_layer_names`, and no others)."""
     for layer in layers:
-        flags = [(p, p.requires_grad) for p in layer.parameters()]
+        flags = [(p, p.requires_grad) for name in layer.adapter_layer_names for p in getattr(layer, name).parameters()]
         layer.enable_adapters(on)
         for p, flag in flags:
             p.requires_grad_(flag)
