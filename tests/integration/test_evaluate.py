@@ -169,3 +169,22 @@ def test_prompts_load_as_text_from_every_source_format(fmt, tmp_path):
     )
     assert [p.text for p in prompts] == [r[0].strip() for r in body]
     assert all(isinstance(p.text, str) and p.group != "all" for p in prompts)
+
+
+def test_t_star_and_backbone_come_from_the_exported_record_read_on_its_own(tmp_path):
+    """distar.json is read by itself (by URI, nothing else fetched); a bad record is one clear error."""
+    import fsspec
+
+    from distar.evaluate.sampler import recorded, recorded_t_star
+
+    fs = fsspec.filesystem("memory")
+    fs.pipe("/exported/distar.json", json.dumps({"backbone": "sdxl", "t_star": 250}).encode())
+    assert recorded_t_star("memory://exported") == 250
+    assert recorded_t_star("reference:50") == 399 and recorded("unet:tiny:dmd2_unet.safetensors") == {}
+    local = tmp_path / "pipe"
+    local.mkdir()
+    assert recorded_t_star(str(local)) == 399  # no record: the backbone's default
+    for text, match in (("{", "not valid JSON"), ("[1]", "not a JSON object"), ('{"backbone": "x"}', "names backbone")):
+        (local / "distar.json").write_text(text)
+        with pytest.raises(UserError, match=match):
+            recorded_t_star(str(local))

@@ -281,7 +281,7 @@ def _with_t_star(config: EvaluateConfig) -> EvaluateConfig:
 
 
 def _read_protocol(config: EvaluateConfig) -> tuple[list[Prompt], dict]:
-    config = _with_t_star(config)
+    """The prompts and the protocol of a config whose t* is filled in (`_with_t_star`)."""
     prompts = load_prompts(config)
     return prompts, P.record(config, prompts)
 

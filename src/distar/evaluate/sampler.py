@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from distar import backbones, sources
+from distar import backbones, sources, storage
 from distar.errors import UserError
 
 
@@ -34,7 +34,7 @@ class Sampler:
         root = sources.resolve_dir(source, cache_dir=config.cache_dir)
         if not (root / "model_index.json").is_file():
             raise UserError(f"{source!r} is not a diffusers pipeline (no model_index.json); run `distar export`")
-        self.backbone = backbones.get(_recorded_backbone(root))
+        self.backbone = backbones.get(_recorded_in(root).get("backbone", backbones.DEFAULT))
         net = None
         if raw is not None:
             net = self.backbone.load_raw_generator(raw, config.reference, cache_dir=config.cache_dir)
@@ -63,34 +63,44 @@ class Sampler:
         return images.float().clamp(0, 1)
 
 
-def _recorded_backbone(root: Path) -> str:
-    """The backbone an exported pipeline records in its distar.json; a pipeline without one (a reference, or an
-    export from before the choice) is the default's."""
+def _parse_record(text: bytes | str | None, where: str) -> dict:
+    """An exported pipeline's distar.json ({} where there is none: a reference, or an export from before it)."""
+    if text is None:
+        return {}
+    try:
+        record = json.loads(text)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise UserError(f"{where} is not valid JSON ({err}); export the model again") from None
+    if not isinstance(record, dict):
+        raise UserError(f"{where} is not a JSON object; export the model again")
+    name = record.get("backbone", backbones.DEFAULT)
+    if name not in backbones.NAMES:
+        raise UserError(f"{where} names backbone {name!r}, which this distar does not know ({backbones.NAMES})")
+    return record
+
+
+def _recorded_in(root: Path) -> dict:
     meta = root / "distar.json"
-    if meta.is_file():
-        try:
-            name = json.loads(meta.read_text()).get("backbone", backbones.DEFAULT)
-        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as err:
-            raise UserError(f"{meta} is not valid JSON ({err}); export the model again") from None
-        if name not in backbones.NAMES:
-            raise UserError(f"{meta} names backbone {name!r}, which this distar does not know ({backbones.NAMES})")
-        return name
-    return backbones.DEFAULT
+    return _parse_record(meta.read_bytes() if meta.is_file() else None, str(meta))
+
+
+def recorded(model: str, cache_dir: str | None = None) -> dict:
+    """What a model's distar.json records, read without fetching the pipeline itself ({} for `unet:` and
+    `reference:N`, which are no exported pipelines)."""
+    parsed = sources.parse(model, evaluate_forms=True)
+    if parsed.kind in ("unet", "reference"):
+        return {}
+    if parsed.kind == "uri" and not Path(model.removeprefix("file://")).is_dir():
+        fs, path = storage.filesystem(model)
+        where = f"{path.rstrip('/')}/distar.json"
+        return _parse_record(fs.cat_file(where) if fs.exists(where) else None, f"{model.rstrip('/')}/distar.json")
+    return _recorded_in(sources.resolve_dir(model, cache_dir=cache_dir, allow_patterns=["distar.json"]))
 
 
 def recorded_t_star(model: str, cache_dir: str | None = None):
-    """t* of an exported pipeline, as its distar.json records it; for another kind of model (`unet:`,
-    `reference:N`) or a pipeline without the record, the default backbone's."""
-    parsed = sources.parse(model, evaluate_forms=True)
-    if parsed.kind not in ("unet", "reference"):
-        root = sources.resolve_dir(model, cache_dir=cache_dir)
-        meta = root / "distar.json"
-        if meta.is_file():
-            try:
-                recorded = json.loads(meta.read_text()).get("t_star")
-            except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as err:
-                raise UserError(f"{meta} is not valid JSON ({err}); export the model again") from None
-            if recorded is not None:
-                return recorded
-        return backbones.get(_recorded_backbone(root)).default_t_star
-    return backbones.get(backbones.DEFAULT).default_t_star
+    """t* of an exported pipeline, as its distar.json records it; else its backbone's default (the default
+    backbone's for `unet:`, `reference:N` and a pipeline without the record)."""
+    record = recorded(model, cache_dir)
+    if record.get("t_star") is not None:
+        return record["t_star"]
+    return backbones.get(record.get("backbone", backbones.DEFAULT)).default_t_star
