@@ -15,7 +15,13 @@ is kept as the run's best (`checkpoints/BEST`, never pruned; `distar export --ch
 
 from __future__ import annotations
 
+import json
+import sys
+
 import torch
+
+from distar import sources, storage
+from distar.sources import parse_dtype
 
 
 def image_statistics(images: torch.Tensor) -> dict[str, float]:
@@ -77,9 +83,7 @@ class Guard:
     def models(self) -> tuple:
         """(the held-out rewards as one WeightedReward or None, the diversity model or None), loaded once."""
         if self._models is None:
-            from distar import sources
             from distar.rewards import WeightedReward, load_reward
-            from distar.sources import parse_dtype
 
             r, g, m = self.config.reward, self.config.guard, self.config.model
             hub = sources.hub_options(m.cache_dir, m.offline)
@@ -112,10 +116,6 @@ class Guard:
 
     def measure_baseline(self, fresh: bool) -> dict[str, float]:
         """The initial generator's guard values: measured on a fresh start, read back on resume."""
-        import json
-
-        from distar import storage
-
         fs, path = storage.filesystem(self.config.out)
         where = f"{path.rstrip('/')}/guard_baseline.json"
         if not fresh and fs.exists(where):
@@ -128,8 +128,6 @@ class Guard:
 
     def check(self, step: int, logger) -> list[str]:
         """Evaluate the guards now (rank 0), log them, and return the breaches every rank agrees on."""
-        import sys
-
         g = self.config.guard
         found = None
         if self.world.is_main:

@@ -13,6 +13,7 @@ from torch import nn
 from distar import backbones, sources
 from distar.backbones import Assistant, OneStepGenerator, PromptEncoder, Reference
 from distar.backbones.shared import add_assistant_adapter, add_generator_adapter, is_adapter_param
+from distar.errors import UserError
 from distar.rewards import WeightedReward
 from distar.sources import parse_dtype
 from distar.train import parallel, precision
@@ -61,12 +62,23 @@ class Networks:
             param.requires_grad_(not frozen)
 
 
+def check_resolution(resolution: int, vae_factor: int) -> None:
+    """Latents of resolution / vae_factor pixels must pass the denoiser's three halvings."""
+    if resolution % (vae_factor * 8):
+        raise UserError(f"data.resolution={resolution} must be a multiple of {vae_factor * 8}")
+
+
 def build_networks(config: TrainConfig, world: World, need_text_encoders: bool) -> Networks:
     """Load every network the config names, then `assemble` them."""
     m = config.model
     backbone = backbones.get(m.backbone)
     hub = sources.hub_options(m.cache_dir, m.offline)
     ref_options = {**hub, "revision": m.revision}
+    vae_options = hub if m.vae else ref_options
+    # the VAE's config alone, before any weights: a resolution the latents cannot take fails in seconds
+    check_resolution(
+        config.data.resolution, backbone.vae_factor(backbone.vae_config(m.vae or m.reference, **vae_options))
+    )
     reference_unet = backbone.load_denoiser(m.reference, dtype="fp32", **ref_options)
 
     generator_unet = backbone.load_generator_init(
@@ -79,7 +91,7 @@ def build_networks(config: TrainConfig, world: World, need_text_encoders: bool) 
     prompt_encoder = None
     if need_text_encoders:
         prompt_encoder = backbone.prompt_encoder(m.reference, dtype=m.text_encoder_dtype, **ref_options)
-    vae = backbone.load_vae(m.vae or m.reference, dtype=m.vae_dtype, **(hub if m.vae else ref_options))
+    vae = backbone.load_vae(m.vae or m.reference, dtype=m.vae_dtype, **vae_options)
     reward = None
     if config.reward.weights:
         r = config.reward

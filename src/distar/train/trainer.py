@@ -36,7 +36,7 @@ from distar.train.distributed import World
 from distar.train.guard import Guard
 from distar.train.lease import Lease, LeaseHeldError
 from distar.train.metrics import MetricLogger, image_grid
-from distar.train.networks import Networks, assemble, build_networks
+from distar.train.networks import Networks, assemble, build_networks, check_resolution
 from distar.train.progress import ProgressReporter
 from distar.train.stop import Preempted, StopSignals
 
@@ -63,11 +63,6 @@ class Trainer:
             d = config.data
             data = PromptSet(sources.local(d.prompts), d.prompt_column, d.use_embeddings, columns)
         self.data = data
-        if nets is None:
-            backbone, m = backbones.get(config.model.backbone), config.model
-            hub = sources.hub_options(m.cache_dir, m.offline)
-            vae = backbone.vae_config(m.vae or m.reference, **(hub if m.vae else {**hub, "revision": m.revision}))
-            _check_resolution(config.data.resolution, backbone.vae_factor(vae))  # before any weights load
         self.nets = nets or build_networks(config, world, need_text_encoders=not self.data.has_embeddings)
         self.optimizers = {
             "generator": self._optimizer(self.nets.generator_unet, config.generator_optim),
@@ -82,7 +77,7 @@ class Trainer:
             }
         backbone = self.nets.generator.backbone
         vae_factor = backbone.vae_factor(dict(self.nets.vae.config))
-        _check_resolution(config.data.resolution, vae_factor)
+        check_resolution(config.data.resolution, vae_factor)  # networks built in memory (benchmarks, plan)
         side = config.data.resolution // vae_factor
         self.latent_shape = (backbone.latent_channels(dict(self.nets.generator_unet.config)), side, side)
         self.method = DIStar(config, world, self.nets, self.data, self.latent_shape)
@@ -486,12 +481,6 @@ class _Loop:
         if self.progress is not None:
             self.progress.close()
         self.logger.close()
-
-
-def _check_resolution(resolution: int, vae_factor: int) -> None:
-    """Latents of resolution / vae_factor pixels must pass the denoiser's three halvings."""
-    if resolution % (vae_factor * 8):
-        raise UserError(f"data.resolution={resolution} must be a multiple of {vae_factor * 8}")
 
 
 def host_values(values: dict) -> dict[str, float]:
