@@ -437,9 +437,7 @@ class SDXL(Backbone):
     """Every attention projection: all of them sit inside the UNet's down, mid and up blocks (the blocks
     activation checkpointing wraps)."""
     pipeline_name = "StableDiffusionXLPipeline"
-    reference_default = SDXL_BASE
     generator_init_default = f"{DMD2_REPO}:{DMD2_UNET_1STEP}"
-    vae_fp16_fix = SDXL_VAE_FP16_FIX
     block_pattern = r"(?:down_blocks\.\d+|mid_block|up_blocks\.\d+)"
     vae_block_pattern = r"decoder\.(?:mid_block\.resnets\.\d+|up_blocks\.\d+\.resnets\.\d+)"
     tiny_dir = "sdxl"
@@ -547,9 +545,6 @@ class SDXL(Backbone):
         from diffusers import AutoencoderKL
 
         return AutoencoderKL(**config)
-
-    def dtype_policy(self, **dtypes) -> DTypePolicy:
-        return DTypePolicy(**dtypes)
 
     def build_tiny(self, root: Path, seed: int = 0) -> None:
         """The tiny family under the tiny root: the pipeline (`tiny:sdxl`) and a raw UNet state dict in DMD2's
