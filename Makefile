@@ -2,19 +2,41 @@
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
-# The CPU wheel of torch is pinned first: a bare `torch` requirement would pull a multi-GB CUDA build.
-TORCH_CPU ?= torch==2.13.0
+# The one torch every environment runs: this venv, CI, both images (locks/, written by `make lock`; a test holds
+# the Dockerfiles, this file and the locks to it). The CPU wheel is installed first: a bare `torch` requirement
+# would pull a multi-GB CUDA build.
+TORCH_VERSION := 2.13.0
+TORCH_CPU ?= torch==$(TORCH_VERSION)
+# Where `make lock` finds torch's CPU build: PyTorch's flat page of wheels, or a local folder of them.
+TORCH_CPU_LINKS ?= https://download.pytorch.org/whl/cpu/torch/
+# The images' platform (python:3.11-slim-bookworm on x86_64).
+LOCK := $(VENV)/bin/uv pip compile pyproject.toml --quiet --python-version 3.11 \
+	--python-platform x86_64-manylinux_2_28 --custom-compile-command "make lock"
 
-.PHONY: venv demo toy test test-fast lint bench clean
+.PHONY: venv lock demo toy test test-fast lint bench clean
 
-$(VENV)/.installed: pyproject.toml
+# The versions come from locks/ci.txt (torch, installed first, is the only requirement it leaves out).
+$(VENV)/.installed: pyproject.toml locks/ci.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_CPU)"
-	$(PY) -m pip install -q -e ".[test]"
+	$(PY) -m pip install -q -r locks/ci.txt
+	$(PY) -m pip install -q --no-deps -e .
 	touch $@
 
 venv: $(VENV)/.installed
+
+# Rewrites the three locks from pyproject.toml, keeping every version already locked that still fits: CI's
+# (the test and storage extras, torch left to TORCH_CPU), the CPU image's and the CUDA image's (PyPI's CUDA build
+# of torch, with the NVIDIA libraries it pins). `uv pip compile --upgrade-package NAME` moves one.
+lock: venv
+	$(PY) -m pip install -q uv
+	echo "torch==$(TORCH_VERSION)+cpu" > $(VENV)/torch-cpu.txt
+	echo "torch==$(TORCH_VERSION)" > $(VENV)/torch-cuda.txt
+	$(LOCK) --extra test --extra storage -c $(VENV)/torch-cpu.txt --find-links $(TORCH_CPU_LINKS) \
+		--no-emit-package torch -o locks/ci.txt
+	$(LOCK) --extra storage -c $(VENV)/torch-cpu.txt --find-links $(TORCH_CPU_LINKS) -o locks/cpu.txt
+	$(LOCK) --extra storage -c $(VENV)/torch-cuda.txt -o locks/cuda.txt
 
 # The main job: the whole pipeline (curate, cache, train with 2 torchrun processes, export, evaluate) under
 # kfp.local on the tiny preset; it prints where the report is.

@@ -71,6 +71,7 @@ def train(
             service_account=service_account or None,
             queue=queue or None,
             keep_s=keep_s,
+            max_restarts=max_restarts,
         )
         summary = run_trainjob(preset, args, spec=spec, suspend_timeout_s=suspend_timeout_s or None)
     else:

@@ -61,6 +61,8 @@ class TrainJobSpec:
     cpu_per_node: str | None = None
     memory_per_node: str | None = None
     runtime: str = "torch-distributed"
+    max_restarts: int | None = None
+    """torchrun's restarts of the workers on each node after a failure (None: torchrun's default, 0)."""
     env: dict[str, str] = field(default_factory=dict)
     secret_env: dict[str, str] = field(default_factory=dict)
     """Environment variable → "secret-name/key", e.g. HF_TOKEN → "distar-hub/HF_TOKEN"."""
@@ -108,7 +110,7 @@ def manifest(spec: TrainJobSpec) -> dict:
             requests[key] = value
     trainer = {
         "image": spec.image,
-        "command": torchrun_command(spec.config, spec.overrides, None, None, program=["torchrun"]),
+        "command": torchrun_command(spec.config, spec.overrides, None, spec.max_restarts, program=["torchrun"]),
         "numNodes": spec.num_nodes,
         "numProcPerNode": spec.nproc_per_node,
         "resourcesPerNode": {k: v for k, v in (("limits", limits), ("requests", requests)) if v},
