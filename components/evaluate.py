@@ -30,11 +30,14 @@ def evaluate(
     import json
     import shutil
 
+    from distar import storage
     from distar.evaluate import EvaluateConfig, evaluate
     from distar.sources import in_cache
 
     with open(model_cache.path) as fh:
         cache_root = json.load(fh)["root"].rstrip("/")
+    for what, uri in (("cache_root", cache_root), ("the pipeline root", results.uri)):
+        storage.check_shared(what, uri, local_ok=True)
 
     out = evaluate(
         EvaluateConfig(

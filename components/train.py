@@ -50,6 +50,9 @@ def train(
     overrides = [*overrides, *variant.get("overrides", [])]
     out = f"{runs_root.rstrip('/')}/{run_id}/{task_name}" + (f"-{name}" if name else "")
     remote = launcher == "trainjob"
+    # what the training processes and later steps read, checked before a TrainJob (or torchrun) starts
+    for what, uri in (("runs_root", runs_root), ("cache_root", cache_root), ("the pipeline root", prompts.uri)):
+        storage.check_shared(what, uri, local_ok=not remote)
     args = [
         f"out={out}",
         f"data.prompts={prompts.uri if remote else prompts.path}",

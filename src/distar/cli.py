@@ -111,9 +111,9 @@ def _trainjob_render(args: argparse.Namespace) -> None:
     import yaml
 
     from distar.train.config import load_config
-    from distar.train.trainjob import TrainJobSpec, manifest, parse_toleration
+    from distar.train.trainjob import TrainJobSpec, check_shared_locations, manifest, parse_toleration
 
-    load_config(args.config, args.overrides)  # the same check the launcher makes before it creates the job
+    check_shared_locations(load_config(args.config, args.overrides))  # the launcher's checks, before any job
 
     def pairs(items, flag, sep):
         out = {}

@@ -18,6 +18,30 @@ def is_uri(source: str) -> bool:
     return "://" in str(source)
 
 
+OBJECT_STORES = ("gs://", "s3://")
+
+
+def check_shared(what: str, uri: str, local_ok: bool = False) -> None:
+    """`uri` is read or written by other pods (training nodes, later steps): object storage, or, where everything
+    runs on this machine (`local_ok`), a local path. KFP's default root, minio://…, and http(s):// are neither:
+    fsspec cannot write them, and a training node would find out only after its GPUs were allocated."""
+    uri = str(uri)
+    if uri.startswith(OBJECT_STORES) or (local_ok and not is_uri(uri)):
+        return
+    if uri.startswith("minio://"):
+        fix = (
+            "KFP's default pipeline root (minio://) reaches no step: give the run one on gs://BUCKET/… or "
+            "s3://BUCKET/… (distar submit --pipeline-root)"
+        )
+    elif local_ok:
+        fix = "use gs://BUCKET/…, s3://BUCKET/… or a local path"
+    else:
+        fix = "use gs://BUCKET/… or s3://BUCKET/…, which every node and step can reach"
+    raise UserError(
+        f"{what} {uri!r}: other pods read it, so it must be object storage; {fix} (docs/CLUSTER.md, 'Roots')"
+    )
+
+
 # Keys of the storage secret (k8s/base/secrets.yaml): on GCS, or on S3 with IRSA, they stay blank, and a blank
 # variable would win over the credential chain (botocore reads an empty AWS_ACCESS_KEY_ID as a key).
 BLANK_MEANS_UNSET = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL", "AWS_SESSION_TOKEN")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from distar import storage
 from distar.errors import UserError
 
 
@@ -28,16 +29,7 @@ def parse_arguments(pairs: list[str]) -> dict:
     return arguments
 
 
-OBJECT_STORES = ("gs://", "s3://")
 ROOT_ARGUMENTS = ("cache_root", "runs_root")
-
-
-def check_root(what: str, uri: str) -> None:
-    if not str(uri).startswith(OBJECT_STORES):
-        raise UserError(
-            f"{what} {uri!r}: every step and training node reads it, so it must be object storage: "
-            f"gs://BUCKET/… or s3://BUCKET/… (docs/CLUSTER.md, 'Roots')"
-        )
 
 
 def submit(
@@ -69,10 +61,10 @@ def submit(
     if missing:
         raise UserError(f"the pipeline needs {', '.join(f'{k}=…' for k in missing)} (docs/CLUSTER.md, 'Roots')")
     if pipeline_root is not None:
-        check_root("--pipeline-root", pipeline_root)
+        storage.check_shared("--pipeline-root", pipeline_root)
     for key in ROOT_ARGUMENTS:
         if key in arguments:
-            check_root(key, arguments[key])
+            storage.check_shared(key, arguments[key])
     try:
         client = kfp.Client(host=host, namespace=namespace)
         result = client.create_run_from_pipeline_package(

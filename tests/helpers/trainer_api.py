@@ -1,4 +1,5 @@
-"""What Kubeflow Trainer v2.3.0 enforces on a TrainJob at admission, from its own files (tests/data/kubeflow-trainer):
+"""What Kubeflow Trainer enforces on a TrainJob at admission, from its own files (tests/data/kubeflow-trainer-*: the
+supported releases, v2.3.0 and the main branch, and v2.2.1 below the floor):
 
 1. the TrainJob CRD's openAPIV3Schema, structural: unknown fields are rejected (strict field validation), types,
    enums, patterns and required fields checked (jsonschema);
@@ -8,7 +9,7 @@
    managers, patches naming only the runtime's replicated jobs and containers, no env on the node container in a
    patch, no torchrun-reserved PET_* names in spec.trainer.env.
 
-`problems(job)` lists every violation; an empty list means a v2.3.0 cluster admits the job.
+`problems(job, release)` lists every violation; an empty list means a cluster of that release admits the job.
 """
 
 from __future__ import annotations
@@ -20,7 +21,9 @@ from pathlib import Path
 
 import yaml
 
-DATA = Path(__file__).resolve().parents[1] / "data" / "kubeflow-trainer-v2.3.0"
+DATA = Path(__file__).resolve().parents[1] / "data"
+SUPPORTED = ("v2.3.0", "master")
+BELOW_FLOOR = "v2.2.1"
 RESERVED_ENV = {"PET_NNODES", "PET_NPROC_PER_NODE", "PET_NODE_RANK", "PET_MASTER_ADDR", "PET_MASTER_PORT"}
 WEBHOOK_NO_ENV_CONTAINERS = {"node", "dataset-initializer", "model-initializer"}
 # k8s.io/apimachinery IsDomainPrefixedPath: a DNS-1123 subdomain, "/", then a non-empty path
@@ -28,16 +31,22 @@ _DOMAIN_PREFIXED = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0
 
 
 @cache
-def _crd_schema() -> dict:
-    crd = yaml.safe_load((DATA / "trainer.kubeflow.org_trainjobs.yaml").read_text())
+def _crd_schema(release: str = "v2.3.0") -> dict:
+    crd = yaml.safe_load((DATA / f"kubeflow-trainer-{release}" / "trainer.kubeflow.org_trainjobs.yaml").read_text())
     return crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
 
 
 @cache
-def runtime_names() -> tuple[set[str], set[str]]:
+def runtime(release: str = "v2.3.0") -> dict:
+    """The torch-distributed ClusterTrainingRuntime as that release installs it."""
+    return yaml.safe_load((DATA / f"kubeflow-trainer-{release}" / "torch_distributed.yaml").read_text())
+
+
+@cache
+def runtime_names(release: str = "v2.3.0") -> tuple[set[str], set[str]]:
     """(replicated job names, container names) of the torch-distributed runtime."""
-    runtime = yaml.safe_load((DATA / "torch_distributed.yaml").read_text())
-    jobs = runtime["spec"]["template"]["spec"]["replicatedJobs"]
+    runtime_ = runtime(release)
+    jobs = runtime_["spec"]["template"]["spec"]["replicatedJobs"]
     containers = {c["name"] for j in jobs for c in j["template"]["spec"]["template"]["spec"].get("containers", [])}
     return {j["name"] for j in jobs}, containers
 
@@ -59,10 +68,10 @@ def _json_schema(node: dict) -> dict:
     return node
 
 
-def _schema_problems(job: dict) -> list[str]:
+def _schema_problems(job: dict, release: str) -> list[str]:
     import jsonschema
 
-    schema = _json_schema(copy.deepcopy(_crd_schema()))
+    schema = _json_schema(copy.deepcopy(_crd_schema(release)))
     schema["properties"]["metadata"] = {"type": "object"}  # ObjectMeta is the API server's own, not the CRD's
     validator = jsonschema.Draft7Validator(schema)
     return [f"schema: {'/'.join(map(str, e.absolute_path)) or '.'}: {e.message}" for e in validator.iter_errors(job)]
@@ -96,10 +105,10 @@ def _cel_problems(schema: dict, value, where: str) -> list[str]:
     return out
 
 
-def _webhook_problems(job: dict) -> list[str]:
+def _webhook_problems(job: dict, release: str) -> list[str]:
     out = []
     spec = job.get("spec", {})
-    jobs, containers = runtime_names()
+    jobs, containers = runtime_names(release)
     for patch in spec.get("runtimePatches", []):
         manager = patch.get("manager", "")
         if not _DOMAIN_PREFIXED.match(manager):
@@ -121,6 +130,8 @@ def _webhook_problems(job: dict) -> list[str]:
     return out
 
 
-def problems(job: dict) -> list[str]:
-    """Every reason a Trainer v2.3.0 cluster would refuse to create `job`."""
-    return _schema_problems(job) + _cel_problems(_crd_schema(), job, "") + _webhook_problems(job)
+def problems(job: dict, release: str = "v2.3.0") -> list[str]:
+    """Every reason a Trainer cluster of `release` would refuse to create `job`."""
+    return (
+        _schema_problems(job, release) + _cel_problems(_crd_schema(release), job, "") + _webhook_problems(job, release)
+    )

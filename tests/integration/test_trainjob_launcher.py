@@ -235,7 +235,9 @@ def test_run_trainjob_checks_uris_before_any_pod_and_reads_the_summary_from_obje
     with kube_api(cluster) as (api, core, _):
         prompts = "data.prompts=s3://x/p"
         for bad, key in (
-            (["out=/local/run", prompts], "out="),
+            (["out=/local/run", prompts], "out"),
+            (["out=minio://mlpipeline/r", prompts], "--pipeline-root"),
+            (["out=https://host/r", prompts], "out"),
             (["out=s3://x/r"], "data.prompts"),
             (["out=s3://x/r", prompts, "model.cache_dir=/cache"], "model.cache_dir"),
         ):

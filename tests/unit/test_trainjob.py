@@ -1,5 +1,6 @@
-"""The TrainJob manifest: against the Trainer API models (no unknown keys) and against what a v2.3.0 cluster
-admits (schema, CEL, webhook); `distar trainjob render`. The launcher: tests/integration/test_trainjob_launcher.py."""
+"""The TrainJob manifest: against the Trainer API models (no unknown keys) and against what every supported Trainer
+release admits (v2.3.0 and the main branch: schema, CEL, webhook), and why v2.2.1 is below the floor;
+`distar trainjob render`. The launcher: tests/integration/test_trainjob_launcher.py."""
 
 from __future__ import annotations
 
@@ -27,6 +28,8 @@ def spec(**kwargs) -> TrainJobSpec:
         node_selector={"cloud.google.com/gke-accelerator": "nvidia-h100-80gb"},
         tolerations=[{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
         service_account="distar-pipeline",
+        max_restarts=3,
+        active_deadline_s=7 * 86400,
     )
     return TrainJobSpec(**{**base, **kwargs})
 
@@ -47,10 +50,11 @@ def test_manifest_is_a_valid_trainjob_with_no_unknown_keys():
     assert _strip_none(parsed.to_dict()) == job  # the models accept unknown keys: a dropped key shows up here
     trainer = job["spec"]["trainer"]
     assert (
-        trainer["command"][:5] == ["torchrun", "--shutdown-timeout", "600", "-m", "distar.train"]
+        trainer["command"][:7] == ["torchrun", "--shutdown-timeout", "600", "--max-restarts", "3", "-m", "distar.train"]
         and trainer["numNodes"] == 4
     )
     assert trainer["resourcesPerNode"]["limits"] == {"nvidia.com/gpu": "8"}
+    assert job["spec"]["activeDeadlineSeconds"] == 7 * 86400
     pod = job["spec"]["runtimePatches"][0]["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"][0]
     pod = pod["template"]["spec"]["template"]["spec"]
     assert pod["volumes"][0]["emptyDir"] == {"medium": "Memory", "sizeLimit": "64Gi"}
@@ -79,7 +83,8 @@ def test_pod_patch_is_a_valid_pod_spec():
 OPTIONS = {
     "bare": {"env": {}, "secret_env": {}, "node_selector": {}, "tolerations": [], "service_account": None,
              "cpu_per_node": None, "memory_per_node": None},
-    "cpu-only": {"gpus_per_node": 0, "num_nodes": 1, "nproc_per_node": 2},
+    "cpu-only": {"gpus_per_node": 0, "num_nodes": 1, "nproc_per_node": 2, "max_restarts": None,
+                 "active_deadline_s": None, "runtime": "torch-distributed"},
     "everything": {},
     "s3-secrets": {"secret_env": {"AWS_ACCESS_KEY_ID": "distar-storage/access-key",
                                   "AWS_SECRET_ACCESS_KEY": "distar-storage/secret-key"}},
@@ -88,11 +93,23 @@ OPTIONS = {
 }  # fmt: skip
 
 
+@pytest.mark.parametrize("release", ["v2.3.0", "master"])
 @pytest.mark.parametrize("name", sorted(OPTIONS))
-def test_every_trainjob_the_launcher_makes_is_admitted(name):
-    from helpers.trainer_api import problems
+def test_every_trainjob_the_launcher_makes_is_admitted(name, release):
+    from helpers.trainer_api import SUPPORTED, problems
 
-    assert problems(manifest(spec(**OPTIONS[name]))) == []
+    assert release in SUPPORTED
+    job = manifest(spec(**OPTIONS[name]))
+    assert problems(job, release) == []
+    labels = job["spec"]["runtimePatches"][0]["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"][0]
+    assert labels["template"]["spec"]["template"]["metadata"]["labels"]["sidecar.istio.io/inject"] == "false"
+
+
+def test_trainer_2_2_lacks_only_the_grace_period_which_is_why_the_floor_is_2_3():
+    from helpers.trainer_api import BELOW_FLOOR, problems
+
+    found = problems(manifest(spec()), BELOW_FLOOR)
+    assert found and all("terminationGracePeriodSeconds" in p for p in found), found
 
 
 def test_the_previous_manifest_is_refused_for_the_webhooks_reasons():

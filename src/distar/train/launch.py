@@ -67,13 +67,6 @@ def _owner(core, namespace: str) -> list[dict]:
     ]
 
 
-def _object_store(key: str, value: str | None) -> None:
-    if value and (not storage.is_uri(value) or value.startswith("file://")):
-        raise UserError(
-            f"{key}={value!r}: every node of a multi-node TrainJob reads it: use object storage (gs://, s3://)"
-        )
-
-
 def run_trainjob(
     config: str,
     overrides: list[str],
@@ -90,12 +83,10 @@ def run_trainjob(
     import json
 
     from distar.train.config import load_config
-    from distar.train.trainjob import TrainJobLauncher, manifest
+    from distar.train.trainjob import TrainJobLauncher, check_shared_locations, manifest
 
     resolved = load_config(config, overrides)
-    _object_store("out", resolved.out)
-    _object_store("data.prompts", resolved.data.prompts)
-    _object_store("model.cache_dir", resolved.model.cache_dir)
+    check_shared_locations(resolved)
     if api is None:
         from kubernetes import client
         from kubernetes import config as kube_config

@@ -74,6 +74,8 @@ class TrainJobSpec:
     """A Kueue LocalQueue: the job is admitted (and may be suspended) by Kueue."""
     keep_s: int = 86400
     """A finished job is kept this long (0: deleted as soon as it finished), then deleted by the next launch."""
+    active_deadline_s: int | None = None
+    """Trainer fails the job (DeadlineExceeded) after this long running (the clock restarts on resume)."""
 
 
 def secret_env(storage_secret: str, hub_secret: str) -> dict[str, str]:
@@ -86,6 +88,20 @@ def job_name(run_id: str, task: str, variant: str = "") -> str:
     """The TrainJob of one pipeline task: the same for every retry of that task, different for every run, task
     and variant (a ParallelFor branch), and a valid DNS-1035 label (Trainer's CEL rule on metadata.name)."""
     return "distar-" + hashlib.sha256(f"{run_id}\0{task}\0{variant}".encode()).hexdigest()[:20]
+
+
+def check_shared_locations(config) -> None:
+    """What every node of the job reads or writes (the run, the prompts, the model cache) is object storage:
+    refused here, before the job and its GPU pods exist."""
+    from distar import storage
+
+    for key, value in (
+        ("out", config.out),
+        ("data.prompts", config.data.prompts),
+        ("model.cache_dir", config.model.cache_dir),
+    ):
+        if value:
+            storage.check_shared(key, value)
 
 
 def parse_toleration(text: str) -> dict:
@@ -138,12 +154,13 @@ def manifest(spec: TrainJobSpec) -> dict:
         pod["tolerations"] = list(spec.tolerations)
     if spec.service_account:
         pod["serviceAccountName"] = spec.service_account
+    # Istio's sidecar (multi-user Kubeflow injects it in profile namespaces) outlives the trainer, so the Job's pods
+    # would never complete; KFP and torchx turn injection off on their pods in the same way.
+    pod_template = {"metadata": {"labels": {"sidecar.istio.io/inject": "false"}}, "spec": pod}
     patch = {
         "manager": MANAGER,
         "trainingRuntimeSpec": {
-            "template": {
-                "spec": {"replicatedJobs": [{"name": NODE, "template": {"spec": {"template": {"spec": pod}}}}]}
-            }
+            "template": {"spec": {"replicatedJobs": [{"name": NODE, "template": {"spec": {"template": pod_template}}}]}}
         },
     }
     labels = PART_OF | ({"kueue.x-k8s.io/queue-name": spec.queue} if spec.queue else {})
@@ -152,6 +169,10 @@ def manifest(spec: TrainJobSpec) -> dict:
         "trainer": trainer,
         "runtimePatches": [patch],
     }
+    if spec.active_deadline_s is not None:
+        if spec.active_deadline_s < 1:
+            raise UserError(f"TrainJob {spec.name!r}: active_deadline_s must be at least 1 (or unset)")
+        body["activeDeadlineSeconds"] = int(spec.active_deadline_s)
     return {
         "apiVersion": f"{GROUP}/{VERSION}",
         "kind": KIND,
