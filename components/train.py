@@ -29,14 +29,20 @@ def train(
     service_account: str = "",
     queue: str = "",
     keep_s: int = 86400,
-    suspend_timeout_s: int = 3600,
+    suspend_timeout_s: int = 0,
+    runtime: str = "torch-distributed",
+    cpu_per_node: str = "",
+    memory_per_node: str = "",
+    active_deadline_s: int = 0,
 ) -> str:
     """DI* training on the curated prompts, models read from the cache's root. The run lives at
     {runs_root}/{run_id}/{task_name}[-{variant name}], the same for every retry (which resumes there); a variant's
     overrides come after `overrides`. Outputs: a small record of the run (URIs, config digest, summary), the final
     metrics, the training report; returns the run's URI.
-    launcher "trainjob": a Kubeflow Trainer TrainJob of num_nodes × nproc_per_node processes; "local": torchrun on
-    this step's own machine."""
+    launcher "trainjob": a Kubeflow Trainer TrainJob of num_nodes × nproc_per_node processes on the
+    ClusterTrainingRuntime `runtime`; "local": torchrun on this step's own machine. 0 and "" leave a setting off
+    (suspend_timeout_s: how long the job may wait for its queue's first admission; active_deadline_s: Trainer fails
+    a job running longer)."""
     import json
 
     import distar
@@ -75,6 +81,10 @@ def train(
             queue=queue or None,
             keep_s=keep_s,
             max_restarts=max_restarts,
+            runtime=runtime,
+            cpu_per_node=cpu_per_node or None,
+            memory_per_node=memory_per_node or None,
+            active_deadline_s=active_deadline_s or None,
         )
         summary = run_trainjob(preset, args, spec=spec, suspend_timeout_s=suspend_timeout_s or None)
     else:
@@ -88,6 +98,7 @@ def train(
         "overrides": list(overrides),
         "variant": name,
         "launcher": launcher,
+        "trainjob": f"{spec.namespace}/{spec.name}" if remote else "",
         "distar_version": distar.__version__,
         "summary": summary,
     }

@@ -60,7 +60,11 @@ def build(launcher: str = "trainjob", parallelism: int = PARALLELISM):
         trainer_service_account: str = "distar-trainer",
         queue: str = "",
         keep_trainjob_s: int = 86400,
-        suspend_timeout_s: int = 3600,
+        suspend_timeout_s: int = 0,
+        trainer_runtime: str = "torch-distributed",
+        trainer_cpu_per_node: str = "",
+        trainer_memory_per_node: str = "",
+        trainer_deadline_s: int = 0,
         node_selector: dict = {},  # noqa: B006
         tolerations: list = [],  # noqa: B006
         max_restarts: int = 3,

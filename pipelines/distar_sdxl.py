@@ -93,6 +93,10 @@ def train_step(train, launcher: str, prompts, models, p: dict, variant=None):
         queue=p["queue"],
         keep_s=p["keep_trainjob_s"],
         suspend_timeout_s=p["suspend_timeout_s"],
+        runtime=p["trainer_runtime"],
+        cpu_per_node=p["trainer_cpu_per_node"],
+        memory_per_node=p["trainer_memory_per_node"],
+        active_deadline_s=p["trainer_deadline_s"],
     )
     trained.set_caching_options(False)
     trained.set_retry(2)  # the same run directory and TrainJob: a retry adopts the job or resumes the run
@@ -122,7 +126,11 @@ def build(launcher: str = "trainjob"):
         trainer_service_account: str = "distar-trainer",
         queue: str = "",
         keep_trainjob_s: int = 86400,
-        suspend_timeout_s: int = 3600,
+        suspend_timeout_s: int = 0,
+        trainer_runtime: str = "torch-distributed",
+        trainer_cpu_per_node: str = "",
+        trainer_memory_per_node: str = "",
+        trainer_deadline_s: int = 0,
         node_selector: dict = {},  # noqa: B006
         tolerations: list = [],  # noqa: B006
         max_restarts: int = 3,

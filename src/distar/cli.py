@@ -218,6 +218,8 @@ def _submit(args: argparse.Namespace) -> None:
         enable_caching=False if args.no_cache else None,
         namespace=args.namespace,
         service_account=args.service_account,
+        token=args.token,
+        cookies=args.cookies,
     )
     print(json.dumps(result))
 
@@ -336,6 +338,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="the identity the steps run as (default: the server's, pipeline-runner or default-editor)",
     )
     sb.add_argument("--namespace", default=None, help="the Kubeflow profile namespace (multi-user clusters)")
+    sb.add_argument(
+        "--token",
+        default=None,
+        help="a bearer token for a multi-user deployment's auth proxy (default: $KF_PIPELINES_TOKEN)",
+    )
+    sb.add_argument("--cookies", default=None, help='session cookies for the auth proxy, e.g. "authservice_session=…"')
     sb.add_argument("--no-cache", action="store_true", help="run every step, cached results or not")
     sb.add_argument("arguments", nargs="*", metavar="key=value", help="pipeline arguments (JSON values parsed)")
     sb.set_defaults(func=_submit)

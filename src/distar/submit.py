@@ -1,10 +1,15 @@
 """Submitting the compiled pipeline to a Kubeflow Pipelines server (kfp.Client), with pipeline root, service
-account, experiment and caching; the same as
-`kfp --endpoint $KFP_HOST run create -e EXPERIMENT -f pipelines/distar_sdxl.yaml -r gs://BUCKET/kfp k=v …`.
+account, experiment and caching. `kfp --endpoint $KFP_HOST run create -e EXPERIMENT -f pipelines/distar_sdxl.yaml
+k=v …` submits the same package, but kfp's CLI sets neither the pipeline root nor the service account (its `-r` is the
+run's name).
+
+Multi-user Kubeflow behind its auth proxy wants credentials from outside the cluster: a bearer token (--token, or
+the KF_PIPELINES_TOKEN environment variable; e.g. `kubectl create token default-editor -n PROFILE` where the proxy
+accepts service-account tokens) or the session cookie of a logged-in browser (--cookies "authservice_session=…").
 
 Checked here, before the server sees it: the pipeline root and the persistent roots (cache_root, runs_root) are
-gs:// or s3:// URIs (a run without a root gets minio://…, which no step can open), and every required argument
-is given."""
+gs:// or s3:// URIs (a run without a root gets minio://…, which no step can open), the secret names are not empty
+(KFP's driver fails every step that mounts a secret without a name), and every required argument is given."""
 
 from __future__ import annotations
 
@@ -30,6 +35,8 @@ def parse_arguments(pairs: list[str]) -> dict:
 
 
 ROOT_ARGUMENTS = ("cache_root", "runs_root")
+SECRET_ARGUMENTS = ("storage_secret", "hub_secret")
+TOKEN_ENV = "KF_PIPELINES_TOKEN"
 
 
 def submit(
@@ -42,7 +49,11 @@ def submit(
     enable_caching: bool | None = None,
     namespace: str | None = None,
     service_account: str | None = None,
+    token: str | None = None,
+    cookies: str | None = None,
 ) -> dict:
+    import os
+
     import kfp
     import yaml
 
@@ -65,8 +76,15 @@ def submit(
     for key in ROOT_ARGUMENTS:
         if key in arguments:
             storage.check_shared(key, arguments[key])
+    for key in SECRET_ARGUMENTS:
+        if key in arguments and not str(arguments[key]).strip():
+            raise UserError(
+                f"{key}='': KFP's driver fails every step that mounts a secret with no name; leave {key} at its "
+                f"default (the secret k8s/ creates, blank keys allowed) or name another secret"
+            )
+    token = token or os.environ.get(TOKEN_ENV) or None
     try:
-        client = kfp.Client(host=host, namespace=namespace)
+        client = kfp.Client(host=host, namespace=namespace, existing_token=token, cookies=cookies)
         result = client.create_run_from_pipeline_package(
             str(package),
             arguments=arguments,

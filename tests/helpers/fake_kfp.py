@@ -1,5 +1,7 @@
 """A small fake of the Kubeflow Pipelines v2beta1 REST API on 127.0.0.1: healthz, experiments, runs. It records
-every request so tests can check what a client sent."""
+every request so tests can check what a client sent. With `token` or `cookie` set it stands behind an auth proxy
+as multi-user Kubeflow does (oauth2-proxy / Istio): a request without that bearer token or session cookie gets 401
+and never reaches the API."""
 
 from __future__ import annotations
 
@@ -18,7 +20,9 @@ def _now() -> str:
 
 
 class FakeKFP:
-    def __init__(self):
+    def __init__(self, token: str | None = None, cookie: str | None = None):
+        self.token, self.cookie = token, cookie
+        self.refused = 0
         self.requests: list[tuple[str, str, dict | None]] = []
         self.experiments: dict[str, dict] = {}
         self.runs: dict[str, dict] = {}
@@ -31,7 +35,20 @@ class FakeKFP:
             def _reply(self, code: int, body) -> None:
                 reply(self, code, body)
 
+            def _authorised(self) -> bool:
+                if fake.token is None and fake.cookie is None:
+                    return True
+                bearer = fake.token is not None and self.headers.get("Authorization") == f"Bearer {fake.token}"
+                cookie = fake.cookie is not None and fake.cookie in (self.headers.get("Cookie") or "")
+                if not (bearer or cookie):
+                    fake.refused += 1
+                    self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                    self._reply(401, {"error": "Unauthorized"})
+                return bearer or cookie
+
             def do_GET(self):
+                if not self._authorised():
+                    return
                 url = urlparse(self.path)
                 fake.requests.append(("GET", url.path, None))
                 if url.path == "/apis/v2beta1/healthz":
@@ -47,6 +64,8 @@ class FakeKFP:
                 return self._reply(404, {"error": f"no route {url.path}"})
 
             def do_POST(self):
+                if not self._authorised():
+                    return
                 url = urlparse(self.path)
                 body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"{}")
                 fake.requests.append(("POST", url.path, body))

@@ -6,6 +6,8 @@ kubernetes_platform/proto/kubernetes_executor_config.proto.
 
 `too_new(spec_docs, minimum)` lists every field the compiled YAML uses that a backend at `minimum` does not read,
 and every field this table does not know (add it, with the first backend that reads it, after reading the source).
+`empty_secret_names(spec_docs, arguments)` lists the secrets whose name a run would resolve to "": the driver then
+fails every step that mounts them (driver.go: a secretKeyRef needs a name).
 """
 
 from __future__ import annotations
@@ -41,6 +43,10 @@ RESOURCES = {
     "accelerator/type": (2, 0),
     "accelerator/count": (2, 0),
 }
+# pipeline spec (the first document), any component's inputDefinitions: a list input fed by a ParallelFor's outputs
+# (dsl.Collected) is resolved by the driver from kubeflow/pipelines#11725 on, first released in 2.14.0; older drivers
+# fail the consuming task
+INPUTS = {"isArtifactList": (2, 14), "isList": (2, 14)}
 # a field whose default value every backend gets anyway: older drivers drop it, and drop nothing that matters
 DEFAULT_VALUES = {"secretAsEnv/optional": False}
 
@@ -78,9 +84,38 @@ def used_fields(docs: list[dict]) -> list[tuple[str, str, object, dict]]:
     return out
 
 
+def _list_inputs(pipeline: dict) -> list[tuple[str, str, object, dict]]:
+    out = []
+    for name, component in pipeline.get("components", {}).items():
+        definitions = component.get("inputDefinitions", {})
+        for kind in ("artifacts", "parameters"):
+            for _, spec in definitions.get(kind, {}).items():
+                out += [(name, key, True, INPUTS) for key in INPUTS if spec.get(key)]
+    return out
+
+
+def empty_secret_names(docs: list[dict], arguments: dict | None = None) -> list[str]:
+    """Secrets whose name, as a run resolves it (the argument, else the pipeline parameter's default), is empty."""
+    parameters = docs[0].get("root", {}).get("inputDefinitions", {}).get("parameters", {})
+    out = []
+    for doc in docs[1:]:
+        executors = doc.get("platforms", {}).get("kubernetes", {}).get("deploymentSpec", {}).get("executors", {})
+        for name, config in executors.items():
+            for secret in config.get("secretAsEnv", []):
+                if "secretName" in secret:
+                    value = secret["secretName"]
+                else:
+                    param = secret.get("secretNameParameter", {}).get("componentInputParameter", "")
+                    param = param.removeprefix("pipelinechannel--")  # inside a ParallelFor: the root's parameter
+                    value = (arguments or {}).get(param, parameters.get(param, {}).get("defaultValue", ""))
+                if not value:
+                    out.append(f"{name}: a secret named {value!r}")
+    return out
+
+
 def too_new(docs: list[dict], minimum: tuple[int, int]) -> list[str]:
     problems = []
-    for executor, path, value, table in used_fields(docs):
+    for executor, path, value, table in used_fields(docs) + _list_inputs(docs[0]):
         if path not in table:
             problems.append(f"{executor}: {path} is not in the backend table (tests/helpers/kfp_backend.py)")
             continue

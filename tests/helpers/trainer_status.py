@@ -1,5 +1,6 @@
 """A stand-in for Kubeflow Trainer's TrainJob status endpoint (Trainer >= 2.2, TrainJobStatus gate): HTTPS on
-127.0.0.1 with a certificate from a test CA (trustme), a bearer token read from a file, and the payload checked
+127.0.0.1 with a certificate from a test CA (trustme), a bearer token read from a file (another token: 403, as the
+real server answers), and the payload checked
 against the v2.3.0 CRD's status.trainerStatus schema and its CEL rule, as the controller does before it writes it.
 
 `status_server(tmp_path)` yields the server; `server.env` holds the three variables the controller injects.
@@ -57,8 +58,9 @@ def _handler(state: StatusServer):
             if self.path != PATH:
                 return self._send(404, {"kind": "Status", "code": 404, "message": self.path})
             if self.headers.get("Authorization") != f"Bearer {state.token}":
+                # pkg/statusserver/server.go (v2.3.0): a token that does not belong to a pod of this TrainJob is 403
                 state.refused.append("token")
-                return self._send(401, {"kind": "Status", "code": 401, "message": "Unauthorized"})
+                return self._send(403, {"kind": "Status", "code": 403, "reason": "Forbidden", "message": "Forbidden"})
             problems = _trainer_status_problems(payload)
             if problems:
                 state.refused.append("; ".join(problems))

@@ -49,17 +49,18 @@ def test_reports_reach_the_status_endpoint_authenticated_and_valid(tmp_path, mon
     assert last["progressPercentage"] == 100 and last["estimatedRemainingSeconds"] == 0
 
 
-@pytest.mark.parametrize("answer", [500, 401])
+@pytest.mark.parametrize("answer", [500, 403])
 def test_a_refusing_or_missing_endpoint_warns_once_and_raises_nothing(tmp_path, monkeypatch, capsys, answer):
-    with status_server(tmp_path, answer=answer if answer != 401 else 200) as server:
+    with status_server(tmp_path, answer=answer if answer != 403 else 200) as server:
         for key, value in server.env.items():
             monkeypatch.setenv(key, value)
-        if answer == 401:
+        if answer == 403:
             (tmp_path / "token").write_text("a-stale-token")
         reporter = ProgressReporter(total_steps=10, first_step=0, interval_s=0)
         assert not reporter.report(1, {"reward": 1.0})
         assert not reporter.report(2, {"reward": 1.0}, force=True)
     assert server.received == [] and capsys.readouterr().err.count("progress not reported") == 1
+    assert server.refused == (["token", "token"] if answer == 403 else [])
     monkeypatch.setenv("KUBEFLOW_TRAINER_SERVER_URL", "https://127.0.0.1:9/nothing")
     assert not ProgressReporter(total_steps=10, first_step=0).report(1, {})
 

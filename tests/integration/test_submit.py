@@ -118,3 +118,35 @@ def test_distar_submit_pipeline_ablation_sends_the_sweep(capsys):
     assert body["runtime_config"]["parameters"]["runs_root"] == "gs://b/runs"
     assert main(["submit", "--host", "http://127.0.0.1:9", "--pipeline", "table3"]) == 2
     assert "choose sdxl or ablation" in capsys.readouterr().err
+
+
+def test_a_multi_user_deployment_takes_a_token_from_the_flag_or_the_environment_or_a_cookie(monkeypatch):
+    args = parse_arguments(ROOTS)
+    with FakeKFP(token="tok-123", cookie="authservice_session=abc") as fake:
+        monkeypatch.delenv("KF_PIPELINES_TOKEN", raising=False)
+        with pytest.raises(UserError, match="could not submit"):
+            submit(fake.url, PACKAGE, args)
+        assert fake.refused and not fake.runs
+        submit(fake.url, PACKAGE, args, token="tok-123")
+        submit(fake.url, PACKAGE, args, cookies="authservice_session=abc")
+        monkeypatch.setenv("KF_PIPELINES_TOKEN", "tok-123")
+        submit(fake.url, PACKAGE, args)
+        assert len(fake.runs) == 3
+
+
+def test_an_empty_secret_name_is_refused_before_the_server_sees_it():
+    with FakeKFP() as fake:
+        for key in ("storage_secret", "hub_secret"):
+            with pytest.raises(UserError, match=f"{key}=''"):
+                submit(fake.url, PACKAGE, {**parse_arguments(ROOTS), key: ""})
+        assert fake.requests == []
+
+
+def test_submit_help_names_what_kfps_cli_cannot_set():
+    proc = subprocess.run(
+        [sys.executable, "-m", "distar.cli", "submit", "--help"], capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0
+    text = " ".join(proc.stdout.split())
+    assert "--token" in text and "KF_PIPELINES_TOKEN" in text and "--cookies" in text
+    assert "its `-r` is the run's name" in text

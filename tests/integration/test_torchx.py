@@ -72,7 +72,7 @@ def test_the_documented_kubernetes_dry_run_renders_a_volcano_job_offline(tmp_pat
         "--workspace",
         "",
         "-cfg",
-        "validate_spec=False,queue=default,namespace=distar",
+        "validate_spec=False",
         "distar.train",
         "--nnodes",
         "2",
@@ -90,3 +90,15 @@ def test_the_documented_kubernetes_dry_run_renders_a_volcano_job_offline(tmp_pat
     request = yaml.safe_load(proc.stdout.split("=== SCHEDULER REQUEST ===", 1)[1])
     assert request["apiVersion"].startswith("batch.volcano.sh/") and request["kind"] == "Job"
     assert request["spec"]["queue"] == "default" and len(request["spec"]["tasks"]) == 2  # one task per node
+    # .torchxconfig's namespace and service account are the ones k8s/ creates
+    from helpers.k8s import rendered
+
+    objects = rendered("standalone")
+    account = next(o for o in objects if o["kind"] == "ServiceAccount")
+    from torchx.runner import config
+
+    cfg: dict = {}
+    config.apply(scheduler="kubernetes", cfg=cfg, dirs=[str(tmp_path)])  # what torchx submits with
+    assert cfg["namespace"] == account["metadata"]["namespace"] == "kubeflow"
+    pod = request["spec"]["tasks"][0]["template"]["spec"]
+    assert pod["serviceAccountName"] == account["metadata"]["name"] == "distar-trainer"

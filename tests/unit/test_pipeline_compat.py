@@ -1,5 +1,6 @@
-"""The compiled pipeline against the KFP backends it says it supports (>= 2.5, docs/CLUSTER.md): every field it
-uses is read by a 2.5 driver, and the check catches what the previous pipeline used."""
+"""The compiled pipelines against the KFP backends they say they support (docs/CLUSTER.md: >= 2.5 for distar_sdxl,
+>= 2.14 for the ablation's fan-in): every field each uses is read by its floor's driver, no secret resolves to an
+empty name, and the check catches what the previous pipelines used."""
 
 import sys
 from pathlib import Path
@@ -10,15 +11,31 @@ from helpers.kfp_backend import too_new
 
 ROOT = Path(__file__).resolve().parents[2]
 MINIMUM = (2, 5)
+FLOORS = {"distar_sdxl": (2, 5), "distar_ablation": (2, 14)}
 
 
 def _docs(path: Path) -> list[dict]:
     return list(yaml.safe_load_all(path.read_text()))
 
 
-@pytest.mark.parametrize("name", ["distar_sdxl", "distar_ablation"])
-def test_the_committed_pipelines_use_only_what_kfp_2_5_reads(name):
-    assert too_new(_docs(ROOT / "pipelines" / f"{name}.yaml"), MINIMUM) == []
+@pytest.mark.parametrize("name", sorted(FLOORS))
+def test_the_committed_pipelines_use_only_what_their_floor_reads(name):
+    assert too_new(_docs(ROOT / "pipelines" / f"{name}.yaml"), FLOORS[name]) == []
+
+
+def test_the_ablations_fan_in_needs_2_14_and_the_check_says_so():
+    found = too_new(_docs(ROOT / "pipelines" / "distar_ablation.yaml"), MINIMUM)
+    assert found and all("isArtifactList" in p and ">= 2.14" in p for p in found), found
+
+
+@pytest.mark.parametrize("name", sorted(FLOORS))
+def test_no_secret_resolves_to_an_empty_name(name):
+    from helpers.kfp_backend import empty_secret_names
+
+    docs = _docs(ROOT / "pipelines" / f"{name}.yaml")
+    assert empty_secret_names(docs) == []
+    found = empty_secret_names(docs, {"storage_secret": ""})
+    assert found and all("''" in p for p in found)
 
 
 def test_the_ablation_puts_gpus_on_evaluations_only():

@@ -46,25 +46,31 @@ def _pod_namespace() -> str:
 
 
 def _owner(core, namespace: str) -> list[dict]:
-    """An ownerReference to this step's pod: when the pipeline run is deleted, its TrainJob goes with it."""
+    """An ownerReference to the Argo Workflow that runs this step (the pipeline run), read from this pod's own
+    owners: deleting the run deletes its TrainJob, while draining or evicting this small pod does not (an owner
+    that is the pod would take the whole GPU job with it). None when no Workflow owns the pod."""
     pod_name = os.environ.get("HOSTNAME")
     if core is None or not pod_name:
         return []
     try:
-        pod = core.read_namespaced_pod(pod_name, namespace)
+        pod = core.read_namespaced_pod(pod_name, namespace, _request_timeout=(5.0, 30.0))
     except Exception as err:  # no pod of that name (not in a pod), or no RBAC to read it: the job runs unowned
         print(f"distar: the TrainJob gets no owner (pod {pod_name!r} not readable: {type(err).__name__})", flush=True)
         return []
-    return [
-        {
-            "apiVersion": "v1",
-            "kind": "Pod",
-            "name": pod.metadata.name,
-            "uid": pod.metadata.uid,
-            "controller": False,
-            "blockOwnerDeletion": False,
-        }
-    ]
+    for ref in pod.metadata.owner_references or []:
+        if ref.kind == "Workflow" and ref.api_version.startswith("argoproj.io/"):
+            return [
+                {
+                    "apiVersion": ref.api_version,
+                    "kind": "Workflow",
+                    "name": ref.name,
+                    "uid": ref.uid,
+                    "controller": False,
+                    "blockOwnerDeletion": False,
+                }
+            ]
+    print(f"distar: the TrainJob gets no owner (pod {pod_name!r} belongs to no Argo Workflow)", flush=True)
+    return []
 
 
 def run_trainjob(
@@ -75,7 +81,7 @@ def run_trainjob(
     api=None,
     core=None,
     poll_s: float = 15.0,
-    suspend_timeout_s: float | None = 3600.0,
+    suspend_timeout_s: float | None = None,
 ) -> dict:
     """Run the training as a TrainJob (many nodes) and return the run's summary.json. `out`, the prompts and the
     model cache must be object-storage URIs: every node reads and writes them. They are checked here, before any

@@ -32,12 +32,13 @@ SPEC_DIGEST = "distar.dev/spec-digest"
 """Annotation: the digest of what the job runs; a retry adopts a job of the same name only when it matches."""
 KEEP_SECONDS = "distar.dev/keep-seconds"
 """Annotation: how long a finished job (its pods and logs) is kept; the next launch in the namespace deletes it."""
-# The pods of rank 0: JobSet labels every pod with its JobSet and replicated job, the Indexed Job with its index
-# (the torch runtime's node rank).
-RANK0_SELECTOR = (
-    "jobset.sigs.k8s.io/jobset-name={name},jobset.sigs.k8s.io/replicatedjob-name=node,"
-    "batch.kubernetes.io/job-completion-index=0"
-)
+# The pods of a job: JobSet labels every pod with its JobSet (the TrainJob's name) and replicated job, the Indexed
+# Job with its index (the torch runtime's node rank; rank 0's log is the one streamed).
+PODS_SELECTOR = "jobset.sigs.k8s.io/jobset-name={name},jobset.sigs.k8s.io/replicatedjob-name=node"
+INDEX_LABEL = "batch.kubernetes.io/job-completion-index"
+# Seconds to connect and to wait for an answer on every API call: a half-open connection must not hang the follow
+# loop or the SIGTERM path.
+REQUEST_TIMEOUT_S = (5.0, 30.0)
 # The pipeline's one set of secrets (k8s/base/secrets.yaml creates them as templates): key → variable of the same name
 STORAGE_SECRET_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL")
 HUB_SECRET_KEYS = ("HF_TOKEN",)
@@ -197,13 +198,28 @@ def _secret_env(name: str, ref: str) -> dict:
     return {"name": name, "valueFrom": {"secretKeyRef": {"name": secret, "key": key}}}
 
 
-def state_of(obj: dict) -> str:
-    """Complete, Failed, Suspended, Created, or Pending (no condition yet) from the controller's conditions."""
+def state_of(obj: dict, pods: list | None = None) -> str:
+    """Complete, Failed or Suspended from the conditions Trainer writes (v2.3 copies them from the JobSet and writes
+    no condition while a job runs); otherwise Running once a pod of the job runs, else Pending."""
     conditions = {c["type"]: c for c in obj.get("status", {}).get("conditions", [])}
-    for kind in ("Complete", "Failed", "Suspended", "Created"):
+    for kind in ("Complete", "Failed", "Suspended"):
         if conditions.get(kind, {}).get("status") == "True":
             return kind
+    if any(_phase(pod) == "Running" for pod in pods or []):
+        return "Running"
     return "Pending"
+
+
+def _phase(pod) -> str | None:
+    status = pod.get("status") if isinstance(pod, dict) else getattr(pod, "status", None)
+    return (status or {}).get("phase") if isinstance(status, dict) else getattr(status, "phase", None)
+
+
+def _was_admitted(obj: dict) -> bool:
+    """A Suspended condition turned False: a queue admitted the job (it may suspend it again to preempt it)."""
+    return any(
+        c.get("type") == "Suspended" and c.get("status") == "False" for c in obj.get("status", {}).get("conditions", [])
+    )
 
 
 def _finished_at(obj: dict) -> dt.datetime | None:
@@ -227,10 +243,12 @@ def describe_status(trainer_status: dict) -> str:
 class TrainJobLauncher:
     """Create a TrainJob (or adopt the one a previous attempt of the same step created), follow it to Complete or
     Failed, stream rank 0's log and the reported progress into this process's log, and never leave it behind:
-    SIGTERM or SIGINT of this process, a timeout or a Suspended timeout delete the job. Transient API errors
-    (429, 5xx, connection resets) are retried with exponential backoff.
+    SIGTERM or SIGINT of this process (the DELETE goes out from the signal handler itself: Argo kills the container
+    about a second later), a timeout, or a Suspended timeout delete the job. Every API call has a connect and read
+    timeout; transient API errors (429, 5xx, timeouts, connection resets) are retried with exponential backoff.
 
-    `api` is a kubernetes CustomObjectsApi, `core` a CoreV1Api (pod logs; None: no streaming).
+    `api` is a kubernetes CustomObjectsApi, `core` a CoreV1Api (the job's pods: Running, and rank 0's log; None:
+    neither is read).
     """
 
     def __init__(
@@ -239,10 +257,11 @@ class TrainJobLauncher:
         core=None,
         poll_s: float = 15.0,
         timeout_s: float | None = None,
-        suspend_timeout_s: float | None = 3600.0,
+        suspend_timeout_s: float | None = None,
         retries: int = 6,
         backoff_s: float = 1.0,
         backoff_cap_s: float = 60.0,
+        request_timeout_s: tuple[float, float] = REQUEST_TIMEOUT_S,
         log=print,
         clock=time.monotonic,
         now=lambda: dt.datetime.now(dt.UTC),
@@ -254,17 +273,21 @@ class TrainJobLauncher:
             backoff_s,
             backoff_cap_s,
         )
+        self.request_timeout_s = request_timeout_s
         self.log, self.clock, self.now = log, clock, now
         self.stop = threading.Event()
         self.stopped_by: str | None = None
+        self.deleted_on_signal = False
+        self._job: tuple[str, str] | None = None
         self._log_marks: dict[str, str] = {}
 
-    # -- the API, with retries ---------------------------------------------------------------------------------
+    # -- the API, with timeouts and retries ------------------------------------------------------------------
 
     def _call(self, what: str, fn, *args, **kwargs):
         from kubernetes.client.exceptions import ApiException
         from urllib3.exceptions import HTTPError
 
+        kwargs.setdefault("_request_timeout", self.request_timeout_s)
         for attempt in range(self.retries + 1):
             try:
                 return fn(*args, **kwargs)
@@ -272,13 +295,14 @@ class TrainJobLauncher:
                 if err.status not in TRANSIENT or attempt == self.retries:
                     raise
                 reason = f"{err.status} {err.reason}"
-            except (HTTPError, ConnectionError) as err:
+            except (HTTPError, ConnectionError, TimeoutError) as err:
                 if attempt == self.retries:
                     raise TrainJobFailed(f"{what}: the Kubernetes API is unreachable ({err!r})") from err
                 reason = type(err).__name__
             delay = min(self.backoff_cap_s, self.backoff_s * 2**attempt)
             self.log(f"{what}: {reason}; retrying in {delay:g} s ({attempt + 1}/{self.retries})")
-            self.stop.wait(delay)
+            if self.stop.wait(delay) and not what.startswith("delete"):
+                raise TrainJobFailed(f"{what}: stopped by {self.stopped_by or 'a stop'} while retrying")
         raise AssertionError("unreachable")
 
     def _get(self, ns: str, name: str) -> dict | None:
@@ -321,8 +345,14 @@ class TrainJobLauncher:
         try:
             self.sweep(ns)
             self._create_or_adopt(job)
+            self._job = (ns, name)
             return self._follow(ns, name)
+        except TrainJobFailed:
+            if self.stop.is_set() and self._job is not None:  # stopped inside a call: the job must not outlive us
+                self._delete(ns, name, f"this step received {self.stopped_by or 'a stop'}")
+            raise
         finally:
+            self._job = None
             for sig, handler in handlers.items():
                 signal.signal(sig, handler)
 
@@ -333,6 +363,16 @@ class TrainJobLauncher:
         def handle(signum, frame):
             self.stopped_by = signal.Signals(signum).name
             self.stop.set()
+            if self._job is not None and not self.deleted_on_signal:
+                # once, at once, without retries: the container may have a second left
+                ns, name = self._job
+                try:
+                    self.api.delete_namespaced_custom_object(
+                        GROUP, VERSION, ns, PLURAL, name, propagation_policy="Foreground", _request_timeout=(1.0, 2.0)
+                    )
+                    self.deleted_on_signal = True
+                except Exception:  # the follow loop deletes it again, with retries, if it still can
+                    pass
 
         return {sig: signal.signal(sig, handle) for sig in (signal.SIGTERM, signal.SIGINT)}
 
@@ -358,7 +398,7 @@ class TrainJobLauncher:
         for obj in listed.get("items", []):
             finished = _finished_at(obj)
             keep = obj.get("metadata", {}).get("annotations", {}).get(KEEP_SECONDS)
-            if finished is None or keep is None:
+            if finished is None or keep is None or obj["metadata"].get("deletionTimestamp"):
                 continue
             if self.now() >= finished + dt.timedelta(seconds=int(keep)):
                 name = obj["metadata"]["name"]
@@ -375,7 +415,7 @@ class TrainJobLauncher:
 
         ns, name = job["metadata"]["namespace"], job["metadata"]["name"]
         ours = job["metadata"]["annotations"][SPEC_DIGEST]
-        for _ in range(3):  # create; or adopt; or replace a failed previous attempt and create
+        for _ in range(4):  # create; or adopt; or wait out a deletion / replace a failed attempt, and create
             try:
                 self._call(
                     f"create TrainJob {ns}/{name}",
@@ -396,6 +436,12 @@ class TrainJobLauncher:
             existing = self._get(ns, name)
             if existing is None:
                 continue  # deleted between the two calls
+            if existing.get("metadata", {}).get("deletionTimestamp"):
+                # an earlier attempt's job on its way out (a foreground deletion keeps it until its pods are gone):
+                # adopting it would follow a job that is about to vanish
+                self.log(f"TrainJob {ns}/{name} is being deleted; waiting for it to go before creating it again")
+                self._wait_gone(ns, name)
+                continue
             theirs = existing.get("metadata", {}).get("annotations", {}).get(SPEC_DIGEST)
             if theirs != ours:
                 raise TrainJobFailed(
@@ -413,26 +459,50 @@ class TrainJobLauncher:
     def _wait_gone(self, ns: str, name: str) -> None:
         while self._get(ns, name) is not None:
             if self.stop.wait(min(self.poll_s, 5.0)):
-                return
+                raise TrainJobFailed(f"stopped by {self.stopped_by or 'a stop'} while TrainJob {ns}/{name} was deleted")
+
+    def _pods(self, ns: str, name: str) -> list:
+        """The job's pods (best effort: none when they cannot be listed)."""
+        if self.core is None:
+            return []
+        try:
+            return self._call(
+                f"list pods of {ns}/{name}",
+                self.core.list_namespaced_pod,
+                ns,
+                label_selector=PODS_SELECTOR.format(name=name),
+            ).items
+        except Exception:  # the state then reads Pending until the next poll; nothing to fail the step for
+            return []
 
     def _follow(self, ns: str, name: str) -> dict:
-        started, last, suspended_since, reported = self.clock(), None, None, None
+        started, last, reported = self.clock(), None, None
+        waiting_since, admitted = None, False
         while True:
-            if self.stop.is_set():
-                self._delete(ns, name, f"this step received {self.stopped_by or 'a stop'}")
+            if self.stop.is_set():  # run() deletes the job
                 raise TrainJobFailed(f"stopped by {self.stopped_by or 'a stop'}: TrainJob {ns}/{name} was deleted")
             obj = self._get(ns, name)
             if obj is None:
                 raise TrainJobFailed(f"TrainJob {ns}/{name} was deleted before it finished")
-            state = state_of(obj)
+            if obj["metadata"].get("deletionTimestamp"):
+                raise TrainJobFailed(
+                    f"TrainJob {ns}/{name} is being deleted by someone else (deletionTimestamp "
+                    f"{obj['metadata']['deletionTimestamp']}); retrying the step creates it again and resumes"
+                )
+            pods = self._pods(ns, name)
+            state = state_of(obj, pods)
+            admitted = admitted or state == "Running" or _was_admitted(obj)
             if state != last:
-                self.log(f"TrainJob {ns}/{name}: {state}")
+                self.log(
+                    f"TrainJob {ns}/{name}: {state}"
+                    + (" (preempted; waiting)" if state == "Suspended" and admitted else "")
+                )
                 last = state
             trainer_status = obj.get("status", {}).get("trainerStatus") or {}
             if trainer_status and trainer_status.get("lastUpdatedTime") != reported:
                 reported = trainer_status.get("lastUpdatedTime")
                 self.log(f"TrainJob {ns}/{name} progress: {describe_status(trainer_status)}")
-            self._stream_logs(ns, name)
+            self._stream_logs(ns, pods)
             if state == "Complete":
                 if int(obj["metadata"].get("annotations", {}).get(KEEP_SECONDS, "0")) == 0:
                     self._delete(ns, name, "finished, keep-seconds 0")
@@ -443,9 +513,11 @@ class TrainJobLauncher:
                     f"TrainJob {ns}/{name} failed: {c.get('reason', '')}: {c.get('message', '')} (kept for "
                     f"inspection: kubectl describe trainjob -n {ns} {name})"
                 )
-            if state == "Suspended":
-                suspended_since = suspended_since if suspended_since is not None else self.clock()
-                if self.suspend_timeout_s is not None and self.clock() - suspended_since > self.suspend_timeout_s:
+            # the queue timeout counts only while a job waits for its first admission: a job preempted back
+            # into Suspended has run, holds checkpoints, and resumes when the queue admits it again
+            if state == "Suspended" and not admitted:
+                waiting_since = waiting_since if waiting_since is not None else self.clock()
+                if self.suspend_timeout_s is not None and self.clock() - waiting_since > self.suspend_timeout_s:
                     self._delete(ns, name, "suspended too long")
                     raise TrainJobFailed(
                         f"TrainJob {ns}/{name} stayed Suspended (not admitted by its queue) for more than "
@@ -453,40 +525,37 @@ class TrainJobLauncher:
                         f"suspend timeout"
                     )
             else:
-                suspended_since = None
+                waiting_since = None
             if self.timeout_s is not None and self.clock() - started > self.timeout_s:
                 self._delete(ns, name, "timed out")
                 raise TrainJobFailed(f"TrainJob {ns}/{name} did not finish within {self.timeout_s:g} s; it was deleted")
             self.stop.wait(self.poll_s)
 
-    def _stream_logs(self, ns: str, name: str) -> None:
+    def _stream_logs(self, ns: str, pods: list) -> None:
         """New lines of rank 0's log since the last poll (timestamps keep the place; a restarted pod starts over)."""
         if self.core is None:
             return
-
-        try:
-            pods = self._call(
-                f"list pods of {ns}/{name}",
-                self.core.list_namespaced_pod,
-                ns,
-                label_selector=RANK0_SELECTOR.format(name=name),
-            ).items
-            for pod in pods:
-                pod_name = pod.metadata.name
-                mark = self._log_marks.get(pod_name)
+        for pod in pods:
+            meta = pod.metadata
+            if (meta.labels or {}).get(INDEX_LABEL) != "0":
+                continue
+            try:
+                mark = self._log_marks.get(meta.name)
                 # the first read takes the tail (an adopted job may have logged for days), later ones a window
                 # wider than a poll, deduplicated by timestamp
                 window = {"tail_lines": 1000} if mark is None else {"since_seconds": int(2 * self.poll_s) + 60}
-                text = self.core.read_namespaced_pod_log(pod_name, ns, container=NODE, timestamps=True, **window)
-                mark = mark or ""
-                for line in text.splitlines():
-                    stamp, _, message = line.partition(" ")
-                    if _stamp_key(stamp) > mark:
-                        self.log(f"[{pod_name}] {message}")
-                        mark = _stamp_key(stamp)
-                self._log_marks[pod_name] = mark
-        except Exception:  # a pod still starting has no log yet, a connection drops: streaming is best effort
-            return
+                text = self.core.read_namespaced_pod_log(
+                    meta.name, ns, container=NODE, timestamps=True, _request_timeout=self.request_timeout_s, **window
+                )
+            except Exception:  # a pod still starting has no log yet, a connection drops: streaming is best effort
+                continue
+            mark = mark or ""
+            for line in text.splitlines():
+                stamp, _, message = line.partition(" ")
+                if _stamp_key(stamp) > mark:
+                    self.log(f"[{meta.name}] {message}")
+                    mark = _stamp_key(stamp)
+            self._log_marks[meta.name] = mark
 
 
 def _stamp_key(stamp: str) -> str:
