@@ -2,6 +2,7 @@
 RoleBinding binds the identity runs execute as, and the secrets are the ones the pipeline names, as templates.
 (That the Role grants exactly the launcher's calls: tests/integration/test_trainjob_launcher.py.)"""
 
+import os
 from pathlib import Path
 
 import pytest
@@ -56,3 +57,54 @@ def test_role_has_no_wildcards_and_writes_only_trainjobs():
         assert "*" not in rule["verbs"] and "*" not in rule["resources"]
         if rule["resources"] != ["trainjobs"]:
             assert not set(rule["verbs"]) & {"create", "delete", "update", "patch"}
+
+
+def _with_component(tmp_path, component: str) -> list[dict]:
+    """The standalone install with one storage component, rendered as kustomize renders it."""
+    import subprocess
+
+    from helpers.k8s import kubectl
+
+    (tmp_path / "kustomization.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "apiVersion": "kustomize.config.k8s.io/v1beta1",
+                "kind": "Kustomization",
+                "namespace": "kubeflow",
+                # kustomize takes only relative paths to other kustomizations
+                "resources": [os.path.relpath(ROOT / "k8s/base", tmp_path)],
+                "components": [os.path.relpath(ROOT / "k8s/components" / component, tmp_path)],
+            }
+        )
+    )
+    out = subprocess.run(
+        [kubectl(), "kustomize", "--load-restrictor", "LoadRestrictionsNone", str(tmp_path)],
+        capture_output=True, text=True, check=True, timeout=60,
+    )  # fmt: skip
+    return [d for d in yaml.safe_load_all(out.stdout) if d]
+
+
+@pytest.mark.parametrize("component", ["s3", "s3-irsa", "gcs"])
+def test_each_storage_component_gives_kfps_launcher_credentials_it_can_use(tmp_path, component):
+    import kubernetes_validate
+
+    docs = _with_component(tmp_path, component)
+    for doc in docs:
+        kubernetes_validate.validate(doc, "1.30", strict=True)
+    launcher = next(d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"] == "kfp-launcher")
+    assert launcher["data"]["defaultPipelineRoot"].startswith("gs://" if component == "gcs" else "s3://")
+    account = next(d for d in docs if d["kind"] == "ServiceAccount")
+    if component == "gcs":
+        assert "providers" not in launcher["data"]  # Workload Identity: the client library's own chain
+        assert "iam.gke.io/gcp-service-account" in account["metadata"]["annotations"]
+        return
+    credentials = yaml.safe_load(launcher["data"]["providers"])["s3"]["default"]["credentials"]
+    if component == "s3-irsa":
+        # blank keys with fromEnv false would make KFP's launcher sign every request with empty keys
+        assert credentials == {"fromEnv": True}
+        assert "eks.amazonaws.com/role-arn" in account["metadata"]["annotations"]
+    else:
+        assert credentials["fromEnv"] is False
+        ref = credentials["secretRef"]
+        assert ref["secretName"] == _defaults()["storage_secret"]
+        assert {ref["accessKeyKey"], ref["secretKeyKey"]} <= set(STORAGE_SECRET_KEYS)

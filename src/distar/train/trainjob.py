@@ -2,7 +2,8 @@
 torch-distributed runtime, created from a pipeline step, followed to completion, kept for a while for inspection.
 
 The runtime sets PET_NNODES, PET_NPROC_PER_NODE, PET_NODE_RANK, PET_MASTER_ADDR, PET_MASTER_PORT, so the
-container command is plain `torchrun -m distar.train …`. Pod settings go in spec.runtimePatches (Trainer ≥ 2.2):
+container command is plain `torchrun -m distar.train …`. Pod settings go in spec.runtimePatches (Trainer ≥ 2.3.0, the
+first to carry the pods' terminationGracePeriodSeconds there):
 /dev/shm as a memory volume (NCCL and data loading need more than the default 64 MB), secrets as environment
 variables (object storage, hub token), node selector and tolerations.
 """
