@@ -13,7 +13,7 @@ TORCH_CPU_LINKS ?= https://download.pytorch.org/whl/cpu/torch/
 LOCK := $(VENV)/bin/uv pip compile pyproject.toml --quiet --python-version 3.11 \
 	--python-platform x86_64-manylinux_2_28 --custom-compile-command "make lock"
 
-.PHONY: venv lock demo toy test test-fast lint bench clean
+.PHONY: venv lock browser demo toy test test-fast lint bench clean
 
 # The versions come from locks/ci.txt (torch, installed first, is the only requirement it leaves out).
 $(VENV)/.installed: pyproject.toml locks/ci.txt
@@ -48,12 +48,18 @@ toy: venv
 	@echo "picture: runs/demo-toy/toy.png   metrics: runs/demo-toy/metrics.json"
 
 # Everything CI runs: tests/unit (math, parsing, converters, bad input) and tests/integration (torchrun, the DAG,
-# emulated object stores and API servers).
-test: venv
+# emulated object stores and API servers, the reports in headless Chromium as the pipeline UI shows them).
+test: venv browser
 	$(PY) -m pytest $(PYTEST_ARGS)
 
+# Debian's Chromium, for the tests that open the HTML reports in a sandboxed iframe.
+browser:
+	@command -v chromium >/dev/null || command -v chromium-browser >/dev/null || \
+		{ apt-get update -qq && apt-get install -y -qq --no-install-recommends chromium >/dev/null; } || \
+		{ echo "make test needs Chromium (Debian: apt-get install chromium)"; exit 1; }
+
 # The unit layer alone: a few minutes, for the edit-test loop.
-test-fast: venv
+test-fast: venv browser
 	$(PY) -m pytest tests/unit $(PYTEST_ARGS)
 
 # Style, formatting, and the layer contract of docs/ARCHITECTURE.md (pyproject.toml [tool.importlinter]).

@@ -64,6 +64,11 @@ def test_a_two_variant_sweep_runs_locally_and_a_second_reuses_the_baselines(tmp_
     table = (run / "compare" / "table").read_text()
     assert "| initial: unet:tianweiy/DMD2" in table and "(paper: DMD2 (start point))" in table
     page = (run / "compare" / "report").read_text()
+    from helpers.html_check import in_sandboxed_iframe, outside_references
+
+    assert outside_references(page) == []  # shown alone in KFP's sandboxed iframe
+    seen = in_sandboxed_iframe(page, tmp_path)
+    assert seen["images"] > 0 and seen["broken"] == [] and seen["links"] == [] and seen["fetched"] == []
     assert page.count("<tr class='variant'>") == 2 and "1.067" in page and "<h2>Training curves</h2>" in page
     first = _uses(root)
     prompts = comparison["protocol"]["prompts"]

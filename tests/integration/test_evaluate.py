@@ -85,6 +85,13 @@ def test_metrics_per_prompt_scores_resume_and_report(pipeline, tmp_path):
     assert report.tables == 1 and "paper: DI*" in report.cells and "hpsv2.1" in report.cells
     assert sum(src.startswith("data:image/png;base64,") for src in report.images) == len(REWARDS)
     assert any(src.startswith("data:image/jpeg;base64,") for src in report.images)  # self-contained thumbnails
+    from helpers.html_check import in_sandboxed_iframe, outside_references
+
+    html = (out / "report.html").read_text()
+    assert outside_references(html) == []  # shown alone in KFP's sandboxed iframe
+    seen = in_sandboxed_iframe(html, tmp_path)
+    assert seen["images"] == len(report.images) and seen["broken"] == [] and seen["links"] == []
+    assert seen["fetched"] == []
 
 
 def test_baseline_reference_sampling_and_fixed_seeds(pipeline, tmp_path):

@@ -103,5 +103,12 @@ def test_the_whole_dag_runs_locally_on_the_tiny_preset(tmp_path):
     for name in ("imagereward", "aesthetic", "pickscore", "clip", "hpsv2.1"):
         assert math.isfinite(metrics[name]), name
     assert "<table id='metrics'>" in (run / "evaluate" / "report").read_text()
+    from helpers.html_check import in_sandboxed_iframe, outside_references
+
+    for step in ("train", "evaluate"):  # the HTML artifacts, as the pipeline UI shows them
+        html = (run / step / "report").read_text()
+        assert outside_references(html) == [], step
+        seen = in_sandboxed_iframe(html, tmp_path)
+        assert seen["images"] > 0 and seen["broken"] == [] and seen["links"] == [] and seen["fetched"] == [], step
     lineage = json.loads((run / "train" / "executor_output.json").read_text())["artifacts"]["run"]
     assert lineage["artifacts"][0]["metadata"]["step"] == 4

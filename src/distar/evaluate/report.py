@@ -77,9 +77,11 @@ def render_report(report: dict, tables: dict, out_fs, out_path: str) -> str:
     for r in model_rows:
         groups.setdefault(f"{r['set']} / {r['group']}", []).append(r)
     for group, items in sorted(groups.items()):
+        # no links: the pipeline UI shows the report alone in a sandboxed iframe, where a relative link leads nowhere;
+        # the full-size image's path under the results is in the tooltip
         imgs = "".join(
-            f"<a href='{e(r['image'])}'><img src='{thumbnail(out_fs, out_path + '/' + r['image'])}' width='128' "
-            f"title='{e(r['prompt'])}'></a>"
+            f"<img src='{thumbnail(out_fs, out_path + '/' + r['image'])}' width='128' "
+            f"title='{e(r['prompt'])} ({e(r['image'])})'>"
             for r in items[:8]
         )
         parts.append(f"<h3>{e(group)}</h3><div class='grid'>{imgs}</div>")
