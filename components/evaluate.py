@@ -57,17 +57,19 @@ def evaluate(
             run=run or None,
         )
     )
+
     # the model's metrics, and the baseline's beside them (prefixed) when there is one, in the UI and in the log
-    for role, prefix in (("model", ""), ("baseline", "baseline_")):
-        for name, value in out["results"].get(role, {}).items():
-            if isinstance(value, (int, float)) and not isinstance(value, bool):
-                metrics.log_metric(prefix + name.replace("/", "_"), float(value))
-    model, base = out["results"]["model"], out["results"].get("baseline", {})
+    def numbers(role: str) -> dict:
+        values = out["results"].get(role, {}).items()
+        return {k: float(v) for k, v in values if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+    model, base = numbers("model"), numbers("baseline")
+    for prefix, values in (("", model), ("baseline_", base)):
+        for name, value in values.items():
+            metrics.log_metric(prefix + name.replace("/", "_"), value)
     print(f"{'metric':<24}{'model':>12}" + (f"{'baseline':>12}" if base else ""))
     for name, value in model.items():
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            other = base.get(name)
-            print(f"{name:<24}{value:>12.4f}" + (f"{other:>12.4f}" if isinstance(other, (int, float)) else ""))
+        print(f"{name:<24}{value:>12.4f}" + (f"{base[name]:>12.4f}" if name in base else ""))
     shutil.copy(f"{results.path}/report.html", report.path)
     results.metadata.update({"baseline": baseline, "prompts": out["prompts"], "protocol": out["protocol_digest"]})
     with open(evaluation.path, "w") as fh:

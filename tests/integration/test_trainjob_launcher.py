@@ -415,14 +415,12 @@ def test_the_log_endpoint_refuses_an_unknown_container_and_honours_since_seconds
 
 
 def test_the_train_steps_record_and_metadata_name_the_trainjob(tmp_path, monkeypatch):
+    from helpers.kfp_artifacts import at
     from helpers.storage_servers import s3_server
     from kfp.dsl import Artifact, Dataset, Metrics
 
     from components.train import train
     from distar.train import launch
-
-    def at(kind, uri, path):
-        return type(kind.__name__, (kind,), {"_get_path": lambda self: path})(name="a", uri=uri)
 
     seen = {}
 

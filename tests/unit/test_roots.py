@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from helpers.kfp_artifacts import at
 from kfp.dsl import Artifact, Dataset, Model
 
 from distar import storage
@@ -13,11 +14,6 @@ from distar.cli import main
 from distar.errors import UserError
 
 MINIO = "minio://mlpipeline/v2/artifacts/distar/run/prompts"
-
-
-def at(kind, uri: str, path: str = "/nonexistent"):
-    """A KFP artifact with a cluster URI whose local file lives at `path` (KFP maps URIs to /gcs, /s3, /minio)."""
-    return type(kind.__name__, (kind,), {"_get_path": lambda self: path})(name="a", uri=uri)
 
 
 @pytest.mark.parametrize("uri", ["gs://b/x", "s3://b/x"])

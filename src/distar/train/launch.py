@@ -12,7 +12,7 @@ from distar import storage
 from distar.errors import UserError
 from distar.train.command import torchrun_command
 from distar.train.stop import PREEMPTED, Preempted
-from distar.train.trainjob import TrainJobSpec
+from distar.train.trainjob import REQUEST_TIMEOUT_S, TrainJobSpec
 
 
 def run_local(config: str, overrides: list[str], nproc_per_node: int = 1, max_restarts: int = 0) -> dict:
@@ -53,7 +53,7 @@ def _owner(core, namespace: str) -> list[dict]:
     if core is None or not pod_name:
         return []
     try:
-        pod = core.read_namespaced_pod(pod_name, namespace, _request_timeout=(5.0, 30.0))
+        pod = core.read_namespaced_pod(pod_name, namespace, _request_timeout=REQUEST_TIMEOUT_S)
     except Exception as err:  # no pod of that name (not in a pod), or no RBAC to read it: the job runs unowned
         print(f"distar: the TrainJob gets no owner (pod {pod_name!r} not readable: {type(err).__name__})", flush=True)
         return []

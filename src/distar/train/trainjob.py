@@ -206,14 +206,9 @@ def state_of(obj: dict, pods: list | None = None) -> str:
     for kind in ("Complete", "Failed", "Suspended"):
         if conditions.get(kind, {}).get("status") == "True":
             return kind
-    if any(_phase(pod) == "Running" for pod in pods or []):
+    if any(pod.status and pod.status.phase == "Running" for pod in pods or []):
         return "Running"
     return "Pending"
-
-
-def _phase(pod) -> str | None:
-    status = pod.get("status") if isinstance(pod, dict) else getattr(pod, "status", None)
-    return (status or {}).get("phase") if isinstance(status, dict) else getattr(status, "phase", None)
 
 
 def _was_admitted(obj: dict) -> bool:
@@ -284,7 +279,9 @@ class TrainJobLauncher:
 
     # -- the API, with timeouts and retries ------------------------------------------------------------------
 
-    def _call(self, what: str, fn, *args, **kwargs):
+    def _call(self, what: str, fn, *args, stoppable: bool = True, **kwargs):
+        """`fn(*args, **kwargs)` with the request timeout, retried on transient errors. A stop ends the retries of a
+        `stoppable` call (a delete is not: it is what a stop must still get done)."""
         from kubernetes.client.exceptions import ApiException
         from urllib3.exceptions import HTTPError
 
@@ -302,7 +299,7 @@ class TrainJobLauncher:
                 reason = type(err).__name__
             delay = min(self.backoff_cap_s, self.backoff_s * 2**attempt)
             self.log(f"{what}: {reason}; retrying in {delay:g} s ({attempt + 1}/{self.retries})")
-            if self.stop.wait(delay) and not what.startswith("delete"):
+            if self.stop.wait(delay) and stoppable:
                 raise TrainJobFailed(f"{what}: stopped by {self.stopped_by or 'a stop'} while retrying")
         raise AssertionError("unreachable")
 
@@ -331,6 +328,7 @@ class TrainJobLauncher:
                 PLURAL,
                 name,
                 propagation_policy="Foreground",
+                stoppable=False,
             )
         except ApiException as err:
             if err.status != 404:
