@@ -50,6 +50,7 @@ def _export(args: argparse.Namespace) -> None:
             args.out,
             ema=args.ema,
             single_file=args.single_file,
+            dtype=args.dtype,
             metrics=args.metrics,
             force=args.force,
         )
@@ -272,7 +273,10 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--checkpoint", required=True, help="checkpoint directory, or a run (its newest checkpoint)")
     exp.add_argument("--out", required=True, help="output URI of the pipeline directory")
     exp.add_argument("--ema", action="store_true", help="also write the EMA weights (unet_ema/)")
-    exp.add_argument("--single-file", action="store_true", help="also write the UNet as one fp16 safetensors file")
+    exp.add_argument("--single-file", action="store_true", help="also write the UNet as one safetensors file")
+    exp.add_argument(
+        "--dtype", default="fp16", help="precision of the generator's network: fp16 (default), bf16 or fp32"
+    )
     exp.add_argument("--metrics", default=None, help="metrics.json to quote in the model card")
     exp.add_argument("--force", action="store_true", help="write into a non-empty --out (same-named files replaced)")
     exp.set_defaults(func=_export)

@@ -2,11 +2,12 @@
 `pipeline_name`).
 
 The generator's weights are read from the DCP checkpoint in one process, whatever the number of processes that
-wrote it. The directory holds the generator's network (fp32, and fp16 as variant "fp16"), the reference's text
-encoders, tokenizers and VAE, a scheduler configured for one step at t* (stock diffusers; the model card says
-how to call it), distar.json (the run's backbone, t*, losses and rewards), a model card, and optionally the EMA
-network (unet_ema/) and a single-file fp16 state dict. model_index.json is written last: a reader that finds it
-finds a complete pipeline.
+wrote it. The directory holds the generator's network in half precision (fp16 by default, bf16 or fp32 on request;
+stock diffusers loads it in fp32 unless given a torch_dtype), the reference's text encoders, tokenizers and VAE with
+their values unchanged (in fp16 where they are fp16 values, as the model cache's SDXL text encoders are), a
+scheduler configured for one step at t* (stock diffusers; the model card says how to call it), distar.json (the
+run's backbone, t*, precision, losses and rewards), a model card, and optionally the EMA network (unet_ema/) and a
+single-file state dict. model_index.json is written last: a reader that finds it finds a complete pipeline.
 """
 
 from __future__ import annotations
@@ -25,7 +26,12 @@ from distar.errors import UserError
 from distar.train.checkpoint import MARKER, Checkpointer, load_unet_weights, read_config, verify_checkpoint
 from distar.train.config import ModelConfig, TrainConfig
 
-SINGLE_FILE = "generator_unet.fp16.safetensors"
+DTYPES = ("fp16", "bf16", "fp32")
+
+
+def single_file_name(dtype: str) -> str:
+    """The one-file state dict's name (DMD2's layout), by its precision."""
+    return f"generator_unet.{dtype}.safetensors"
 
 
 @dataclass
@@ -37,7 +43,11 @@ class ExportConfig:
     ema: bool = False
     """Also write the EMA weights as unet_ema/ (the checkpoint must hold them)."""
     single_file: bool = False
-    """Also write the UNet as one fp16 safetensors file in DMD2's layout."""
+    """Also write the UNet as one safetensors file in DMD2's layout."""
+    dtype: str = "fp16"
+    """Precision of the generator's network (and of unet_ema/ and the single file): fp16, bf16 or fp32. Half the
+    bytes of fp32 (SDXL's UNet: 5.1 GB instead of 10.3 GB); training's weights are fp32, so fp32 keeps them
+    exactly."""
     metrics: str | None = None
     """A metrics.json (from `distar evaluate`) to quote in the model card."""
     force: bool = False
@@ -118,7 +128,28 @@ def _lora_generator_unet(backbone, model: ModelConfig, hub: dict, adapters: dict
     return merge_generator_adapter(unet).float()
 
 
+def holds_fp16_values(module: torch.nn.Module) -> bool:
+    """Whether every floating-point weight of `module` is an fp16 value (as parts loaded from fp16 files are, in
+    whatever dtype they were loaded): then fp16 stores them exactly, in half the bytes of fp32."""
+    return all(
+        torch.equal(t, t.half().to(t.dtype))
+        for t in (*module.parameters(), *module.buffers())
+        if t.is_floating_point() and t.dtype != torch.float16
+    )
+
+
+def _store_reference_parts_exactly(pipe, generator: torch.nn.Module) -> None:
+    """The reference's parts (text encoders, VAE) are saved as their values need: fp16 where they hold fp16 values
+    (the model cache fetches SDXL's text encoders as fp16 files), else as loaded; the generator is not touched."""
+    for part in pipe.components.values():
+        if isinstance(part, torch.nn.Module) and part is not generator and holds_fp16_values(part):
+            part.to(torch.float16)
+
+
 def export(config: ExportConfig) -> dict:
+    if config.dtype not in DTYPES:
+        raise UserError(f"--dtype {config.dtype!r}: choose one of {', '.join(DTYPES)}")
+    dtype = sources.parse_dtype(config.dtype)
     checkpoint = resolve_checkpoint(config.checkpoint)
     check_out(config.out, checkpoint, config.force)
     verify_checkpoint(checkpoint)  # before anything in it is parsed
@@ -142,8 +173,12 @@ def export(config: ExportConfig) -> dict:
             raise UserError(
                 f"--ema: checkpoint {checkpoint!r} holds no EMA weights (train with ema_decay > 0)"
             ) from err
+    unet = unet.to(dtype)
+    if ema_unet is not None:
+        ema_unet = ema_unet.to(dtype)
     vae = backbone.load_vae(model.vae or root, dtype="fp32", **hub)
     pipe = backbone.one_step_pipeline(root, unet, vae)
+    _store_reference_parts_exactly(pipe, unet)
     trainer_state = json.loads(
         storage.filesystem(checkpoint)[0].cat_file(
             f"{storage.filesystem(checkpoint)[1].rstrip('/')}/trainer_state.json"
@@ -157,18 +192,20 @@ def export(config: ExportConfig) -> dict:
     with tempfile.TemporaryDirectory(prefix="distar-export-") as tmp:
         local = Path(tmp) / "pipeline"
         pipe.save_pretrained(local, safe_serialization=True)
-        unet.to(torch.float16).save_pretrained(local / "unet", variant="fp16")
         if ema_unet is not None:
             ema_unet.save_pretrained(local / "unet_ema")
         if config.single_file:
             from safetensors.torch import save_file
 
-            save_file({k: v.contiguous() for k, v in unet.state_dict().items()}, str(local / SINGLE_FILE))
+            save_file(
+                {k: v.contiguous() for k, v in unet.state_dict().items()}, str(local / single_file_name(config.dtype))
+            )
         distar_meta = {
             "backbone": backbone.name,
             "checkpoint": checkpoint,
             "step": trainer_state["step"],
             "t_star": model.t_star,
+            "dtype": config.dtype,
             "reference": model.reference,
             "generator_init": model.generator_init,
             "config_digest": trainer_state.get("config_digest"),
@@ -222,8 +259,14 @@ def model_card(backbone, meta: dict, metrics: dict | None, ema: bool, single_fil
     ]
     if ema:
         lines += ["", f"`unet_ema/` holds the EMA of the generator's weights: {usage['ema']}."]
+    dtype = meta.get("dtype", "fp32")
+    lines += [
+        "",
+        f"The generator's network is stored in {dtype}; diffusers loads it in fp32 unless `torch_dtype` says "
+        "otherwise. The text encoders and the VAE are the reference's, their values unchanged.",
+    ]
     if single_file:
-        lines += ["", f"`{SINGLE_FILE}` is the generator's network as one fp16 state dict (DMD2's file layout)."]
+        lines += ["", f"`{single_file_name(dtype)}` is the generator's network as one state dict (DMD2's layout)."]
     if metrics:
         lines += ["", "## Metrics", "", "| metric | value |", "|---|---|"]
         lines += [f"| {k} | {v:.4g} |" for k, v in metrics.items() if isinstance(v, (int, float))]

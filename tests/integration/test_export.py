@@ -10,7 +10,7 @@ from helpers.storage_servers import server
 from helpers.tiny import tiny
 
 from distar.errors import UserError
-from distar.export import SINGLE_FILE, ExportConfig, export
+from distar.export import ExportConfig, export, single_file_name
 from distar.train import run
 from distar.train.checkpoint import MARKER, load_unet_weights
 
@@ -29,13 +29,24 @@ def exported(trained, tmp_path_factory):
     return out
 
 
-def test_stock_diffusers_one_step_equals_the_trainers_generator(trained, exported):
+@pytest.fixture(scope="module")
+def exported_fp32(trained, tmp_path_factory):
+    out = tmp_path_factory.mktemp("export") / "pipeline"
+    export(ExportConfig(trained[1], str(out), dtype="fp32"))
+    return out
+
+
+def _bytes(directory) -> int:
+    return sum(f.stat().st_size for f in directory.glob("*.safetensors"))
+
+
+def test_stock_diffusers_one_step_equals_the_trainers_generator(trained, exported_fp32):
     from diffusers import LCMScheduler, StableDiffusionXLPipeline
 
     from distar.backbones import OneStepGenerator
     from distar.backbones.sdxl import PromptEncoder, load_unet
 
-    pipe = StableDiffusionXLPipeline.from_pretrained(exported)
+    pipe = StableDiffusionXLPipeline.from_pretrained(exported_fp32)
     assert isinstance(pipe.scheduler, LCMScheduler)
     prompts = ["a red cat on a beach", "a blue boat on the moon"]
     z = torch.randn(2, 4, 32, 32, generator=torch.Generator().manual_seed(0))
@@ -52,24 +63,47 @@ def test_stock_diffusers_one_step_equals_the_trainers_generator(trained, exporte
     assert x0.abs().mean() > 0.1  # a real comparison, not of two zero tensors
 
 
-def test_fp16_variant_ema_single_file_and_model_card(trained, exported):
+def test_the_default_export_is_half_precision_with_ema_single_file_and_model_card(trained, exported, exported_fp32):
+    """The generator (and its EMA, and the single file) in fp16, exactly the trained weights rounded; stock diffusers
+    loads it in fp32 unless told otherwise; the reference's parts are left as they are; the generator's files take
+    half the bytes of an fp32 export's."""
     from diffusers import UNet2DConditionModel
+    from safetensors import safe_open
     from safetensors.torch import load_file
 
-    fp32 = UNet2DConditionModel.from_pretrained(exported, subfolder="unet")
-    fp16 = UNet2DConditionModel.from_pretrained(exported, subfolder="unet", variant="fp16", torch_dtype=torch.float16)
-    for (name, a), (_, b) in zip(fp32.state_dict().items(), fp16.state_dict().items(), strict=True):
-        assert b.dtype == torch.float16 and torch.equal(a.half(), b), name
-    ema = UNet2DConditionModel.from_pretrained(exported, subfolder="unet_ema").state_dict()
+    trained_weights = load_unet_weights(trained[1], "generator")
+    with safe_open(str(exported / "unet" / "diffusion_pytorch_model.safetensors"), "pt") as fh:
+        stored = {k: fh.get_tensor(k) for k in fh.keys()}  # noqa: SIM118 - safe_open is no mapping
+    assert stored.keys() == trained_weights.keys()
+    for name, value in stored.items():
+        assert value.dtype == torch.float16 and torch.equal(value, trained_weights[name].half()), name
+    assert next(UNet2DConditionModel.from_pretrained(exported, subfolder="unet").parameters()).dtype == torch.float32
+    half = UNet2DConditionModel.from_pretrained(exported, subfolder="unet", torch_dtype=torch.float16)
+    assert next(half.parameters()).dtype == torch.float16
+    assert _bytes(exported / "unet") / _bytes(exported_fp32 / "unet") == pytest.approx(0.5, abs=0.01)
+    for part in ("text_encoder", "text_encoder_2", "vae"):  # the reference's, byte for byte the fp32 export's
+        assert _bytes(exported / part) == _bytes(exported_fp32 / part) and _bytes(exported / part) > 0, part
+    ema = UNet2DConditionModel.from_pretrained(exported, subfolder="unet_ema", torch_dtype=torch.float16).state_dict()
     expected = load_unet_weights(trained[1], "ema")
-    assert all(torch.equal(ema[k], expected[k]) for k in expected)
-    assert not all(torch.equal(ema[k], fp32.state_dict()[k]) for k in expected)  # EMA is not the live weights
-    single = load_file(str(exported / SINGLE_FILE))
-    assert single.keys() == fp32.state_dict().keys() and all(v.dtype == torch.float16 for v in single.values())
+    assert all(torch.equal(ema[k], expected[k].half()) for k in expected)
+    assert not all(torch.equal(ema[k], stored[k]) for k in expected)  # EMA is not the live weights
+    single = load_file(str(exported / single_file_name("fp16")))
+    assert single.keys() == stored.keys() and all(torch.equal(single[k], stored[k]) for k in stored)
     card = (exported / "README.md").read_text()
-    assert "timesteps=[399]" in card and "diff-instruct-star" in card and "unet_ema" in card
+    assert "timesteps=[399]" in card and "diff-instruct-star" in card and "unet_ema" in card and "fp16" in card
     meta = json.loads((exported / "distar.json").read_text())
-    assert meta["step"] == 2 and meta["checkpoint"] == trained[1]
+    assert meta["step"] == 2 and meta["checkpoint"] == trained[1] and meta["dtype"] == "fp16"
+    assert json.loads((exported_fp32 / "distar.json").read_text())["dtype"] == "fp32"
+
+
+def test_bf16_on_request_and_an_unknown_precision_refused_before_anything_is_read(trained, tmp_path):
+    from safetensors import safe_open
+
+    export(ExportConfig(trained[1], str(tmp_path / "bf16"), dtype="bf16"))
+    with safe_open(str(tmp_path / "bf16" / "unet" / "diffusion_pytorch_model.safetensors"), "pt") as fh:
+        assert {fh.get_tensor(k).dtype for k in fh.keys()} == {torch.bfloat16}  # noqa: SIM118
+    with pytest.raises(UserError, match="--dtype 'fp8': choose one of fp16, bf16, fp32"):
+        export(ExportConfig(str(tmp_path / "no-such-run"), str(tmp_path / "o"), dtype="fp8"))
 
 
 def test_export_refuses_incomplete_checkpoints_and_existing_outputs(trained, exported, tmp_path):
@@ -119,7 +153,7 @@ def test_a_lora_generator_exports_merged_into_a_plain_unet(tmp_path):
     adapters = load_unet_weights(summary["checkpoint"], "generator")
     assert adapters and all(".lora_" in k for k in adapters)
     assert max(v.abs().max().item() for k, v in adapters.items() if "lora_B" in k) > 0  # they trained
-    export(ExportConfig(summary["checkpoint"], str(tmp_path / "pipeline")))
+    export(ExportConfig(summary["checkpoint"], str(tmp_path / "pipeline"), dtype="fp32"))
 
     pipe = StableDiffusionXLPipeline.from_pretrained(tmp_path / "pipeline")
     assert not any(".lora_" in k or "base_layer" in k for k in pipe.unet.state_dict())  # a plain UNet
@@ -144,3 +178,18 @@ def test_a_lora_generator_exports_merged_into_a_plain_unet(tmp_path):
     model = dataclasses.replace(_train_config(summary["checkpoint"]).model, generator_lora_rank=8)
     with pytest.raises(UserError, match="do not fit a rank-8 LoRA.*0 missing, 0 unexpected, .* of another shape"):
         _lora_generator_unet(backbones.get("sdxl"), model, {}, adapters, summary["checkpoint"])
+
+
+def test_reference_parts_holding_fp16_values_are_stored_in_fp16_exactly():
+    """SDXL's text encoders come from fp16 files: fp16 holds their values exactly; any other value keeps fp32."""
+    from distar.export import holds_fp16_values
+
+    part = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.LayerNorm(8))
+    assert not holds_fp16_values(part)  # random fp32 values
+    with torch.no_grad():
+        for p in part.parameters():
+            p.copy_(p.half().float())
+    assert holds_fp16_values(part)
+    with torch.no_grad():
+        part[0].weight[0, 0] += 1e-6  # one weight off the fp16 grid
+    assert not holds_fp16_values(part)

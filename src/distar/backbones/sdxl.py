@@ -609,7 +609,7 @@ class SDXL(Backbone):
                 "import torch",
                 "from diffusers import StableDiffusionXLPipeline",
                 "",
-                'pipe = StableDiffusionXLPipeline.from_pretrained("PATH", torch_dtype=torch.float16, variant="fp16")',
+                'pipe = StableDiffusionXLPipeline.from_pretrained("PATH", torch_dtype=torch.float16)',
                 'pipe = pipe.to("cuda")',
                 f'image = pipe("a photo of a cat", num_inference_steps=1, timesteps=[{t_star}], '
                 "guidance_scale=0).images[0]",
