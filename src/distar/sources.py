@@ -167,6 +167,14 @@ def _offline(offline: bool | None) -> bool:
     return offline
 
 
+def download(uri: str, allow_patterns: Iterable[str] | None = None) -> Path:
+    """A local copy of the tree at `uri` (only the files matching `allow_patterns`, when given), reused while it is
+    complete: every part of a model loaded from one URI (UNet, encoders, VAE) reads one download."""
+    key = uri if not allow_patterns else json.dumps([uri, sorted(allow_patterns)])
+    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
+    return storage.download_dir(uri, default_download_root() / digest, allow_patterns)
+
+
 def resolve_dir(
     source: str | os.PathLike | Source,
     *,
@@ -194,8 +202,7 @@ def resolve_dir(
             path = Path(src.text[len("file://") :])
             if path.is_dir():
                 return path
-        digest = hashlib.sha256(src.text.encode()).hexdigest()[:16]
-        return storage.download_dir(src.text, default_download_root() / digest)
+        return download(src.text)
     if src.kind == "hub" and cache_dir is not None:
         cached = lookup(str(cache_dir), src.repo)
         if cached is not None:

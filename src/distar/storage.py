@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterable
 from pathlib import Path
 
 import fsspec
@@ -104,11 +105,12 @@ def _check_reachable(host: str, port: int, uri: str) -> None:
 COMPLETE_MARKER = ".distar-download-complete"
 
 
-def download_dir(uri: str, dest: str | os.PathLike) -> Path:
+def download_dir(uri: str, dest: str | os.PathLike, allow_patterns: Iterable[str] | None = None) -> Path:
     """Copy the tree under `uri` into the local directory `dest` (created); returns `dest`.
 
     A marker written after the last file makes a finished copy reusable: every part of a model loaded from
     the same URI (UNet, encoders, VAE) reads one download, and an interrupted copy is fetched again.
+    allow_patterns: only the files whose path under `uri` matches one (fnmatch), as the hub's downloads take them.
     """
     dest = Path(dest)
     if (dest / COMPLETE_MARKER).is_file():
@@ -117,7 +119,16 @@ def download_dir(uri: str, dest: str | os.PathLike) -> Path:
     if not fs.exists(path):
         raise UserError(f"{uri!r} does not exist")
     dest.mkdir(parents=True, exist_ok=True)
-    if fs.isdir(path):
+    if fs.isdir(path) and allow_patterns:
+        import fnmatch
+
+        path = path.rstrip("/")
+        for found in fs.find(path):
+            rel = found[len(path) + 1 :]
+            if any(fnmatch.fnmatch(rel, pattern) for pattern in allow_patterns):
+                (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+                fs.get(found, str(dest / rel))
+    elif fs.isdir(path):
         fs.get(path.rstrip("/") + "/", str(dest), recursive=True)
     else:
         fs.get(path, str(dest / Path(path).name))
@@ -148,9 +159,24 @@ def is_root(uri: str) -> bool:
     return (text.split("://", 1)[1] if "://" in text else text).strip("/") == ""
 
 
+def write_bytes(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
+    """`data` at `path` on `fs` so that a reader sees the whole file or none of it, even when the writer is killed
+    midway: an object store's upload is one object; a local file is written beside and renamed over `path`."""
+    from fsspec.implementations.local import LocalFileSystem
+
+    if not isinstance(fs, LocalFileSystem):
+        fs.pipe_file(path, data)
+        return
+    local = Path(fs._strip_protocol(path))
+    local.parent.mkdir(parents=True, exist_ok=True)
+    partial = local.with_name(f".{local.name}.{os.getpid()}.partial")
+    partial.write_bytes(data)
+    os.replace(partial, local)
+
+
 def write_json(fs: fsspec.AbstractFileSystem, path: str, value, indent: int | None = 2) -> None:
-    """`value` as JSON at `path` on `fs`, in one write (a reader sees the whole file or none of it on object stores)."""
-    fs.pipe_file(path, json.dumps(value, indent=indent).encode())
+    """`value` as JSON at `path` on `fs`, whole or not at all (`write_bytes`)."""
+    write_bytes(fs, path, json.dumps(value, indent=indent).encode())
 
 
 def user_error(err: BaseException) -> UserError | None:

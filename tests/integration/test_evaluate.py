@@ -195,3 +195,42 @@ def test_t_star_and_backbone_come_from_the_exported_record_read_on_its_own(tmp_p
         (local / "distar.json").write_text(text)
         with pytest.raises(UserError, match=match):
             recorded_t_star(str(local))
+
+
+def test_a_resume_takes_only_its_own_models_scores_and_only_its_prompts(pipeline, tmp_path):
+    """Score shards left in --out by another model or another scoring protocol are refused, by field; shards of
+    prompts outside the current selection stay out of the table."""
+    import shutil
+
+    out, one = tmp_path / "eval", {"rewards": ["clip"], "hps_prompts": None}
+    assert evaluate(config(pipeline, out, max_prompts=3, **one))["prompts"] == 3
+    smaller = evaluate(config(pipeline, out, max_prompts=2, **one))
+    assert smaller["runs"]["model"]["generated"] == 0 and smaller["results"]["model"]["images"] == 2
+    assert len(pq.read_table(out / "scores.parquet")) == 2
+    with pytest.raises(UserError, match=r"differs in protocol: .* there, .* here\); choose a new --out"):
+        evaluate(config(pipeline, out, max_prompts=2, t_star=300, **one))
+    other = tmp_path / "other-pipeline"
+    shutil.copytree(pipeline[0], other)
+    with pytest.raises(UserError, match=f"differs in model: '{pipeline[0]}' there, '{other}' here"):
+        evaluate(config(pipeline, out, model=str(other), max_prompts=2, **one))
+    assert len(pq.read_table(out / "scores.parquet")) == 2  # nothing of the refused runs was written
+
+
+def test_a_pipeline_in_object_storage_is_read_without_its_extra_files(pipeline, tmp_path, monkeypatch):
+    """Evaluate downloads what sampling loads: the EMA network and the single file stay in the bucket."""
+    from helpers.storage_servers import server
+
+    monkeypatch.setenv("DISTAR_DOWNLOAD_DIR", str(tmp_path / "downloads"))
+    with server("s3", "exports"):
+        import fsspec
+
+        fs, _ = fsspec.core.url_to_fs("s3://exports/p")
+        fs.put(str(pipeline[0]) + "/", "exports/p", recursive=True)
+        fs.pipe_file("exports/p/unet_ema/diffusion_pytorch_model.safetensors", b"x" * 1000)
+        fs.pipe_file("exports/p/generator_unet.fp16.safetensors", b"x" * 1000)
+        result = evaluate(config(pipeline, tmp_path / "eval", model="s3://exports/p", max_prompts=1, rewards=["clip"]))
+    assert result["results"]["model"]["images"] == 1  # one Parti prompt (the HPS sets only for hpsv2.1)
+    (download,) = (tmp_path / "downloads").iterdir()
+    files = {str(f.relative_to(download)) for f in download.rglob("*") if f.is_file()}
+    assert "unet/diffusion_pytorch_model.safetensors" in files and "model_index.json" in files
+    assert not any(f.startswith("unet_ema") or f.startswith("generator_unet") for f in files)

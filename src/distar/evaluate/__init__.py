@@ -102,7 +102,32 @@ def _load_metrics(config: EvaluateConfig, device):
     return models
 
 
-def _evaluate_one(spec: str, role: str, prompts, metrics, config, device, out_fs, out_path) -> dict:
+def scoring_identity(spec: str, proto: dict) -> dict:
+    """What a prompt's score depends on besides the prompt: the model and the protocol less the choice of prompts
+    (so that an evaluation extended to more prompts reuses the ones it has)."""
+    scoring = {k: v for k, v in proto.items() if k not in ("prompts", "max_prompts", "image_size")}
+    return {"model": spec, "protocol": protocol_digest(scoring)}
+
+
+def _check_work(out_fs, work: str, identity: dict, config) -> bool:
+    """The score shards under `work` belong to one model under one scoring protocol (`work`/identity.json, written
+    with the first shard): a resumed evaluation adds to them only when both are the same; anything else would mix
+    two models' scores in one table. True when `work` is claimed already."""
+    where = f"{work}/identity.json"
+    if out_fs.exists(where):
+        theirs = json.loads(out_fs.cat_file(where))
+        differ = sorted(k for k in identity.keys() | theirs.keys() if identity.get(k) != theirs.get(k))
+        if differ:
+            raise UserError(
+                f"--out {config.out!r} holds scores of another evaluation (it differs in "
+                f"{', '.join(f'{k}: {theirs.get(k)!r} there, {identity.get(k)!r} here' for k in differ)}); choose "
+                f"a new --out, or delete {work} to start over"
+            )
+        return True
+    return False
+
+
+def _evaluate_one(spec: str, role: str, prompts, metrics, config, device, out_fs, out_path, proto: dict) -> dict:
     """Generate and score every prompt not yet done for this model; returns the run's bookkeeping."""
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -110,6 +135,8 @@ def _evaluate_one(spec: str, role: str, prompts, metrics, config, device, out_fs
 
     work = f"{out_path}/work/{role}"
     out_fs.makedirs(work, exist_ok=True)
+    identity = scoring_identity(spec, proto)
+    claimed = _check_work(out_fs, work, identity, config)
     done = set()
     for f in out_fs.glob(f"{work}/scores-*.parquet"):
         with out_fs.open(f, "rb") as fh:
@@ -149,21 +176,29 @@ def _evaluate_one(spec: str, role: str, prompts, metrics, config, device, out_fs
             rows["seconds_per_image"].append((time.perf_counter() - began) / len(batch))
         buf = io.BytesIO()
         pq.write_table(pa.table(rows), buf)
-        # one shard per finished batch, named by its first prompt: a crash loses at most the batch in flight
-        out_fs.pipe_file(f"{work}/scores-{batch[0].id}.parquet", buf.getvalue())
+        # one shard per finished batch, named by its first prompt, written whole or not at all: a crash loses at
+        # most the batch in flight, and a retry never reads half a shard
+        if not claimed:
+            storage.write_json(out_fs, f"{work}/identity.json", identity)
+            claimed = True
+        storage.write_bytes(out_fs, f"{work}/scores-{batch[0].id}.parquet", buf.getvalue())
         generated += len(batch)
     return {"generated": generated, "skipped": len(done), "generation_seconds": seconds}
 
 
-def _read_scores(out_fs, out_path, role):
+def _read_scores(out_fs, out_path, role, prompts):
+    """The scores of `prompts` (a prompt id names its text): shards may hold others, of an evaluation that took
+    more prompts or a prompt file since edited."""
     import pyarrow as pa
+    import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
     tables = []
     for f in sorted(out_fs.glob(f"{out_path}/work/{role}/scores-*.parquet")):
         with out_fs.open(f, "rb") as fh:
             tables.append(pq.read_table(fh))
-    return pa.concat_tables(tables, promote_options="default")
+    table = pa.concat_tables(tables, promote_options="default")
+    return table.filter(pc.is_in(table.column("id"), pa.array([p.id for p in prompts])))
 
 
 def summarise(table, rewards) -> dict:
@@ -225,14 +260,14 @@ def evaluate(config: EvaluateConfig, read: tuple[list[Prompt], dict] | None = No
     metrics = _load_metrics(config, device)
     out_fs, out_path = storage.filesystem(config.out)
     out_path = out_path.rstrip("/")
-    runs = {"model": _evaluate_one(config.model, "model", prompts, metrics, config, device, out_fs, out_path)}
+    runs = {"model": _evaluate_one(config.model, "model", prompts, metrics, config, device, out_fs, out_path, proto)}
     if config.baseline:
         runs["baseline"] = _evaluate_one(
-            config.baseline, "baseline", prompts, metrics, config, device, out_fs, out_path
+            config.baseline, "baseline", prompts, metrics, config, device, out_fs, out_path, proto
         )
     results, tables = {}, {}
     for role in runs:
-        tables[role] = _read_scores(out_fs, out_path, role)
+        tables[role] = _read_scores(out_fs, out_path, role, prompts)
         results[role] = summarise(tables[role], config.rewards)
         buf = io.BytesIO()
         pq.write_table(tables[role], buf)

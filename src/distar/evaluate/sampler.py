@@ -31,7 +31,12 @@ class Sampler:
         elif parsed.kind == "reference":
             self.steps = parsed.steps
             source = config.reference
-        root = sources.resolve_dir(source, cache_dir=config.cache_dir)
+        if parsed.kind == "uri" and not Path(spec.removeprefix("file://")).is_dir():
+            # an exported pipeline in object storage: only what sampling loads (no unet_ema/, no single file)
+            backbone = backbones.get(recorded(spec).get("backbone", backbones.DEFAULT))
+            root = sources.download(spec, sampled_files(backbone))
+        else:
+            root = sources.resolve_dir(source, cache_dir=config.cache_dir)
         if not (root / "model_index.json").is_file():
             raise UserError(f"{source!r} is not a diffusers pipeline (no model_index.json); run `distar export`")
         self.backbone = backbones.get(_recorded_in(root).get("backbone", backbones.DEFAULT))
@@ -61,6 +66,15 @@ class Sampler:
         else:
             images = self.backbone.sample_steps(self.pipe, texts, latents, self.steps, self.config.guidance_scale)
         return images.float().clamp(0, 1)
+
+
+def sampled_files(backbone) -> list[str]:
+    """The files of an exported pipeline that sampling reads (hub-style patterns)."""
+    return [
+        "model_index.json",
+        "distar.json",
+        *(f"{part}/*" for part in (*backbone.pipeline_parts, "vae", "scheduler")),
+    ]
 
 
 def _parse_record(text: bytes | str | None, where: str) -> dict:
