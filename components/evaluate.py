@@ -10,8 +10,10 @@ def evaluate(
     model_cache: Input[Artifact],
     metrics: Output[Metrics],
     report: Output[HTML],
-    results: Output[Artifact],
     evaluation: Output[Artifact],
+    runs_root: str,
+    run_id: str,
+    task_name: str,
     prompts: str = "prompts/parti/PartiPrompts.tsv",
     hps_prompts: str = "prompts/hpsv2",
     rewards: list = ["imagereward", "aesthetic", "pickscore", "clip", "hpsv2.1"],  # noqa: B006 - read, not mutated
@@ -24,11 +26,13 @@ def evaluate(
     variant: dict = {},  # noqa: B006 - an ablation branch: its name labels the results
     run: str = "",
 ):
-    """The paper's protocol on the exported pipeline (distar evaluate). Reward models and prompt sets are read from
-    the model cache's root (the input is its manifest); prompt paths are relative to that root. `evaluation` is
-    the small record later steps read (metrics.json and where the images are), `run` the training run's URI."""
+    """The paper's protocol on the exported pipeline (distar evaluate). The inputs are records: the export's (the
+    pipeline is read by its URI) and the model cache's manifest (reward models and prompt sets are read from its
+    root; prompt paths are relative to it). Images, score shards, metrics.json and report.html are written at
+    {runs_root}/{run_id}/{task_name}[-{variant name}], one shard per finished batch, so a retry of the step
+    generates only what the killed attempt had not finished. `evaluation` is the small record later steps read
+    (metrics.json and where the images are), `run` the training run's URI."""
     import json
-    import shutil
 
     from distar import storage
     from distar.evaluate import EvaluateConfig, evaluate
@@ -36,13 +40,18 @@ def evaluate(
 
     with open(model_cache.path) as fh:
         cache_root = json.load(fh)["root"].rstrip("/")
-    for what, uri in (("cache_root", cache_root), ("the pipeline root", results.uri)):
-        storage.check_shared(what, uri, local_ok=True)
+    with open(pipeline.path) as fh:
+        model = json.load(fh)["pipeline"]
+    local_ok = not storage.is_uri(evaluation.uri)  # everything on this machine (kfp.local)
+    for what, uri in (("cache_root", cache_root), ("runs_root", runs_root)):
+        storage.check_shared(what, uri, local_ok=local_ok)
+    name = variant.get("name", "")
+    results = f"{runs_root.rstrip('/')}/{run_id}/{task_name}" + (f"-{name}" if name else "")
 
     out = evaluate(
         EvaluateConfig(
-            model=pipeline.path,
-            out=results.path,
+            model=model,
+            out=results,
             baseline=baseline or None,
             reference=reference,
             prompts=in_cache(cache_root, prompts),
@@ -53,7 +62,7 @@ def evaluate(
             cache_dir=cache_root,
             max_prompts=max_prompts,
             batch_size=batch_size,
-            label=variant.get("name", ""),
+            label=name,
             run=run or None,
         )
     )
@@ -70,8 +79,19 @@ def evaluate(
     print(f"{'metric':<24}{'model':>12}" + (f"{'baseline':>12}" if base else ""))
     for name, value in model.items():
         print(f"{name:<24}{value:>12.4f}" + (f"{base[name]:>12.4f}" if name in base else ""))
-    shutil.copy(f"{results.path}/report.html", report.path)
-    results.metadata.update({"baseline": baseline, "prompts": out["prompts"], "protocol": out["protocol_digest"]})
+    fs, path = storage.filesystem(results)
+    with open(report.path, "wb") as fh:
+        fh.write(fs.cat_file(f"{path.rstrip('/')}/report.html"))
     with open(evaluation.path, "w") as fh:
-        json.dump({**out, "out": results.uri}, fh, indent=1)
-    evaluation.metadata.update({"label": out["label"], "protocol": out["protocol_digest"], "results": results.uri})
+        json.dump({**out, "out": results}, fh, indent=1)
+    evaluation.metadata.update(
+        {
+            "label": out["label"],
+            "protocol": out["protocol_digest"],
+            "results": results,
+            "baseline": baseline,
+            "prompts": out["prompts"],
+            "generated": out["runs"]["model"]["generated"],
+            "resumed_from": out["runs"]["model"]["skipped"],
+        }
+    )

@@ -5,9 +5,21 @@ from components import CPU_IMAGE
 
 
 @dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
-def export(run: Input[Artifact], pipeline: Output[Model], ema: bool = False):
-    """The run's final checkpoint → a diffusers SDXL pipeline for one-step generation (distar export). The input is
-    the train step's record: the checkpoint is read from its URI, only its model weights."""
+def export(
+    run: Input[Artifact],
+    pipeline: Output[Model],
+    runs_root: str,
+    run_id: str,
+    task_name: str,
+    ema: bool = False,
+    single_file: bool = False,
+    dtype: str = "fp16",
+):
+    """The run's final checkpoint → a diffusers pipeline for one-step generation (distar export), written by
+    reference at {runs_root}/{run_id}/{task_name}[-{variant name}]. The input is the train step's record (the
+    checkpoint read by URI, only its model weights); the output is the export's record: evaluate and users read the
+    pipeline by the URI it names, so KFP's launcher copies kilobytes, not the model. A retry writes the same place
+    again (model_index.json last, so an interrupted export is never taken for a whole one)."""
     import json
 
     import distar
@@ -16,8 +28,12 @@ def export(run: Input[Artifact], pipeline: Output[Model], ema: bool = False):
 
     with open(run.path) as fh:
         record = json.load(fh)
-    # evaluate and the user read the exported pipeline by this URI (a local path only under kfp.local)
-    storage.check_shared("the pipeline root", pipeline.uri, local_ok=True)
-    meta = export(ExportConfig(record["checkpoint"], pipeline.path, ema=ema, single_file=True))
-    keys = ("checkpoint", "step", "t_star", "config_digest")
-    pipeline.metadata.update({**{k: meta[k] for k in keys}, "distar_version": distar.__version__})
+    # a local runs_root only where everything is local (kfp.local): on a cluster, later steps could not read it
+    storage.check_shared("runs_root", runs_root, local_ok=not storage.is_uri(pipeline.uri))
+    out = f"{runs_root.rstrip('/')}/{run_id}/{task_name}" + (f"-{record['variant']}" if record.get("variant") else "")
+    meta = export(ExportConfig(record["checkpoint"], out, ema=ema, single_file=single_file, dtype=dtype, force=True))
+    exported = {"pipeline": out, "distar_version": distar.__version__, **meta}
+    with open(pipeline.path, "w") as fh:
+        json.dump(exported, fh, indent=1)
+    keys = ("pipeline", "checkpoint", "step", "t_star", "dtype", "config_digest", "distar_version")
+    pipeline.metadata.update({k: exported[k] for k in keys})

@@ -108,10 +108,17 @@ def build(launcher: str = "trainjob", parallelism: int = PARALLELISM):
             placed.append((task, eval_cpu, eval_memory))
         with dsl.ParallelFor(variants, parallelism=parallelism) as variant:
             trained = train_step(train, launcher, prompts, models, params, variant=variant)
-            exported = export(run=trained.outputs["run"])
+            where = {
+                "runs_root": runs_root,
+                "run_id": dsl.PIPELINE_JOB_ID_PLACEHOLDER,
+                "task_name": dsl.PIPELINE_TASK_NAME_PLACEHOLDER,
+            }
+            exported = export(run=trained.outputs["run"], **where)
             exported.set_caching_options(True)
+            exported.set_retry(2)
             evaluated = evaluate(
                 pipeline=exported.outputs["pipeline"],
+                **where,
                 variant=variant,
                 run=trained.outputs["Output"],
                 **protocol,

@@ -5,11 +5,12 @@ Run here: distar run-local --preset tiny             (the whole DAG under kfp.lo
 Submit:   distar submit --pipeline-root gs://BUCKET/kfp --service-account pipeline-runner \\
               cache_root=gs://BUCKET/cache runs_root=gs://BUCKET/runs            (docs/CLUSTER.md)
 
-Large data moves by reference: the model cache lives at `cache_root` and the runs at `runs_root` (persistent,
-gs:// or s3://); the artifacts between steps are their small manifests and records, so KFP's launcher, which
-copies every input artifact before a step starts, copies kilobytes. The compiled spec uses only what a KFP
-backend ≥ 2.5 reads (tests/unit/test_pipeline_compat.py); the secrets it names are required and created by
-k8s/base. Defaults are the paper's SDXL settings; the tiny values come from distar.local_pipeline.tiny_arguments.
+Large data moves by reference: the model cache lives at `cache_root`, the training runs, exported pipelines and
+evaluations at `runs_root` (persistent, gs:// or s3://); the artifacts between steps are their small manifests and
+records, so KFP's launcher, which copies every input artifact before a step starts, copies kilobytes. The compiled
+spec uses only what a KFP backend ≥ 2.5 reads (tests/unit/test_pipeline_compat.py); the secrets it names are
+required and created by k8s/base. Defaults are the paper's SDXL settings; the tiny values come from
+distar.local_pipeline.tiny_arguments.
 """
 
 import sys
@@ -135,6 +136,8 @@ def build(launcher: str = "trainjob"):
         tolerations: list = [],  # noqa: B006
         max_restarts: int = 3,
         ema: bool = False,
+        export_dtype: str = "fp16",
+        export_single_file: bool = False,
         eval_prompts: str = protocol.PARTI_IN_CACHE,
         eval_hps_prompts: str = protocol.HPS_IN_CACHE,
         eval_rewards: list = protocol.METRICS,
@@ -158,11 +161,23 @@ def build(launcher: str = "trainjob"):
         params = dict(locals())  # the pipeline's parameters, for the shared step builders
         prompts, models = shared_steps(params)
         trained = train_step(train, launcher, prompts, models, params)
-        exported = export(run=trained.outputs["run"], ema=ema)
+        exported = export(
+            run=trained.outputs["run"],
+            runs_root=runs_root,
+            run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
+            task_name=dsl.PIPELINE_TASK_NAME_PLACEHOLDER,
+            ema=ema,
+            single_file=export_single_file,
+            dtype=export_dtype,
+        )
         exported.set_caching_options(True)
+        exported.set_retry(2)  # the same place: model_index.json last, so a retry completes what was cut short
         evaluated = evaluate(
             pipeline=exported.outputs["pipeline"],
             model_cache=models.outputs["model_cache"],
+            runs_root=runs_root,
+            run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
+            task_name=dsl.PIPELINE_TASK_NAME_PLACEHOLDER,
             prompts=eval_prompts,
             hps_prompts=eval_hps_prompts,
             rewards=eval_rewards,
@@ -171,7 +186,7 @@ def build(launcher: str = "trainjob"):
             batch_size=eval_batch_size,
         )
         evaluated.set_caching_options(True)
-        evaluated.set_retry(2)  # resumable: finished prompts are not generated again
+        evaluated.set_retry(2)  # resumable: the prompts of finished score shards are not generated again
 
         place(
             launcher,

@@ -126,7 +126,16 @@ OUTPUTS = [
         "logs/metrics.jsonl, samples/) and the final checkpoint",
     ),
     ("train/report", "the training report: loss, reward and divergence curves, sample grids"),
-    ("export/pipeline", "a diffusers pipeline for one-step sampling, with its model card"),
+    (
+        "export/pipeline",
+        "the export's record: it names the diffusers pipeline for one-step sampling (fp16 generator, model card) "
+        "written beside the run under training-runs/",
+    ),
+    (
+        "evaluate/evaluation",
+        "the evaluation's record: it names the directory under training-runs/ that holds the images, the score "
+        "shards (a retried step resumes from them), scores.parquet and metrics.json",
+    ),
     ("evaluate/metrics", "the evaluation metrics on the paper's scales"),
     ("evaluate/report", "report.html: metrics against the baseline and the paper's rows, histograms, images"),
     ("baseline/report", "a baseline's evaluation (stored once per model and protocol under training-runs/baselines)"),

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -79,11 +83,52 @@ def test_no_step_takes_the_model_cache_or_a_checkpoint_directory_as_an_input_art
     assert inputs[("export", "run")]["artifactType"]["schemaTitle"] == "system.Artifact"
 
 
+def _evaluate_processes() -> list[int]:
+    """This test's kfp.local processes running the evaluate component (the shell and its python)."""
+    found = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            args = (proc / "cmdline").read_bytes().split(b"\0")
+            parent = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue  # gone meanwhile
+        if b"--function_to_execute" in args and args[args.index(b"--function_to_execute") + 1 :][:1] == [b"evaluate"]:
+            found.append((int(proc.name), parent))
+    ours = {os.getpid()}
+    for _ in range(4):  # descendants of this process only
+        ours |= {pid for pid, parent in found if parent in ours}
+    return sorted(ours - {os.getpid()})
+
+
+def _kill_evaluate_midway(runs_root: Path, done: threading.Event, killed: list) -> None:
+    """SIGKILL the evaluate step once it has finished its first score shard, as a node lost midway would."""
+    while not done.is_set():
+        if list(runs_root.glob("*/evaluate/work/model/scores-*.parquet")):
+            for pid in _evaluate_processes():
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+                    killed.append(pid)
+            return
+        time.sleep(0.01)
+
+
 @pytest.mark.slow
-def test_the_whole_dag_runs_locally_on_the_tiny_preset(tmp_path):
+def test_the_whole_dag_runs_locally_on_the_tiny_preset_and_a_killed_evaluate_resumes_when_retried(tmp_path):
+    """The tiny DAG under kfp.local, whose retry policy is the compiled one; the evaluate step is killed after its
+    first score shard and retried by kfp.local with the same inputs: no prompt scored twice, none missing."""
+    import pyarrow.parquet as pq
+
     from distar.local_pipeline import run_local
 
-    run = run_local("tiny", tmp_path / "root")
+    done, killed = threading.Event(), []
+    watcher = threading.Thread(target=_kill_evaluate_midway, args=(tmp_path / "root" / "training-runs", done, killed))
+    watcher.start()
+    try:
+        run = run_local("tiny", tmp_path / "root", overrides={"eval_batch_size": 2})
+    finally:
+        done.set()
+        watcher.join()
+    assert killed, "the evaluate step finished before its first shard was seen"
     prompts = json.loads((run / "curate" / "prompts" / "manifest.json").read_text())
     assert prompts["rows"] > 200
     cache = json.loads((run / "cache" / "model_cache").read_text())  # the manifest, not the cache
@@ -97,7 +142,21 @@ def test_the_whole_dag_runs_locally_on_the_tiny_preset(tmp_path):
     train_metrics = json.loads((run / "train" / "executor_output.json").read_text())["artifacts"]["metrics"]
     assert {"reward", "divergence", "images_per_s"} <= set(train_metrics["artifacts"][0]["metadata"])
     assert "<img" in (run / "train" / "report").read_text()
-    assert (run / "export" / "pipeline" / "model_index.json").is_file()
+    exported = json.loads((run / "export" / "pipeline").read_text())  # a record: the pipeline is read by URI
+    assert Path(exported["pipeline"]).parent == Path(record["run"]).parent and exported["dtype"] == "fp16"
+    assert (Path(exported["pipeline"]) / "model_index.json").is_file() and exported["step"] == 4
+    assert (run / "export" / "pipeline").stat().st_size < 1e4
+    evaluation = json.loads((run / "evaluate" / "evaluation").read_text())
+    results = Path(evaluation["out"])
+    assert results.parent == Path(record["run"]).parent and evaluation["model"] == exported["pipeline"]
+    shard_ids = [
+        i for f in (results / "work" / "model").glob("scores-*.parquet") for i in pq.read_table(f)["id"].to_pylist()
+    ]
+    assert len(shard_ids) == len(set(shard_ids)) == evaluation["prompts"] > 4  # none twice, none missing
+    scored = pq.read_table(results / "scores.parquet")["id"].to_pylist()
+    assert sorted(scored) == sorted(shard_ids)
+    model_run = evaluation["runs"]["model"]  # the retried attempt's bookkeeping
+    assert model_run["skipped"] >= 2 and model_run["generated"] + model_run["skipped"] == evaluation["prompts"]
     outputs = json.loads((run / "evaluate" / "executor_output.json").read_text())["artifacts"]
     metrics = outputs["metrics"]["artifacts"][0]["metadata"]
     for name in ("imagereward", "aesthetic", "pickscore", "clip", "hpsv2.1"):

@@ -101,22 +101,36 @@ def test_the_train_step_takes_local_paths_under_the_local_launcher_only(tmp_path
         train(**args, launcher="trainjob")
 
 
-def test_export_and_evaluate_refuse_a_minio_pipeline_root(tmp_path):
+@pytest.mark.parametrize(
+    "runs_root, cache_root, named",
+    [(MINIO, "gs://b/cache", "runs_root"), ("/local/runs", "gs://b/cache", "runs_root"), *[
+        ("gs://b/runs", bad, "cache_root") for bad in (MINIO, "/local/cache")
+    ]],
+)  # fmt: skip
+def test_export_and_evaluate_refuse_before_reading_anything(tmp_path, runs_root, cache_root, named):
+    """They write the exported pipeline and the evaluation under runs_root, which the next steps and the user read:
+    on a cluster (the pipeline root is a URI) only object storage will do; a local path only under kfp.local."""
     from components.evaluate import evaluate
     from components.export import export
 
-    record = tmp_path / "run.json"
-    record.write_text(json.dumps({"checkpoint": "gs://b/runs/r/train/checkpoints/step_1"}))
-    with pytest.raises(UserError, match="pipeline root"):
-        export.python_func(run=at(Artifact, "gs://b/kfp/run", str(record)), pipeline=at(Model, MINIO))
-    with pytest.raises(UserError, match="pipeline root"):
+    run = tmp_path / "run.json"
+    run.write_text(json.dumps({"checkpoint": "gs://b/runs/r/train/checkpoints/step_1", "variant": ""}))
+    exported = tmp_path / "pipeline.json"
+    exported.write_text(json.dumps({"pipeline": "gs://b/runs/r/export"}))
+    where = {"runs_root": runs_root, "run_id": "r", "task_name": "t"}
+    if named == "runs_root":
+        with pytest.raises(UserError, match=named):
+            export.python_func(
+                run=at(Artifact, "gs://b/kfp/run", str(run)), pipeline=at(Model, "gs://b/kfp/pipeline"), **where
+            )
+    with pytest.raises(UserError, match=named):
         evaluate.python_func(
-            pipeline=at(Model, "gs://b/kfp/pipeline"),
-            model_cache=_model_cache(tmp_path, "gs://b/cache"),
-            metrics=at(Artifact, MINIO),
-            report=at(Artifact, MINIO),
-            results=at(Artifact, MINIO),
-            evaluation=at(Artifact, MINIO),
+            pipeline=at(Model, "gs://b/kfp/pipeline", str(exported)),
+            model_cache=_model_cache(tmp_path, cache_root),
+            metrics=at(Artifact, "gs://b/kfp/metrics"),
+            report=at(Artifact, "gs://b/kfp/report"),
+            evaluation=at(Artifact, "gs://b/kfp/evaluation"),
+            **where,
         )
 
 
