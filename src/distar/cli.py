@@ -225,218 +225,321 @@ def _submit(args: argparse.Namespace) -> None:
     print(json.dumps(result))
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="distar", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+def _config_show(args: argparse.Namespace) -> None:
+    from distar.train.config import resolved
 
-    toy = sub.add_parser(
-        "toy",
-        help="the 2-D lab: a complete DI* run on a Gaussian mixture",
-        description="Train a one-step generator on a 2-D Gaussian mixture with DI*. Overrides are key=value "
-        "pairs of distar.toy.ToyConfig, e.g. alpha_rew=0 divergence=kl distance=l2 steps=3000.",
+    rows = resolved(args.config, args.overrides)
+    if args.json:
+        print(json.dumps([{"key": k, "value": v, "from": o} for k, v, o in rows], indent=1, default=str))
+        return
+    width = max(len(k) for k, _, _ in rows)
+    for key, value, origin in rows:
+        print(f"{key:<{width}} = {json.dumps(value, default=str):<40} # {origin}")
+
+
+def _add_config(p: argparse.ArgumentParser) -> None:
+    show = p.add_subparsers(dest="config_command", required=True, metavar="show").add_parser(
+        "show",
+        help="the training config a --config and overrides resolve to, each key with where its value comes from",
+        description="Print every key of the training config that `distar train --config X key=value…` would run "
+        "with, and where each value comes from: an override, the preset or file, or the default.",
+        formatter_class=_WithDefaults,
     )
-    toy.add_argument("--out", default="runs/toy", help="output directory (metrics.json, toy.png)")
-    toy.add_argument("--quiet", action="store_true", help="no progress lines")
-    toy.add_argument("overrides", nargs="*", metavar="key=value")
-    toy.set_defaults(func=_toy)
+    show.add_argument("--config", default="sdxl", help="a preset (tiny, sdxl) or a TOML/JSON config file")
+    show.add_argument("--json", action="store_true", help="the rows as JSON")
+    show.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, as for distar train")
+    show.set_defaults(func=_config_show)
 
+
+def _add_toy(p: argparse.ArgumentParser) -> None:
+    p.description = (
+        "Train a one-step generator on a 2-D Gaussian mixture with DI*. Overrides are key=value pairs of "
+        "distar.toy.ToyConfig, e.g. alpha_rew=0 divergence=kl distance=l2 steps=3000."
+    )
+    p.add_argument("--out", default="runs/toy", help="output directory (metrics.json, toy.png)")
+    p.add_argument("--quiet", action="store_true", help="no progress lines")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="ToyConfig fields, e.g. steps=3000")
+    p.set_defaults(func=_toy)
+
+
+def _add_curate(p: argparse.ArgumentParser) -> None:
     from distar.curate import CurateConfig
-    from distar.curate import __doc__ as curate_doc
+    from distar.curate import __doc__ as doc
 
-    curate = sub.add_parser(
-        "curate", help="prompt sources → normalised, filtered, deduplicated Parquet shards", description=curate_doc
-    )
-    add_config_arguments(curate, CurateConfig, flags={"sources": "source"})
-    curate.set_defaults(func=_curate)
+    p.description = doc
+    add_config_arguments(p, CurateConfig, flags={"sources": "source"})
+    p.set_defaults(func=_curate)
 
+
+def _add_cache(p: argparse.ArgumentParser) -> None:
     from distar.cache import PRESETS
-    from distar.cache import __doc__ as cache_doc
+    from distar.cache import __doc__ as doc
 
-    cache = sub.add_parser(
-        "cache",
-        help="fetch, convert and checksum every model a run needs into a cache URI",
-        description=cache_doc,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    p.description, p.formatter_class = doc, _RawWithDefaults
     models_help = f"presets ({', '.join(PRESETS)}) or KEY[=SOURCE][@REVISION] items, comma-separated"
-    cache.add_argument("--models", action="append", default=[], help=models_help)
-    cache.add_argument("--out", required=True, help="the cache URI (local, gs://, s3://)")
-    cache.add_argument("--verify", action="store_true", help="only verify every cached file against the manifest")
-    cache.add_argument("--offline", action="store_true", help="never contact the hub (sources must be local/URIs)")
-    cache.set_defaults(func=_cache)
+    p.add_argument("--models", action="append", default=[], help=models_help)
+    p.add_argument("--out", required=True, help="the cache URI (local, gs://, s3://)")
+    p.add_argument("--verify", action="store_true", help="only verify every cached file against the manifest")
+    p.add_argument("--offline", action="store_true", help="never contact the hub (sources must be local/URIs)")
+    p.set_defaults(func=_cache)
 
-    from distar.export import __doc__ as export_doc
 
-    exp = sub.add_parser(
-        "export", help="training checkpoint → diffusers SDXL pipeline (one step)", description=export_doc
-    )
-    exp.add_argument("--checkpoint", required=True, help="checkpoint directory, or a run (its newest checkpoint)")
-    exp.add_argument("--out", required=True, help="output URI of the pipeline directory")
-    exp.add_argument("--ema", action="store_true", help="also write the EMA weights (unet_ema/)")
-    exp.add_argument("--single-file", action="store_true", help="also write the UNet as one safetensors file")
-    exp.add_argument(
-        "--dtype", default="fp16", help="precision of the generator's network: fp16 (default), bf16 or fp32"
-    )
-    exp.add_argument("--metrics", default=None, help="metrics.json to quote in the model card")
-    exp.add_argument("--force", action="store_true", help="write into a non-empty --out (same-named files replaced)")
-    exp.set_defaults(func=_export)
+def _add_export(p: argparse.ArgumentParser) -> None:
+    from distar.export import DTYPES
+    from distar.export import __doc__ as doc
 
+    p.description = doc
+    p.add_argument("--checkpoint", required=True, help="checkpoint directory, or a run (its newest checkpoint)")
+    p.add_argument("--out", required=True, help="output URI of the pipeline directory")
+    p.add_argument("--ema", action="store_true", help="also write the EMA weights (unet_ema/)")
+    p.add_argument("--single-file", action="store_true", help="also write the UNet as one safetensors file")
+    p.add_argument("--dtype", default="fp16", choices=DTYPES, help="precision of the generator's network")
+    p.add_argument("--metrics", default=None, help="metrics.json to quote in the model card")
+    p.add_argument("--force", action="store_true", help="write into a non-empty --out (same-named files replaced)")
+    p.set_defaults(func=_export)
+
+
+def _add_evaluate(p: argparse.ArgumentParser) -> None:
     from distar.evaluate import EvaluateConfig
-    from distar.evaluate import __doc__ as evaluate_doc
+    from distar.evaluate import __doc__ as doc
 
-    ev = sub.add_parser(
-        "evaluate",
-        help="the paper's evaluation protocol, with an HTML report",
-        description=evaluate_doc,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+    p.description, p.formatter_class = doc, _RawWithDefaults
+    add_config_arguments(p, EvaluateConfig, flags={"sources": "source", "heads": "head"})
+    p.set_defaults(func=_evaluate)
+
+
+def _add_compare(p: argparse.ArgumentParser) -> None:
+    from distar.compare import __doc__ as doc
+
+    p.description, p.formatter_class = doc, _RawWithDefaults
+    p.add_argument("evaluations", nargs="+", help="evaluation directories or metrics.json files, one per variant")
+    p.add_argument("--out", required=True, help="output URI (comparison.json, comparison.md, report.html)")
+    p.add_argument("--initial", default=None, help="the initial generator's evaluation")
+    p.add_argument("--reference", default=None, help="the reference's evaluation")
+    p.add_argument("--images", type=int, default=4, help="prompts shown side by side")
+    p.add_argument("--allow-protocol-mismatch", action="store_true", help="compare even when protocols differ")
+    p.set_defaults(func=_compare)
+
+
+def _add_run_local(p: argparse.ArgumentParser) -> None:
+    from distar.local_pipeline import __doc__ as doc
+
+    p.description = doc
+    p.add_argument("--preset", default="tiny", help="tiny (CPU, minutes) or sdxl")
+    p.add_argument("--root", default="runs/pipeline", help="kfp.local pipeline root (local directory)")
+    p.add_argument("--pipeline", default="sdxl", help="sdxl (the DI* pipeline) or ablation (a two-variant sweep)")
+    p.set_defaults(func=_run_local)
+
+
+def _add_submit(p: argparse.ArgumentParser) -> None:
+    from distar.submit import __doc__ as doc
+
+    p.description = doc
+    p.add_argument("--host", required=True, help="the KFP API endpoint ($KFP_HOST)")
+    p.add_argument("--pipeline", default=None, help="sdxl or ablation: pipelines/distar_NAME.yaml")
+    p.add_argument("--package", default=None, help="a compiled pipeline (default: pipelines/distar_sdxl.yaml)")
+    p.add_argument("--experiment", default="distar", help="the KFP experiment the run is filed under")
+    p.add_argument(
+        "--run-name", default=None, help="the run's name in the UI (default: the pipeline's name and the time)"
     )
-    add_config_arguments(ev, EvaluateConfig, flags={"sources": "source", "heads": "head"})
-    ev.set_defaults(func=_evaluate)
-
-    from distar.compare import __doc__ as compare_doc
-
-    cp = sub.add_parser(
-        "compare",
-        help="ablation variants under one protocol, beside the paper and the baselines",
-        description=compare_doc,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    cp.add_argument("evaluations", nargs="+", help="evaluation directories or metrics.json files, one per variant")
-    cp.add_argument("--out", required=True, help="output URI (comparison.json, comparison.md, report.html)")
-    cp.add_argument("--initial", default=None, help="the initial generator's evaluation")
-    cp.add_argument("--reference", default=None, help="the reference's evaluation")
-    cp.add_argument("--images", type=int, default=4, help="prompts shown side by side")
-    cp.add_argument("--allow-protocol-mismatch", action="store_true", help="compare even when protocols differ")
-    cp.set_defaults(func=_compare)
-
-    from distar.local_pipeline import __doc__ as local_doc
-
-    rl = sub.add_parser(
-        "run-local",
-        help="the whole pipeline (curate, cache, train, export, evaluate) on this machine",
-        description=local_doc,
-    )
-    rl.add_argument("--preset", default="tiny", help="tiny (CPU, minutes) or sdxl")
-    rl.add_argument("--root", default="runs/pipeline", help="kfp.local pipeline root (local directory)")
-    rl.add_argument("--pipeline", default="sdxl", help="sdxl (the DI* pipeline) or ablation (a two-variant sweep)")
-    rl.set_defaults(func=_run_local)
-
-    from distar.submit import __doc__ as submit_doc
-
-    sb = sub.add_parser(
-        "submit", help="submit the compiled pipeline to a Kubeflow Pipelines server", description=submit_doc
-    )
-    sb.add_argument("--host", required=True, help="the KFP API endpoint ($KFP_HOST)")
-    sb.add_argument("--pipeline", default=None, help="sdxl or ablation: pipelines/distar_NAME.yaml")
-    sb.add_argument("--package", default=None, help="a compiled pipeline (default: pipelines/distar_sdxl.yaml)")
-    sb.add_argument("--experiment", default="distar")
-    sb.add_argument("--run-name", default=None)
-    sb.add_argument(
+    p.add_argument(
         "--pipeline-root",
         default=None,
         help="where the run's artifacts go (gs://… or s3://…; default: the namespace's kfp-launcher ConfigMap)",
     )
-    sb.add_argument(
+    p.add_argument(
         "--service-account",
         default=None,
         help="the identity the steps run as (default: the server's, pipeline-runner or default-editor)",
     )
-    sb.add_argument("--namespace", default=None, help="the Kubeflow profile namespace (multi-user clusters)")
-    sb.add_argument(
+    p.add_argument("--namespace", default=None, help="the Kubeflow profile namespace (multi-user clusters)")
+    p.add_argument(
         "--token",
         default=None,
         help="a bearer token for a multi-user deployment's auth proxy (default: $KF_PIPELINES_TOKEN)",
     )
-    sb.add_argument("--cookies", default=None, help='session cookies for the auth proxy, e.g. "authservice_session=…"')
-    sb.add_argument("--no-cache", action="store_true", help="run every step, cached results or not")
-    sb.add_argument("arguments", nargs="*", metavar="key=value", help="pipeline arguments (JSON values parsed)")
-    sb.set_defaults(func=_submit)
+    p.add_argument("--cookies", default=None, help='session cookies for the auth proxy, e.g. "authservice_session=…"')
+    p.add_argument("--no-cache", action="store_true", help="run every step, cached results or not")
+    p.add_argument("arguments", nargs="*", metavar="key=value", help="pipeline arguments (JSON values parsed)")
+    p.set_defaults(func=_submit)
 
-    tj = sub.add_parser("trainjob", help="Kubeflow Trainer TrainJobs").add_subparsers(dest="trainjob", required=True)
+
+def _add_trainjob(p: argparse.ArgumentParser) -> None:
+    tj = p.add_subparsers(dest="trainjob", required=True)
     rd = tj.add_parser(
         "render",
         help="print the TrainJob the launcher would create, as YAML (for review, or to apply it yourself)",
+        formatter_class=_WithDefaults,
     )
     rd.add_argument("--config", default="sdxl", help="a preset (tiny, sdxl) or a TOML/JSON config file")
     rd.add_argument("--image", required=True, help="the training image (REGISTRY/distar@sha256:… pins it)")
     rd.add_argument("--name", required=True, help="the TrainJob's name")
-    rd.add_argument("--namespace", default="default")
-    rd.add_argument("--num-nodes", type=int, default=1)
-    rd.add_argument("--nproc-per-node", type=int, default=8)
-    rd.add_argument("--gpus-per-node", type=int, default=8)
-    rd.add_argument("--secret-env", action="append", default=[], metavar="ENV=secret/key")
-    rd.add_argument("--node-selector", action="append", default=[], metavar="key=value")
-    rd.add_argument("--toleration", action="append", default=[], metavar="key[=value]:Effect")
+    rd.add_argument("--namespace", default="default", help="the namespace the TrainJob is created in")
+    rd.add_argument("--num-nodes", type=int, default=1, help="training nodes (pods)")
+    rd.add_argument("--nproc-per-node", type=int, default=8, help="training processes per node")
+    rd.add_argument("--gpus-per-node", type=int, default=8, help="GPUs each node's pod requests")
+    rd.add_argument(
+        "--secret-env", action="append", default=[], metavar="ENV=secret/key", help="an env variable from a Secret"
+    )
+    rd.add_argument(
+        "--node-selector", action="append", default=[], metavar="key=value", help="a node label the pods require"
+    )
+    rd.add_argument(
+        "--toleration", action="append", default=[], metavar="key[=value]:Effect", help="a taint the pods tolerate"
+    )
     rd.add_argument("--service-account", default=None, help="the trainer pods' service account (Workload Identity)")
     rd.add_argument("--queue", default=None, help="a Kueue LocalQueue (label kueue.x-k8s.io/queue-name)")
     rd.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, as for distar train")
     rd.set_defaults(func=_trainjob_render)
 
-    from distar.calibrate import __doc__ as calibrate_doc
 
-    cal = sub.add_parser(
-        "calibrate",
-        help="the reward/divergence balance for several α_rew, from a few steps on your models",
-        description=calibrate_doc,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    cal.add_argument("--config", required=True, help="a preset (tiny, sdxl) or a TOML/JSON config file")
-    cal.add_argument("--alphas", default="1,10,100", help="comma-separated α_rew values (the paper's: 1,10,100)")
-    cal.add_argument("--steps", type=int, default=3, help="DI* iterations per α_rew")
-    cal.add_argument("--json", action="store_true", help="print the rows as JSON")
-    cal.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, as for distar train")
-    cal.set_defaults(func=_calibrate)
+def _add_calibrate(p: argparse.ArgumentParser) -> None:
+    from distar.calibrate import __doc__ as doc
 
-    pl = sub.add_parser(
-        "plan",
-        help="predict the per-GPU memory, iteration time and GPU-hours of a training config (no GPU needed)",
-        description="Per-GPU memory of a training config (weights, gradients, optimizer states, EMA, FSDP buffers "
+    p.description, p.formatter_class = doc, _RawWithDefaults
+    p.add_argument("--config", required=True, help="a preset (tiny, sdxl) or a TOML/JSON config file")
+    p.add_argument("--alphas", default="1,10,100", help="comma-separated α_rew values (the paper's: 1,10,100)")
+    p.add_argument("--steps", type=int, default=3, help="DI* iterations per α_rew")
+    p.add_argument("--json", action="store_true", help="print the rows as JSON")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, as for distar train")
+    p.set_defaults(func=_calibrate)
+
+
+def _add_plan(p: argparse.ArgumentParser) -> None:
+    p.description = (
+        "Per-GPU memory of a training config (weights, gradients, optimizer states, EMA, FSDP buffers "
         "and activations measured on the meta device), the communication per iteration, the iteration time, the "
-        "largest batch that fits, and the wall time and GPU-hours of its steps (distar/plan.py).",
+        "largest batch that fits, and the wall time and GPU-hours of its steps (distar/plan.py)."
     )
-    pl.add_argument("--config", default="sdxl", help="a preset (tiny, sdxl) or a TOML/JSON config file")
-    pl.add_argument("--gpus", type=int, default=8, help="processes (GPUs); FSDP shards over all of them")
-    pl.add_argument("--gpu-memory", type=float, default=None, help="GiB per GPU: say whether it fits (exit 2 if not)")
-    pl.add_argument(
+    p.add_argument("--config", default="sdxl", help="a preset (tiny, sdxl) or a TOML/JSON config file")
+    p.add_argument("--gpus", type=int, default=8, help="processes (GPUs); FSDP shards over all of them")
+    p.add_argument("--gpu-memory", type=float, default=None, help="GiB per GPU: say whether it fits (exit 2 if not)")
+    p.add_argument(
         "--arch",
         default="auto",
         choices=["auto", "tiny", "medium", "sdxl"],
         help="network shapes (auto: tiny for tiny: sources, else SDXL's published configs)",
     )
-    pl.add_argument(
+    p.add_argument(
         "--text-encoders", action="store_true", help="prompts are encoded in the loop (no cached embeddings)"
     )
-    pl.add_argument("--gpu-type", default="h100", help="a100, h100, h200 or b200: FLOP/s and NVLink defaults")
-    pl.add_argument("--nodes", type=int, default=1, help="nodes the GPUs span (past one, InfiniBand carries FSDP)")
-    pl.add_argument("--flops-per-gpu", type=float, default=None, help="achievable TFLOP/s (default: the datasheet's)")
-    pl.add_argument("--nvlink", type=float, default=None, help="GB/s per GPU per direction within a node")
-    pl.add_argument("--infiniband", type=float, default=50.0, help="GB/s per GPU across nodes (NDR 400 Gb/s: 50)")
-    pl.add_argument(
+    p.add_argument("--gpu-type", default="h100", help="a100, h100, h200 or b200: FLOP/s and NVLink defaults")
+    p.add_argument("--nodes", type=int, default=1, help="nodes the GPUs span (past one, InfiniBand carries FSDP)")
+    p.add_argument("--flops-per-gpu", type=float, default=None, help="achievable TFLOP/s (default: the datasheet's)")
+    p.add_argument("--nvlink", type=float, default=None, help="GB/s per GPU per direction within a node")
+    p.add_argument("--infiniband", type=float, default=50.0, help="GB/s per GPU across nodes (NDR 400 Gb/s: 50)")
+    p.add_argument(
         "--benchmark",
         default=None,
         help="a benchmarks/gpu_sdxl_step.py JSON: its measured iteration and matmul rate replace the estimates",
     )
-    pl.add_argument("--json", action="store_true", help="every item as JSON")
-    pl.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. data.batch_size=4")
-    pl.set_defaults(func=_plan)
+    p.add_argument("--json", action="store_true", help="every item as JSON")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. data.batch_size=4")
+    p.set_defaults(func=_plan)
 
-    from distar.train import __doc__ as train_doc
+
+def _add_train(p: argparse.ArgumentParser) -> None:
+    from distar.train import __doc__ as doc
     from distar.train import build_parser as train_parser
 
-    train = sub.add_parser(
-        "train",
-        help="DI* training (one process, or one per device under torchrun)",
-        description=train_doc,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    train_parser(train).set_defaults(func=_train)
+    p.description, p.formatter_class = doc, _RawWithDefaults
+    train_parser(p).set_defaults(func=_train)
+
+
+class _WithDefaults(argparse.HelpFormatter):
+    """Each option's default in its help, where it says something (not None, False or empty) and the help does not
+    name it already."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        default = action.default
+        if default in (None, False, [], argparse.SUPPRESS) or "default" in text or not action.option_strings:
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+class _RawWithDefaults(argparse.RawDescriptionHelpFormatter, _WithDefaults):
+    """A description as written, and defaults as `_WithDefaults` shows them."""
+
+
+# name → (the one line `distar --help` shows, what fills in the sub-command's parser). A parser is filled in only
+# for the command being run: the others' modules (torch, diffusers) stay unimported.
+COMMANDS = {
+    "toy": ("the 2-D lab: a complete DI* run on a Gaussian mixture", _add_toy),
+    "curate": ("prompt sources → normalised, filtered, deduplicated Parquet shards", _add_curate),
+    "cache": ("fetch, convert and checksum every model a run needs into a cache URI", _add_cache),
+    "train": ("DI* training (one process, or one per device under torchrun)", _add_train),
+    "config": ("show the resolved training config, each key with its source", _add_config),
+    "calibrate": ("the reward/divergence balance for several α_rew, from a few steps on your models", _add_calibrate),
+    "plan": (
+        "predict the per-GPU memory, iteration time and GPU-hours of a training config (no GPU needed)",
+        _add_plan,
+    ),
+    "export": ("training checkpoint → diffusers pipeline for one-step generation", _add_export),
+    "evaluate": ("the paper's evaluation protocol, with an HTML report", _add_evaluate),
+    "compare": ("ablation variants under one protocol, beside the paper and the baselines", _add_compare),
+    "run-local": ("the whole pipeline (curate, cache, train, export, evaluate) on this machine", _add_run_local),
+    "submit": ("submit the compiled pipeline to a Kubeflow Pipelines server", _add_submit),
+    "trainjob": ("Kubeflow Trainer TrainJobs: render the one the launcher would create", _add_trainjob),
+}
+
+
+def build_parser(commands: list[str] | None = None) -> argparse.ArgumentParser:
+    """The command line; only `commands` are filled in (None: all of them)."""
+    from distar import __version__
+
+    parser = argparse.ArgumentParser(prog="distar", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"distar {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (line, fill) in COMMANDS.items():
+        p = sub.add_parser(name, help=line, description=line, formatter_class=_WithDefaults)
+        if commands is None or name in commands:
+            fill(p)
     return parser
 
 
+def _command(argv: list[str]) -> str | None:
+    """The sub-command `argv` names (its first word that is not an option); a mistyped one is a UserError with the
+    nearest names."""
+    import difflib
+
+    word = next((a for a in argv if not a.startswith("-")), None)
+    if word is None or word in COMMANDS:
+        return word
+    near = difflib.get_close_matches(word, COMMANDS, n=2, cutoff=0.6)
+    hint = f"; did you mean {' or '.join(repr(n) for n in near)}?" if near else ""
+    raise UserError(f"no command {word!r}{hint} (distar --help lists them: {', '.join(COMMANDS)})")
+
+
+def _override_hint(parser: argparse.ArgumentParser, argv: list[str]) -> None:
+    """`--steps 5`, the habit of other trainers' command lines, names a config key here: say to write steps=5."""
+    known, parsers = set(), [parser]
+    while parsers:  # the options of every (sub-)command
+        current = parsers.pop()
+        for action in current._actions:
+            known.update(action.option_strings)
+            if isinstance(action, argparse._SubParsersAction):
+                parsers.extend(action.choices.values())
+    for i, arg in enumerate(argv):
+        if arg.startswith("--") and arg.split("=", 1)[0] not in known:
+            key = arg[2:].split("=", 1)[0].replace("-", "_")
+            value = arg.split("=", 1)[1] if "=" in arg else (argv[i + 1] if i + 1 < len(argv) else "VALUE")
+            raise UserError(f"unknown option {arg.split('=', 1)[0]}; config keys are written key=value: {key}={value}")
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
     from distar.train.stop import exit_code
 
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        command = _command(argv)
+        parser = build_parser([command] if command else [])
+        if command in ("train", "config", "toy", "calibrate", "plan", "submit", "trainjob"):  # key=value overrides
+            _override_hint(parser, argv)
+    except UserError as err:
+        print(f"distar: {err}", file=sys.stderr)
+        return 2
+    args = parser.parse_args(argv)
     try:
         args.func(args)
     except Exception as err:  # a user's mistake or a preempted run: one line and its exit code; a bug: raised

@@ -59,7 +59,7 @@ def apply_mapping(config: Any, mapping: dict, source: str = "config") -> Any:
 
     Tables map to nested dataclasses; an unknown key fails naming the file, the key and the closest valid one.
     """
-    for key, value in _flatten(config, mapping):
+    for key, value in flat_keys(config, mapping):
         try:
             target, name = _resolve(config, key)
             setattr(target, name, _from_value(value, typing.get_type_hints(type(target))[name], key))
@@ -68,12 +68,13 @@ def apply_mapping(config: Any, mapping: dict, source: str = "config") -> Any:
     return config
 
 
-def _flatten(config: Any, mapping: dict, prefix: str = "") -> list[tuple[str, Any]]:
+def flat_keys(config: Any, mapping: dict, prefix: str = "") -> list[tuple[str, Any]]:
+    """The (dotted key, value) pairs a nested mapping sets on a (nested) dataclass."""
     items = []
     for key, value in mapping.items():
         child = getattr(config, key, None) if dataclasses.is_dataclass(config) else None
         if isinstance(value, dict) and dataclasses.is_dataclass(child):
-            items.extend(_flatten(child, value, f"{prefix}{key}."))
+            items.extend(flat_keys(child, value, f"{prefix}{key}."))
         else:
             items.append((prefix + key, value))
     return items

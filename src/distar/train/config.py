@@ -490,8 +490,8 @@ def _at_least_one(values: dict[str, int]) -> None:
             raise UserError(f"config key {key!r} must be at least 1, got {value}")
 
 
-def load_config(source: str, overrides: list[str] = ()) -> TrainConfig:
-    """A preset name or a TOML/JSON file, then `key=value` overrides, then validation."""
+def _read_config_file(source: str) -> tuple[Path, dict]:
+    """The file a preset name or path names, and its parsed mapping."""
     path = preset_path(source) if source in PRESETS else Path(source)
     if not path.is_file():
         raise UserError(f"--config {source!r} is neither a preset ({', '.join(PRESETS)}) nor a TOML/JSON file")
@@ -500,5 +500,36 @@ def load_config(source: str, overrides: list[str] = ()) -> TrainConfig:
         mapping = json.loads(text) if path.suffix == ".json" else tomllib.loads(text)
     except (json.JSONDecodeError, tomllib.TOMLDecodeError) as err:
         raise UserError(f"--config {str(path)!r} does not parse: {err}") from err
+    return path, mapping
+
+
+def load_config(source: str, overrides: list[str] = ()) -> TrainConfig:
+    """A preset name or a TOML/JSON file, then `key=value` overrides, then validation."""
+    path, mapping = _read_config_file(source)
     config = apply_mapping(TrainConfig(), mapping, source=str(path))
     return apply_overrides(config, list(overrides)).validate()
+
+
+def resolved(source: str, overrides: list[str] = ()) -> list[tuple[str, object, str]]:
+    """Every field of the config that `load_config(source, overrides)` gives, as (dotted key, value, where the value
+    comes from: the override, the preset or file, or the default)."""
+    from distar.config import flat_keys
+
+    config = load_config(source, overrides)
+    path, mapping = _read_config_file(source)
+    in_file = {key for key, _ in flat_keys(TrainConfig(), mapping)}
+    overridden = {item.split("=", 1)[0].strip() for item in overrides}
+    where = f"preset {source}" if source in PRESETS else str(path)
+    rows = []
+
+    def walk(node, prefix: str) -> None:
+        for f in dataclasses.fields(node):
+            key, value = prefix + f.name, getattr(node, f.name)
+            if dataclasses.is_dataclass(value):
+                walk(value, key + ".")
+            else:
+                origin = "override" if key in overridden else where if key in in_file else "default"
+                rows.append((key, value, origin))
+
+    walk(config, "")
+    return rows
