@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 
+from distar import storage
 from distar.config import add_config_arguments, config_from_args
 from distar.errors import UserError
 
@@ -64,7 +65,7 @@ def _evaluate(args: argparse.Namespace) -> None:
     config = config_from_args(EvaluateConfig, args)
     report = evaluate(config)
     print(json.dumps(report["results"], indent=2))
-    print(f"report: {args.out}/report.html")
+    print(f"report: {storage.link(args.out.rstrip('/') + '/report.html')}")
 
 
 def _cache(args: argparse.Namespace) -> None:
@@ -86,8 +87,6 @@ def _run_local(args: argparse.Namespace) -> None:
     from distar.local_pipeline import describe, run_local
 
     run = run_local(args.preset, args.root, pipeline=args.pipeline)
-    for report in sorted(run.glob("evaluate/report*")):
-        print(f"report: {report}")
     print("\n".join(describe(run, args.preset)))
 
 
@@ -150,12 +149,24 @@ def _plan(args: argparse.Namespace) -> None:
         arch = "tiny" if config.model.reference.startswith("tiny:") else "sdxl"
     result = plan(config, args.gpus, arch, text_encoders=args.text_encoders)
     from distar.models.architectures import ARCHITECTURES
-    from distar.plan import estimate_time, format_time, forward_flops, iteration_flops, largest_batch, read_benchmark
+    from distar.plan import (
+        estimate_time,
+        format_time,
+        forward_flops,
+        iteration_flops,
+        largest_batch,
+        read_benchmark,
+        recorded_rate,
+    )
 
     measured, rate = None, args.flops_per_gpu and args.flops_per_gpu * 1e12
+    source = f"--flops-per-gpu {args.flops_per_gpu:g} TFLOP/s" if rate else None
     if args.benchmark:
         measured, matmul_rate = read_benchmark(args.benchmark, config)
+        source = f"the iteration measured in {args.benchmark}"
         rate = rate or matmul_rate
+    elif not rate:
+        rate, source = recorded_rate(args.gpu_type)
     flops = iteration_flops(config, *forward_flops(config, ARCHITECTURES[arch]()))
     timing = estimate_time(
         config,
@@ -167,6 +178,7 @@ def _plan(args: argparse.Namespace) -> None:
         nvlink_bytes_s=args.nvlink and args.nvlink * 1e9,
         infiniband_bytes_s=args.infiniband * 1e9,
         measured_iteration_s=measured,
+        source=source,
     )
     result["time"] = timing
     if args.gpu_memory:
@@ -198,7 +210,7 @@ def _compare(args: argparse.Namespace) -> None:
         images=args.images,
     )
     print(markdown_table(result), end="")
-    print(f"report: {args.out.rstrip('/')}/report.html")
+    print(f"report: {storage.link(args.out.rstrip('/') + '/report.html')}")
 
 
 def _submit(args: argparse.Namespace) -> None:

@@ -152,12 +152,19 @@ TINY_NOTE = (
 
 
 def describe(run: Path, preset: str) -> list[str]:
-    """Closing lines for a finished local run: where each output is and what it shows."""
+    """Closing lines for a finished local run: where each output is and what it shows. kfp.local names an HTML
+    artifact without a suffix, which a browser shows as source: each gets a copy named .html, and the lines give
+    file:// URLs."""
+    import shutil
+
     lines = [f"pipeline run: {run}"]
     for rel, what in OUTPUTS:
         path = run / rel
-        if path.exists():
-            lines.append(f"  {path}\n      {what}")
+        if not path.exists():
+            continue
+        if rel.endswith("/report"):
+            path = Path(shutil.copyfile(path, path.with_suffix(".html")))
+        lines.append(f"  {path.resolve().as_uri()}\n      {what}")
     if preset == "tiny":
         lines.append(TINY_NOTE)
     return lines

@@ -355,6 +355,39 @@ GPUS = {
 }
 INFINIBAND_BYTES_S = 50e9
 
+# The newest GPU measurement of a DI* iteration on SDXL (benchmarks/gpu_sdxl_step.py, docs/PERFORMANCE.md): one
+# GPU, the config's FLOPs with recomputation as this module counts them, and the fastest variant's iteration. Its
+# FLOP rate, not the datasheet's, turns FLOPs into time when no benchmark or rate is given (the datasheet rate
+# predicted 1/7 of the measured time: the iteration is bound by the host, not by matrix products).
+RECORDED = {
+    "device": "NVIDIA H200",
+    "gpu": "h200",
+    "date": "2026-11-26",
+    "torch": "2.11.0+cu130",
+    "file": "docs/gpu/h200_2026-11-26.json",
+    "batch": 2,
+    "resolution": 1024,
+    "flops_with_recompute": 578173491937280.0,
+    "iteration_s": 5.358911030999991,
+}
+
+
+def recorded_rate(gpu: str) -> tuple[float, str]:
+    """(FLOP/s, where it comes from) for `gpu` without a benchmark of its own: the recorded measurement's rate,
+    scaled by the ratio of the datasheets' bf16 rates for another card."""
+    if gpu not in GPUS:
+        raise UserError(f"--gpu-type {gpu!r}: choose one of {', '.join(GPUS)} (or give --flops-per-gpu)")
+    measured = RECORDED["flops_with_recompute"] / RECORDED["iteration_s"]
+    scale = GPUS[gpu]["bf16_flops"] / GPUS[RECORDED["gpu"]]["bf16_flops"]
+    where = (
+        f"the FLOP rate measured on an {RECORDED['device']} on {RECORDED['date']} (batch {RECORDED['batch']} at "
+        f"{RECORDED['resolution']}², {RECORDED['file']})"
+    )
+    if scale != 1:
+        where += f" × {scale:.2f}, {gpu}'s datasheet rate over the {RECORDED['gpu']}'s"
+    where += "; measure your own with benchmarks/gpu_sdxl_step.py and pass --benchmark"
+    return measured * scale, where
+
 
 def _checkpointed(family) -> re.Pattern:
     """The modules activation checkpointing wraps (the backbone's `blocks` and `vae_blocks`), by their names in
@@ -459,13 +492,15 @@ def estimate_time(
     nvlink_bytes_s: float | None = None,
     infiniband_bytes_s: float = INFINIBAND_BYTES_S,
     measured_iteration_s: float | None = None,
+    source: str = "the datasheet's bf16 rate",
 ) -> dict:
     """Iteration time, wall time and GPU-hours for `config.steps` steps.
       compute    = FLOPs with recompute / achievable FLOP/s (a matrix-product rate: a lower bound on time)
       transfer   = communication bytes / link bandwidth (NVLink within a node; InfiniBand once there are nodes)
       iteration  = compute + transfer (no overlap; with full overlap, the larger of the two)
       wall       = iteration × steps;  GPU-hours = wall × GPUs / 3600
-    A measured single-GPU iteration (benchmarks/gpu_sdxl_step.py) replaces `compute` when given."""
+    A measured single-GPU iteration (benchmarks/gpu_sdxl_step.py) replaces `compute` when given. `source` says where
+    the rate or the iteration comes from, for the reader."""
     if gpu not in GPUS:
         raise UserError(f"--gpu-type {gpu!r}: choose one of {', '.join(GPUS)} (or give --flops-per-gpu)")
     spec = GPUS[gpu]
@@ -480,6 +515,7 @@ def estimate_time(
     wall_s = iteration_s * config.steps
     return {
         "gpu": gpu,
+        "source": source,
         "flop_rate": rate,
         "link_bytes_s": link,
         "nodes": nodes,
@@ -530,7 +566,7 @@ def format_time(t: dict) -> str:
         f"the recomputation)",
         f"  {c['total'] / 1e9:9.1f} GB     received per GPU per iteration ({c['generator update'] / 1e9:.1f} "
         f"generator update, {c['assistant updates'] / 1e9:.1f} assistant updates)",
-        f"  {t['compute_s']:9.2f} s      compute at that rate (a lower bound)",
+        f"  {t['compute_s']:9.2f} s      compute at that rate",
         f"  {t['transfer_s']:9.2f} s      communication",
     ]
     if t["measured_iteration_s"] is not None:
@@ -542,6 +578,7 @@ def format_time(t: dict) -> str:
         f"  {t['iteration_s']:9.2f} s      per iteration ({t['iteration_s_overlapped']:.2f} s if communication "
         f"overlaps compute); {t['images_per_s']:.2f} images/s",
         f"  {t['wall_hours']:9.1f} h      wall time for {t['steps']} steps; {t['gpu_hours']:.0f} GPU-hours",
+        f"  time from: {t['source']}",
     ]
     return "\n".join(lines)
 

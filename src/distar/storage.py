@@ -148,6 +148,13 @@ def hash_file(fs: fsspec.AbstractFileSystem, path: str) -> tuple[int, str]:
     return size, h.hexdigest()
 
 
+def link(uri: str) -> str:
+    """What a terminal shows for an output: a local path as a file:// URL (a click opens it), a URI as it is."""
+    if is_uri(uri):
+        return uri
+    return Path(uri).resolve().as_uri()
+
+
 def is_root(uri: str) -> bool:
     """Whether an output URI names no directory of its own: empty, ".", "~", "/", or a bare scheme (s3://,
     file:///). Writing a run or an export there would scatter files among others."""

@@ -169,5 +169,13 @@ def test_the_whole_dag_runs_locally_on_the_tiny_preset_and_a_killed_evaluate_res
         assert outside_references(html) == [], step
         seen = in_sandboxed_iframe(html, tmp_path)
         assert seen["images"] > 0 and seen["broken"] == [] and seen["links"] == [] and seen["fetched"] == [], step
+    from urllib.parse import unquote, urlparse
+
+    from distar.local_pipeline import describe
+
+    urls = [line.strip() for line in describe(run, "tiny") if line.strip().startswith("file://")]
+    reports = [u for u in urls if "/report" in u]
+    assert len(reports) == 2 and all(u.endswith("/report.html") for u in reports)  # train's and evaluate's
+    assert all(Path(unquote(urlparse(u).path)).is_file() for u in urls)
     lineage = json.loads((run / "train" / "executor_output.json").read_text())["artifacts"]["run"]
     assert lineage["artifacts"][0]["metadata"]["step"] == 4

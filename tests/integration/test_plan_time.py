@@ -70,3 +70,26 @@ def test_plan_prints_time_gpu_hours_and_the_largest_batch(capsys):
     assert code == 0 and "largest batch per GPU that fits:" in out
     assert "wall time for 100 steps" in out and "GPU-hours" in out and "model FLOPs per GPU per iteration" in out
     assert main(["plan", "--config", "tiny", "--gpus", "1", "--gpu-type", "tpu", "parallel.strategy=none"]) == 2
+    assert "time from: the FLOP rate measured on an NVIDIA H200" in out and "× 0.32, a100's datasheet rate" in out
+
+
+def test_the_default_rate_is_the_recorded_measurement_and_agrees_with_it():
+    """Without --benchmark the plan's time comes from the recorded H200 run: its FLOPs are what this module counts
+    for that run's config, and its iteration the fastest in the recorded file, so planning that config on that
+    card gives the measured iteration back."""
+    from pathlib import Path
+
+    from distar.plan import GPUS, RECORDED, read_benchmark, recorded_rate
+
+    config = load_config(
+        "sdxl", ["data.prompts=x", f"data.batch_size={RECORDED['batch']}", f"data.resolution={RECORDED['resolution']}"]
+    )
+    recorded = Path(__file__).resolve().parents[2] / RECORDED["file"]
+    assert read_benchmark(str(recorded), config)[0] == RECORDED["iteration_s"]
+    flops = iteration_flops(config, *forward_flops(config, ARCHITECTURES["sdxl"]()))
+    assert flops["with_recompute"] == pytest.approx(RECORDED["flops_with_recompute"], rel=1e-6)
+    rate, source = recorded_rate("h200")
+    assert flops["with_recompute"] / rate == pytest.approx(RECORDED["iteration_s"], rel=1e-6)
+    assert RECORDED["file"] in source and "--benchmark" in source
+    assert rate < 0.2 * GPUS["h200"]["bf16_flops"]  # far from the datasheet: the run is bound by the host
+    assert recorded_rate("b200")[0] / rate == pytest.approx(2250 / 989)
