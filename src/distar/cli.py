@@ -540,7 +540,7 @@ def _override_hint(parser: argparse.ArgumentParser, argv: list[str]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from distar.train.stop import exit_code
+    from distar.stop import exit_code
 
     argv = sys.argv[1:] if argv is None else list(argv)
     try:

@@ -234,3 +234,31 @@ def test_a_pipeline_in_object_storage_is_read_without_its_extra_files(pipeline, 
     files = {str(f.relative_to(download)) for f in download.rglob("*") if f.is_file()}
     assert "unet/diffusion_pytorch_model.safetensors" in files and "model_index.json" in files
     assert not any(f.startswith("unet_ema") or f.startswith("generator_unet") for f in files)
+
+
+def test_ctrl_c_stops_after_the_batch_in_flight_and_the_same_command_resumes(pipeline, tmp_path):
+    """SIGINT (Ctrl-C) and SIGTERM end an evaluation with its finished shards kept: exit 75 and one line, no
+    traceback; the same command again scores only the rest."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "eval"
+    argv = [sys.executable, "-m", "distar.cli", "evaluate", "--model", str(pipeline[0]), "--out", str(out),
+            "--prompts", str(PARTI), "--rewards", "clip", "--source", "clip=tiny:rewards/clip", "--batch-size", "1",
+            "--max-prompts", "40"]  # fmt: skip
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not list((out / "work" / "model").glob("scores-*.parquet")) and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 75, err
+    assert "SIGINT: stopped with" in err and "run the same command again to resume" in err and "Traceback" not in err
+    kept = len(list((out / "work" / "model").glob("scores-*.parquet")))
+    assert 1 <= kept < 40
+    finished = subprocess.run(argv, capture_output=True, text=True, timeout=300)
+    assert finished.returncode == 0, finished.stderr
+    result = json.loads((out / "metrics.json").read_text())
+    assert result["runs"]["model"] == {**result["runs"]["model"], "skipped": kept, "generated": 40 - kept}

@@ -42,6 +42,7 @@ from distar.evaluate.report import render_report
 from distar.evaluate.sampler import Sampler, recorded_t_star
 from distar.prompts import HPS_STYLES
 from distar.rewards import PAPER_SCALE  # the one unit of each reward, shared with training
+from distar.stop import Preempted, StopSignals
 
 
 @dataclass
@@ -129,9 +130,8 @@ def _check_work(out_fs, work: str, identity: dict, config) -> bool:
 
 def _evaluate_one(spec: str, role: str, prompts, metrics, config, device, out_fs, out_path, proto: dict) -> dict:
     """Generate and score every prompt not yet done for this model; returns the run's bookkeeping."""
-    import pyarrow as pa
     import pyarrow.parquet as pq
-    from PIL import Image
+    from tqdm import tqdm
 
     work = f"{out_path}/work/{role}"
     out_fs.makedirs(work, exist_ok=True)
@@ -144,46 +144,65 @@ def _evaluate_one(spec: str, role: str, prompts, metrics, config, device, out_fs
     todo = [p for p in prompts if p.id not in done]
     generated, seconds = 0, 0.0
     sampler = Sampler(spec, config, device) if todo else None
-    for start in range(0, len(todo), config.batch_size):
-        batch = todo[start : start + config.batch_size]
-        began = time.perf_counter()
-        images = sampler(batch)
-        seconds += time.perf_counter() - began
-        rows = {
-            "id": [p.id for p in batch],
-            "prompt": [p.text for p in batch],
-            "group": [p.group for p in batch],
-            "set": [p.set for p in batch],
-            "image": [],
-            "seconds_per_image": [],
-        }
-        for name, model in metrics.items():
-            wanted = [i for i, p in enumerate(batch) if (p.set == "hps") == (name == "hpsv2.1")]
-            values = [float("nan")] * len(batch)
-            if wanted:
-                with torch.no_grad():
-                    scores = model(images[wanted], [batch[i].text for i in wanted]).float().cpu() * PAPER_SCALE[name]
-                for i, v in zip(wanted, scores.tolist(), strict=True):
-                    values[i] = v
-            rows[name] = values
-        for p, img in zip(batch, images, strict=True):
-            name = f"images/{role}/{p.id}.png"
-            buf = io.BytesIO()
-            Image.fromarray((img.permute(1, 2, 0).cpu().numpy() * 255).round().astype("uint8")).save(buf, "PNG")
-            out_fs.makedirs(f"{out_path}/images/{role}", exist_ok=True)
-            out_fs.pipe_file(f"{out_path}/{name}", buf.getvalue())
-            rows["image"].append(name)
-            rows["seconds_per_image"].append((time.perf_counter() - began) / len(batch))
-        buf = io.BytesIO()
-        pq.write_table(pa.table(rows), buf)
-        # one shard per finished batch, named by its first prompt, written whole or not at all: a crash loses at
-        # most the batch in flight, and a retry never reads half a shard
-        if not claimed:
-            storage.write_json(out_fs, f"{work}/identity.json", identity)
-            claimed = True
-        storage.write_bytes(out_fs, f"{work}/scores-{batch[0].id}.parquet", buf.getvalue())
-        generated += len(batch)
+    # a bar with ETA on a terminal (none in a pod's log); SIGINT and SIGTERM stop after the batch in flight
+    bar = tqdm(total=len(prompts), initial=len(prompts) - len(todo), desc=f"distar evaluate: {role}", unit="image",
+               disable=None, dynamic_ncols=True)  # fmt: skip
+    with bar, StopSignals() as stop:
+        for start in range(0, len(todo), config.batch_size):
+            if stop.received:
+                raise Preempted(
+                    f"{stop.received}: stopped with {len(prompts) - len(todo) + generated} of {len(prompts)} "
+                    f"{role} images scored and kept under {work}; run the same command again to resume"
+                )
+            batch = todo[start : start + config.batch_size]
+            seconds += _evaluate_batch(batch, sampler, metrics, role, work, out_fs, out_path, identity, claimed)
+            generated, claimed = generated + len(batch), True
+            bar.update(len(batch))
     return {"generated": generated, "skipped": len(done), "generation_seconds": seconds}
+
+
+def _evaluate_batch(batch, sampler, metrics, role, work, out_fs, out_path, identity, claimed) -> float:
+    """Generate and score one batch, then write its images and its score shard; returns the generation's seconds."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    began = time.perf_counter()
+    images = sampler(batch)
+    seconds = time.perf_counter() - began
+    rows = {
+        "id": [p.id for p in batch],
+        "prompt": [p.text for p in batch],
+        "group": [p.group for p in batch],
+        "set": [p.set for p in batch],
+        "image": [],
+        "seconds_per_image": [],
+    }
+    for name, model in metrics.items():
+        wanted = [i for i, p in enumerate(batch) if (p.set == "hps") == (name == "hpsv2.1")]
+        values = [float("nan")] * len(batch)
+        if wanted:
+            with torch.no_grad():
+                scores = model(images[wanted], [batch[i].text for i in wanted]).float().cpu() * PAPER_SCALE[name]
+            for i, v in zip(wanted, scores.tolist(), strict=True):
+                values[i] = v
+        rows[name] = values
+    for p, img in zip(batch, images, strict=True):
+        name = f"images/{role}/{p.id}.png"
+        buf = io.BytesIO()
+        Image.fromarray((img.permute(1, 2, 0).cpu().numpy() * 255).round().astype("uint8")).save(buf, "PNG")
+        out_fs.makedirs(f"{out_path}/images/{role}", exist_ok=True)
+        out_fs.pipe_file(f"{out_path}/{name}", buf.getvalue())
+        rows["image"].append(name)
+        rows["seconds_per_image"].append((time.perf_counter() - began) / len(batch))
+    buf = io.BytesIO()
+    pq.write_table(pa.table(rows), buf)
+    # one shard per finished batch, named by its first prompt, written whole or not at all: a crash loses at most
+    # the batch in flight, and a retry never reads half a shard
+    if not claimed:
+        storage.write_json(out_fs, f"{work}/identity.json", identity)
+    storage.write_bytes(out_fs, f"{work}/scores-{batch[0].id}.parquet", buf.getvalue())
+    return seconds
 
 
 def _read_scores(out_fs, out_path, role, prompts):

@@ -20,7 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from distar.train.stop import PREEMPTED, Preempted, exit_code
+from distar.stop import PREEMPTED, Preempted, exit_code
 
 __all__ = ["PREEMPTED", "Preempted", "build_parser", "main", "run"]
 

@@ -10,8 +10,8 @@ import subprocess
 
 from distar import storage
 from distar.errors import UserError
+from distar.stop import PREEMPTED, Preempted
 from distar.train.command import torchrun_command
-from distar.train.stop import PREEMPTED, Preempted
 from distar.train.trainjob import REQUEST_TIMEOUT_S, TrainJobSpec
 
 

@@ -19,6 +19,7 @@ from torch import nn
 
 from distar import backbones, sources, storage
 from distar.errors import UserError
+from distar.stop import Preempted, StopSignals
 from distar.train import parallel
 from distar.train.checkpoint import (
     Checkpointer,
@@ -38,7 +39,6 @@ from distar.train.lease import Lease, LeaseHeldError
 from distar.train.metrics import MetricLogger, image_grid
 from distar.train.networks import Networks, assemble, build_networks, check_resolution
 from distar.train.progress import ProgressReporter
-from distar.train.stop import Preempted, StopSignals
 
 __all__ = ["NonFiniteError", "Trainer", "assemble", "build_networks"]
 

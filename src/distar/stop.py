@@ -1,6 +1,6 @@
 """How a run stops: SIGTERM and SIGINT as a flag the loop reads (`StopSignals`), `Preempted` and its exit code,
 and the one mapping from an error to an exit code and a message that both `main`s use (`distar` and
-`python -m distar.train`)."""
+`python -m distar.train`). Training stops after a complete checkpoint, an evaluation after its last score shard."""
 
 from __future__ import annotations
 
@@ -11,11 +11,12 @@ import threading
 from distar.errors import UserError, redact
 
 PREEMPTED = 75
-"""The exit code of a run stopped by SIGTERM/SIGINT after a complete checkpoint (EX_TEMPFAIL: rerun resumes)."""
+"""The exit code of a run stopped by SIGTERM/SIGINT with its state saved (EX_TEMPFAIL: rerun resumes)."""
 
 
 class Preempted(Exception):
-    """SIGTERM or SIGINT stopped the run after a complete checkpoint; rerunning resumes from it."""
+    """SIGTERM or SIGINT stopped the run with its state saved (a complete checkpoint, the finished score shards);
+    rerunning resumes from it."""
 
 
 class StopSignals:
