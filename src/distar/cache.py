@@ -185,7 +185,7 @@ def cache_models(out: str, items: list[CacheItem], cache_dir_hub: dict | None = 
             dest = f"{path}/{entry_dir(item.key)}"
             for f in files:
                 fs.makedirs(f"{dest}/{f['path']}".rsplit("/", 1)[0], exist_ok=True)
-                fs.put_file(str(root / f["path"]), f"{dest}/{f['path']}")
+                storage.put_file(fs, root / f["path"], f"{dest}/{f['path']}", path)
         manifest["entries"][item.key] = {
             "source": source,
             "revision": item.revision,

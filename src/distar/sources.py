@@ -338,17 +338,55 @@ def read_manifest(cache: str) -> dict:
         raise UserError(f"the cache manifest {cache}/{MANIFEST} is corrupt ({err}); run `distar cache` again") from None
     if not isinstance(manifest, dict) or not isinstance(manifest.get("entries"), dict):
         raise UserError(f"the cache manifest {cache}/{MANIFEST} has no entries table; run `distar cache` again")
+    for key, entry in manifest["entries"].items():
+        wrong = _entry_problem(key, entry)
+        if wrong:
+            raise UserError(
+                f"the cache manifest {cache}/{MANIFEST}, entry {key!r}: {wrong}; a manifest names only files inside "
+                f"its cache, so it was edited or forged: run `distar cache` again into a fresh --out"
+            )
     return manifest
+
+
+def confined(rel: object) -> bool:
+    """Whether `rel` is a relative path that stays inside the directory it is relative to: no absolute path, no
+    `..`, no empty part, no NUL or backslash (which fsspec and the OS read differently)."""
+    if not isinstance(rel, str) or not rel or rel.startswith("/") or "\0" in rel or "\\" in rel:
+        return False
+    return all(part not in ("", ".", "..") for part in rel.split("/"))
+
+
+def _entry_problem(key: str, entry: object) -> str | None:
+    """What is wrong with one manifest entry's shape and paths; None when nothing is."""
+    if not confined(entry_dir(key)) or "://" in key:
+        return "its key is no path inside the cache"
+    if not isinstance(entry, dict) or not isinstance(entry.get("files"), list):
+        return "it has no files list"
+    for f in entry["files"]:
+        if not isinstance(f, dict):
+            return f"a file record is {type(f).__name__}, not an object"
+        if not confined(f.get("path")):
+            return f"file {f.get('path')!r} is no path inside the entry (absolute, `..`, or empty)"
+        if not isinstance(f.get("size"), int) or isinstance(f.get("size"), bool) or f["size"] < 0:
+            return f"file {f['path']!r} has size {f.get('size')!r}, not a byte count"
+        if not isinstance(f.get("sha256"), str) or not re.fullmatch(r"[0-9a-f]{64}", f["sha256"]):
+            return f"file {f['path']!r} has no sha256 hex digest"
+    return None
 
 
 def verify_entry(cache: str, key: str, entry: dict, deep: bool = True, local_root: Path | None = None) -> list[str]:
     """Problems with one entry's stored files (empty when it verifies): missing, wrong size, wrong sha256."""
     fs, path = storage.filesystem(cache)
+    if local_root is None and storage.is_local(fs):  # local files: checked as files, links included
+        local_root = Path(path) / entry_dir(key)
     problems = []
     for f in entry["files"]:
         rel = f"{entry_dir(key)}/{f['path']}"
         if local_root is not None:
             p = local_root / f["path"]
+            if p.is_symlink() or p.resolve().is_relative_to(local_root.resolve()) is False:
+                problems.append(f"{rel}: a link, or a path leading outside the cache")  # never followed or repaired
+                continue
             size = p.stat().st_size if p.is_file() else None
         else:
             full = f"{path.rstrip('/')}/{rel}"

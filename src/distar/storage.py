@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -166,12 +167,31 @@ def is_root(uri: str) -> bool:
     return (text.split("://", 1)[1] if "://" in text else text).strip("/") == ""
 
 
+def is_local(fs: fsspec.AbstractFileSystem) -> bool:
+    from fsspec.implementations.local import LocalFileSystem
+
+    return isinstance(fs, LocalFileSystem)
+
+
+def put_file(fs: fsspec.AbstractFileSystem, source: str | os.PathLike, path: str, root: str) -> None:
+    """Copy the local file `source` to `path` on `fs`, never writing outside `root`: on a local disk the copy is
+    renamed over `path`, so a link there is replaced, not followed, and a directory that leads outside is refused."""
+    if not is_local(fs):
+        fs.put_file(str(source), path)
+        return
+    dest, top = Path(fs._strip_protocol(path)), Path(fs._strip_protocol(root)).resolve()
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    if not dest.parent.resolve().is_relative_to(top):
+        raise UserError(f"{dest}: its directory leads outside {top} (a link); remove the link and run again")
+    partial = dest.with_name(f".{dest.name}.{os.getpid()}.partial")
+    shutil.copyfile(source, partial)
+    os.replace(partial, dest)
+
+
 def write_bytes(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
     """`data` at `path` on `fs` so that a reader sees the whole file or none of it, even when the writer is killed
     midway: an object store's upload is one object; a local file is written beside and renamed over `path`."""
-    from fsspec.implementations.local import LocalFileSystem
-
-    if not isinstance(fs, LocalFileSystem):
+    if not is_local(fs):
         fs.pipe_file(path, data)
         return
     local = Path(fs._strip_protocol(path))

@@ -155,3 +155,76 @@ def test_in_cache_puts_relative_paths_under_the_cache_root_only():
     assert in_cache("s3://b/cache", "gs://other/p.tsv") == "gs://other/p.tsv"
     assert in_cache("s3://b/cache", "/data/p.tsv") == "/data/p.tsv"
     assert in_cache("s3://b/cache", "") == ""
+
+
+def _small_cache(tmp_path):
+    from distar.cache import CacheItem, cache_models
+
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text('{"a": 1}')
+    cache = tmp_path / "cache"
+    cache_models(str(cache), [CacheItem("org/small", str(model))], progress=None)
+    return cache
+
+
+@pytest.mark.parametrize(
+    "change, named",
+    [
+        (lambda e: e["files"][0].update(path="/etc/hostname"), "file '/etc/hostname' is no path inside the entry"),
+        (lambda e: e["files"][0].update(path="../../outside"), "file '../../outside' is no path inside the entry"),
+        (lambda e: e["files"][0].update(path="a/./b"), "is no path inside the entry"),
+        (lambda e: e["files"][0].update(size="9"), "has size '9', not a byte count"),
+        (lambda e: e["files"][0].update(sha256="x"), "has no sha256 hex digest"),
+        (lambda e: e.update(files="config.json"), "it has no files list"),
+    ],
+)
+def test_a_manifest_names_only_files_inside_its_cache(tmp_path, change, named):
+    """An edited or forged manifest is refused by entry and path before any file it names is opened."""
+    cache = _small_cache(tmp_path)
+    manifest = json.loads((cache / sources.MANIFEST).read_text())
+    change(manifest["entries"]["org/small"])
+    (cache / sources.MANIFEST).write_text(json.dumps(manifest))
+    for read in (sources.read_manifest, sources.verify_cache, lambda c: sources.lookup(c, "org/small")):
+        with pytest.raises(UserError, match=f"entry 'org/small': .*{named}.*run `distar cache` again"):
+            read(str(cache))
+    manifest["entries"] = {"../../etc": manifest["entries"]["org/small"]}
+    (cache / sources.MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(UserError, match="its key is no path inside the cache"):
+        sources.read_manifest(str(cache))
+
+
+def test_a_cached_file_replaced_by_a_link_fails_verification_and_is_repaired_without_writing_through_it(tmp_path):
+    from distar.cache import CacheItem, cache_models
+
+    cache = _small_cache(tmp_path)
+    outside = tmp_path / "outside.txt"
+    outside.write_text("the user's own file")
+    cached = cache / "org" / "small" / "config.json"
+    cached.unlink()
+    cached.symlink_to(outside)
+    assert sources.verify_cache(str(cache)) == {
+        "org/small": ["org/small/config.json: a link, or a path leading outside the cache"]
+    }
+    with pytest.raises(UserError, match="a link, or a path leading outside the cache"):
+        sources.lookup(str(cache), "org/small")
+    cache_models(str(cache), [CacheItem("org/small", str(tmp_path / "model"))], progress=None)  # the repair
+    assert outside.read_text() == "the user's own file"  # the link was replaced, not written through
+    assert not cached.is_symlink() and cached.read_text() == '{"a": 1}'
+    assert sources.verify_cache(str(cache)) == {"org/small": []}
+
+
+def test_a_cache_directory_leading_outside_is_refused_on_repair(tmp_path):
+    from distar.cache import CacheItem, cache_models
+
+    cache = _small_cache(tmp_path)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    entry = cache / "org" / "small"
+    for f in entry.iterdir():
+        f.unlink()
+    entry.rmdir()
+    entry.symlink_to(elsewhere, target_is_directory=True)
+    with pytest.raises(UserError, match="leads outside .* \\(a link\\); remove the link"):
+        cache_models(str(cache), [CacheItem("org/small", str(tmp_path / "model"))], progress=None)
+    assert list(elsewhere.iterdir()) == []
