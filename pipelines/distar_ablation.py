@@ -26,7 +26,7 @@ from components.train import train_local, train_trainjob  # noqa: E402
 from distar.compare import TABLE3  # noqa: E402
 from distar.evaluate import protocol  # noqa: E402
 from distar.prompts import PARTI_URL  # noqa: E402
-from pipelines.distar_sdxl import LAUNCHERS, place, shared_steps, train_step  # noqa: E402
+from pipelines.distar_sdxl import LAUNCHERS, in_run, place, shared_steps, train_step  # noqa: E402
 
 PARALLELISM = 3
 # CPU and memory requests of a branch's steps (compile-time: see the loop); the baselines and the shared steps take
@@ -108,17 +108,12 @@ def build(launcher: str = "trainjob", parallelism: int = PARALLELISM):
             placed.append((task, eval_cpu, eval_memory))
         with dsl.ParallelFor(variants, parallelism=parallelism) as variant:
             trained = train_step(train, launcher, prompts, models, params, variant=variant)
-            where = {
-                "runs_root": runs_root,
-                "run_id": dsl.PIPELINE_JOB_ID_PLACEHOLDER,
-                "task_name": dsl.PIPELINE_TASK_NAME_PLACEHOLDER,
-            }
-            exported = export(run=trained.outputs["run"], **where)
+            exported = export(run=trained.outputs["run"], **in_run(runs_root))
             exported.set_caching_options(True)
             exported.set_retry(2)
             evaluated = evaluate(
                 pipeline=exported.outputs["pipeline"],
-                **where,
+                **in_run(runs_root),
                 variant=variant,
                 run=trained.outputs["Output"],
                 **protocol,

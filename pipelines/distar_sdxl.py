@@ -69,6 +69,15 @@ def shared_steps(p: dict):
     return prompts, models
 
 
+def in_run(runs_root) -> dict:
+    """Where export and evaluate write: {runs_root}/{run id}/{task name}, the same for every retry of the task."""
+    return {
+        "runs_root": runs_root,
+        "run_id": dsl.PIPELINE_JOB_ID_PLACEHOLDER,
+        "task_name": dsl.PIPELINE_TASK_NAME_PLACEHOLDER,
+    }
+
+
 def train_step(train, launcher: str, prompts, models, p: dict, variant=None):
     """The train task over `p`, the pipeline's parameters (and an ablation branch's `variant`)."""
     trained = train(
@@ -163,9 +172,7 @@ def build(launcher: str = "trainjob"):
         trained = train_step(train, launcher, prompts, models, params)
         exported = export(
             run=trained.outputs["run"],
-            runs_root=runs_root,
-            run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
-            task_name=dsl.PIPELINE_TASK_NAME_PLACEHOLDER,
+            **in_run(runs_root),
             ema=ema,
             single_file=export_single_file,
             dtype=export_dtype,
@@ -175,9 +182,7 @@ def build(launcher: str = "trainjob"):
         evaluated = evaluate(
             pipeline=exported.outputs["pipeline"],
             model_cache=models.outputs["model_cache"],
-            runs_root=runs_root,
-            run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
-            task_name=dsl.PIPELINE_TASK_NAME_PLACEHOLDER,
+            **in_run(runs_root),
             prompts=eval_prompts,
             hps_prompts=eval_hps_prompts,
             rewards=eval_rewards,
