@@ -46,7 +46,7 @@ def evaluate(
     for what, uri in (("cache_root", cache_root), ("runs_root", runs_root)):
         storage.check_shared(what, uri, local_ok=local_ok)
     name = variant.get("name", "")
-    results = f"{runs_root.rstrip('/')}/{run_id}/{task_name}" + (f"-{name}" if name else "")
+    results = storage.task_uri(runs_root, run_id, task_name, name)
 
     out = evaluate(
         EvaluateConfig(

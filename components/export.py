@@ -30,7 +30,7 @@ def export(
         record = json.load(fh)
     # a local runs_root only where everything is local (kfp.local): on a cluster, later steps could not read it
     storage.check_shared("runs_root", runs_root, local_ok=not storage.is_uri(pipeline.uri))
-    out = f"{runs_root.rstrip('/')}/{run_id}/{task_name}" + (f"-{record['variant']}" if record.get("variant") else "")
+    out = storage.task_uri(runs_root, run_id, task_name, record.get("variant", ""))
     meta = export(ExportConfig(record["checkpoint"], out, ema=ema, single_file=single_file, dtype=dtype, force=True))
     exported = {"pipeline": out, "distar_version": distar.__version__, **meta}
     with open(pipeline.path, "w") as fh:

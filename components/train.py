@@ -54,7 +54,7 @@ def train(
         cache_root = json.load(fh)["root"]
     name = variant.get("name", "")
     overrides = [*overrides, *variant.get("overrides", [])]
-    out = f"{runs_root.rstrip('/')}/{run_id}/{task_name}" + (f"-{name}" if name else "")
+    out = storage.task_uri(runs_root, run_id, task_name, name)
     remote = launcher == "trainjob"
     # what the training processes and later steps read, checked before a TrainJob (or torchrun) starts
     for what, uri in (("runs_root", runs_root), ("cache_root", cache_root), ("the pipeline root", prompts.uri)):

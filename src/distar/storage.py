@@ -149,6 +149,12 @@ def hash_file(fs: fsspec.AbstractFileSystem, path: str) -> tuple[int, str]:
     return size, h.hexdigest()
 
 
+def task_uri(runs_root: str, run_id: str, task_name: str, variant: str = "") -> str:
+    """Where a pipeline task writes under `runs_root`: {runs_root}/{run id}/{task name}[-{variant}], the same for
+    every retry of the task (which resumes or rewrites there)."""
+    return f"{runs_root.rstrip('/')}/{run_id}/{task_name}" + (f"-{variant}" if variant else "")
+
+
 def link(uri: str) -> str:
     """What a terminal shows for an output: a local path as a file:// URL (a click opens it), a URI as it is."""
     if is_uri(uri):
@@ -183,9 +189,7 @@ def put_file(fs: fsspec.AbstractFileSystem, source: str | os.PathLike, path: str
     dest.parent.mkdir(parents=True, exist_ok=True)
     if not dest.parent.resolve().is_relative_to(top):
         raise UserError(f"{dest}: its directory leads outside {top} (a link); remove the link and run again")
-    partial = dest.with_name(f".{dest.name}.{os.getpid()}.partial")
-    shutil.copyfile(source, partial)
-    os.replace(partial, dest)
+    _rename_into_place(dest, lambda partial: shutil.copyfile(source, partial))
 
 
 def write_bytes(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
@@ -196,9 +200,15 @@ def write_bytes(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
         return
     local = Path(fs._strip_protocol(path))
     local.parent.mkdir(parents=True, exist_ok=True)
-    partial = local.with_name(f".{local.name}.{os.getpid()}.partial")
-    partial.write_bytes(data)
-    os.replace(partial, local)
+    _rename_into_place(local, lambda partial: partial.write_bytes(data))
+
+
+def _rename_into_place(dest: Path, fill) -> None:
+    """`fill` writes a hidden file beside `dest`, which then replaces `dest` in one rename: a reader sees the old
+    file or the new one, and a link at `dest` is replaced, not followed."""
+    partial = dest.with_name(f".{dest.name}.{os.getpid()}.partial")
+    fill(partial)
+    os.replace(partial, dest)
 
 
 def write_json(fs: fsspec.AbstractFileSystem, path: str, value, indent: int | None = 2) -> None:
