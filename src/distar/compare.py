@@ -16,7 +16,8 @@ import math
 from distar import storage
 from distar.errors import UserError
 from distar.evaluate import PAPER, check_same_protocol, load_metrics
-from distar.evaluate.report import png_base64, thumbnail
+from distar.evaluate.report import model_label, png_base64, signed, thumbnail
+from distar.sources import runs_on_tiny
 
 METRICS = ("imagereward", "aesthetic", "pickscore", "clip", "hpsv2.1")
 CURVES = ("reward", "divergence", "balance/reward_to_divergence")
@@ -155,20 +156,21 @@ def markdown_table(result: dict) -> str:
         if role in result["baselines"]:
             ours = result["baselines"][role]["ours"]
             cells = [f"{_fmt(ours.get(m))} ({_fmt(PAPER[label].get(m))})" for m in METRICS]
-            model = result["baselines"][role]["model"]
-            lines.append(f"| {role}: {model} (paper: {label}) | " + " | ".join(cells) + " | |")
+            model = model_label(result["baselines"][role]["model"])
+            lines.append(f"| {role}: {model} (paper row: {label}) | " + " | ".join(cells) + " | |")
     for row in result["rows"]:
         cells = [
-            f"{_fmt(row['ours'].get(m))} ({_fmt(row['paper'].get(m))}) {_signed(row['vs_initial'].get(m))}"
-            for m in METRICS
+            f"{_fmt(row['ours'].get(m))} ({_fmt(row['paper'].get(m))}) {_signed(row, m)}".rstrip() for m in METRICS
         ]
         guard = f"breached at {row['guard_breached_at']}" if row["guard_breached_at"] else ""
         lines.append(f"| {row['variant']} | " + " | ".join(cells) + f" | {guard} |")
     return "\n".join(lines) + "\n"
 
 
-def _signed(value) -> str:
-    return "" if value is None else f"{value:+.3g}"
+def _signed(row: dict, metric: str) -> str:
+    """The change from the initial generator, with the decimals of the metric's own value."""
+    delta = row["vs_initial"].get(metric)
+    return "" if delta is None else signed(delta, row["ours"].get(metric))
 
 
 def _thumbnail(uri: str, side: int = 160) -> str:
@@ -191,20 +193,28 @@ def render(result: dict, loaded: dict, baselines: dict, images: int) -> str:
             cells = "".join(
                 f"<td>{_fmt(ours.get(m))}</td><td>{_fmt(PAPER[label].get(m))}</td><td></td>" for m in METRICS
             )
-            model = result["baselines"][role]["model"]
-            body.append(f"<tr class='baseline'><td>{e(role)}: {e(model)} (paper: {e(label)})</td>{cells}<td></td></tr>")
+            model = model_label(result["baselines"][role]["model"])
+            body.append(
+                f"<tr class='baseline'><td>{e(role)}: {e(model)} (paper row: {e(label)})</td>{cells}<td></td></tr>"
+            )
     for row in result["rows"]:
         cells = "".join(
-            f"<td>{_fmt(row['ours'].get(m))}</td><td>{_fmt(row['paper'].get(m))}</td>"
-            f"<td>{_signed(row['vs_initial'].get(m))}</td>"
+            f"<td>{_fmt(row['ours'].get(m))}</td><td>{_fmt(row['paper'].get(m))}</td><td>{_signed(row, m)}</td>"
             for m in METRICS
         )
         guard = f"breached at {row['guard_breached_at']}" if row["guard_breached_at"] else ""
         body.append(f"<tr class='variant'><td>{e(row['variant'])}</td>{cells}<td>{e(guard)}</td></tr>")
     parts = [
         "<!doctype html><html><head><meta charset='utf-8'><title>distar ablation</title><style>"
-        "body{font-family:sans-serif;margin:2em}td,th{padding:3px 6px;border-bottom:1px solid #ddd}"
-        ".baseline{color:#555}img{margin:2px}</style></head><body><h1>distar ablation</h1>",
+        "body{font-family:sans-serif;margin:1em}td,th{padding:3px 6px;border-bottom:1px solid #ddd;font-size:13px}"
+        ".baseline{color:#555}img{margin:2px}.scroll{overflow-x:auto;max-width:100%}</style></head><body>"
+        "<h1>distar ablation</h1>",
+        (
+            "<p style='background:#fff4d6;border-left:4px solid #e0a000;padding:4px 8px'>Tiny preset: random tiny "
+            "models and rewards. The table shows that the sweep works end to end, not how the variants compare.</p>"
+            if runs_on_tiny({"protocol": result["protocol"]})
+            else ""
+        ),
         f"<p>{len(result['rows'])} variants under protocol <code>{e(str(result['protocol_digest']))}</code>"
         + (
             f"; protocol mismatches allowed: {e(json.dumps(result['protocol_mismatches']))}"
@@ -212,9 +222,9 @@ def render(result: dict, loaded: dict, baselines: dict, images: int) -> str:
             else ""
         )
         + "</p>",
-        f"<table id='comparison'><tr><th rowspan='2'>variant</th>{head}<th rowspan='2'>guard</th></tr>"
-        f"<tr>{sub}</tr>{''.join(body)}</table>",
-        f"<h2>Protocol</h2><pre>{e(json.dumps(result['protocol'], indent=1))}</pre>",
+        # wider than the pipeline UI's frame with five metrics: the table scrolls inside its own box
+        f"<div class='scroll'><table id='comparison'><tr><th rowspan='2'>variant</th>{head}"
+        f"<th rowspan='2'>guard</th></tr><tr>{sub}</tr>{''.join(body)}</table></div>",
         "<h2>The same prompts across variants</h2>",
     ]
     columns = [(f"{role}", uri, r) for role, (uri, r) in baselines.items()] + [
@@ -222,12 +232,13 @@ def render(result: dict, loaded: dict, baselines: dict, images: int) -> str:
     ]
     texts = _prompt_texts(columns[-1][1])
     ids = _shared_image_ids(columns)[:images]
-    grid = ["<table id='images'><tr><th>prompt</th>" + "".join(f"<th>{e(c[0])}</th>" for c in columns) + "</tr>"]
+    head = "".join(f"<th>{e(c[0])}</th>" for c in columns)
+    grid = [f"<div class='scroll'><table id='images'><tr><th>prompt</th>{head}</tr>"]
     for pid in ids:
         prompt = texts.get(pid, pid)
         cells = "".join(f"<td><img width='160' src='{_thumbnail(_image_uri(uri, pid))}'></td>" for _, uri, _ in columns)
         grid.append(f"<tr><td>{e(prompt)}</td>{cells}</tr>")
-    parts.append("".join(grid) + "</table><h2>Training curves</h2>")
+    parts.append("".join(grid) + "</table></div><h2>Training curves</h2>")
     keys = sorted({k for row in result["rows"] for k in row["curves"]})
     for key in keys:
         series = [(row["variant"], row["curves"].get(key, [])) for row in result["rows"]]
@@ -243,7 +254,10 @@ def render(result: dict, loaded: dict, baselines: dict, images: int) -> str:
         ax.legend(fontsize=7)
         parts.append(f"<img alt='{e(key)}' src='data:image/png;base64,{png_base64(fig)}'>")
         plt.close(fig)
-    parts.append("</body></html>")
+    parts.append(
+        f"<h2>Protocol</h2><details><summary>the full protocol</summary>"
+        f"<pre>{e(json.dumps(result['protocol'], indent=1))}</pre></details></body></html>"
+    )
     return "\n".join(parts)
 
 

@@ -157,6 +157,19 @@ def uses_tiny(mapping) -> bool:
     return isinstance(mapping, str) and mapping.startswith(TINY_PREFIX)
 
 
+def runs_on_tiny(config: dict, cache_dir: str | None = None) -> bool:
+    """Whether a run's models are the tiny preset's: a `tiny:` source in its config, or a model cache filled from
+    them (the pipeline's tiny preset caches them under the real hub ids). A cache that cannot be read says no."""
+    if uses_tiny(config):
+        return True
+    if not cache_dir:
+        return False
+    try:
+        return uses_tiny(read_manifest(cache_dir))
+    except Exception:  # a report's warning, never a reason to fail: the cache's own checks name what is wrong
+        return False
+
+
 def default_download_root() -> Path:
     return Path(os.environ.get("DISTAR_DOWNLOAD_DIR", Path.home() / ".cache" / "distar" / "downloads"))
 

@@ -44,23 +44,37 @@ def outside_references(html: str) -> list[str]:
 _PROBE = """<script>
 window.addEventListener('load', () => {
   const images = [...document.images];
+  const wanted = %s;
   parent.postMessage({
     images: images.length,
     broken: images.filter(i => !(i.complete && i.naturalWidth > 0)).map(i => i.getAttribute('src').slice(0, 60)),
     links: [...document.querySelectorAll('a[href]')].map(a => a.getAttribute('href')).filter(h => !h.startsWith('#')),
     fetched: performance.getEntriesByType('resource').map(r => r.name).filter(n => !n.startsWith('data:')),
     text: document.body.innerText.length,
+    // each wanted element's top edge, and whether it is on the first screen (above the frame's bottom)
+    first_screen: Object.fromEntries(wanted.map(s => {
+      const el = document.querySelector(s);
+      return [s, el !== null && el.getBoundingClientRect().top < innerHeight];
+    })),
+    // the page wider than the frame: its right part is cut off (a table in its own scroll box is not)
+    overflow_x: document.documentElement.scrollWidth - innerWidth,
+    width: innerWidth,
   }, '*');
 });
 </script>"""
 
 # The KFP UI's HTMLViewer: the artifact's HTML as the srcdoc of an iframe sandboxed to scripts only.
-_VIEWER = """<!doctype html><html><body><pre id="result">no answer from the report</pre>
-<iframe id="viewer" sandbox="allow-scripts" style="width:1200px;height:800px"></iframe>
+_VIEWER = """<!doctype html><html><body style="margin:0"><pre id="result">no answer from the report</pre>
+<iframe id="viewer" sandbox="allow-scripts" style="width:%dpx;height:%dpx;border:0"></iframe>
 <script>
 window.addEventListener('message', e => { document.getElementById('result').textContent = JSON.stringify(e.data); });
 document.getElementById('viewer').srcdoc = %s;
 </script></body></html>"""
+
+# The same frame alone at the page's top left, for a screenshot of what the UI shows.
+_SCREEN = """<!doctype html><html><body style="margin:0;overflow:hidden">
+<iframe id="viewer" sandbox="allow-scripts" style="width:%dpx;height:%dpx;border:0"></iframe>
+<script>document.getElementById('viewer').srcdoc = %s;</script></body></html>"""
 
 CHROMIUM_FLAGS = [
     "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -76,16 +90,25 @@ def chromium() -> str:
     return found
 
 
-def in_sandboxed_iframe(html: str, tmp_path) -> dict:
-    """Load `html` in headless Chromium the way the KFP UI shows an HTML artifact; returns what the page saw: its
-    images, the ones that did not load, its links leading out, every resource fetched from outside the page."""
+def _srcdoc(html: str) -> str:
+    import json
+
+    return json.dumps(html).replace("</", "<\\/")
+
+
+def in_sandboxed_iframe(html: str, tmp_path, width: int = 600, height: int = 600, first_screen=()) -> dict:
+    """Load `html` in headless Chromium the way the KFP UI shows an HTML artifact (a sandboxed srcdoc iframe of
+    `width` x `height` px); returns what the page saw: its images, the ones that did not load, its links leading
+    out, every resource fetched from outside the page, for each selector of `first_screen` whether it starts on
+    the first screen, and by how many px the page is wider than the frame."""
     import html as html_lib
     import json
     import subprocess
 
-    body = html.replace("</body>", _PROBE + "</body>") if "</body>" in html else html + _PROBE
+    probe = _PROBE % json.dumps(list(first_screen))
+    body = html.replace("</body>", probe + "</body>") if "</body>" in html else html + probe
     page = tmp_path / "viewer.html"
-    page.write_text(_VIEWER % json.dumps(body).replace("</", "<\\/"))
+    page.write_text(_VIEWER % (width, height, _srcdoc(body)))
     # The answer comes by postMessage after the report's own load event; on a loaded machine headless Chromium can
     # dump the page before it arrives, so a page with no answer is loaded again (a report that never loads fails
     # every time).
@@ -101,3 +124,25 @@ def in_sandboxed_iframe(html: str, tmp_path) -> dict:
         if answer.startswith("{"):
             return json.loads(answer)
     raise AssertionError(f"the report never finished loading in the viewer: {answer!r} {proc.stderr[-2000:]}")
+
+
+def screenshot(html: str, name: str, tmp_path, width: int = 600, height: int = 900):
+    """Where $DISTAR_SCREENSHOTS names a folder (`make screenshots`), a PNG of the report as the KFP UI's frame of
+    `width` px shows it, written there as NAME.png: docs/ shows what the tests render."""
+    import os
+    import subprocess
+    from pathlib import Path
+
+    folder = os.environ.get("DISTAR_SCREENSHOTS")
+    if not folder:
+        return None
+    page = tmp_path / f"screen-{name}.html"
+    page.write_text(_SCREEN % (width, height, _srcdoc(html)))
+    target = Path(folder).resolve() / f"{name}.png"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    subprocess.run(
+        [chromium(), *CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'chromium-screen'}", "--hide-scrollbars",
+         f"--window-size={width},{height}", "--virtual-time-budget=10000", f"--screenshot={target}", page.as_uri()],
+        capture_output=True, text=True, timeout=180, check=True,
+    )  # fmt: skip
+    return target

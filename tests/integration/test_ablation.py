@@ -62,13 +62,18 @@ def test_a_two_variant_sweep_runs_locally_and_a_second_reuses_the_baselines(tmp_
     assert paper == {"score-rew100": "DI*", "kl-rew100": "DI++ (KL + reward)"}
     assert all(r["curves"]["reward"] and r["ours"] for r in comparison["rows"])
     table = (run / "compare" / "table").read_text()
-    assert "| initial: unet:tianweiy/DMD2" in table and "(paper: DMD2 (start point))" in table
+    assert "| initial: initial generator tianweiy/DMD2" in table and "(paper row: DMD2 (start point))" in table
     page = (run / "compare" / "report").read_text()
-    from helpers.html_check import in_sandboxed_iframe, outside_references
+    from helpers.html_check import in_sandboxed_iframe, outside_references, screenshot
 
     assert outside_references(page) == []  # shown alone in KFP's sandboxed iframe
-    seen = in_sandboxed_iframe(page, tmp_path)
+    # in the pipeline UI's 600 px frame: the table on the first screen, scrolling in its own box, not cut off
+    seen = in_sandboxed_iframe(page, tmp_path, first_screen=["#comparison"])
     assert seen["images"] > 0 and seen["broken"] == [] and seen["links"] == [] and seen["fetched"] == []
+    assert seen["first_screen"] == {"#comparison": True} and seen["overflow_x"] <= 0
+    screenshot(page, "comparison-report-tiny-ablation", tmp_path)
+    assert "reference sampled in 2 steps" in page and "Tiny preset" in page
+    assert "e-0" not in page.split("<h2>")[0]  # no 7.45e-09 deltas
     assert page.count("<tr class='variant'>") == 2 and "1.067" in page and "<h2>Training curves</h2>" in page
     first = _uses(root)
     prompts = comparison["protocol"]["prompts"]

@@ -48,27 +48,34 @@ def config(pipeline, out, **kwargs) -> EvaluateConfig:
 class _Report(HTMLParser):
     def __init__(self):
         super().__init__()
-        self.tables, self.images, self.cells = 0, [], []
+        self.tables, self.images, self.cells, self.captions = 0, [], [], []
+        self._caption = False
 
     def handle_starttag(self, tag, attrs):
         attrs = dict(attrs)
         self.tables += tag == "table"
+        self._caption = tag == "figcaption"
         if tag == "img":
             self.images.append(attrs.get("src", ""))
 
     def handle_data(self, data):
         self.cells.append(data.strip())
+        if self._caption:
+            self.captions.append(data)
+            self._caption = False
 
 
 def test_metrics_per_prompt_scores_resume_and_report(pipeline, tmp_path):
     out = tmp_path / "eval"
-    first = evaluate(config(pipeline, out, max_prompts=4))
+    baseline = dict(baseline="reference:2", reference="tiny:sdxl")
+    first = evaluate(config(pipeline, out, max_prompts=4, **baseline))
     assert first["runs"]["model"] == {
         "generated": 12,
         "skipped": 0,
         "generation_seconds": pytest.approx(first["runs"]["model"]["generation_seconds"]),
     }  # 4 Parti + 4 styles × 2 HPS prompts
-    again = evaluate(config(pipeline, out, max_prompts=5))  # resumes: only the new Parti prompt is generated
+    # resumes: only the new Parti prompt is generated
+    again = evaluate(config(pipeline, out, max_prompts=5, **baseline))
     assert again["runs"]["model"]["generated"] == 1 and again["runs"]["model"]["skipped"] == 12
     m = again["results"]["model"]
     for name in REWARDS + ["hpsv2.1/anime", "hpsv2.1/photo", "seconds_per_image"]:
@@ -82,16 +89,25 @@ def test_metrics_per_prompt_scores_resume_and_report(pipeline, tmp_path):
     assert metrics["paper"]["DI*"]["pickscore"] == 0.2304
     report = _Report()
     report.feed((out / "report.html").read_text())
-    assert report.tables == 1 and "paper: DI*" in report.cells and "hpsv2.1" in report.cells
+    assert report.tables == 1 and "hpsv2.1" in report.cells
+    for column in ("model", "baseline", "Δ vs baseline", "sd over images", "paper: DI*"):
+        assert column in report.cells, column
+    assert "paper: SDXL (50 steps)" in report.cells  # the paper's row of the baseline it ran
     assert sum(src.startswith("data:image/png;base64,") for src in report.images) == len(REWARDS)
-    assert any(src.startswith("data:image/jpeg;base64,") for src in report.images)  # self-contained thumbnails
-    from helpers.html_check import in_sandboxed_iframe, outside_references
-
+    thumbnails = [src for src in report.images if src.startswith("data:image/jpeg;base64,")]  # self-contained
+    assert len(thumbnails) == 2 * len(report.captions)  # the model's image beside the baseline's, per prompt
+    assert {r["prompt"] for r in scores} >= set(report.captions) and report.captions
     html = (out / "report.html").read_text()
+    assert "reference sampled in 2 steps, CFG 7.5" in html and "Tiny preset" in html
+    assert html.index("<table id='metrics'>") < html.index("<details>") < html.index("<pre id='protocol'>")
+    from helpers.html_check import in_sandboxed_iframe, outside_references, screenshot
+
     assert outside_references(html) == []  # shown alone in KFP's sandboxed iframe
-    seen = in_sandboxed_iframe(html, tmp_path)
+    # as the pipeline UI's 600 px frame shows it: the metrics on the first screen, nothing cut off at the right
+    seen = in_sandboxed_iframe(html, tmp_path, first_screen=["#metrics"])
     assert seen["images"] == len(report.images) and seen["broken"] == [] and seen["links"] == []
-    assert seen["fetched"] == []
+    assert seen["fetched"] == [] and seen["first_screen"] == {"#metrics": True} and seen["overflow_x"] <= 0
+    screenshot(html, "evaluation-report", tmp_path)
 
 
 def test_baseline_reference_sampling_and_fixed_seeds(pipeline, tmp_path):

@@ -162,13 +162,21 @@ def test_the_whole_dag_runs_locally_on_the_tiny_preset_and_a_killed_evaluate_res
     for name in ("imagereward", "aesthetic", "pickscore", "clip", "hpsv2.1"):
         assert math.isfinite(metrics[name]), name
     assert "<table id='metrics'>" in (run / "evaluate" / "report").read_text()
-    from helpers.html_check import in_sandboxed_iframe, outside_references
+    from helpers.html_check import in_sandboxed_iframe, outside_references, screenshot
 
-    for step in ("train", "evaluate"):  # the HTML artifacts, as the pipeline UI shows them
+    # the HTML artifacts as the pipeline UI shows them, in a 600 px frame: what the reader came for on the first
+    # screen (the run's facts and its first panels; the metrics table), nothing cut off at the right
+    for step, first in (("train", ["#facts", "#panels"]), ("evaluate", ["#metrics"])):
         html = (run / step / "report").read_text()
         assert outside_references(html) == [], step
-        seen = in_sandboxed_iframe(html, tmp_path)
+        seen = in_sandboxed_iframe(html, tmp_path, first_screen=first)
         assert seen["images"] > 0 and seen["broken"] == [] and seen["links"] == [] and seen["fetched"] == [], step
+        assert all(seen["first_screen"].values()) and seen["overflow_x"] <= 0, (step, seen)
+        screenshot(html, f"{step}-report-tiny-pipeline", tmp_path)
+    training = (run / "train" / "report").read_text()
+    for panel in ("reward", "divergence", "gradient norms", "learning rate", "throughput"):
+        assert f"alt='{panel}'" in training, panel
+    assert "step 4 of 4" in training and "tiny preset" in training and "<details>" in training
     from urllib.parse import unquote, urlparse
 
     from distar.local_pipeline import describe

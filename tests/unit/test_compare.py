@@ -13,6 +13,7 @@ from PIL import Image
 from distar.compare import TABLE3, compare, markdown_table
 from distar.errors import UserError
 from distar.evaluate import PAPER, check_same_protocol, protocol_difference
+from distar.evaluate.report import model_label, signed
 
 PROTOCOL = {
     "prompts": {"parti": {"source": "prompts/parti.tsv", "count": 2, "sha256": "ab"}},
@@ -91,10 +92,24 @@ def test_a_row_per_variant_beside_the_paper_and_the_initial_generator(tmp_path):
     table = (tmp_path / "cmp" / "comparison.md").read_text().splitlines()
     assert table == markdown_table(result).splitlines()
     variant_lines = [line for line in table if line.startswith("| score-")]
-    assert len(variant_lines) == 2 and "1 (1.067) +0.1" in variant_lines[0] and "breached at [2]" in variant_lines[1]
+    assert len(variant_lines) == 2 and "1 (1.067) +0.100" in variant_lines[0] and "breached at [2]" in variant_lines[1]
     assert any(line.startswith("| initial:") and "(0.93)" in line for line in table)
     page = (tmp_path / "cmp" / "report.html").read_text()
     assert page.count("<tr class='variant'>") == 2 and page.count("data:image/jpeg") == 2 * 4  # 2 prompts × 4 models
+
+
+def test_changes_print_with_the_decimals_of_their_metric():
+    """A change is read beside its value: 4 significant digits of the value fix the decimals, so a PickScore
+    change of 7e-9 reads ±0, not +7.45e-09."""
+    assert signed(7.45e-9, 0.2274) == "±0" and signed(-0.0031, 0.2274) == "-0.0031"
+    assert signed(0.1, 1.0) == "+0.100" and signed(0.46, 32.72) == "+0.46" and signed(-12.0, 1234.0) == "-12"
+    assert signed(float("nan"), 1.0) == "—" and signed(0.5) == "+0.5000"
+
+
+def test_baselines_are_named_by_what_was_run():
+    assert model_label("reference:2", 7.5) == "reference sampled in 2 steps, CFG 7.5"
+    assert model_label("unet:tianweiy/DMD2:x.bin") == "initial generator tianweiy/DMD2:x.bin"
+    assert model_label("runs/x/export") == "runs/x/export"
 
 
 def test_a_comparison_across_protocols_is_refused_naming_the_field(tmp_path):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -42,7 +43,9 @@ class MetricLogger:
     def log(self, step: int, values: dict[str, float]) -> None:
         if not self.enabled:
             return
-        record = {"step": step, **{k: (v if math.isfinite(v) else str(v)) for k, v in values.items()}}
+        # `time` (seconds since the epoch) lets the report give the run's wall time; it is not a scalar of TensorBoard
+        record = {"step": step, "time": round(time.time(), 3)}
+        record.update({k: (v if math.isfinite(v) else str(v)) for k, v in values.items()})
         with self.jsonl.open("a") as fh:
             fh.write(json.dumps(record) + "\n")
         if self.writer is not None:
