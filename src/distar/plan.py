@@ -548,12 +548,21 @@ def largest_batch(config: TrainConfig, world_size: int, arch, gpu_gib: float, li
     if one["peak_bytes"] > budget:
         return 0, one
     guess = limit if slope <= 0 else int(min(limit, 1 + (budget - one["peak_bytes"]) // slope))
-    while guess > 1:
-        checked = at(guess)
-        if checked["peak_bytes"] <= budget:
-            return guess, checked
-        guess -= 1
-    return 1, one
+    checked = at(guess) if guess > 2 else (two if guess == 2 else one)
+    if checked["peak_bytes"] <= budget:
+        return guess, checked
+    # the line overestimated what fits (a block's recompute or an attention buffer grows faster than linearly):
+    # bisect between the largest batch known to fit and the guess, a plan per halving instead of one per batch
+    fits, fits_plan = (2, two) if two["peak_bytes"] <= budget else (1, one)
+    too_big = guess
+    while too_big - fits > 1:
+        middle = (fits + too_big) // 2
+        candidate = at(middle)
+        if candidate["peak_bytes"] <= budget:
+            fits, fits_plan = middle, candidate
+        else:
+            too_big = middle
+    return fits, fits_plan
 
 
 def format_time(t: dict) -> str:
