@@ -13,10 +13,11 @@ TORCH_CPU_LINKS ?= https://download.pytorch.org/whl/cpu/torch/
 LOCK := $(VENV)/bin/uv pip compile pyproject.toml --quiet --python-version 3.11 \
 	--python-platform x86_64-manylinux_2_28 --custom-compile-command "make lock"
 
-.PHONY: venv lock browser demo toy test test-fast lint bench clean
+.PHONY: venv lock browser demo toy test test-fast lint bench screenshots clean
 
 # The versions come from locks/ci.txt (torch, installed first, is the only requirement it leaves out).
 $(VENV)/.installed: pyproject.toml locks/ci.txt
+	@echo "make: installing distar, CPU torch and the pinned dependencies into $(VENV) (once; about 4 minutes)"
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_CPU)"
@@ -67,6 +68,11 @@ lint: venv
 	$(VENV)/bin/ruff check src tests components pipelines benchmarks
 	$(VENV)/bin/ruff format --check src tests components pipelines benchmarks
 	$(VENV)/bin/lint-imports
+
+# docs/screenshots/: the reports as the tests render them in the pipeline UI's 600 px frame (docs/REPORTS.md).
+screenshots: venv browser
+	DISTAR_SCREENSHOTS=docs/screenshots $(PY) -m pytest -q tests/integration/test_pipeline.py \
+		tests/integration/test_ablation.py "tests/integration/test_evaluate.py::test_metrics_per_prompt_scores_resume_and_report"
 
 bench: venv
 	$(PY) benchmarks/run.py

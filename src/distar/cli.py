@@ -16,7 +16,7 @@ def _toy(args: argparse.Namespace) -> None:
     from distar.toy import ToyConfig, run
 
     config = apply_overrides(ToyConfig(), args.overrides)
-    metrics = run(config, out_dir=args.out, progress=not args.quiet)
+    metrics = run(config, out_dir=args.out, progress=not args.quiet and args.verbosity > 0)
     summary = {k: v for k, v in metrics.items() if k not in ("config", "history")}
     print(json.dumps(summary, indent=2))
     print(f"wrote {args.out}/metrics.json and {args.out}/toy.png")
@@ -84,9 +84,13 @@ def _cache(args: argparse.Namespace) -> None:
 
 
 def _run_local(args: argparse.Namespace) -> None:
+    import time
+    from pathlib import Path
+
     from distar.local_pipeline import describe, run_local
 
-    run = run_local(args.preset, args.root, pipeline=args.pipeline)
+    log = None if args.verbosity >= 2 else Path(args.root) / f"run-local-{time.strftime('%Y%m%d-%H%M%S')}.log"
+    run = run_local(args.preset, args.root, pipeline=args.pipeline, log=log)
     print("\n".join(describe(run, args.preset)))
 
 
@@ -134,6 +138,30 @@ def _trainjob_render(args: argparse.Namespace) -> None:
     print(yaml.safe_dump(manifest(spec), sort_keys=False), end="")
 
 
+class Stages:
+    """A progress bar over a command's named stages, on stderr (the results go to stdout): the stage under way,
+    how many are done, the time so far and, after the first, an estimate of what is left."""
+
+    def __init__(self, what: str, names: list[str]):
+        from tqdm import tqdm
+
+        self.names = names
+        self.bar = tqdm(
+            total=len(names), desc=what, unit="stage", file=sys.stderr, dynamic_ncols=True,
+            bar_format="{desc}: {n}/{total} stages [{elapsed}<{remaining}] {postfix}",
+        )  # fmt: skip
+        self.bar.set_postfix_str(names[0])
+
+    def next(self) -> None:
+        self.bar.update(1)
+        if self.bar.n < len(self.names):
+            self.bar.set_postfix_str(self.names[self.bar.n])
+
+    def close(self) -> None:
+        self.bar.set_postfix_str("done")
+        self.bar.close()
+
+
 def _plan(args: argparse.Namespace) -> None:
     import diffusers
 
@@ -147,7 +175,11 @@ def _plan(args: argparse.Namespace) -> None:
     arch = args.arch
     if arch == "auto":
         arch = "tiny" if config.model.reference.startswith("tiny:") else "sdxl"
+    stages = ["memory: activations traced on the meta device", "FLOPs of one iteration"]
+    stages += ["the largest batch that fits (more memory plans)"] if args.gpu_memory else []
+    progress = Stages("distar plan", stages)
     result = plan(config, args.gpus, arch, text_encoders=args.text_encoders)
+    progress.next()
     from distar.models.architectures import ARCHITECTURES
     from distar.plan import (
         estimate_time,
@@ -168,6 +200,7 @@ def _plan(args: argparse.Namespace) -> None:
     elif not rate:
         rate, source = recorded_rate(args.gpu_type)
     flops = iteration_flops(config, *forward_flops(config, ARCHITECTURES[arch]()))
+    progress.next()
     timing = estimate_time(
         config,
         result,
@@ -184,6 +217,8 @@ def _plan(args: argparse.Namespace) -> None:
     if args.gpu_memory:
         batch, _ = largest_batch(config, args.gpus, arch, args.gpu_memory)
         result["largest_batch_per_gpu"] = batch
+        progress.next()
+    progress.close()
     if args.json:
         print(json.dumps(result, indent=2, default=float))
     else:
@@ -247,6 +282,28 @@ def _config_show(args: argparse.Namespace) -> None:
     width = max(len(k) for k, _, _ in rows)
     for key, value, origin in rows:
         print(f"{key:<{width}} = {json.dumps(value, default=str):<40} # {origin}")
+
+
+def _completion(args: argparse.Namespace) -> None:
+    import dataclasses
+
+    from distar.completion import bash_script
+    from distar.config import flat_keys
+    from distar.toy import ToyConfig
+    from distar.train.config import TrainConfig
+
+    train = [k for k, _ in flat_keys(TrainConfig(), dataclasses.asdict(TrainConfig()))]
+    toy = [f.name for f in dataclasses.fields(ToyConfig)]
+    keys = {name: train for name in ("train", "calibrate", "plan", "config")} | {"toy": toy}
+    print(bash_script(build_parser(), keys), end="")
+
+
+def _add_completion(p: argparse.ArgumentParser) -> None:
+    from distar.completion import __doc__ as doc
+
+    p.description = doc
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
+    p.set_defaults(func=_completion)
 
 
 def _add_config(p: argparse.ArgumentParser) -> None:
@@ -482,6 +539,7 @@ COMMANDS = {
     "cache": ("fetch, convert and checksum every model a run needs into a cache URI", _add_cache),
     "train": ("DI* training (one process, or one per device under torchrun)", _add_train),
     "config": ("show the resolved training config, each key with its source", _add_config),
+    "completion": ("print the bash completion script: source <(distar completion)", _add_completion),
     "calibrate": ("the reward/divergence balance for several α_rew, from a few steps on your models", _add_calibrate),
     "plan": (
         "predict the per-GPU memory, iteration time and GPU-hours of a training config (no GPU needed)",
@@ -502,6 +560,15 @@ def build_parser(commands: list[str] | None = None) -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(prog="distar", description=__doc__)
     parser.add_argument("--version", action="version", version=f"distar {__version__}")
+    loud = parser.add_mutually_exclusive_group()
+    loud.add_argument(
+        "-q", "--quiet", dest="verbosity", action="store_const", const=0, default=1,
+        help="results and errors only: no progress bars, no library messages or warnings",
+    )  # fmt: skip
+    loud.add_argument(
+        "-v", "--verbose", dest="verbosity", action="store_const", const=2,
+        help="everything: the libraries' info messages and warnings, the local pipeline's step logs",
+    )  # fmt: skip
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (line, fill) in COMMANDS.items():
         p = sub.add_parser(name, help=line, description=line, formatter_class=_WithDefaults)
@@ -539,6 +606,32 @@ def _override_hint(parser: argparse.ArgumentParser, argv: list[str]) -> None:
             raise UserError(f"unknown option {arg.split('=', 1)[0]}; config keys are written key=value: {key}={value}")
 
 
+# Known-harmless warnings, silenced by default (-v shows them): numpy 2's copy keyword inside diffusers' schedulers.
+HARMLESS = ["ignore:__array__ implementation doesn't accept a copy keyword:DeprecationWarning"]
+
+
+def set_verbosity(level: int) -> None:
+    """0 quiet, 1 default, 2 verbose; through the environment, so torchrun's workers and kfp.local's steps (child
+    processes) speak at the same level as the command that started them."""
+    import os
+    import warnings
+
+    os.environ["DISTAR_VERBOSITY"] = str(level)
+    libraries = {0: "error", 1: "error", 2: "info"}[level]
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", libraries)
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", libraries)
+    if level == 0:
+        os.environ["TQDM_DISABLE"] = "1"  # tqdm reads TQDM_* as defaults of every bar, in every process
+        os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+        os.environ["PYTHONWARNINGS"] = "ignore"
+        warnings.simplefilter("ignore")
+    elif level == 1:
+        os.environ["PYTHONWARNINGS"] = ",".join(filter(None, [os.environ.get("PYTHONWARNINGS"), *HARMLESS]))
+        for rule in HARMLESS:
+            action, message, category = rule.split(":")
+            warnings.filterwarnings(action, message=message, category=DeprecationWarning)
+
+
 def main(argv: list[str] | None = None) -> int:
     from distar.stop import exit_code
 
@@ -552,6 +645,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"distar: {err}", file=sys.stderr)
         return 2
     args = parser.parse_args(argv)
+    set_verbosity(args.verbosity)
     try:
         args.func(args)
     except Exception as err:  # a user's mistake or a preempted run: one line and its exit code; a bug: raised

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+import sys
 import time
 import unicodedata
 from collections import Counter
@@ -20,6 +21,7 @@ from dataclasses import asdict, dataclass, replace
 from typing import Literal
 
 import numpy as np
+from tqdm import tqdm
 
 from distar import storage
 from distar.errors import UserError
@@ -420,9 +422,12 @@ def curate(config: CurateConfig, progress: bool = False) -> dict:
     per_source = {}
     for uri in config.sources:
         source_in = 0
+        bar = tqdm(desc=f"distar curate {uri.rsplit('/', 1)[-1]}", total=_rows_hint(uri), unit=" prompts",
+                   unit_scale=True, file=sys.stderr, dynamic_ncols=True)  # fmt: skip
         for rows in read_source(uri, SourceOptions(config.column, config.category_column, config.batch_rows)):
             rows_in += len(rows.prompts) + rows.undecodable
             source_in += len(rows.prompts) + rows.undecodable
+            bar.update(len(rows.prompts) + rows.undecodable)
             dropped["undecodable"] += rows.undecodable
             if not writers:
                 with_category = rows.categories is not None
@@ -440,8 +445,24 @@ def curate(config: CurateConfig, progress: bool = False) -> dict:
             lengths.update(dict(zip(*(v.tolist() for v in np.unique(tokens, return_counts=True)), strict=True)))
             for split, columns in _split_rows(batch, uri, config.eval_fraction).items():
                 writers[split].add_rows(columns)
+        bar.close()
         per_source[uri] = source_in
     return _finish(config, fs, out_path, writers, run, dropped, cut, lengths, rows_in, per_source, started)
+
+
+def _rows_hint(uri: str) -> int | None:
+    """The row count of a single Parquet file from its footer (the bar's total, so it shows an ETA); None for
+    text formats and directories, which are counted as they stream."""
+    if not uri.endswith(".parquet"):
+        return None
+    try:
+        import pyarrow.parquet as pq
+
+        fs, path = storage.filesystem(uri)
+        with fs.open(path, "rb") as fh:
+            return pq.ParquetFile(fh).metadata.num_rows
+    except Exception:  # the reader names what is wrong with the file; a missing total only loses the ETA
+        return None
 
 
 def _finish(config, fs, out_path, writers, run, dropped, cut, lengths, rows_in, per_source, started) -> dict:

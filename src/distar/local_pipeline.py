@@ -85,9 +85,20 @@ def pipeline_module(name: str = "sdxl"):
     return module
 
 
-def run_local(preset: str, root: str | Path, overrides: dict | None = None, pipeline: str = "sdxl") -> Path:
-    """Run the DAG under kfp.local; returns the run's directory ({root}/distar-{pipeline}-{timestamp})."""
+def run_local(
+    preset: str, root: str | Path, overrides: dict | None = None, pipeline: str = "sdxl", log: Path | None = None
+) -> Path:
+    """Run the DAG under kfp.local; returns the run's directory ({root}/distar-{pipeline}-{timestamp}). With `log`,
+    everything kfp.local and the steps print (executor inputs and outputs as JSON, the steps' own logs) goes to
+    that file, and the terminal gets one line as each step starts and ends."""
+    import warnings
+
     from kfp import local
+
+    # kfp.local warns, for every task, that resource requests do nothing here and that the image is not run
+    # (the steps run in this environment): true, expected, and said once in the docs instead
+    warnings.filterwarnings("ignore", message=r"Task '.*': settings .* have no effect", category=UserWarning)
+    warnings.filterwarnings("ignore", message=r"You may be attemping to run a task", category=RuntimeWarning)
 
     if preset not in ("tiny", "sdxl"):
         raise UserError(f"--preset {preset!r}: choose tiny or sdxl")
@@ -105,7 +116,11 @@ def run_local(preset: str, root: str | Path, overrides: dict | None = None, pipe
     before = {p for p in root.iterdir() if p.name not in ("model-cache", "training-runs")}
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root), raise_on_error=True)
     started = time.time()
-    module.build("local")(**arguments)
+    if log is None:
+        module.build("local")(**arguments)
+    else:
+        with StepLines(log):
+            module.build("local")(**arguments)
     runs = sorted(
         {p for p in root.iterdir() if p.name not in ("model-cache", "training-runs")} - before,
         key=lambda p: p.stat().st_mtime,
@@ -113,6 +128,74 @@ def run_local(preset: str, root: str | Path, overrides: dict | None = None, pipe
     if not runs:
         raise RuntimeError(f"kfp.local wrote no run under {root} (started {started})")
     return runs[-1]
+
+
+class StepLines:
+    """Send this process's stdout and stderr (and its children's: the file descriptors, not sys.stdout) to a log
+    file, and print to the terminal one line per step as kfp.local starts and finishes it, with its time. On a
+    failure the log's last lines follow, so the error is on the screen as well."""
+
+    PATTERN = r"Executing task '?([\w-]+)'?|Task '?([\w-]+)'? finished with status (\w+)"
+
+    def __init__(self, log: Path):
+        self.log = Path(log)
+
+    def __enter__(self):
+        import os
+        import sys
+        import threading
+
+        self.log.parent.mkdir(parents=True, exist_ok=True)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        self.terminal = os.fdopen(os.dup(1), "w", buffering=1)
+        print(f"distar run-local: the steps' own output goes to {self.log} (-v shows it here)", file=self.terminal)
+        self.saved = (os.dup(1), os.dup(2))
+        self.fd = os.open(self.log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        os.dup2(self.fd, 1)
+        os.dup2(self.fd, 2)
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._follow, daemon=True)
+        self.thread.start()
+        return self
+
+    def _follow(self) -> None:
+        import re
+
+        pattern, began = re.compile(self.PATTERN), {}
+        with self.log.open(errors="replace") as fh:
+            while True:
+                line = fh.readline()
+                if not line:
+                    if self.done.is_set():
+                        return
+                    time.sleep(0.2)
+                    continue
+                match = pattern.search(re.sub(r"\x1b\[[0-9;]*m", "", line))
+                if match and match.group(1):
+                    began[match.group(1)] = time.time()
+                    print(f"  {match.group(1)}: running", file=self.terminal)
+                elif match:
+                    took = time.time() - began.get(match.group(2), time.time())
+                    print(f"  {match.group(2)}: {match.group(3).lower()} ({took:.0f} s)", file=self.terminal)
+
+    def __exit__(self, kind, error, tb):
+        import os
+        import sys
+
+        sys.stdout.flush()
+        sys.stderr.flush()
+        self.done.set()
+        self.thread.join(timeout=10)
+        os.dup2(self.saved[0], 1)
+        os.dup2(self.saved[1], 2)
+        for fd in (*self.saved, self.fd):
+            os.close(fd)
+        if error is not None:
+            tail = self.log.read_text(errors="replace").splitlines()[-40:]
+            print("\n".join(["distar run-local: a step failed; the log's last lines:", *tail]), file=self.terminal)
+        self.terminal.close()
+        return False
 
 
 # What each output of a local run shows, in the order the DAG writes them.
@@ -125,7 +208,7 @@ OUTPUTS = [
         "the training run's record: its directory under training-runs/ (checkpoints/step_*/, "
         "logs/metrics.jsonl, samples/) and the final checkpoint",
     ),
-    ("train/report", "the training report: loss, reward and divergence curves, sample grids"),
+    ("train/report", "the training report: a panel per quantity (reward, divergence, losses, …), sample grids"),
     (
         "export/pipeline",
         "the export's record: it names the diffusers pipeline for one-step sampling (fp16 generator, model card) "
@@ -137,7 +220,7 @@ OUTPUTS = [
         "shards (a retried step resumes from them), scores.parquet and metrics.json",
     ),
     ("evaluate/metrics", "the evaluation metrics on the paper's scales"),
-    ("evaluate/report", "report.html: metrics against the baseline and the paper's rows, histograms, images"),
+    ("evaluate/report", "report.html: the metrics table (baseline, Δ, spread, the paper's rows), images, histograms"),
     ("baseline/report", "a baseline's evaluation (stored once per model and protocol under training-runs/baselines)"),
     ("compare/report", "the ablation: a row per variant beside the paper and the baselines, images, curves"),
     ("compare/table", "the same table as Markdown"),

@@ -87,3 +87,48 @@ def test_config_show_gives_each_key_its_value_and_source(capsys):
     assert rows["model.t_star"]["from"] == "default" and rows["model.t_star"]["value"] == config.model.t_star
     assert main(["config", "show", "--config", "tiny", "stepz=3"]) == 2
     assert "did you mean 'steps'" in capsys.readouterr().err
+
+
+def _complete(script: str, *words: str) -> list[str]:
+    """What bash offers for the last of `words` (the word under the cursor), with the generated script loaded."""
+    line = " ".join(f"'{w}'" for w in words)
+    program = (
+        f"{script}\nCOMP_WORDS=(distar {line}); COMP_CWORD={len(words)}; _distar; printf '%s\\n' \"${{COMPREPLY[@]}}\""
+    )
+    out = subprocess.run(["bash", "-c", program], capture_output=True, text=True, check=True).stdout
+    return [w for w in out.splitlines() if w]
+
+
+def test_bash_completion_offers_commands_options_and_config_keys(capsys):
+    assert main(["completion"]) == 0
+    script = capsys.readouterr().out
+    assert sorted(_complete(script, "tr")) == ["train", "trainjob"]
+    assert sorted(_complete(script, "train", "loss.alpha_")) == ["loss.alpha_cfg=", "loss.alpha_rew="]
+    assert _complete(script, "-q", "evaluate", "--mod") == ["--model"]  # a global option before the command
+    assert _complete(script, "config", "sh") == ["show"]
+    assert _complete(script, "toy", "alpha") == ["alpha_rew="]
+    assert _complete(script, "export", "--dt") == ["--dtype"]
+
+
+def test_quiet_and_verbose_are_global_and_exclusive():
+    run = [sys.executable, "-m", "distar.cli"]
+    quiet = subprocess.run([*run, "-q", "completion"], capture_output=True, text=True)
+    assert quiet.returncode == 0 and "complete -o default -F _distar distar" in quiet.stdout
+    both = subprocess.run([*run, "-q", "-v", "completion"], capture_output=True, text=True)
+    assert both.returncode == 2 and "not allowed with" in both.stderr
+
+
+def test_the_local_pipeline_prints_a_line_per_step_and_keeps_the_rest_in_its_log(tmp_path, capfd):
+    import os
+    import time
+
+    from distar.local_pipeline import StepLines
+
+    log = tmp_path / "run-local.log"
+    with StepLines(log):  # what kfp.local writes, colours included, and a step's own noise
+        os.write(1, b"\x1b[32mExecuting task 'curate'\x1b[0m\n{\"executor_input\": 1}\n")
+        time.sleep(0.5)
+        os.write(2, b"Task 'curate' finished with status \x1b[92mSUCCESS\x1b[0m\n")
+    terminal = capfd.readouterr().out
+    assert "curate: running" in terminal and "curate: success" in terminal and "executor_input" not in terminal
+    assert "executor_input" in log.read_text() and str(log) in terminal

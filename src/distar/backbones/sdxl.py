@@ -158,7 +158,7 @@ def load_unet(source: str | os.PathLike, dtype: str | torch.dtype = "fp32", **re
 
     root = locate(source, ["unet"], **resolve_kwargs)
     return UNet2DConditionModel.from_pretrained(
-        root, subfolder="unet", torch_dtype=parse_dtype(dtype), variant=_variant(root, "unet")
+        root, subfolder="unet", dtype=parse_dtype(dtype), variant=_variant(root, "unet")
     )
 
 
@@ -171,7 +171,7 @@ def load_vae(source: str | os.PathLike, dtype: str | torch.dtype = "fp32", **res
     part = "vae" if subfolder else "."
     require_files(root, {"vae": [[f"{part}/config.json"], [f"{part}/{w}" for w in _DIFFUSERS_WEIGHTS]]})
     variant = _variant(root, part)
-    return AutoencoderKL.from_pretrained(root, subfolder=subfolder, torch_dtype=parse_dtype(dtype), variant=variant)
+    return AutoencoderKL.from_pretrained(root, subfolder=subfolder, dtype=parse_dtype(dtype), variant=variant)
 
 
 def load_generator_init(init: str, reference: str | os.PathLike, reference_unet=None, revision=None, **resolve_kwargs):
@@ -597,7 +597,7 @@ class SDXL(Backbone):
             json.loads((scheduler_dir / "scheduler_config.json").read_text()) if scheduler_dir.is_dir() else {}
         )
         return StableDiffusionXLPipeline.from_pretrained(
-            reference_root, unet=net, vae=vae, scheduler=scheduler, torch_dtype=torch.float32
+            reference_root, unet=net, vae=vae, scheduler=scheduler, dtype=torch.float32
         )
 
     def usage(self, t_star) -> dict:
@@ -623,7 +623,7 @@ class SDXL(Backbone):
         from diffusers import StableDiffusionXLPipeline
 
         extra = {"unet": net.to(dtype)} if net is not None else {}
-        return StableDiffusionXLPipeline.from_pretrained(root, torch_dtype=dtype, **extra)
+        return StableDiffusionXLPipeline.from_pretrained(root, dtype=dtype, **extra)
 
     def pipeline_latent_shape(self, pipe) -> tuple[int, int, int]:
         side = pipe.unet.config.sample_size
