@@ -122,7 +122,7 @@ def run_local(
         with StepLines(log):
             module.build("local")(**arguments)
     runs = sorted(
-        {p for p in root.iterdir() if p.name not in ("model-cache", "training-runs")} - before,
+        {p for p in root.iterdir() if p.is_dir() and p.name not in ("model-cache", "training-runs")} - before,
         key=lambda p: p.stat().st_mtime,
     )
     if not runs:

@@ -107,3 +107,9 @@ def test_the_readme_block_runs_as_written(index, workdir):
     output = f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     assert proc.returncode == 0, f"{heading}: exit {proc.returncode}\n{script}\n{output}"
     print(f"README block {heading!r}: {seconds:.0f} s")
+    if "make demo" in script:  # the demo ends by naming its run and the reports, as pages that open
+        run = next(line.split(": ", 1)[1] for line in proc.stdout.splitlines() if line.startswith("pipeline run: "))
+        assert Path(run).is_dir(), proc.stdout[-3000:]
+        reports = [w for w in proc.stdout.split() if w.startswith("file://") and w.endswith("/report.html")]
+        assert len(reports) == 2, proc.stdout[-3000:]
+        assert "  train: success" in proc.stdout and "executor_input" not in proc.stdout

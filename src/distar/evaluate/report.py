@@ -152,7 +152,9 @@ def render_report(report: dict, tables: dict, out_fs, out_path: str) -> str:
     ]
     model_rows = tables["model"].to_pylist()
     with_baseline = "baseline" in tables
-    parts.append("<h2>Images: model" + (" | baseline" if with_baseline else "") + ", same prompt and noise</h2>")
+    parts.append(
+        "<h2>Images: model | baseline, same prompt and noise</h2>" if with_baseline else "<h2>Images by category</h2>"
+    )
     groups: dict[str, list] = {}
     for r in model_rows:
         groups.setdefault(f"{r['set']} / {r['group']}", []).append(r)
