@@ -17,7 +17,7 @@ LOCK := $(VENV)/bin/uv pip compile pyproject.toml --quiet --python-version 3.11 
 
 # The versions come from locks/ci.txt (torch, installed first, is the only requirement it leaves out).
 $(VENV)/.installed: pyproject.toml locks/ci.txt
-	@echo "make: installing distar, CPU torch and the pinned dependencies into $(VENV) (once; about 4 minutes)"
+	@echo "make: installing distar, CPU torch and the pinned dependencies into $(VENV) (once; under 4 minutes on 2 CPU cores)"
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_CPU)"

@@ -42,30 +42,41 @@ def outside_references(html: str) -> list[str]:
 
 
 _PROBE = """<script>
-window.addEventListener('load', () => {
+const [wanted, frameHeight, frameWidth] = %s;
+// the frame is measured once it has the size the viewer gave it: on a loaded machine the load event can come
+// before the frame is laid out at that size, and a page laid out at width 0 would be measured as garbage
+const whenSized = (tries) => (innerWidth === frameWidth && innerHeight === frameHeight) || tries > 50
+  ? answer() : setTimeout(() => whenSized(tries + 1), 100);
+window.addEventListener('load', () => whenSized(0));
+const answer = () => {
   const images = [...document.images];
-  const wanted = %s;
   parent.postMessage({
     images: images.length,
     broken: images.filter(i => !(i.complete && i.naturalWidth > 0)).map(i => i.getAttribute('src').slice(0, 60)),
     links: [...document.querySelectorAll('a[href]')].map(a => a.getAttribute('href')).filter(h => !h.startsWith('#')),
     fetched: performance.getEntriesByType('resource').map(r => r.name).filter(n => !n.startsWith('data:')),
     text: document.body.innerText.length,
-    // each wanted element's top edge, and whether it is on the first screen (above the frame's bottom)
+    // whether each wanted element starts on the first screen: its top edge in the page above the frame's height
     first_screen: Object.fromEntries(wanted.map(s => {
       const el = document.querySelector(s);
-      return [s, el !== null && el.getBoundingClientRect().top < innerHeight];
+      return [s, el !== null && el.getBoundingClientRect().top + scrollY < frameHeight];
+    })),
+    tops: Object.fromEntries(wanted.map(s => {
+      const el = document.querySelector(s);
+      return [s, el === null ? null : el.getBoundingClientRect().top + scrollY];
     })),
     // the page wider than the frame: its right part is cut off (a table in its own scroll box is not)
-    overflow_x: document.documentElement.scrollWidth - innerWidth,
+    overflow_x: document.documentElement.scrollWidth - frameWidth,
     width: innerWidth,
+    height: innerHeight,
   }, '*');
-});
+};
 </script>"""
 
 # The KFP UI's HTMLViewer: the artifact's HTML as the srcdoc of an iframe sandboxed to scripts only.
-_VIEWER = """<!doctype html><html><body style="margin:0"><pre id="result">no answer from the report</pre>
+_VIEWER = """<!doctype html><html><body style="margin:0">
 <iframe id="viewer" sandbox="allow-scripts" style="width:%dpx;height:%dpx;border:0"></iframe>
+<pre id="result">no answer from the report</pre>
 <script>
 window.addEventListener('message', e => { document.getElementById('result').textContent = JSON.stringify(e.data); });
 document.getElementById('viewer').srcdoc = %s;
@@ -105,7 +116,7 @@ def in_sandboxed_iframe(html: str, tmp_path, width: int = 600, height: int = 600
     import json
     import subprocess
 
-    probe = _PROBE % json.dumps(list(first_screen))
+    probe = _PROBE % json.dumps([list(first_screen), height, width])
     body = html.replace("</body>", probe + "</body>") if "</body>" in html else html + probe
     page = tmp_path / "viewer.html"
     page.write_text(_VIEWER % (width, height, _srcdoc(body)))

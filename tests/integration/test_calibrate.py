@@ -61,7 +61,9 @@ def test_a_diversity_guard_breaches_stops_and_keeps_the_best_checkpoint_for_expo
     report = (guarded / "report.html").read_text()  # the training report: a curve per metric, then the samples
     assert f"guard breached at steps [{breach['step']}]" in report
     grids = len(list((guarded / "samples").glob("step_*.png")))
-    curves = 3 + len([k for k in breach if k.startswith("guard/") and k != "guard/breached"])
+    from distar.train.report import PANELS  # every quantity is logged in this run: a panel each, then the guards
+
+    curves = len(PANELS) + len([k for k in breach if k.startswith("guard/") and k != "guard/breached"])
     assert grids >= 2 and report.count("<img") == curves + min(grids, 6)  # the sample grids over the run
     code = cli.main(["export", "--checkpoint", f"{guarded}/best", "--out", str(tmp_path / "export")])
     assert code == 0
