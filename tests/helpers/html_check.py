@@ -56,11 +56,7 @@ const answer = () => {
     links: [...document.querySelectorAll('a[href]')].map(a => a.getAttribute('href')).filter(h => !h.startsWith('#')),
     fetched: performance.getEntriesByType('resource').map(r => r.name).filter(n => !n.startsWith('data:')),
     text: document.body.innerText.length,
-    // whether each wanted element starts on the first screen: its top edge in the page above the frame's height
-    first_screen: Object.fromEntries(wanted.map(s => {
-      const el = document.querySelector(s);
-      return [s, el !== null && el.getBoundingClientRect().top + scrollY < frameHeight];
-    })),
+    // each wanted element's top edge in the page (null: not there)
     tops: Object.fromEntries(wanted.map(s => {
       const el = document.querySelector(s);
       return [s, el === null ? null : el.getBoundingClientRect().top + scrollY];
@@ -133,7 +129,10 @@ def in_sandboxed_iframe(html: str, tmp_path, width: int = 600, height: int = 600
         assert match, proc.stderr[-2000:]
         answer = html_lib.unescape(match.group(1))
         if answer.startswith("{"):
-            return json.loads(answer)
+            seen = json.loads(answer)
+            # on the first screen: the element starts above the bottom of the frame as the viewer sized it
+            seen["first_screen"] = {s: top is not None and top < height for s, top in seen["tops"].items()}
+            return seen
     raise AssertionError(f"the report never finished loading in the viewer: {answer!r} {proc.stderr[-2000:]}")
 
 

@@ -52,16 +52,13 @@ def bash_blocks(text: str) -> list[tuple[str, list[str]]]:
 
 
 def runnable(command: str) -> bool:
+    """Not when a comment on the command's own lines, or the comment line right above it, gives a reason (a
+    reason further up belongs to an earlier command)."""
     lines = command.splitlines()
-    reason_above = any(NOT_HERE.search(line) for line in lines if line.lstrip().startswith("#"))
-    reason_inline = any(NOT_HERE.search(line.split(" #", 1)[1]) for line in lines if " #" in line)
-    return not (reason_above and _last_comment_is_reason(lines)) and not reason_inline
-
-
-def _last_comment_is_reason(lines: list[str]) -> bool:
-    # a reason in a comment applies to the command right under it, not to every command after a block's preamble
     comments = [line for line in lines if line.lstrip().startswith("#")]
-    return bool(comments) and bool(NOT_HERE.search(comments[-1]))
+    reason_above = bool(comments) and bool(NOT_HERE.search(comments[-1]))
+    reason_inline = any(NOT_HERE.search(line.split(" #", 1)[1]) for line in lines if " #" in line)
+    return not (reason_above or reason_inline)
 
 
 BLOCKS = bash_blocks(README.read_text())

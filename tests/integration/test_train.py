@@ -198,6 +198,7 @@ def test_a_run_writes_checkpoints_logs_and_samples(local_run):
     assert list((out / "logs" / "tensorboard").glob("events.out.tfevents.*"))
     assert (out / "samples" / "step_00000003.png").is_file()
     assert json.loads((out / "summary.json").read_text())["step"] == 3
+    assert f"config {summary['config_digest']} · step 3 of 3" in (out / "report.html").read_text()  # the header
     # the generator moved away from its initial (DMD2-layout) weights
     from distar.sources import read_state_dict
 

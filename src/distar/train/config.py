@@ -259,6 +259,11 @@ class LogConfig:
     """A tqdm progress bar on rank 0."""
 
 
+def config_digest(resolved: dict) -> str:
+    """The short hash of a resolved config (`TrainConfig.to_dict()`, or the config.json a run wrote)."""
+    return hashlib.sha256(json.dumps(resolved, sort_keys=True).encode()).hexdigest()[:12]
+
+
 @dataclass
 class TrainConfig:
     """Everything a DI* training run depends on; saved as config.json with every checkpoint."""
@@ -297,7 +302,7 @@ class TrainConfig:
 
     def digest(self) -> str:
         """A short hash of the resolved config, for lineage."""
-        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:12]
+        return config_digest(self.to_dict())
 
     def changed_keys(self, saved: dict) -> list[str]:
         """Keys whose value differs from a saved config.json, except those a resumed run may change

@@ -101,11 +101,11 @@ def _duration(seconds: float) -> str:
 
 def header(lines: list[dict], config: dict | None) -> list[str]:
     """The facts the header states, each a short phrase: preset, config digest, steps, wall time, throughput."""
-    import hashlib
+    from distar.train.config import config_digest
 
     facts = []
     if config:
-        digest = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:12]
+        digest = config_digest(config)
         tiny = runs_on_tiny(config, config["model"].get("cache_dir"))
         preset = "tiny preset (random tiny models)" if tiny else "models: " + str(config["model"]["reference"])
         facts += [preset, f"config {digest}"]
