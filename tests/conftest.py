@@ -1,4 +1,5 @@
 import os
+import tempfile
 
 import pytest
 
@@ -7,6 +8,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
+# the leases this host has watched (distar.train.lease): per test session, not in the user's ~/.cache
+os.environ.setdefault("DISTAR_STATE_DIR", tempfile.mkdtemp(prefix="distar-state-"))
 
 
 @pytest.fixture(scope="session", autouse=True)

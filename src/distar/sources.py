@@ -39,8 +39,9 @@ from pathlib import Path
 
 import torch
 
-from distar import storage
+from distar import readers, storage
 from distar.errors import UserError
+from distar.readers import confined
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _REVISION = re.compile(r"^[\w.-]+$")
@@ -203,7 +204,22 @@ def resolve_dir(
     offline (default: HF_HUB_OFFLINE): never contact the hub.
     """
     src = source if isinstance(source, Source) else parse(source)
-    offline = _offline(offline)
+    return _checked(_resolve_dir(src, revision, allow_patterns, cache_dir, _offline(offline)))
+
+
+_CHECKED: set[Path] = set()
+
+
+def _checked(root: Path) -> Path:
+    """A model directory whose safetensors headers describe their files, checked once per process before any
+    loader parses them (a forged header reaches the safetensors library, which fails without naming the file)."""
+    if root not in _CHECKED:
+        readers.check_safetensors_under(root, fix=f"fetch or write {root} again")
+        _CHECKED.add(root)
+    return root
+
+
+def _resolve_dir(src: Source, revision, allow_patterns, cache_dir, offline: bool) -> Path:
     if src.kind == "tiny":
         return Path(local(src.text))
     if src.kind == "hub_file":
@@ -293,6 +309,7 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         from safetensors import SafetensorError
         from safetensors.torch import load_file
 
+        readers.check_safetensors(path)
         try:
             return load_file(str(path))
         except SafetensorError as err:
@@ -345,10 +362,7 @@ def read_manifest(cache: str) -> dict:
     mpath = f"{path.rstrip('/')}/{MANIFEST}"
     if not fs.exists(mpath):
         return {"version": 1, "entries": {}}
-    try:
-        manifest = json.loads(fs.cat_file(mpath))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise UserError(f"the cache manifest {cache}/{MANIFEST} is corrupt ({err}); run `distar cache` again") from None
+    manifest = readers.read_mapping(fs, mpath, f"the cache manifest {cache}/{MANIFEST}", "run `distar cache` again")
     if not isinstance(manifest, dict) or not isinstance(manifest.get("entries"), dict):
         raise UserError(f"the cache manifest {cache}/{MANIFEST} has no entries table; run `distar cache` again")
     for key, entry in manifest["entries"].items():
@@ -359,14 +373,6 @@ def read_manifest(cache: str) -> dict:
                 f"its cache, so it was edited or forged: run `distar cache` again into a fresh --out"
             )
     return manifest
-
-
-def confined(rel: object) -> bool:
-    """Whether `rel` is a relative path that stays inside the directory it is relative to: no absolute path, no
-    `..`, no empty part, no NUL or backslash (which fsspec and the OS read differently)."""
-    if not isinstance(rel, str) or not rel or rel.startswith("/") or "\0" in rel or "\\" in rel:
-        return False
-    return all(part not in ("", ".", "..") for part in rel.split("/"))
 
 
 def _entry_problem(key: str, entry: object) -> str | None:

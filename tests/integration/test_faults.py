@@ -196,17 +196,90 @@ def test_sigterm_finishes_the_step_checkpoints_and_exits_75_then_resume_continue
 def test_a_second_trainer_is_refused_and_a_stale_lease_is_taken_only_when_asked(tmp_path, capsys):
     out = tmp_path / "run"
     out.mkdir()
-    lease = {"holder": "node-7/abc", "host": "node-7", "pid": 4242, "started": time.time(), "heartbeat": time.time()}
+    # a heartbeat a day in the future (the holder's clock is off) and a lone stale_minutes: no clock is compared,
+    # the counter is watched on this host's clock
+    lease = {"holder": "node-7/abc", "host": "node-7", "pid": 4242, "started": time.time(),
+             "heartbeat": time.time() + 86400, "beats": 3}  # fmt: skip
     (out / "LEASE.json").write_text(json.dumps(lease))
-    code, err = _train(out, "steps=1", capsys=capsys)
+    watch = "lease.stale_minutes=0.002"  # 0.12 s
+    code, err = _train(out, "steps=1", watch, capsys=capsys)
     assert code == 2 and "node-7/abc" in err and "pid 4242" in err and "Traceback" not in err
+    assert "looks dead" not in err and "lease.take_over=true" in err  # first sight: not yet judged
     assert not (out / "checkpoints").exists()  # refused before anything was written
-    lease["heartbeat"] = time.time() - 3600
+    time.sleep(0.2)
+    code, err = _train(out, "steps=1", watch, capsys=capsys)
+    assert code == 2 and "looks dead" in err and "heartbeat unchanged for" in err and "lease.take_over=true" in err
+    lease["beats"] += 1  # it beat meanwhile: alive again, whatever its clock says
     (out / "LEASE.json").write_text(json.dumps(lease))
-    code, err = _train(out, "steps=1", capsys=capsys)
-    assert code == 2 and "looks dead" in err and "lease.take_over=true" in err
+    code, err = _train(out, "steps=1", watch, capsys=capsys)
+    assert code == 2 and "looks dead" not in err
     code, err = _train(out, "steps=1", "lease.take_over=true", capsys=capsys)
     assert code == 0 and not (out / "LEASE.json").exists()
+
+
+@pytest.mark.parametrize("field", ["heartbeat", "pid", "holder"])
+def test_a_lease_with_a_field_of_the_wrong_type_is_named_and_taken_over_only_when_asked(tmp_path, capsys, field):
+    out = tmp_path / "run"
+    out.mkdir()
+    lease = {"holder": "node-7/abc", "host": "node-7", "pid": 4242, "started": 0.0, "heartbeat": 0.0}
+    lease[field] = [1] if field == "holder" else "soon"
+    (out / "LEASE.json").write_text(json.dumps(lease))
+    code, err = _train(out, "steps=1", capsys=capsys)
+    assert code == 2 and f"field {field!r}" in err and "LEASE.json" in err and "Traceback" not in err
+    assert "lease.take_over=true" in err
+    code, err = _train(out, "steps=1", "lease.take_over=true", capsys=capsys)
+    assert code == 0
+
+
+def test_a_dead_holder_on_this_host_is_stale_at_once(tmp_path, capsys):
+    import socket
+
+    out = tmp_path / "run"
+    out.mkdir()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    lease = {"holder": f"{socket.gethostname()}/{dead.pid}", "host": socket.gethostname(), "pid": dead.pid,
+             "started": time.time(), "heartbeat": time.time()}  # fmt: skip
+    (out / "LEASE.json").write_text(json.dumps(lease))
+    code, err = _train(out, "steps=1", capsys=capsys)
+    assert code == 0, err
+    alive = {**lease, "holder": f"{socket.gethostname()}/{os.getppid()}", "pid": os.getppid()}
+    (out / "LEASE.json").write_text(json.dumps(alive))
+    code, err = _train(out, "steps=1", "steps=2", capsys=capsys)
+    assert code == 2 and "held by another trainer" in err
+
+
+def test_a_paused_trainer_whose_lease_was_taken_over_stops_without_writing(tmp_path):
+    """Trainer A is paused (SIGSTOP) mid-run, B takes the run over and finishes it, A is resumed: A stops with
+    exit 75 at its next write and leaves B's run as B left it."""
+    out = tmp_path / "run"
+    distar = str(Path(sys.executable).with_name("distar"))
+    quiet = ["log.progress=false", "log.tensorboard=false", "log.sample_every=1000", "log.every=1"]
+    a = subprocess.Popen([distar, "train", "--config", "tiny", f"out={out}", "steps=400", "checkpoint.every=2", *quiet],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        metrics = out / "logs" / "metrics.jsonl"
+        deadline = time.monotonic() + 240
+        while not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 3):
+            assert a.poll() is None and time.monotonic() < deadline, a.stderr.read() if a.poll() is not None else ""
+            time.sleep(0.2)
+        a.send_signal(signal.SIGSTOP)
+        latest = max(int(p.name.split("_")[1]) for p in (out / "checkpoints").glob("step_*") if (p / MARKER).exists())
+        refused = subprocess.run([distar, "train", "--config", "tiny", f"out={out}", "steps=400", "checkpoint.every=2",
+                                  *quiet], capture_output=True, text=True)  # fmt: skip
+        assert refused.returncode == 2 and "held by another trainer" in refused.stderr
+        over = [f"steps={latest + 2}", "checkpoint.every=2", "lease.take_over=true", *quiet]
+        b = subprocess.run([distar, "train", "--config", "tiny", f"out={out}", *over], capture_output=True, text=True)
+        assert b.returncode == 0, b.stderr[-2000:]
+        after_b = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+        a.send_signal(signal.SIGCONT)
+        _, a_err = a.communicate(timeout=120)
+    finally:
+        a.kill()
+    assert a.returncode == 75, a_err[-2000:]
+    assert "took this output over" in a_err and "Traceback" not in a_err
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == after_b  # A wrote nothing more
+    assert json.loads((out / "summary.json").read_text())["step"] == latest + 2
 
 
 def test_two_trainers_started_together_get_one_lease(tmp_path):

@@ -39,7 +39,7 @@ from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader, Fsspec
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.stateful import Stateful
 
-from distar import storage
+from distar import readers, storage
 from distar.errors import UserError
 from distar.train.distributed import World
 
@@ -302,12 +302,22 @@ class Checkpointer:
     def marker(self, step: int) -> dict:
         """The COMPLETE record of checkpoint `step`."""
         _, path = storage.filesystem(self.uri(step))
+        where = f"checkpoint {self.uri(step)}: {MARKER}"
         try:
-            return json.loads(self.fs.cat_file(f"{path}/{MARKER}"))
+            marker = readers.read_mapping(self.fs, f"{path}/{MARKER}", where)
         except FileNotFoundError:
             raise CheckpointError(f"checkpoint {self.uri(step)} is not complete (no {MARKER})") from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise CheckpointError(f"checkpoint {self.uri(step)}: {MARKER} is corrupt ({err})") from None
+        except UserError as err:
+            raise CheckpointError(str(err)) from None
+        files = marker.get("files")
+        if not isinstance(files, dict) or not files:
+            raise CheckpointError(f"{where} lists no files, so nothing in it can be verified")
+        for rel, want in files.items():
+            if not readers.confined(rel) or rel == MARKER:
+                raise CheckpointError(f"{where} names {rel!r}, which is no file inside the checkpoint")
+            if not isinstance(want, dict):
+                raise CheckpointError(f"{where}: the record of {rel!r} is not an object")
+        return marker
 
     def verify(self, step: int) -> dict:
         """Check every file of checkpoint `step` against COMPLETE (size, then sha256) before anything is parsed;
@@ -316,16 +326,17 @@ class Checkpointer:
         uri = self.uri(step)
         _, path = storage.filesystem(uri)
         marker = self.marker(step)
-        files = marker.get("files")
-        if not isinstance(files, dict) or not files:
-            raise CheckpointError(f"checkpoint {uri}: {MARKER} lists no files, so nothing in it can be verified")
+        files = marker["files"]
         problems = []
         for i, (rel, want) in enumerate(sorted(files.items())):
             if i % self.world.size != self.world.rank:
                 continue
             full = f"{path}/{rel}"
-            if ".." in rel.split("/") or not self.fs.exists(full):
+            if not self.fs.exists(full):
                 problems.append(f"{rel}: missing")
+                continue
+            if storage.is_local(self.fs) and _leaves(path, rel):
+                problems.append(f"{rel}: a link that leads outside the checkpoint")
                 continue
             size = self.fs.size(full)
             if size != want.get("size"):
@@ -353,18 +364,29 @@ class Checkpointer:
     def best(self) -> int | None:
         self.fs.invalidate_cache()
         try:
-            return int(json.loads(self.fs.cat_file(f"{self.path}/{BEST}"))["step"])
-        except (FileNotFoundError, ValueError, KeyError, TypeError):
-            return None
+            return readers.integer(readers.read_mapping(self.fs, f"{self.path}/{BEST}"), "step", BEST)
+        except (FileNotFoundError, UserError):
+            return None  # a damaged BEST names no checkpoint: pruning then keeps only the newest ones
 
     def load(self, step: int, train_state: TrainState) -> dict:
         """Verify checkpoint `step`, then fill `train_state` in place from it (this rank's random-number state too,
         when the checkpoint was written by at least as many processes); returns its trainer_state.json."""
         uri = self.uri(step)
-        _, path = storage.filesystem(uri)
         files = self.verify(step)["files"]
+        try:
+            return self._load_verified(uri, files, train_state)
+        except CheckpointError:
+            raise
+        except Exception as err:  # files that verify against a forged COMPLETE: whatever they hold, fall back
+            reason = str(err).strip().splitlines()[-1][:300] if str(err).strip() else ""
+            raise CheckpointError(
+                f"checkpoint {uri} verifies but cannot be loaded ({type(err).__name__}: {reason})"
+            ) from err
+
+    def _load_verified(self, uri: str, files: dict, train_state: TrainState) -> dict:
+        _, path = storage.filesystem(uri)
         dcp.load(dict(train_state.parts), storage_reader=SafeFsspecReader(uri), planner=SafeLoadPlanner())
-        trainer_state = json.loads(self.fs.cat_file(f"{path}/trainer_state.json"))
+        trainer_state = readers.read_mapping(self.fs, f"{path}/trainer_state.json", f"checkpoint {uri}: trainer_state")
         train_state.load_trainer_state(trainer_state)
         rank_file = f"rank/rank_{self.world.rank:05d}.pt"
         if rank_file in files:
@@ -392,7 +414,15 @@ def verify_checkpoint(checkpoint_uri: str) -> dict:
 
 def read_config(checkpoint_uri: str) -> dict:
     fs, path = storage.filesystem(checkpoint_uri)
-    return json.loads(fs.cat_file(f"{path.rstrip('/')}/config.json"))
+    return readers.read_mapping(fs, f"{path.rstrip('/')}/config.json", f"{checkpoint_uri}/config.json")
+
+
+def _leaves(root: str, rel: str) -> bool:
+    """Whether the local file `rel` under `root` is reached through a link that leads outside `root`."""
+    from pathlib import Path
+
+    top = Path(root).resolve()
+    return not (Path(root) / rel).resolve().is_relative_to(top)
 
 
 def load_unet_weights(checkpoint_uri: str, network: str = "generator") -> dict[str, torch.Tensor]:

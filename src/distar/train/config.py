@@ -11,13 +11,12 @@ import dataclasses
 import hashlib
 import json
 import math
-import tomllib
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Literal
 
-from distar import backbones, storage
+from distar import backbones, readers, storage
 from distar.backbones.sdxl import DMD2_REPO, DMD2_UNET_1STEP, GENERATOR_TIMESTEP, SDXL_BASE
 from distar.config import apply_mapping, apply_overrides, check_choices
 from distar.errors import UserError, redact
@@ -500,12 +499,7 @@ def _read_config_file(source: str) -> tuple[Path, dict]:
     path = preset_path(source) if source in PRESETS else Path(source)
     if not path.is_file():
         raise UserError(f"--config {source!r} is neither a preset ({', '.join(PRESETS)}) nor a TOML/JSON file")
-    text = path.read_text()
-    try:
-        mapping = json.loads(text) if path.suffix == ".json" else tomllib.loads(text)
-    except (json.JSONDecodeError, tomllib.TOMLDecodeError) as err:
-        raise UserError(f"--config {str(path)!r} does not parse: {err}") from err
-    return path, mapping
+    return path, readers.read_config_file(path, f"--config {str(path)!r}")
 
 
 def load_config(source: str, overrides: list[str] = ()) -> TrainConfig:

@@ -35,7 +35,7 @@ from distar.train.data import PromptSet
 from distar.train.di_star import WARMUP_UPDATES, DIStar
 from distar.train.distributed import World
 from distar.train.guard import Guard
-from distar.train.lease import Lease, LeaseHeldError
+from distar.train.lease import Lease, LeaseHeldError, LeaseLost
 from distar.train.metrics import MetricLogger, image_grid
 from distar.train.networks import Networks, assemble, build_networks, check_resolution
 from distar.train.progress import ProgressReporter
@@ -121,6 +121,7 @@ class Trainer:
 
     def save(self) -> str:
         self.settle()  # the skip counters go into the checkpoint
+        self._check_lease()
         return self.checkpointer.save(self.step, self.state, self.config.to_dict())
 
     def resume(self) -> int | None:
@@ -134,7 +135,13 @@ class Trainer:
         for step in reversed(steps):
             try:
                 self.checkpointer.load(step, self.state)
+                error = None
             except CheckpointError as err:
+                error = str(err)
+            # a file that fails on one rank only (its rank state) fails the checkpoint on all: they load one step
+            error = next((e for e in self.world.gather(error) if e is not None), None)
+            if error is not None:
+                err = CheckpointError(error)
                 refused.append(str(err))
                 if self.world.is_main:
                     print(
@@ -289,6 +296,22 @@ class Trainer:
             raise LeaseHeldError(error)
         return lease if self.world.is_main else None
 
+    lease: Lease | None = None  # rank 0's, while `fit` runs
+
+    def _check_lease(self) -> None:
+        """Before a write into the run: every rank stops (LeaseLost, exit 75) once the lease names another
+        trainer, which took the run over while this one was paused or cut off."""
+        lost = None
+        if self.lease is not None:
+            try:
+                self.lease.check()
+            except LeaseLost as err:
+                lost = str(err)
+        lost = self.world.gather(lost)[0]
+        if lost is not None:
+            self.lease = None  # not ours: nothing more is written, the report and the release included
+            raise LeaseLost(lost)
+
     def _check_config(self, allow_change: bool) -> None:
         """Refuse to resume with a config that differs from the newest checkpoint's beyond RESUME_SAFE_KEYS."""
         latest = self.checkpointer.latest() if self.config.checkpoint.resume else None
@@ -312,21 +335,23 @@ class Trainer:
         SIGINT finish the step in flight, write a complete checkpoint and raise Preempted."""
         c, world = self.config, self.world
         self._check_config(allow_config_change)
-        lease = self._hold_lease()
+        self.lease = self._hold_lease()
         try:
             with StopSignals() as stop:
-                summary = self._fit(stop, lease)
+                summary = self._fit(stop)
+            self._check_lease()
         finally:  # a process that gets here writes nothing more; only a killed one leaves its lease to go stale
-            if world.is_main:
+            if world.is_main and self.lease is not None:
                 self._write_report()
-            if lease is not None:
-                lease.release()
+            if self.lease is not None:
+                self.lease.release()
+            self.lease = None
         if world.is_main:
             fs, path = storage.filesystem(c.out)
             storage.write_json(fs, f"{path.rstrip('/')}/summary.json", summary)
         return {**summary, "rank": world.rank}
 
-    def _fit(self, stop: StopSignals, lease: Lease | None) -> dict:
+    def _fit(self, stop: StopSignals) -> dict:
         """The loop: per step one iteration, then its log, sample and checkpoint steps where they fall. Between
         them nothing is read back from the device: the values, the skip counts and (with several processes) the
         stop signal are read on log and checkpoint steps."""
@@ -340,7 +365,7 @@ class Trainer:
                 final = self.step == c.steps
                 logged = self.step % c.log.every == 0 or final
                 if logged:
-                    self._log_step(loop, values, elapsed, lease)
+                    self._log_step(loop, values, elapsed)
                 if self.step % c.log.sample_every == 0 or final:
                     self._sample_step(loop)
                 checkpointed = self.step % c.checkpoint.every == 0 or final or bool(loop.stopped_by)
@@ -388,7 +413,7 @@ class Trainer:
             self.guard.measure_baseline(fresh=resumed is None)
         return loop
 
-    def _log_step(self, loop: _Loop, values: dict, elapsed: float, lease: Lease | None) -> None:
+    def _log_step(self, loop: _Loop, values: dict, elapsed: float) -> None:
         """Read the step's values in one transfer, average them over ranks, log them, report progress, and beat
         the lease's heartbeat."""
         values = self.world.mean(host_values({k: v for k, v in values.items() if not k.startswith("ok/")}))
@@ -404,16 +429,18 @@ class Trainer:
                 "peak_memory_gb": _peak_memory_gb(self.world.device),
             }
         )
+        self._check_lease()
         loop.logger.log(self.step, values)
         loop.last_values = values
         if loop.reporter is not None:
             loop.reporter.report(self.step, values)
-        if lease is not None:
-            lease.heartbeat()
+        if self.lease is not None:
+            self.lease.heartbeat()
 
     def _sample_step(self, loop: _Loop) -> None:
         """The fixed sample grid and its reward; the guards, which may stop the run."""
         images, loop.last_eval = self.sample()
+        self._check_lease()
         loop.logger.log(self.step, loop.last_eval)
         loop.logger.images(self.step, image_grid(images))
         if self.config.guard.enabled:
