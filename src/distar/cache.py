@@ -158,6 +158,7 @@ def _allowed(rel: str, patterns: list[str] | None) -> bool:
 def cache_models(out: str, items: list[CacheItem], cache_dir_hub: dict | None = None, progress=print) -> dict:
     """Fetch, convert and store each item under `out`; returns {key: "cached" | "present"}."""
     progress = progress or (lambda message: None)
+    storage.check_output("--out", out)
     tiny_preset.prepare([i.source or i.key for i in items])
     fs, path = storage.filesystem(out)
     path = path.rstrip("/")

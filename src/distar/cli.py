@@ -26,9 +26,9 @@ def _train(args: argparse.Namespace) -> None:
     from distar.train import exec_torchrun, run
 
     if args.nproc_per_node is not None:
-        exec_torchrun(args.config, args.overrides, args.nproc_per_node, args.allow_config_change)
+        exec_torchrun(args.config, args.overrides, args.nproc_per_node, args.allow_config_change, args.force)
 
-    summary = run(args.config, args.overrides, allow_config_change=args.allow_config_change)
+    summary = run(args.config, args.overrides, allow_config_change=args.allow_config_change, force=args.force)
     if summary.get("rank", 0) == 0:
         print(json.dumps(summary))
 

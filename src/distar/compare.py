@@ -135,6 +135,7 @@ def compare(
         },
         "paper_baselines": {k: PAPER[k] for k in ("DMD2 (start point)", "SDXL (50 steps)")},
     }
+    storage.check_output("--out", out)
     fs, path = storage.filesystem(out)
     root = path.rstrip("/")
     fs.makedirs(root, exist_ok=True)

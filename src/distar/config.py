@@ -103,7 +103,10 @@ def _from_value(value: Any, annotation: Any, key: str) -> Any:
         annotation = next(a for a in typing.get_args(annotation) if a is not type(None))
         origin = typing.get_origin(annotation)
     if annotation is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
+        try:
+            return float(value)
+        except OverflowError:
+            raise UserError(f"config key {key!r}: {str(value)[:20]}… is beyond any floating-point number") from None
     if origin in (list, tuple) and isinstance(value, list):
         return origin(value)
     expected = origin or annotation

@@ -27,6 +27,7 @@ from distar import storage
 from distar.errors import UserError
 from distar.prompts import MANIFEST, SourceOptions, check_format, read_source, split_files
 
+_SURROGATES = re.compile("[\ud800-\udfff]")
 RULES = ("non_text", "undecodable", "empty", "blocklist", "too_long", "duplicate", "category_cap")
 
 
@@ -347,7 +348,6 @@ rows it drops, or one mask per reason."""
 
 def _candidates(rows, config: CurateConfig, cut: Counter) -> Candidates:
     """A batch's prompts normalised in Arrow kernels (values over max_chars cut first, counted in `cut`)."""
-    import pyarrow as pa
     import pyarrow.compute as pc
 
     values = _as_string_array(rows.prompts)
@@ -358,7 +358,8 @@ def _candidates(rows, config: CurateConfig, cut: Counter) -> Candidates:
     texts = normalise_array(values).to_pylist()
     categories = None
     if rows.categories is not None:
-        categories = pa.array([None if c is None else str(c) for c in rows.categories], pa.string()).to_pylist()
+        # a category with undecodable bytes keeps its row (the prompt decides that), its bad bytes as U+FFFD
+        categories = [None if c is None else _SURROGATES.sub("\ufffd", str(c)) for c in rows.categories]
     return Candidates(texts, categories, np.ones(len(texts), dtype=bool))
 
 
@@ -408,6 +409,7 @@ def curate(config: CurateConfig, progress: bool = False) -> dict:
 
     started = time.perf_counter()
     run = Curation(config, TokenCounter(_load_tokenizer(config.tokenizer)), _load_blocklist(config.blocklist))
+    storage.check_output("--out", config.out)
     fs, out_path = storage.filesystem(config.out)
     if fs.exists(f"{out_path.rstrip('/')}/{MANIFEST}"):
         raise UserError(f"{config.out!r} already holds a curated set ({MANIFEST}); choose another --out")
@@ -489,7 +491,7 @@ def _finish(config, fs, out_path, writers, run, dropped, cut, lengths, rows_in, 
         raise UserError(
             f"no prompt is left after curation ({rows_in} rows in; dropped: "
             + ", ".join(f"{k} {v}" for k, v in stats["dropped"].items() if v)
-            + "); check the sources, --column and the filters"
+            + f"); check the sources ({', '.join(config.sources)}), --column and the filters"
         )
     root = out_path.rstrip("/")
     storage.write_json(fs, f"{root}/stats.json", stats)

@@ -57,8 +57,7 @@ class ExportConfig:
 def check_out(out: str, checkpoint: str, force: bool) -> None:
     """Refuse an output that would lose files: empty or a root, inside the training run, or non-empty without
     force. Runs before anything is read, so a refusal costs nothing."""
-    if storage.is_root(out):
-        raise UserError(f"--out {out!r}: name the pipeline's own directory or URI (e.g. --out exports/r1)")
+    storage.check_output("--out", out)
     fs, path = storage.filesystem(out)
     path = path.rstrip("/")
     run_uri = checkpoint.rstrip("/").rsplit("/checkpoints/", 1)[0]

@@ -13,7 +13,7 @@ import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from distar import storage
+from distar import readers, storage
 from distar.errors import UserError
 
 PARTI_URL = "https://raw.githubusercontent.com/google-research/parti/main/PartiPrompts.tsv"
@@ -87,15 +87,22 @@ def read_source(uri: str, options: SourceOptions | None = None) -> Iterator[Rows
         raise UserError(f"source {uri!r} is empty")
     fmt = check_format(uri)
     compression = "gzip" if path.endswith(".gz") else None
+    import pyarrow as pa
+
     with fs.open(path, "rb", compression=compression) as fh:
-        if fmt == "parquet":
-            yield from _read_parquet(fh, uri, config)
-        elif fmt == "txt":
-            yield from _read_lines(fh, config)
-        elif fmt == "jsonl":
-            yield from _read_jsonl(fh, uri, config)
-        else:
-            yield from _read_delimited(fh, uri, config, "\t" if fmt == "tsv" else ",")
+        try:
+            if fmt == "parquet":
+                yield from _read_parquet(fh, uri, config)
+            elif fmt == "txt":
+                yield from _read_lines(fh, config)
+            elif fmt == "jsonl":
+                yield from _read_jsonl(fh, uri, config)
+            else:
+                yield from _read_delimited(fh, uri, config, "\t" if fmt == "tsv" else ",")
+        except (pa.ArrowException, EOFError, OSError) as err:  # a truncated or corrupt file (gzip, Parquet, …)
+            if isinstance(err, OSError) and storage.user_error(err) is not None:
+                raise
+            raise UserError(f"source {uri!r} is corrupt or truncated ({err}); write or fetch it again") from None
 
 
 def _read_parquet(fh, uri, config):
@@ -106,9 +113,34 @@ def _read_parquet(fh, uri, config):
     col = _pick(columns, config.column, PROMPT_COLUMNS, uri, "prompt")
     cat = _pick(columns, config.category_column, CATEGORY_COLUMNS, uri, "category")
     for batch in pf.iter_batches(batch_size=config.batch_rows, columns=[c for c in (col, cat) if c]):
-        values = batch.column(col)
-        cats = batch.column(cat).to_pylist() if cat else None
-        yield Rows(values, cats)
+        cats = _valid_utf8(batch.column(cat)).to_pylist() if cat else None
+        yield Rows(_valid_utf8(batch.column(col)), cats)
+
+
+def _valid_utf8(values):
+    """A string column whose values that are not UTF-8 (Parquet does not check) are None: rows curation drops."""
+    import pyarrow as pa
+
+    if not (pa.types.is_string(values.type) or pa.types.is_large_string(values.type)):
+        return values
+    try:
+        values.validate(full=True)
+        return values
+    except pa.ArrowInvalid:
+        return _undecodable(values)
+
+
+def _undecodable(values):
+    """A string column whose invalid UTF-8 values are replaced by None, which curation counts as undecodable."""
+    import pyarrow as pa
+
+    out = []
+    for v in values.cast(pa.binary()).to_pylist():
+        try:
+            out.append(None if v is None else v.decode("utf-8"))
+        except UnicodeDecodeError:
+            out.append(None)
+    return pa.array(out, pa.string())
 
 
 def _decode_lines(fh) -> Iterator[str | None]:
@@ -198,12 +230,19 @@ def split_files(uri: str, split: str = "train") -> list[str] | None:
     manifest_path = f"{path.rstrip('/')}/{MANIFEST}"
     if not fs.exists(manifest_path):
         return None
-    try:
-        manifest = json.loads(fs.cat_file(manifest_path))
-        files = manifest["splits"][split]["files"]
-    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as err:
-        raise UserError(f"{uri}/{MANIFEST} is corrupt ({err!r}); run `distar curate` again") from None
+    where, fix = f"{uri}/{MANIFEST}", "run `distar curate` again"
+    manifest = readers.read_mapping(fs, manifest_path, where, fix)
+    files = ((manifest.get("splits") or {}).get(split) or {}) if isinstance(manifest.get("splits"), dict) else {}
+    files = files.get("files") if isinstance(files, dict) else None
+    if not isinstance(files, list) or not all(isinstance(f, dict) for f in files):
+        raise UserError(f"{where} lists no files for its {split!r} split; {fix}")
+    escaping = [f.get("path") for f in files if not readers.confined(f.get("path"))]
+    if escaping:
+        raise UserError(f"{where} names {escaping[0]!r}, which is no file inside the set; {fix} into a fresh --out")
     base = str(uri).rstrip("/")
+    if storage.is_local(fs):
+        for f in files:
+            readers.inside(path, f["path"], where)
     missing = [f["path"] for f in files if not fs.exists(f"{path.rstrip('/')}/{f['path']}")]
     if missing:
         raise UserError(f"{uri}: shards its manifest lists are missing ({missing[:3]}); run `distar curate` again")

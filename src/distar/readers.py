@@ -59,8 +59,10 @@ def parse_json(data: bytes | str, where: str, fix: str = "") -> Any:
 def parse_toml(data: bytes | str, where: str, fix: str = "") -> Any:
     import tomllib
 
-    text = data.decode() if isinstance(data, bytes) else data
-    return _parsed(tomllib.loads, text, where, fix, (tomllib.TOMLDecodeError, ValueError))
+    def parse(text: bytes | str):
+        return tomllib.loads(text.decode() if isinstance(text, bytes) else text)
+
+    return _parsed(parse, data, where, fix, (tomllib.TOMLDecodeError, ValueError))
 
 
 def read_bytes(fs, path: str, where: str, limit: int, fix: str = "") -> bytes:
@@ -102,11 +104,18 @@ def read_config_file(path: Path, where: str) -> dict:
 # -- typed fields ---------------------------------------------------------------------------------------------
 
 
+def is_number(value: object) -> bool:
+    """A finite int or float (not a bool, not an integer beyond any float)."""
+    try:
+        return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(float(value))
+    except OverflowError:
+        return False
+
+
 def number(record: dict, key: str, where: str, fix: str = "", lo: float | None = None) -> float:
     """`record[key]` as a finite float (≥ `lo` when given); anything else names the file and the field."""
     value = record.get(key)
-    ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-    if not ok or (lo is not None and value < lo):
+    if not is_number(value) or (lo is not None and value < lo):
         bound = f" ≥ {lo:g}" if lo is not None else ""
         raise UserError(f"{where}: field {key!r} is {value!r}, not a finite number{bound}{'; ' + fix if fix else ''}")
     return float(value)
@@ -165,8 +174,9 @@ _ITEM_BITS = {"F64": 64, "F32": 32, "F16": 16, "BF16": 16, "I64": 64, "I32": 32,
 
 def check_safetensors(path: str | os.PathLike, fix: str = "fetch the file again") -> None:
     """Refuse a safetensors file whose header cannot describe it: a header length past the file, a header that is
-    not a JSON object of tensors, an unknown dtype, a negative or non-integer shape, offsets outside the data or
-    overlapping, a byte length that does not match the shape. Reads the header only; nothing is allocated from it."""
+    not a JSON object of tensors, an unknown dtype, a negative or non-integer shape, offsets outside the data,
+    overlapping, leaving gaps or not reaching the end, a byte length that does not match the shape. Reads the header
+    only; nothing is allocated from it."""
     path = Path(path)
     where = f"{path} (safetensors)"
     size = path.stat().st_size
@@ -191,16 +201,21 @@ def check_safetensors(path: str | os.PathLike, fix: str = "fetch the file again"
             raise UserError(f"{where}: tensor {name[:80]!r} {problem}; {fix}")
         spans.append((info["data_offsets"][0], info["data_offsets"][1], name))
     spans.sort()
-    for (_, end, first), (begin, _, second) in zip(spans, spans[1:], strict=False):
-        if begin < end:
-            raise UserError(f"{where}: tensors {first[:80]!r} and {second[:80]!r} overlap; {fix}")
+    end, previous = 0, "the header"
+    for begin, stop, name in spans:  # the library wants the tensors to tile the data exactly
+        if begin != end:
+            problem = "overlaps" if begin < end else "leaves a gap after"
+            raise UserError(f"{where}: tensor {name[:80]!r} {problem} {previous[:80]!r}; {fix}")
+        end, previous = stop, name
+    if end != data_size:
+        raise UserError(f"{where}: its tensors take {end:,} bytes, the file holds {data_size:,} (truncated?); {fix}")
 
 
 def _tensor_problem(info: object, data_size: int) -> str | None:
     if not isinstance(info, dict):
         return "is not described by a table"
     dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
-    if dtype not in _ITEM_BITS:
+    if not isinstance(dtype, str) or dtype not in _ITEM_BITS:
         return f"has an unknown dtype {str(dtype)[:40]!r}"
     if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
         return "has a shape that is not a list of integers ≥ 0"

@@ -173,6 +173,52 @@ def is_root(uri: str) -> bool:
     return (text.split("://", 1)[1] if "://" in text else text).strip("/") == ""
 
 
+RUN_MARKS = ("LEASE.json", "logs/metrics.jsonl", "checkpoints")
+"""What a directory that holds a distar run has (from its first step on): its lease, its log, its checkpoints."""
+
+
+def check_run_out(uri: str, force: bool = False) -> None:
+    """Refuse a training output that is inside another run (below a directory holding a run or a checkpoint, as
+    `RUN/checkpoints/step_…` is: that run's pruning would delete it) or that is a non-empty directory holding no
+    run (the user's files there would be overwritten), unless `force`."""
+    fs, path = filesystem(uri)
+    fs.invalidate_cache()
+    path = path.rstrip("/")
+    parts = path.split("/")
+    for i in range(len(parts) - 1, 0, -1):
+        parent = "/".join(parts[:i]) or "/"
+        if not parent.strip("/"):
+            break
+        mark = next((m for m in (*RUN_MARKS[:2], "COMPLETE") if fs.exists(f"{parent}/{m}")), None)
+        if mark is not None:
+            raise UserError(
+                f"out={uri!r} is inside another run's directory ({parent} holds {mark}), whose checkpoint pruning "
+                "or resume would delete or read it: choose an out= outside it"
+            )
+    if fs.exists(f"{path}/COMPLETE"):
+        raise UserError(f"out={uri!r} is a checkpoint directory: choose an out= of its own")
+    if force or not fs.isdir(path) or any(fs.exists(f"{path}/{m}") for m in RUN_MARKS):
+        return
+    found = [p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(path, detail=False)]
+    if found:
+        shown = ", ".join(sorted(found)[:5]) + (", …" if len(found) > 5 else "")
+        raise UserError(
+            f"out={uri!r} holds {len(found)} entries ({shown}) but no distar run: training would write over files "
+            "there (config.json, report.html, summary.json). Choose an empty or new out=, or pass --force"
+        )
+
+
+def check_output(what: str, uri: str) -> None:
+    """An output a user named: no control characters, and a directory of its own (not empty, `.`, `/`, a bare
+    scheme), so that nothing is scattered among other files."""
+    from distar.readers import check_out_path
+
+    check_out_path(what, uri)
+    if is_root(uri):
+        raise UserError(f"{what} {uri!r} names no directory of its own: name one (e.g. prompts/parti or "
+                        "gs://BUCKET/prompts/parti), so that nothing is written among other files")  # fmt: skip
+
+
 def is_local(fs: fsspec.AbstractFileSystem) -> bool:
     from fsspec.implementations.local import LocalFileSystem
 

@@ -23,7 +23,7 @@ def _parse(cmd: list[str], program_words: int):
 )
 def test_every_launcher_option_parses(nproc, restarts, standalone):
     cmd = torchrun_command("sdxl", OVERRIDES, nproc, restarts, standalone=standalone)
-    assert cmd[1:3] == ["-m", "torch.distributed.run"]
+    assert cmd[1:3] == ["-m", "distar.train.torchrun"]  # torchrun with exit 75 for a preempted run
     args = _parse(cmd, 3)
     assert args.shutdown_timeout == SHUTDOWN_TIMEOUT_S
     assert args.standalone is standalone

@@ -199,3 +199,25 @@ def test_the_spec_digest_changes_with_what_runs_and_only_with_it():
     assert digest(same) == digest(manifest(spec(namespace="elsewhere")))
     assert digest(same) != digest(manifest(spec(image="reg/distar:0.2.0")))
     assert digest(same) != digest(manifest(spec(overrides=["out=gs://b/other"])))
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"name": "Distar-Run"}, "TrainJob name"),
+        ({"name": "d" * 64}, "at most 63"),
+        ({"name": "run\nkind: Pod"}, "TrainJob name"),
+        ({"name": "run;rm"}, "TrainJob name"),
+        ({"namespace": "Team A"}, "TrainJob namespace"),
+        ({"num_nodes": "4"}, "num_nodes must be a whole number"),
+        ({"nproc_per_node": True}, "nproc_per_node must be a whole number"),
+        ({"env": {"BAD-NAME": "1"}}, "environment variable names"),
+        ({"overrides": ["steps=1\nimage: evil"]}, "newlines"),
+    ],
+)
+def test_names_and_numbers_kubernetes_would_refuse_are_refused_before_rendering(change, message):
+    from dataclasses import replace
+
+    spec = replace(TrainJobSpec(name="distar-run", namespace="team-a", image="img"), **change)
+    with pytest.raises(UserError, match=message):
+        manifest(spec)

@@ -259,6 +259,7 @@ def evaluate(config: EvaluateConfig, read: tuple[list[Prompt], dict] | None = No
     """`read`: the prompts and the protocol, where the caller has read them already (`evaluate_baseline`)."""
     import pyarrow.parquet as pq
 
+    storage.check_output("--out", config.out)
     if config.batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, got {config.batch_size}")
     unknown = sorted(set(config.rewards) - set(PAPER_SCALE))

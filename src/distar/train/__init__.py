@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 
+from distar.errors import UserError
 from distar.stop import PREEMPTED, Preempted, exit_code
 
 __all__ = ["PREEMPTED", "Preempted", "build_parser", "main", "run"]
@@ -36,6 +37,11 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
         help="resume although the config differs from the checkpoint's (beyond steps, logging, checkpointing)",
     )
     parser.add_argument(
+        "--force",
+        action="store_true",
+        help="train into an out= that is a non-empty directory holding no distar run (its files may be overwritten)",
+    )
+    parser.add_argument(
         "--nproc-per-node",
         type=int,
         default=None,
@@ -46,24 +52,27 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     return parser
 
 
-def exec_torchrun(config_source: str, overrides: list[str], nproc_per_node: int, allow_config_change: bool) -> None:
+def exec_torchrun(
+    config_source: str, overrides: list[str], nproc_per_node: int, allow_config_change: bool, force: bool = False
+) -> None:
     """Validate the config in this process, then become torchrun over `python -m distar.train` (PET_* variables of
     a Kubeflow Trainer runtime, or torchrun's own defaults, set the nodes)."""
     import os
 
+    from distar import storage
     from distar.train.command import torchrun_command
     from distar.train.config import load_config
 
-    load_config(config_source, overrides)
+    storage.check_run_out(load_config(config_source, overrides).out, force)
     cmd = torchrun_command(config_source, overrides, nproc_per_node, standalone="PET_MASTER_ADDR" not in os.environ)
-    if allow_config_change:
-        cmd.append("--allow-config-change")
+    cmd += ["--allow-config-change"] * allow_config_change + ["--force"] * force
     os.execv(cmd[0], cmd)
 
 
-def run(config_source: str, overrides: list[str], allow_config_change: bool = False) -> dict:
-    """Load the config, join the process group, train, leave the group; returns rank 0's summary."""
-    from distar import tiny_preset
+def run(config_source: str, overrides: list[str], allow_config_change: bool = False, force: bool = False) -> dict:
+    """Load the config, check its output, join the process group, train, leave the group; returns rank 0's
+    summary."""
+    from distar import storage, tiny_preset
     from distar.train import distributed
     from distar.train.config import load_config
     from distar.train.trainer import Trainer
@@ -73,6 +82,15 @@ def run(config_source: str, overrides: list[str], allow_config_change: bool = Fa
     world = distributed.init(config.parallel.device, config.parallel.backend)
     _quiet_libraries(world.is_main)
     try:
+        problem = None
+        if world.is_main:
+            try:
+                storage.check_run_out(config.out, force)
+            except UserError as err:
+                problem = str(err)
+        problem = world.gather(problem)[0]
+        if problem is not None:
+            raise UserError(problem)
         return Trainer(config, world).fit(allow_config_change=allow_config_change)
     finally:
         distributed.shutdown()
@@ -97,8 +115,8 @@ def main(argv: list[str] | None = None) -> int:
     quiet = os.environ.get("RANK", "0") != "0"  # under torchrun every rank fails alike: rank 0 says it once
     try:
         if args.nproc_per_node is not None:
-            exec_torchrun(args.config, args.overrides, args.nproc_per_node, args.allow_config_change)
-        summary = run(args.config, args.overrides, allow_config_change=args.allow_config_change)
+            exec_torchrun(args.config, args.overrides, args.nproc_per_node, args.allow_config_change, args.force)
+        summary = run(args.config, args.overrides, allow_config_change=args.allow_config_change, force=args.force)
     except Exception as err:
         return exit_code(err, "distar train", quiet)
     if summary.get("rank", 0) == 0:

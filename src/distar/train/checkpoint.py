@@ -36,6 +36,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader, FsspecWriter
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.stateful import Stateful
 
@@ -377,7 +378,7 @@ class Checkpointer:
             return self._load_verified(uri, files, train_state)
         except CheckpointError:
             raise
-        except Exception as err:  # files that verify against a forged COMPLETE: whatever they hold, fall back
+        except (Exception, CheckpointException) as err:  # verified against a forged COMPLETE: whatever, fall back
             reason = str(err).strip().splitlines()[-1][:300] if str(err).strip() else ""
             raise CheckpointError(
                 f"checkpoint {uri} verifies but cannot be loaded ({type(err).__name__}: {reason})"

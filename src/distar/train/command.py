@@ -19,11 +19,12 @@ def torchrun_command(
     standalone: bool = False,
     program: list[str] | None = None,
 ) -> list[str]:
-    """torchrun (`program`; default: this Python's torch.distributed.run) with distar's shutdown timeout, then
+    """torchrun (`program`; default: this Python's distar.train.torchrun, torchrun with exit 75 for a preempted
+    run) with distar's shutdown timeout, then
     `-m distar.train --config CONFIG OVERRIDES…`. `nproc_per_node` and `max_restarts` None: left to torchrun and
     its environment (a TrainJob's runtime sets them)."""
     return [
-        *(program or [sys.executable, "-m", "torch.distributed.run"]),
+        *(program or [sys.executable, "-m", "distar.train.torchrun"]),
         *(["--standalone"] if standalone else []),
         "--shutdown-timeout",
         str(SHUTDOWN_TIMEOUT_S),

@@ -238,10 +238,10 @@ class GuardConfig:
 @dataclass
 class LeaseConfig:
     stale_minutes: float = 30.0
-    """A lease (LEASE.json under `out`) whose heartbeat is older than this belongs to a dead run
-    (distar/train/lease.py)."""
+    """A lease (LEASE.json under `out`) whose heartbeat counter this host has watched standing still for this long
+    is reported as a dead run's (no clocks are compared; distar/train/lease.py)."""
     take_over: bool = False
-    """Take over a stale lease; a live one is never taken."""
+    """Take the lease over from another trainer: if that one still runs, it stops at its next write (exit 75)."""
 
 
 @dataclass
@@ -332,6 +332,7 @@ class TrainConfig:
         return self
 
     def _validate_run(self) -> None:
+        readers.check_out_path("config key 'out'", self.out)
         if storage.is_root(self.out):
             raise UserError(
                 f"config key 'out' is {self.out!r}: name the run's own directory or URI (e.g. out=runs/r1 or "
@@ -380,12 +381,20 @@ class TrainConfig:
                 raise UserError(f"model.{network}_lora_rank must be at least 1 and model.{network}_lora_alpha positive")
 
     def _validate_reward(self) -> None:
-        bad_weights = {k: w for k, w in self.reward.weights.items() if not math.isfinite(w)}
+        bad_weights = {k: w for k, w in self.reward.weights.items() if not readers.is_number(w) or w < 0}
         if bad_weights:
-            raise UserError(f"config key 'reward.weights': every weight must be finite, got {bad_weights}")
-        if not self.reward.weights and self.loss.alpha_rew != 0:
             raise UserError(
-                "reward.weights is empty but loss.alpha_rew is not 0: name a reward or set loss.alpha_rew=0"
+                f"config key 'reward.weights': every weight must be a finite number ≥ 0, got {str(bad_weights)[:200]} "
+                "(write e.g. reward.weights='{\"pickscore\": 1}')"
+            )
+        if not any(self.reward.weights.values()) and self.loss.alpha_rew != 0:
+            raise UserError(
+                "reward.weights is empty or all 0 but loss.alpha_rew is not 0: weight a reward or set loss.alpha_rew=0"
+            )
+        if self.loss.alpha_rew > MAX_ALPHA_REW:
+            raise UserError(
+                f"config key 'loss.alpha_rew' is {self.loss.alpha_rew:g}: above {MAX_ALPHA_REW:g} the reward term "
+                "overflows and every generator update is skipped (the paper's runs use 100)"
             )
 
     def _validate_loss(self) -> None:
@@ -448,6 +457,9 @@ class TrainConfig:
         yield "lease.stale_minutes", self.lease.stale_minutes, 0.0, True
         yield "guard.min_diversity", self.guard.min_diversity, 0.0, False
 
+
+MAX_ALPHA_REW = 1e6
+"""α_rew beyond this leaves bf16/fp32 gradients no headroom (the paper's largest is 100)."""
 
 # What a resumed run may change without --allow-config-change: how long it runs, how it logs and checkpoints,
 # where it reads the model cache from, how it is parallelised (DCP reshards), the lease.

@@ -43,6 +43,12 @@ def _parquet_files(uri: str) -> tuple[object, list[str]]:
             f"data.prompts {uri!r} is a curated set without its manifest.json: its curation did not finish, so its "
             f"shards may be partial. Run `distar curate` again for it (the manifest is written last)"
         )
+    parent = path.rstrip("/").rsplit("/", 1)[0]
+    if parent != path.rstrip("/") and any(fs.exists(f"{parent}/{m}") for m in ("stats.json", "manifest.json")):
+        raise UserError(
+            f"data.prompts {uri!r} is inside a curated set ({parent}): name the set itself, whose manifest says "
+            f"which shards are complete"
+        )
     files = sorted(fs.find(path)) if fs.isdir(path) else [path]
     files = [f for f in files if f.endswith(".parquet")]
     if not files:

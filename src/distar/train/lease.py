@@ -96,7 +96,8 @@ class Lease:
     def _describe(self, current: dict, watched_s: float | None) -> str:
         if current.get("unreadable"):
             return current["holder"]
-        started = readers.number(current, "started", self.uri) if "started" in current else 0.0
+        started = current.get("started")
+        started = started if isinstance(started, int | float) and 0 <= started < 1e11 else 0.0  # shown only
         seen = "" if watched_s is None else f", heartbeat unchanged for {watched_s / 60:.1f} min on this host"
         return (f"{current['holder']} (pid {current['pid']} on {current['host']}, started "
                 f"{time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime(started))} UTC{seen})")  # fmt: skip

@@ -82,9 +82,11 @@ class Trainer:
         self.latent_shape = (backbone.latent_channels(dict(self.nets.generator_unet.config)), side, side)
         self.method = DIStar(config, world, self.nets, self.data, self.latent_shape)
         self.counters = {"step": 0, "samples_seen": 0, "skipped": {"generator": 0, "assistant": 0}}
-        # skips not yet counted (device tensors, `settle`), the non-finite updates in a row, and the last update
+        # skips not yet counted (device tensors, `settle`), each network's non-finite updates in a row (an assistant
+        # that updates must not hide a generator that never does), and the last update
         zero = torch.zeros((), dtype=torch.long, device=world.device)
-        self._pending = {"generator": zero.clone(), "assistant": zero.clone(), "in_a_row": zero.clone(), "last": ""}
+        self._pending = {"generator": zero.clone(), "assistant": zero.clone(), "last": ""}
+        self._pending |= {"in_a_row/generator": zero.clone(), "in_a_row/assistant": zero.clone()}
         self.checkpointer = Checkpointer(config.out, world, config.checkpoint.keep_last)
         self.state = self._train_state()
         self.guard = Guard(config, world, self.method)
@@ -206,7 +208,7 @@ class Trainer:
             optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         self._pending[network] += ~ok
-        self._pending["in_a_row"] = (self._pending["in_a_row"] + 1) * ~ok
+        self._pending[f"in_a_row/{network}"] = (self._pending[f"in_a_row/{network}"] + 1) * ~ok
         self._pending["last"] = f"{network} at step {self.step}"
         if not fused:
             self.settle()  # the verdict is on the host already: counters and the abort as of this update
@@ -220,7 +222,9 @@ class Trainer:
         """Move the skip counts kept on the device into the counters (one host sync), and abort after
         max_nonfinite non-finite updates in a row. Returns the counters."""
         p = self._pending
-        skipped_g, skipped_a, in_a_row = torch.stack([p["generator"], p["assistant"], p["in_a_row"]]).tolist()
+        counts = [p["generator"], p["assistant"], p["in_a_row/generator"], p["in_a_row/assistant"]]
+        skipped_g, skipped_a, *in_a_row = torch.stack(counts).tolist()
+        in_a_row = max(in_a_row)
         self.counters["skipped"]["generator"] += int(skipped_g)
         self.counters["skipped"]["assistant"] += int(skipped_a)
         p["generator"].zero_()
@@ -380,6 +384,7 @@ class Trainer:
                 if agree and world.any_true(stop.received is not None):
                     self._preempt(loop, stop)  # every rank stops after the same step
             self.settle()
+            self._check_trained(loop)
             if loop.saved_at != self.step:
                 self.save()
             if loop.reporter is not None:
@@ -387,6 +392,17 @@ class Trainer:
         finally:
             loop.close()
         return self._summary(loop)
+
+    def _check_trained(self, loop: _Loop) -> None:
+        """A run in which the generator took steps but applied none of them trained nothing: it fails, naming the
+        skips, instead of exiting 0 with checkpoints of its initialisation."""
+        steps = self.step - loop.first_step
+        skipped = self.counters["skipped"]["generator"] - loop.first_skipped
+        if steps > 0 and skipped >= steps:
+            raise NonFiniteError(
+                f"every generator update of this run was skipped ({skipped} of {steps}, non-finite loss or gradient): "
+                f"it trained nothing. Lower loss.alpha_rew or the learning rate, and check the reward weights"
+            )
 
     def _start(self) -> _Loop:
         """Resume (or start fresh), write the resolved config, open the logs and progress, run the assistant's
@@ -407,6 +423,7 @@ class Trainer:
             progress = tqdm(total=c.steps, initial=self.step, desc="distar train", dynamic_ncols=True)
         reporter = ProgressReporter(c.steps, first_step=self.step) if world.is_main else None
         loop = _Loop(logger, progress, reporter, saved_at=self.step if resumed is not None else None)
+        loop.first_step, loop.first_skipped = self.step, self.counters["skipped"]["generator"]
         if resumed is None and self.step == 0 and c.assistant_warmup > 0:
             logger.log(0, world.mean(self.assistant_warmup()))
         if c.guard.enabled and world.is_main:
@@ -493,6 +510,8 @@ class _Loop:
     last_eval: dict = field(default_factory=dict)
     guard_ok: bool = True
     stopped_by: list = field(default_factory=list)
+    first_step: int = 0
+    first_skipped: int = 0
 
     def advance(self) -> None:
         """The progress bar, with the values of the last log step (reading this step's would sync)."""

@@ -13,6 +13,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
+import re
 import signal
 import threading
 import time
@@ -117,9 +118,40 @@ def parse_toleration(text: str) -> dict:
     return {"key": key, "operator": "Exists", "effect": effect}
 
 
+_DNS_1035 = re.compile(r"[a-z]([-a-z0-9]*[a-z0-9])?")
+_DNS_1123 = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+def check_spec(spec: TrainJobSpec) -> None:
+    """The names and numbers the API server and Trainer's webhook would refuse, refused here with the fix: a
+    DNS-1035 job name (Trainer's CEL rule) and DNS-1123 namespace and service account of at most 63 characters,
+    variable names, integers that are integers."""
+    for what, value, rule in (("name", spec.name, _DNS_1035), ("namespace", spec.namespace, _DNS_1123),
+                              ("service account", spec.service_account, _DNS_1123),
+                              ("runtime", spec.runtime, _DNS_1123), ("queue", spec.queue, _DNS_1123)):  # fmt: skip
+        if value is None and what in ("service account", "queue"):
+            continue
+        if not isinstance(value, str) or len(value) > 63 or not rule.fullmatch(value):
+            raise UserError(
+                f"TrainJob {what} {str(value)[:80]!r}: Kubernetes takes lower-case letters, digits and '-', at most "
+                f"63 characters{', starting with a letter' if rule is _DNS_1035 else ''}"
+            )
+    for what in ("num_nodes", "nproc_per_node", "gpus_per_node", "keep_s"):
+        value, lo = getattr(spec, what), 0 if what in ("gpus_per_node", "keep_s") else 1
+        if not isinstance(value, int) or isinstance(value, bool) or value < lo:
+            raise UserError(f"TrainJob {spec.name!r}: {what} must be a whole number ≥ {lo}, got {value!r}")
+    bad = sorted(k for k in {*spec.env, *spec.secret_env} if not _ENV_NAME.fullmatch(str(k)))
+    if bad:
+        raise UserError(
+            f"TrainJob {spec.name!r}: {bad[:3]} are not environment variable names ([A-Za-z_][A-Za-z0-9_]*)"
+        )
+    if any("\n" in str(x) or "\0" in str(x) for x in (*spec.overrides, spec.image, spec.config)):
+        raise UserError(f"TrainJob {spec.name!r}: the image, config and overrides must not hold newlines or NUL")
+
+
 def manifest(spec: TrainJobSpec) -> dict:
-    if spec.num_nodes < 1 or spec.nproc_per_node < 1:
-        raise UserError(f"TrainJob {spec.name!r}: num_nodes and nproc_per_node must be at least 1")
+    check_spec(spec)
     limits, requests = {}, {}
     if spec.gpus_per_node:
         limits["nvidia.com/gpu"] = str(spec.gpus_per_node)
