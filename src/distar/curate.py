@@ -28,6 +28,10 @@ from distar.errors import UserError
 from distar.prompts import MANIFEST, SourceOptions, check_format, read_source, split_files
 
 _SURROGATES = re.compile("[\ud800-\udfff]")
+# ANSI escape sequences, C0/C1 control characters but tab and line breaks (whitespace, collapsed later), and the
+# format characters that hide or reorder text (zero-width, bidi embeddings and overrides, word joiner, BOM); RE2
+_CONTROL = (r"\x1b\[[0-9;?]*[ -/]*[@-~]|[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\x{200b}-\x{200f}\x{202a}-\x{202e}"
+            r"\x{2060}-\x{2064}\x{2066}-\x{2069}\x{feff}]")
 RULES = ("non_text", "undecodable", "empty", "blocklist", "too_long", "duplicate", "category_cap")
 
 
@@ -112,9 +116,11 @@ class _ShardWriter:
         return ["prompt", "id", "source", "tokens"] + (["category"] if self.with_category else [])
 
     def add_rows(self, columns: dict[str, list]) -> None:
-        """Append rows given as columns; full shards are written as they fill."""
+        """Append rows given as columns; full shards are written as they fill. A source without the category
+        column that the first source had gives its rows no category (None)."""
+        n = len(columns["prompt"])
         for k in self._columns():
-            self.buffer[k].extend(columns[k])
+            self.buffer[k].extend(columns[k] if k != "category" or len(columns[k]) == n else [None] * n)
         while len(self.buffer["prompt"]) >= self.shard_rows:
             rest = {k: v[self.shard_rows :] for k, v in self.buffer.items()}
             self.buffer = {k: v[: self.shard_rows] for k, v in self.buffer.items()}
@@ -355,6 +361,10 @@ def _candidates(rows, config: CurateConfig, cut: Counter) -> Candidates:
     if pc.any(over).as_py():
         cut["chars"] += pc.sum(over).as_py()
         values = pc.utf8_slice_codeunits(values, 0, config.max_chars)
+    hidden = pc.fill_null(pc.match_substring_regex(values, _CONTROL), False)
+    if pc.any(hidden).as_py():  # terminal escapes, NUL, bell, bidi overrides, BOM, zero-width: invisible in a report
+        cut["control"] += pc.sum(hidden).as_py()
+        values = pc.replace_substring_regex(values, _CONTROL, "")
     texts = normalise_array(values).to_pylist()
     categories = None
     if rows.categories is not None:
@@ -478,6 +488,7 @@ def _finish(config, fs, out_path, writers, run, dropped, cut, lengths, rows_in, 
         "dropped": {r: dropped.get(r, 0) for r in RULES},
         "truncated": run.truncated,
         "cut_chars": cut["chars"],
+        "control_chars_removed": cut["control"],
         "splits": {s: w.rows for s, w in writers.items()},
         "per_source": per_source,
         "length_histogram": _histogram(lengths, config.max_tokens),

@@ -99,7 +99,7 @@ def read_source(uri: str, options: SourceOptions | None = None) -> Iterator[Rows
                 yield from _read_jsonl(fh, uri, config)
             else:
                 yield from _read_delimited(fh, uri, config, "\t" if fmt == "tsv" else ",")
-        except (pa.ArrowException, EOFError, OSError) as err:  # a truncated or corrupt file (gzip, Parquet, …)
+        except (pa.ArrowException, EOFError, OSError, UnicodeDecodeError) as err:  # truncated or corrupt
             if isinstance(err, OSError) and storage.user_error(err) is not None:
                 raise
             raise UserError(f"source {uri!r} is corrupt or truncated ({err}); write or fetch it again") from None

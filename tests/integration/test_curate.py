@@ -249,3 +249,41 @@ def test_word_level_cut_equals_cutting_the_whole_prompts_offsets(tiny_root):
             if n > body:
                 assert counter.cut(text, body) == counter._cut_whole(text, body)
     assert counter.per_word and counter.offsets
+
+
+def test_the_readmes_two_sources_one_with_categories_one_without(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from distar.curate import CurateConfig, curate
+
+    captions = tmp_path / "captions.parquet"
+    pq.write_table(pa.table({"caption": ["a dog asleep on a beach", "a red bicycle by a wall"]}), captions)
+    parti = str(Path(__file__).parents[1] / "data" / "PartiPrompts.tsv")
+    for order in ([parti, str(captions)], [str(captions), parti]):
+        out = tmp_path / f"set-{len(list(tmp_path.iterdir()))}"
+        stats = curate(CurateConfig(sources=order, out=str(out), tokenizer="tiny:sdxl", eval_fraction=0.0))
+        table = pq.read_table(sorted((out / "train").glob("*.parquet")))
+        by_source = table.group_by("source").aggregate([("prompt", "count")]).to_pydict()
+        assert dict(zip(by_source["source"], by_source["prompt_count"], strict=True))[str(captions)] == 2
+        assert stats["rows_out"] == table.num_rows
+        if order[0] == parti:  # the first source decides the columns: the captions have no category
+            rows = table.filter(pa.compute.equal(table["source"], str(captions)))
+            assert rows["category"].null_count == 2
+
+
+def test_control_and_format_characters_are_removed_and_counted(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from distar.curate import CurateConfig, curate
+
+    prompts = ["a \x1b[31mred\x1b[0m cube", "bell\x07 tower", "nul\x00 byte", "\u202eevil\u202c text", "\ufeffbom cat",
+               "\u200b\u200d", "plain dog"]  # fmt: skip
+    source = tmp_path / "hostile.parquet"
+    pq.write_table(pa.table({"prompt": prompts}), source)
+    out = tmp_path / "set"
+    stats = curate(CurateConfig(sources=[str(source)], out=str(out), tokenizer="tiny:sdxl", eval_fraction=0.0))
+    kept = sorted(pq.read_table(sorted((out / "train").glob("*.parquet")))["prompt"].to_pylist())
+    assert kept == sorted(["a red cube", "bell tower", "nul byte", "evil text", "bom cat", "plain dog"])
+    assert stats["control_chars_removed"] == 6 and stats["dropped"]["empty"] == 1  # the zero-width-only prompt
