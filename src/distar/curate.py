@@ -30,8 +30,10 @@ from distar.prompts import MANIFEST, SourceOptions, check_format, read_source, s
 _SURROGATES = re.compile("[\ud800-\udfff]")
 # ANSI escape sequences, C0/C1 control characters but tab and line breaks (whitespace, collapsed later), and the
 # format characters that hide or reorder text (zero-width, bidi embeddings and overrides, word joiner, BOM); RE2
-_CONTROL = (r"\x1b\[[0-9;?]*[ -/]*[@-~]|[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\x{200b}-\x{200f}\x{202a}-\x{202e}"
-            r"\x{2060}-\x{2064}\x{2066}-\x{2069}\x{feff}]")
+_CONTROL = (
+    r"\x1b\[[0-9;?]*[ -/]*[@-~]|[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\x{200b}-\x{200f}\x{202a}-\x{202e}"
+    r"\x{2060}-\x{2064}\x{2066}-\x{2069}\x{feff}]"
+)
 RULES = ("non_text", "undecodable", "empty", "blocklist", "too_long", "duplicate", "category_cap")
 
 

@@ -140,10 +140,11 @@ def text(record: dict, key: str, where: str, fix: str = "") -> str:
 
 def confined(rel: object) -> bool:
     """Whether a path named in a manifest stays inside the manifest's root: a relative POSIX path with no `..`,
-    no empty or `.` part, no backslash or NUL (which fsspec and the OS read differently)."""
-    if not isinstance(rel, str) or not rel or "\\" in rel or "\0" in rel or rel.startswith("/"):
+    no empty or `.` part, no backslash or NUL (which fsspec and the OS read differently), no name longer than a
+    filesystem takes (255 bytes a part, 4096 in all)."""
+    if not isinstance(rel, str) or not rel or "\\" in rel or "\0" in rel or rel.startswith("/") or len(rel) > 4096:
         return False
-    return all(part not in ("", ".", "..") for part in rel.split("/"))
+    return all(part not in ("", ".", "..") and len(part.encode(errors="replace")) <= 255 for part in rel.split("/"))
 
 
 def inside(root: str | os.PathLike, rel: str, where: str) -> Path:
