@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from distar import storage
 from distar.errors import UserError
-from distar.prompts import MANIFEST, SourceOptions, check_format, read_source, split_files
+from distar.prompts import MANIFEST, SourceOptions, check_source, read_source, split_files
 
 _SURROGATES = re.compile("[\ud800-\udfff]")
 # ANSI escape sequences, C0/C1 control characters but tab and line breaks (whitespace, collapsed later), and the
@@ -414,10 +414,7 @@ def curate(config: CurateConfig, progress: bool = False) -> dict:
     if config.max_tokens < 3:
         raise UserError(f"--max-tokens must be at least 3, got {config.max_tokens}")
     for uri in config.sources:  # every source is checked before anything is read or written
-        check_format(uri)
-        fs, path = storage.filesystem(uri)
-        if not fs.exists(path):
-            raise UserError(f"source {uri!r} does not exist")
+        check_source(*storage.filesystem(uri), uri)
 
     started = time.perf_counter()
     run = Curation(config, TokenCounter(_load_tokenizer(config.tokenizer)), _load_blocklist(config.blocklist))

@@ -56,6 +56,19 @@ class Rows:
         return self.prompts if isinstance(self.prompts, list) else self.prompts.to_pylist()
 
 
+def check_source(fs, path: str, uri: str) -> str:
+    """A prompt source that exists, is a file (or a Parquet dataset directory) and has a known format; returns the
+    format, or raises the one UserError naming the source."""
+    if fs.isdir(path) and not path.rstrip("/").endswith(".parquet"):
+        raise UserError(f"source {uri!r} is a directory: name its files, one --source each")
+    fmt = check_format(uri)
+    if not fs.exists(path):
+        if str(uri).startswith(("http://", "https://")):  # fsspec's HTTP exists() is False for an unreachable host too
+            raise UserError(f"source {uri!r} could not be fetched (no such file, or the host is unreachable)")
+        raise UserError(f"source {uri!r} does not exist")
+    return fmt
+
+
 def check_format(uri: str) -> str:
     """The format of a prompt source, from its name; a UserError naming the source otherwise."""
     name = uri.rsplit("/", 1)[-1].lower()
@@ -81,11 +94,9 @@ def read_source(uri: str, options: SourceOptions | None = None) -> Iterator[Rows
     missing, empty or malformed one."""
     config = options or SourceOptions()
     fs, path = storage.filesystem(uri)
-    if not fs.exists(path):
-        raise UserError(f"source {uri!r} does not exist")
+    fmt = check_source(fs, path, uri)
     if fs.size(path) == 0:
         raise UserError(f"source {uri!r} is empty")
-    fmt = check_format(uri)
     compression = "gzip" if path.endswith(".gz") else None
     import pyarrow as pa
 
@@ -195,7 +206,16 @@ def _read_jsonl(fh, uri, config):
 
 def _read_delimited(fh, uri, config, delimiter):
     text = io.TextIOWrapper(fh, encoding="utf-8", errors="surrogateescape", newline="")
-    reader = csv.reader(text, delimiter=delimiter)
+    # CSV has quoting, so a malformed quote is an error; TSV has none, so a quoted field never spans lines, and one
+    # that does is an unterminated quote that swallowed the rows after it
+    reader = csv.reader(text, delimiter=delimiter, strict=delimiter == ",")
+    try:
+        yield from _delimited_rows(reader, uri, config, delimiter)
+    except csv.Error as err:
+        raise UserError(f"source {uri!r}, line {reader.line_num}: {err} (a quote opened and never closed?)") from None
+
+
+def _delimited_rows(reader, uri, config, delimiter):
     header = next(reader, None)
     if not header:
         raise UserError(f"source {uri!r} has no header row")
@@ -203,8 +223,15 @@ def _read_delimited(fh, uri, config, delimiter):
     cat = _pick(header, config.category_column, CATEGORY_COLUMNS, uri, "category")
     ci, ki = header.index(col), (header.index(cat) if cat else None)
     batch, cats, bad = [], [], 0
+    first = reader.line_num + 1  # the line the next row starts on
     for row in reader:
         value = row[ci] if ci < len(row) else None
+        if delimiter == "\t" and value is not None and "\n" in value:
+            raise UserError(
+                f"source {uri!r}, line {first}: a field opens a quote that no line closes, so it swallows the lines "
+                f"up to line {reader.line_num}; remove or close the quote"
+            )
+        first = reader.line_num + 1
         if value is not None and _has_surrogates(value):
             bad += 1
             continue

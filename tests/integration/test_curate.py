@@ -287,3 +287,23 @@ def test_control_and_format_characters_are_removed_and_counted(tmp_path):
     kept = sorted(pq.read_table(sorted((out / "train").glob("*.parquet")))["prompt"].to_pylist())
     assert kept == sorted(["a red cube", "bell tower", "nul byte", "evil text", "bom cat", "plain dog"])
     assert stats["control_chars_removed"] == 6 and stats["dropped"]["empty"] == 1  # the zero-width-only prompt
+
+
+@pytest.mark.parametrize(
+    "name, text, message",
+    [
+        ("open.tsv", 'prompt\tcategory\n"a cat\tx\nb dog\tx\n', "line 2: a field opens a quote that no line closes"),
+        ("open.csv", 'prompt,category\n"a cat,x\nb dog,x\n', "unexpected end of data"),
+        ("folder", None, "is a directory: name its files"),
+    ],
+)
+def test_an_unterminated_quote_or_a_directory_source_is_one_error_naming_it(tmp_path, name, text, message):
+    source = tmp_path / name
+    if text is None:
+        source.mkdir()
+        (source / "a.txt").write_text("a cat\n")
+    else:
+        source.write_text(text)
+    with pytest.raises(UserError, match=message) as err:
+        curate(config(tmp_path / "out", str(source)))
+    assert name in str(err.value) and not (tmp_path / "out" / "manifest.json").exists()
