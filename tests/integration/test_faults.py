@@ -438,3 +438,37 @@ def test_an_unreachable_object_store_fails_within_seconds(tmp_path, capsys, monk
     code = cli.main(["curate", "--source", "s3://bucket/prompts.txt", "--out", str(tmp_path / "p")])
     err = capsys.readouterr().err
     assert code == 2 and f"cannot reach 127.0.0.1:{port}" in err and time.monotonic() - started < 15
+
+
+@pytest.mark.parametrize("case", ["forged safetensors header", "lease held elsewhere", "prompts inside a set"])
+def test_hostile_inputs_under_torchrun_are_one_line_and_exit_2(tmp_path, case):
+    """Two torchrun workers meet the same bad input: rank 0 says it once, the launcher exits 2, no failure report."""
+    import shutil
+
+    from distar import sources, tiny_preset
+
+    out, extra = tmp_path / "run", []
+    if case == "forged safetensors header":
+        tiny_preset.prepare(["tiny:sdxl"])
+        model = tmp_path / "sdxl"
+        shutil.copytree(sources.tiny_path("sdxl"), model)
+        weights = next((model / "unet").glob("*.safetensors"))
+        weights.write_bytes((2**63).to_bytes(8, "little") + weights.read_bytes()[8:])
+        extra, named = [f"model.reference={model}"], weights.name
+    elif case == "lease held elsewhere":
+        out.mkdir()
+        (out / "LEASE.json").write_text(json.dumps({"holder": "node-9/x", "host": "node-9", "pid": 1, "heartbeat": 1}))
+        named = "LEASE.json"
+    else:
+        prompts = tmp_path / "set"
+        code = cli.main(["curate", "--source", str(Path(__file__).parents[1] / "data" / "PartiPrompts.tsv"),
+                         "--out", str(prompts), "--tokenizer", "tiny:sdxl"])  # fmt: skip
+        assert code == 0
+        extra, named = [f"data.prompts={prompts / 'train'}"], "inside a curated set"
+    distar = str(Path(sys.executable).with_name("distar"))
+    quiet = ["log.progress=false", "log.tensorboard=false"]
+    cmd = [distar, "train", "--nproc-per-node", "2", "--config", "tiny", f"out={out}", "steps=1", *quiet, *extra]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert len(lines) == 1 and lines[0].startswith("distar train: error: ") and named in lines[0], lines
