@@ -96,10 +96,13 @@ def test_channels_last_computes_what_the_default_layout_computes(trainer_of):
             assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), key
 
 
+OVERFLOW = 'reward.weights={"pickscore": 1e38}'  # a finite weight whose reward term overflows fp32 (α_rew = 100)
+
+
 @pytest.mark.parametrize("implementation", ["fused", "foreach"])
 def test_a_non_finite_update_is_skipped_and_counted_with_either_adamw(trainer_of, implementation):
     trainer = trainer_of(
-        "loss.alpha_rew=1e308",
+        OVERFLOW,
         "max_nonfinite=100",
         f"generator_optim.implementation={implementation}",
         f"assistant_optim.implementation={implementation}",
@@ -117,7 +120,7 @@ def test_a_non_finite_update_is_skipped_and_counted_with_either_adamw(trainer_of
 def test_fused_adamw_aborts_at_the_first_count_after_max_nonfinite(trainer_of):
     from distar.train.trainer import NonFiniteError
 
-    trainer = trainer_of("loss.alpha_rew=1e308", "max_nonfinite=2", "assistant_updates=0",
+    trainer = trainer_of(OVERFLOW, "max_nonfinite=2", "assistant_updates=0",
                          "generator_optim.implementation=fused")  # fmt: skip
     trainer.train_step()
     trainer.train_step()  # the verdicts wait on the device ...
