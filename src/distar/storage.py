@@ -280,6 +280,10 @@ def user_error(err: BaseException) -> UserError | None:
                 "ConnectionError", "ConnectTimeout", "TimeoutError"):  # fmt: skip
         return UserError(f"cannot reach the storage endpoint: {err}. Check the URI, the network and "
                          f"AWS_ENDPOINT_URL / STORAGE_EMULATOR_HOST")  # fmt: skip
+    remote = getattr(err, "code", None) if name == "HttpError" else None  # gcsfs, after its retries
+    if (isinstance(err, OSError) and err.errno == errno.EREMOTEIO) or (isinstance(remote, int) and remote >= 500):
+        return UserError(f"the object store kept failing a request after every retry ({err}); each file distar "
+                         "writes there is whole or absent: rerun the same command once the store recovers")  # fmt: skip
     if isinstance(err, OSError):
         if err.errno == errno.ENOSPC:
             return UserError(f"the disk is full (ENOSPC){where}: free space there or write the output elsewhere")

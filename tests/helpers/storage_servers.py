@@ -87,3 +87,79 @@ def _environ(values: dict[str, str]):
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+_S3_INTERNAL_ERROR = (
+    b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>InternalError</Code><Message>We encountered an internal '
+    b"error. Please try again.</Message><RequestId>0</RequestId></Error>"
+)
+
+
+@contextlib.contextmanager
+def s3_refusing_writes(bucket: str):
+    """moto's S3 server behind a proxy that answers every object write (PUT, POST, multipart included) with S3's own
+    500 InternalError, every time: a store whose writes never recover (reads pass through)."""
+    import http.client
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+    from urllib.parse import urlparse
+
+    with s3_server(bucket) as env:
+        upstream = urlparse(env["AWS_ENDPOINT_URL"])
+
+        class Proxy(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"  # clients send `Expect: 100-continue` with a body and wait for the answer
+
+            def log_message(self, *args):
+                pass
+
+            def handle_expect_100(self):
+                if self._refused():  # answered before the body is sent, as S3 does
+                    self._refuse()
+                    return False
+                return super().handle_expect_100()
+
+            def _refused(self) -> bool:
+                return self.command in ("PUT", "POST") and urlparse(self.path).path.strip("/").count("/") >= 1
+
+            def _refuse(self):
+                self.send_response(500)
+                self.send_header("Content-Type", "application/xml")
+                self.send_header("Content-Length", str(len(_S3_INTERNAL_ERROR)))
+                self.send_header("Connection", "close")
+                self.end_headers()
+                self.wfile.write(_S3_INTERNAL_ERROR)
+                self.close_connection = True
+
+            def _forward(self):
+                if self._refused():
+                    self._refuse()
+                    return
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                conn = http.client.HTTPConnection(upstream.hostname, upstream.port, timeout=30)
+                conn.request(self.command, self.path, body=body, headers=dict(self.headers))
+                reply = conn.getresponse()
+                data = reply.read()
+                self.send_response(reply.status)
+                for key, value in reply.getheaders():
+                    if key.lower() not in ("content-length", "transfer-encoding", "connection"):
+                        self.send_header(key, value)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+                conn.close()
+
+            do_GET = do_PUT = do_POST = do_HEAD = do_DELETE = _forward
+
+        proxy = ThreadingHTTPServer(("127.0.0.1", 0), Proxy)
+        threading.Thread(target=proxy.serve_forever, daemon=True).start()
+        faulty = {**env, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{proxy.server_address[1]}"}
+        with _environ(faulty):
+            import s3fs
+
+            s3fs.S3FileSystem.clear_instance_cache()
+            try:
+                yield faulty
+            finally:
+                s3fs.S3FileSystem.clear_instance_cache()
+                proxy.shutdown()

@@ -472,3 +472,16 @@ def test_hostile_inputs_under_torchrun_are_one_line_and_exit_2(tmp_path, case):
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert len(lines) == 1 and lines[0].startswith("distar train: error: ") and named in lines[0], lines
+
+
+def test_object_store_writes_that_never_recover_are_one_message(tmp_path, capsys):
+    """Every object write answered with S3's 500 InternalError, however often retried: one message, exit 2."""
+    from helpers.storage_servers import s3_refusing_writes
+
+    parti = str(Path(__file__).parents[1] / "data" / "PartiPrompts.tsv")
+    with s3_refusing_writes("bucket"):
+        code = cli.main(["curate", "--source", parti, "--out", "s3://bucket/prompts", "--tokenizer", "tiny:sdxl"])
+        err = capsys.readouterr().err
+        assert code == 2 and "kept failing a request after every retry" in err and "Traceback" not in err
+        code, err = _train("s3://bucket/run", "steps=1", capsys=capsys)
+        assert code == 2 and "kept failing a request after every retry" in err and "Traceback" not in err
