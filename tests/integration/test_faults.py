@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from helpers.storage_servers import server
 
 from distar import cli
@@ -485,3 +486,19 @@ def test_object_store_writes_that_never_recover_are_one_message(tmp_path, capsys
         assert code == 2 and "kept failing a request after every retry" in err and "Traceback" not in err
         code, err = _train("s3://bucket/run", "steps=1", capsys=capsys)
         assert code == 2 and "kept failing a request after every retry" in err and "Traceback" not in err
+
+
+def test_a_pipeline_without_unet_weights_is_named_before_diffusers_reads_it(tmp_path):
+    import shutil
+
+    from distar import backbones, sources, tiny_preset
+    from distar.errors import UserError
+
+    tiny_preset.prepare(["tiny:sdxl"])
+    pipeline = tmp_path / "pipeline"
+    shutil.copytree(sources.tiny_path("sdxl"), pipeline)
+    for weights in (pipeline / "unet").glob("diffusion_pytorch_model*"):
+        weights.unlink()
+    with pytest.raises(UserError, match="is missing 1 file") as err:
+        backbones.get("sdxl").load_pipeline(pipeline, torch.float32)
+    assert "unet/diffusion_pytorch_model.safetensors" in str(err.value)

@@ -286,6 +286,8 @@ def test_a_mutated_checkpoint_file_is_a_checkpoint_error_even_when_complete_is_f
         (step / MARKER).write_text(json.dumps(marker))
     result = reads(lambda: Checkpointer(str(out), world).load(1, state), out)
     assert isinstance(result, CheckpointError | dict)
+    counters = [state.counters["step"], state.counters["samples_seen"], *state.counters["skipped"].values()]
+    assert all(type(c) is int and c >= 0 for c in counters)  # what the loop indexes with is never forged
 
 
 def test_a_rank_file_linked_outside_the_checkpoint_is_refused(checkpoint, tmp_path):

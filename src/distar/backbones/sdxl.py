@@ -623,6 +623,8 @@ class SDXL(Backbone):
         from diffusers import StableDiffusionXLPipeline
 
         extra = {"unet": net.to(dtype)} if net is not None else {}
+        # every part the pipeline loads, named at once (diffusers stops at the first, in an OSError)
+        require_files(root, _requirements([*(p for p in PIPELINE_PARTS if p not in extra), "vae"]))
         return StableDiffusionXLPipeline.from_pretrained(root, dtype=dtype, **extra)
 
     def pipeline_latent_shape(self, pipe) -> tuple[int, int, int]:

@@ -175,6 +175,20 @@ class TrainState:
         return {**self.counters, "world_size": self.world_size, "config_digest": self.config_digest}
 
     def load_trainer_state(self, state: dict) -> None:
+        """The counters, each checked against the type and domain of the one it replaces (a forged
+        trainer_state.json would otherwise fail later, inside the loop)."""
+        where = "trainer_state.json"
+        for key, now in self.counters.items():
+            if key not in state:
+                continue
+            if isinstance(now, dict):
+                value = state[key]
+                if not isinstance(value, dict) or set(value) != set(now):
+                    raise CheckpointError(f"{where}: {key!r} is {str(value)[:80]}, not a table of {sorted(now)}")
+                for name in now:
+                    readers.integer(value, name, f"{where}, {key}")
+            else:
+                readers.integer(state, key, where)
         self.counters.update({k: state[k] for k in self.counters if k in state})
 
     @staticmethod
