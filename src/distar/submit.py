@@ -34,6 +34,40 @@ def parse_arguments(pairs: list[str]) -> dict:
     return arguments
 
 
+_TYPES = {
+    "NUMBER_INTEGER": (lambda v: isinstance(v, int) and not isinstance(v, bool), "a whole number"),
+    "NUMBER_DOUBLE": (lambda v: isinstance(v, int | float) and not isinstance(v, bool), "a number"),
+    "BOOLEAN": (lambda v: isinstance(v, bool), "true or false"),
+    "STRING": (lambda v: isinstance(v, str), "a string"),
+    "LIST": (lambda v: isinstance(v, list), "a JSON list"),
+    "STRUCT": (lambda v: isinstance(v, dict), "a JSON object"),
+}
+# Arguments that become Kubernetes names (of a secret, a service account, a Kueue queue, a runtime): DNS-1123 labels
+# (subdomains for secrets), as the API server takes them; empty where the pipeline allows none.
+_K8S_NAMES = ("storage_secret", "hub_secret", "queue", "trainer_runtime", "trainer_service_account")
+
+
+def check_types(arguments: dict, parameters: dict) -> None:
+    """Each argument has its parameter's type, and each Kubernetes name is one: KFP would take a string for an
+    integer and fail the step that reads it, the API server a name only when the TrainJob is created."""
+    import re
+
+    for key, value in arguments.items():
+        kind = parameters[key].get("parameterType", "STRING")
+        ok, what = _TYPES.get(kind, (lambda v: True, ""))
+        if not ok(value):
+            raise UserError(f"pipeline argument {key}={json.dumps(value)[:80]}: it must be {what}")
+        if (
+            key in _K8S_NAMES
+            and value
+            and (len(value) > 253 or not re.fullmatch(r"[a-z0-9]([-a-z0-9.]*[a-z0-9])?", value))
+        ):
+            raise UserError(
+                f"pipeline argument {key}={value[:80]!r}: a Kubernetes name takes lower-case letters, digits, '-' and "
+                "'.', at most 253 characters"
+            )
+
+
 ROOT_ARGUMENTS = ("cache_root", "runs_root")
 SECRET_ARGUMENTS = ("storage_secret", "hub_secret")
 TOKEN_ENV = "KF_PIPELINES_TOKEN"
@@ -71,6 +105,7 @@ def submit(
     missing = [k for k in missing if k not in arguments]
     if missing:
         raise UserError(f"the pipeline needs {', '.join(f'{k}=…' for k in missing)} (docs/CLUSTER.md, 'Roots')")
+    check_types(arguments, parameters)
     if pipeline_root is not None:
         storage.check_shared("--pipeline-root", pipeline_root)
     for key in ROOT_ARGUMENTS:

@@ -78,6 +78,23 @@ def test_submit_refuses_unknown_arguments_and_unreachable_servers(tmp_path):
         parse_arguments(["preset"])
 
 
+@pytest.mark.parametrize(
+    "pair, message",
+    [
+        ("num_nodes=four", 'num_nodes="four": it must be a whole number'),
+        ("num_nodes=2.5", "must be a whole number"),
+        ("ema=yes", "must be true or false"),
+        ("train_overrides=steps=1", "must be a JSON list"),
+        ("queue=Team-Queue", "a Kubernetes name"),
+        ("storage_secret=my;secret", "a Kubernetes name"),
+        ("trainer_service_account=" + "a" * 300, "a Kubernetes name"),
+    ],
+)
+def test_submit_checks_argument_types_and_kubernetes_names_before_the_server(pair, message):
+    with pytest.raises(UserError, match=message):  # the unreachable server is never asked
+        submit("http://127.0.0.1:9", PACKAGE, {**parse_arguments(ROOTS), **parse_arguments([pair])})
+
+
 def test_the_kfp_cli_form_the_readme_documents():
     kfp = Path(sys.executable).parent / "kfp"
     with FakeKFP() as fake:
