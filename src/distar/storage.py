@@ -285,8 +285,9 @@ def user_error(err: BaseException) -> UserError | None:
         return UserError(f"the object store kept failing a request after every retry ({err}); each file distar "
                          "writes there is whole or absent: rerun the same command once the store recovers")  # fmt: skip
     if isinstance(err, OSError):
-        if err.errno == errno.ENOSPC:
-            return UserError(f"the disk is full (ENOSPC){where}: free space there or write the output elsewhere")
+        if err.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            return UserError(f"no room to write ({errno.errorcode[err.errno]}: the disk or a quota is full, or a "
+                             f"file is over a size limit){where}: free space there or write elsewhere")  # fmt: skip
         if err.errno == errno.EROFS:
             return UserError(f"the output is on a read-only filesystem{where}: choose a writable out / --out")
         if isinstance(err, PermissionError):

@@ -502,3 +502,24 @@ def test_a_pipeline_without_unet_weights_is_named_before_diffusers_reads_it(tmp_
     with pytest.raises(UserError, match="is missing 1 file") as err:
         backbones.get("sdxl").load_pipeline(pipeline, torch.float32)
     assert "unet/diffusion_pytorch_model.safetensors" in str(err.value)
+
+
+def test_a_checkpoint_that_does_not_fit_is_one_message_and_the_earlier_one_stays(run_copy):
+    """The kernel refuses writes past a file-size limit (RLIMIT_FSIZE, EFBIG), as a full disk refuses them: DCP's
+    shard write fails inside its own exception, which the trainer unwraps into the one message."""
+    import resource
+
+    def limited():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write then fails with EFBIG instead of killing
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))
+
+    before = {p: p.read_bytes() for p in (run_copy / "checkpoints" / "step_00000004").rglob("*") if p.is_file()}
+    cmd = [sys.executable, "-m", "distar.train", "--config", "tiny", f"out={run_copy}", "steps=6",
+           "checkpoint.every=2", *TINY]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, preexec_fn=limited)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    lines = [line for line in proc.stderr.splitlines() if "error:" in line]
+    assert "Traceback" not in proc.stderr and len(lines) == 1
+    assert "could not be written" in lines[0] or "no room to write (EFBIG" in lines[0]
+    after = {p: p.read_bytes() for p in (run_copy / "checkpoints" / "step_00000004").rglob("*") if p.is_file()}
+    assert after == before  # the complete checkpoint it resumed from is untouched

@@ -272,7 +272,16 @@ class Checkpointer:
         if self.world.is_main and self.fs.exists(path):
             self.fs.rm(path, recursive=True)  # an interrupted save of this step, or a stale one from a longer run
         self.world.barrier()
-        dcp.save(dict(train_state.parts), storage_writer=FsspecWriter(uri))
+        try:
+            dcp.save(dict(train_state.parts), storage_writer=FsspecWriter(uri))
+        except CheckpointException as err:  # a BaseException wrapping each rank's error (and its traceback)
+            cause = next(iter(err.failures.values()), (err,))[0]
+            named = storage.user_error(cause) if isinstance(cause, Exception) else None
+            reason = str(cause).strip().splitlines()[-1][:200] if str(cause).strip() else type(cause).__name__
+            raise named or UserError(
+                f"checkpoint {uri} could not be written ({reason}): a short write means the output is full or over a "
+                "quota or size limit. The earlier complete checkpoints stay; free space and rerun to resume"
+            ) from None
         buf = io.BytesIO()
         torch.save(train_state.rank_state(), buf)
         written = {f"rank/rank_{self.world.rank:05d}.pt": buf.getvalue()}
