@@ -151,11 +151,14 @@ def inside(root: str | os.PathLike, rel: str, where: str) -> Path:
     """The local file `rel` names under `root`, refused when the entry or a link on its way leaves `root`."""
     if not confined(rel):
         raise UserError(f"{where}: entry {rel!r} is not a relative path inside its folder; write the file again")
-    top = Path(root).resolve()
-    path = Path(root) / PurePosixPath(rel)
-    if not path.resolve().is_relative_to(top):
-        raise UserError(f"{where}: entry {rel!r} leads outside {top} through a link; remove the link")
-    return path
+    if leaves(root, rel):
+        raise UserError(f"{where}: entry {rel!r} leads outside {Path(root).resolve()} through a link; remove the link")
+    return Path(root) / PurePosixPath(rel)
+
+
+def leaves(root: str | os.PathLike, rel: str) -> bool:
+    """Whether the local path `rel` under `root` resolves outside `root` (through a link on its way)."""
+    return not (Path(root) / PurePosixPath(rel)).resolve().is_relative_to(Path(root).resolve())
 
 
 def check_out_path(key: str, value: str) -> None:

@@ -403,7 +403,7 @@ def verify_entry(cache: str, key: str, entry: dict, deep: bool = True, local_roo
         rel = f"{entry_dir(key)}/{f['path']}"
         if local_root is not None:
             p = local_root / f["path"]
-            if p.is_symlink() or p.resolve().is_relative_to(local_root.resolve()) is False:
+            if p.is_symlink() or readers.leaves(local_root, f["path"]):
                 problems.append(f"{rel}: a link, or a path leading outside the cache")  # never followed or repaired
                 continue
             size = p.stat().st_size if p.is_file() else None

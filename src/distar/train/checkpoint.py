@@ -359,7 +359,7 @@ class Checkpointer:
             if not self.fs.exists(full):
                 problems.append(f"{rel}: missing")
                 continue
-            if storage.is_local(self.fs) and _leaves(path, rel):
+            if storage.is_local(self.fs) and readers.leaves(path, rel):
                 problems.append(f"{rel}: a link that leads outside the checkpoint")
                 continue
             size = self.fs.size(full)
@@ -439,14 +439,6 @@ def verify_checkpoint(checkpoint_uri: str) -> dict:
 def read_config(checkpoint_uri: str) -> dict:
     fs, path = storage.filesystem(checkpoint_uri)
     return readers.read_mapping(fs, f"{path.rstrip('/')}/config.json", f"{checkpoint_uri}/config.json")
-
-
-def _leaves(root: str, rel: str) -> bool:
-    """Whether the local file `rel` under `root` is reached through a link that leads outside `root`."""
-    from pathlib import Path
-
-    top = Path(root).resolve()
-    return not (Path(root) / rel).resolve().is_relative_to(top)
 
 
 def load_unet_weights(checkpoint_uri: str, network: str = "generator") -> dict[str, torch.Tensor]:
