@@ -259,17 +259,18 @@ def split_files(uri: str, split: str = "train") -> list[str] | None:
         return None
     where, fix = f"{uri}/{MANIFEST}", "run `distar curate` again"
     manifest = readers.read_mapping(fs, manifest_path, where, fix)
-    files = ((manifest.get("splits") or {}).get(split) or {}) if isinstance(manifest.get("splits"), dict) else {}
-    files = files.get("files") if isinstance(files, dict) else None
+    splits = manifest.get("splits")
+    record = splits.get(split) if isinstance(splits, dict) else None
+    files = record.get("files") if isinstance(record, dict) else None
     if not isinstance(files, list) or not all(isinstance(f, dict) for f in files):
         raise UserError(f"{where} lists no files for its {split!r} split; {fix}")
-    escaping = [f.get("path") for f in files if not readers.confined(f.get("path"))]
-    if escaping:
-        raise UserError(f"{where} names {escaping[0]!r}, which is no file inside the set; {fix} into a fresh --out")
+    for f in files:
+        rel = f.get("path")
+        if not readers.confined(rel):
+            raise UserError(f"{where} names {rel!r}, which is no file inside the set; {fix} into a fresh --out")
+        if storage.is_local(fs) and readers.leaves(path, rel):
+            raise UserError(f"{where}: entry {rel!r} leads outside {path} through a link; remove the link")
     base = str(uri).rstrip("/")
-    if storage.is_local(fs):
-        for f in files:
-            readers.inside(path, f["path"], where)
     missing = [f["path"] for f in files if not fs.exists(f"{path.rstrip('/')}/{f['path']}")]
     if missing:
         raise UserError(f"{uri}: shards its manifest lists are missing ({missing[:3]}); run `distar curate` again")

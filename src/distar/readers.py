@@ -147,15 +147,6 @@ def confined(rel: object) -> bool:
     return all(part not in ("", ".", "..") and len(part.encode(errors="replace")) <= 255 for part in rel.split("/"))
 
 
-def inside(root: str | os.PathLike, rel: str, where: str) -> Path:
-    """The local file `rel` names under `root`, refused when the entry or a link on its way leaves `root`."""
-    if not confined(rel):
-        raise UserError(f"{where}: entry {rel!r} is not a relative path inside its folder; write the file again")
-    if leaves(root, rel):
-        raise UserError(f"{where}: entry {rel!r} leads outside {Path(root).resolve()} through a link; remove the link")
-    return Path(root) / PurePosixPath(rel)
-
-
 def leaves(root: str | os.PathLike, rel: str) -> bool:
     """Whether the local path `rel` under `root` resolves outside `root` (through a link on its way)."""
     return not (Path(root) / PurePosixPath(rel)).resolve().is_relative_to(Path(root).resolve())

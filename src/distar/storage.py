@@ -14,6 +14,7 @@ from pathlib import Path
 import fsspec
 
 from distar.errors import UserError
+from distar.readers import check_out_path
 
 
 def is_uri(source: str) -> bool:
@@ -186,7 +187,7 @@ def check_run_out(uri: str, force: bool = False) -> None:
     path = path.rstrip("/")
     parts = path.split("/")
     for i in range(len(parts) - 1, 0, -1):
-        parent = "/".join(parts[:i]) or "/"
+        parent = "/".join(parts[:i])
         if not parent.strip("/"):
             break
         mark = next((m for m in (*RUN_MARKS[:2], "COMPLETE") if fs.exists(f"{parent}/{m}")), None)
@@ -211,8 +212,6 @@ def check_run_out(uri: str, force: bool = False) -> None:
 def check_output(what: str, uri: str) -> None:
     """An output a user named: no control characters, and a directory of its own (not empty, `.`, `/`, a bare
     scheme), so that nothing is scattered among other files."""
-    from distar.readers import check_out_path
-
     check_out_path(what, uri)
     if is_root(uri):
         raise UserError(f"{what} {uri!r} names no directory of its own: name one (e.g. prompts/parti or "

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 
-from distar.errors import UserError
 from distar.stop import PREEMPTED, Preempted, exit_code
 
 __all__ = ["PREEMPTED", "Preempted", "build_parser", "main", "run"]
@@ -82,15 +81,7 @@ def run(config_source: str, overrides: list[str], allow_config_change: bool = Fa
     world = distributed.init(config.parallel.device, config.parallel.backend)
     _quiet_libraries(world.is_main)
     try:
-        problem = None
-        if world.is_main:
-            try:
-                storage.check_run_out(config.out, force)
-            except UserError as err:
-                problem = str(err)
-        problem = world.gather(problem)[0]
-        if problem is not None:
-            raise UserError(problem)
+        world.check_on_main(lambda: storage.check_run_out(config.out, force))
         return Trainer(config, world).fit(allow_config_change=allow_config_change)
     finally:
         distributed.shutdown()

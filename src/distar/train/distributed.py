@@ -49,6 +49,19 @@ class World:
         dist.all_gather_object(out, value)
         return out
 
+    def check_on_main(self, check, errors: tuple[type[BaseException], ...] = (UserError,)) -> None:
+        """Run `check` on rank 0 only (a look at shared storage); the error of `errors` it raises is raised, with
+        its type and message, on every rank, so that all stop alike and rank 0 says why."""
+        failure = None
+        if self.is_main:
+            try:
+                check()
+            except errors as err:
+                failure = (type(err), str(err))
+        failure = self.gather(failure)[0]
+        if failure is not None:
+            raise failure[0](failure[1])
+
     def any_true(self, flag: bool) -> bool:
         """True on every rank when `flag` is true on any rank (False without a process group and flag False)."""
         if not dist.is_initialized() or self.size == 1:

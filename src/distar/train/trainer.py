@@ -143,11 +143,10 @@ class Trainer:
             # a file that fails on one rank only (its rank state) fails the checkpoint on all: they load one step
             error = next((e for e in self.world.gather(error) if e is not None), None)
             if error is not None:
-                err = CheckpointError(error)
-                refused.append(str(err))
+                refused.append(error)
                 if self.world.is_main:
                     print(
-                        f"distar train: warning: {err}\n  falling back to the previous checkpoint",
+                        f"distar train: warning: {error}\n  falling back to the previous checkpoint",
                         file=sys.stderr,
                         flush=True,
                     )
@@ -289,15 +288,7 @@ class Trainer:
     def _hold_lease(self) -> Lease | None:
         """Rank 0 takes the output's lease; every rank raises the same error when another trainer holds it."""
         lease = Lease(self.config.out, self.config.lease.stale_minutes, self.config.lease.take_over)
-        error = None
-        if self.world.is_main:
-            try:
-                lease.acquire()
-            except LeaseHeldError as err:
-                error = str(err)
-        error = self.world.gather(error)[0]
-        if error is not None:
-            raise LeaseHeldError(error)
+        self.world.check_on_main(lease.acquire, (LeaseHeldError,))
         return lease if self.world.is_main else None
 
     lease: Lease | None = None  # rank 0's, while `fit` runs
@@ -305,16 +296,11 @@ class Trainer:
     def _check_lease(self) -> None:
         """Before a write into the run: every rank stops (LeaseLost, exit 75) once the lease names another
         trainer, which took the run over while this one was paused or cut off."""
-        lost = None
-        if self.lease is not None:
-            try:
-                self.lease.check()
-            except LeaseLost as err:
-                lost = str(err)
-        lost = self.world.gather(lost)[0]
-        if lost is not None:
+        try:
+            self.world.check_on_main(self.lease.check if self.lease is not None else lambda: None, (LeaseLost,))
+        except LeaseLost:
             self.lease = None  # not ours: nothing more is written, the report and the release included
-            raise LeaseLost(lost)
+            raise
 
     def _check_config(self, allow_change: bool) -> None:
         """Refuse to resume with a config that differs from the newest checkpoint's beyond RESUME_SAFE_KEYS."""
