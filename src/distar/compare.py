@@ -1,10 +1,10 @@
 """The paper's ablation, compared: every variant's evaluation under one pinned protocol, beside the paper's value
 and the initial generator's, with the same prompts' images side by side and each variant's training curves.
 
-`TABLE3` is the default grid of `pipelines/distar_ablation.py`: KL against the score divergence, α_rew ∈ {0, 1,
-10, 100}, α_cfg ∈ {0, 4.5, 7.5}, CFG inside the divergence (DI*-IN) against outside it (as an implicit reward).
-The paper's numbers distar restates (docs/METHOD.md §7) are its main-table rows; a variant that one of those rows
-matches shows it (`paper`), the others show none rather than a guess.
+`TABLE3` is the default grid of `pipelines/distar_ablation.py`: the rows of the paper's ablation table, each
+with the paper's numbers (`evaluate.PAPER_ABLATION`, docs/METHOD.md §8): KL (DI++) and the score divergence
+(DI*) at (α_rew, α_cfg) = (0, 0) and (0, 7.5), DI++ and DI*-OUT at (100, 7.5), DI*-IN at α_rew 1, 10, 100 with
+α_cfg 7.5 and at (100, 4.5).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import math
 
 from distar import storage
 from distar.errors import UserError
-from distar.evaluate import PAPER, check_same_protocol, load_metrics
+from distar.evaluate import ABLATION_SOURCE, PAPER, PAPER_ABLATION, check_same_protocol, load_metrics
 from distar.evaluate.report import model_label, png_base64, signed, thumbnail
 from distar.sources import runs_on_tiny
 
@@ -39,17 +39,28 @@ def _variant(name: str, divergence: str, alpha_rew: float, alpha_cfg: float, cfg
 
 
 TABLE3 = [
-    _variant("kl-cfg", "kl", 0, 7.5, "divergence", "Diff-Instruct (KL, CFG only)"),
-    _variant("kl-rew100", "kl", 100, 7.5, "divergence", "DI++ (KL + reward)"),
-    _variant("score-cfg", "score", 0, 7.5, "divergence", "SIM (score divergence, CFG only)"),
-    _variant("score-rew1", "score", 1, 7.5, "divergence", None),
-    _variant("score-rew10", "score", 10, 7.5, "divergence", None),
-    _variant("score-rew100", "score", 100, 7.5, "divergence", "DI*"),
-    _variant("score-rew100-cfg0", "score", 100, 0, "divergence", None),
-    _variant("score-rew100-cfg4.5", "score", 100, 4.5, "divergence", None),
-    _variant("score-rew100-cfg-out", "score", 100, 7.5, "reward", None),
+    _variant("kl-cfg0", "kl", 0, 0, "divergence", "DI++ (KL) (0, 0)"),
+    _variant("kl-cfg", "kl", 0, 7.5, "divergence", "DI++ (KL) (0, 7.5) = Diff-Instruct"),
+    _variant("kl-rew100", "kl", 100, 7.5, "divergence", "DI++ (KL) (100, 7.5)"),
+    _variant("score-rew100-cfg-out", "score", 100, 7.5, "reward", "DI*-OUT (100, 7.5)"),
+    _variant("score-cfg0", "score", 0, 0, "divergence", "DI*-IN (0, 0)"),
+    _variant("score-cfg", "score", 0, 7.5, "divergence", "DI*-IN (0, 7.5) = SIM"),
+    _variant("score-rew1", "score", 1, 7.5, "divergence", "DI*-IN (1, 7.5)"),
+    _variant("score-rew10", "score", 10, 7.5, "divergence", "DI*-IN (10, 7.5)"),
+    _variant("score-rew100-cfg4.5", "score", 100, 4.5, "divergence", "DI*-IN (100, 4.5)"),
+    _variant("score-rew100", "score", 100, 7.5, "divergence", "DI*-IN (100, 7.5)"),
 ]
-"""The variants of the sweep: name, config overrides, the paper's row that matches (if distar restates one)."""
+"""The variants of the sweep: name, config overrides, and the row of the paper's ablation table each one is."""
+INITIAL_ROW = "DMD2 init"
+"""The ablation table's row of the initial generator."""
+PAPER_ROWS = PAPER_ABLATION | PAPER
+"""Every row of the paper distar restates: the ablation table's, then the main table's (evaluate.PAPER)."""
+
+
+def paper_source(label: str) -> str:
+    if label in PAPER_ABLATION:
+        return ABLATION_SOURCE
+    return "the paper's main results table" if label in PAPER else ""
 
 
 def _curves(run: str | None) -> list[dict]:
@@ -81,6 +92,9 @@ def compare(
     if not evaluations:
         raise UserError("distar compare: no evaluations to compare")
     paper = {v["name"]: v["paper"] for v in TABLE3} | (paper or {})
+    unknown = sorted({label for label in paper.values() if label and label not in PAPER_ROWS})
+    if unknown:
+        raise UserError(f"distar compare: {unknown} are not rows of the paper; known rows: {', '.join(PAPER_ROWS)}")
     loaded = {}
     for uri in evaluations:
         report = load_metrics(uri)
@@ -112,7 +126,8 @@ def compare(
                 "run": report.get("run"),
                 "ours": {m: ours[m] for m in METRICS if m in ours},
                 "paper_row": label,
-                "paper": PAPER.get(label, {}),
+                "paper": PAPER_ROWS.get(label, {}),
+                "paper_source": paper_source(label),
                 "vs_initial": {m: ours[m] - start[m] for m in METRICS if m in ours and m in start},
                 "guard_breached_at": _breached(lines),
                 "curves": {
@@ -133,7 +148,7 @@ def compare(
             role: {"evaluation": uri, "model": r["model"], "ours": r["results"]["model"]}
             for role, (uri, r) in baselines.items()
         },
-        "paper_baselines": {k: PAPER[k] for k in ("DMD2 (start point)", "SDXL (50 steps)")},
+        "paper_baselines": {INITIAL_ROW: PAPER_ABLATION[INITIAL_ROW], "SDXL (50 steps)": PAPER["SDXL (50 steps)"]},
     }
     storage.check_output("--out", out)
     fs, path = storage.filesystem(out)
@@ -145,6 +160,9 @@ def compare(
     return result
 
 
+BASELINE_ROWS = (("initial", INITIAL_ROW), ("reference", "SDXL (50 steps)"))
+
+
 def _fmt(value) -> str:
     return "—" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.4g}"
 
@@ -153,10 +171,10 @@ def markdown_table(result: dict) -> str:
     """Table 3's layout: a row per variant, each metric as ours (paper) and the change from the initial generator."""
     head = "| variant | " + " | ".join(f"{m} ours (paper) Δinit" for m in METRICS) + " | guard |"
     lines = [head, "|" + "---|" * (len(METRICS) + 2)]
-    for role, label in (("initial", "DMD2 (start point)"), ("reference", "SDXL (50 steps)")):
+    for role, label in BASELINE_ROWS:
         if role in result["baselines"]:
             ours = result["baselines"][role]["ours"]
-            cells = [f"{_fmt(ours.get(m))} ({_fmt(PAPER[label].get(m))})" for m in METRICS]
+            cells = [f"{_fmt(ours.get(m))} ({_fmt(PAPER_ROWS[label].get(m))})" for m in METRICS]
             model = model_label(result["baselines"][role]["model"])
             lines.append(f"| {role}: {model} (paper row: {label}) | " + " | ".join(cells) + " | |")
     for row in result["rows"]:
@@ -165,7 +183,9 @@ def markdown_table(result: dict) -> str:
         ]
         guard = f"breached at {row['guard_breached_at']}" if row["guard_breached_at"] else ""
         lines.append(f"| {row['variant']} | " + " | ".join(cells) + f" | {guard} |")
-    return "\n".join(lines) + "\n"
+    sources = sorted({row["paper_source"] for row in result["rows"] if row.get("paper_source")})
+    notes = [f"\nPaper values (in parentheses): {s}." for s in sources]
+    return "\n".join(lines) + "\n" + "\n".join(notes) + ("\n" if notes else "")
 
 
 def _signed(row: dict, metric: str) -> str:
@@ -188,11 +208,11 @@ def render(result: dict, loaded: dict, baselines: dict, images: int) -> str:
     head = "".join(f"<th colspan='3'>{e(m)}</th>" for m in METRICS)
     sub = "".join("<th>ours</th><th>paper</th><th>Δ initial</th>" for _ in METRICS)
     body = []
-    for role, label in (("initial", "DMD2 (start point)"), ("reference", "SDXL (50 steps)")):
+    for role, label in BASELINE_ROWS:
         if role in result["baselines"]:
             ours = result["baselines"][role]["ours"]
             cells = "".join(
-                f"<td>{_fmt(ours.get(m))}</td><td>{_fmt(PAPER[label].get(m))}</td><td></td>" for m in METRICS
+                f"<td>{_fmt(ours.get(m))}</td><td>{_fmt(PAPER_ROWS[label].get(m))}</td><td></td>" for m in METRICS
             )
             model = model_label(result["baselines"][role]["model"])
             body.append(
@@ -204,7 +224,8 @@ def render(result: dict, loaded: dict, baselines: dict, images: int) -> str:
             for m in METRICS
         )
         guard = f"breached at {row['guard_breached_at']}" if row["guard_breached_at"] else ""
-        body.append(f"<tr class='variant'><td>{e(row['variant'])}</td>{cells}<td>{e(guard)}</td></tr>")
+        label = f" <small>(paper: {e(row['paper_row'])})</small>" if row["paper_row"] else ""
+        body.append(f"<tr class='variant'><td>{e(row['variant'])}{label}</td>{cells}<td>{e(guard)}</td></tr>")
     parts = [
         "<!doctype html><html><head><meta charset='utf-8'><title>distar ablation</title><style>"
         "body{font-family:sans-serif;margin:1em}td,th{padding:3px 6px;border-bottom:1px solid #ddd;font-size:13px}"
@@ -226,6 +247,10 @@ def render(result: dict, loaded: dict, baselines: dict, images: int) -> str:
         # wider than the pipeline UI's frame with five metrics: the table scrolls inside its own box
         f"<div class='scroll'><table id='comparison'><tr><th rowspan='2'>variant</th>{head}"
         f"<th rowspan='2'>guard</th></tr><tr>{sub}</tr>{''.join(body)}</table></div>",
+        "".join(
+            f"<p>Paper values: {e(src)}.</p>"
+            for src in sorted({row["paper_source"] for row in result["rows"] if row.get("paper_source")})
+        ),
         "<h2>The same prompts across variants</h2>",
     ]
     columns = [(f"{role}", uri, r) for role, (uri, r) in baselines.items()] + [

@@ -34,11 +34,15 @@ BranchesFn = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Te
 Divergence = Literal["score", "kl"]
 Distance = Literal["pseudo_huber", "l2"]
 Form = Literal["sim", "full"]
-Weighting = Literal["uniform", "sigma", "sigma2"]
+Weighting = Literal["uniform", "sigma", "sigma2", "x0"]
+Reduction = Literal["sum", "mean"]
+CfgConvention = Literal["diffusers", "conditional"]
 DIVERGENCES: tuple[str, ...] = get_args(Divergence)
 DISTANCES: tuple[str, ...] = get_args(Distance)
 FORMS: tuple[str, ...] = get_args(Form)
 TIME_WEIGHTINGS: tuple[str, ...] = get_args(Weighting)
+REDUCTIONS: tuple[str, ...] = get_args(Reduction)
+CFG_CONVENTIONS: tuple[str, ...] = get_args(CfgConvention)
 DEFAULT_HUBER_C = 1.0
 
 
@@ -55,7 +59,13 @@ class DivergenceConfig:
     form: Form = "sim"
     """"sim" (stop-gradient sampling measure, the theorem's loss) or "full" (adds + w·d(y_t))."""
     weighting: Weighting = "sigma"
-    """w(t) of the divergence: "uniform", "sigma" or "sigma2" (time_weight)."""
+    """w(t) of the divergence: "uniform", "sigma", "sigma2" or "x0" (σ_t²/a_t, the unit of the SiD/SIM code
+    lineage) (time_weight)."""
+    reduction: Reduction = "sum"
+    """How d reads y over a sample's D latent elements: "sum" (‖y‖ over all of them; c in score units, so the
+    divergence, and its balance with α_rew, grows with the latent size) or "mean" (d(y/√D): the L2 distance is the
+    mean square per element and c is per element, i.e. c·√D on the sum), which keeps one α_rew meaning the same
+    on a 128² SDXL latent and a 16-channel flow latent."""
     kl_normalise: bool = False
     """KL baseline only: divide each sample's gradient by mean |x0 − x̂0_ref| as DMD does, so the KL-versus-score
     comparison can run at a comparable strength (off: the plain Diff-Instruct / DI++ gradient)."""
@@ -68,6 +78,7 @@ class DivergenceConfig:
             "huber_c": self.huber_c,
             "form": self.form,
             "kl_normalise": self.kl_normalise,
+            "reduction": self.reduction,
         }
 
 
@@ -78,6 +89,14 @@ def cfg(eps_uncond: torch.Tensor, eps_cond: torch.Tensor, guidance_scale: float)
             f"eps_cond has shape {tuple(eps_cond.shape)} but eps_uncond has shape {tuple(eps_uncond.shape)}"
         )
     return eps_uncond + guidance_scale * (eps_cond - eps_uncond)
+
+
+def guidance_scale(alpha_cfg: float, convention: str = "diffusers") -> float:
+    """The α_cfg of a config as the scale `cfg` takes. "diffusers": ε_∅ + α(ε_c − ε_∅), so α = 0 is the
+    unconditional model and 1 the conditional one; "conditional": ε_c + α(ε_c − ε_∅), so α = 0 is the conditional
+    model (no guidance) and α is diffusers' α + 1. The paper does not say which it uses (docs/METHOD.md §6)."""
+    _check_choice("cfg_convention", convention, CFG_CONVENTIONS)
+    return float(alpha_cfg) if convention == "diffusers" else 1.0 + float(alpha_cfg)
 
 
 def score_distance(y: torch.Tensor, distance: str = "pseudo_huber", huber_c: float = DEFAULT_HUBER_C):
@@ -112,6 +131,9 @@ class GeneratorLossParts(NamedTuple):
     """w(t)·d(y_t) per sample, detached: the Monte-Carlo integrand of D itself (for logging)."""
     x_t: torch.Tensor
     """The noised sample a_t x0 + σ_t ε, carrying the graph to θ."""
+    y_norm: torch.Tensor
+    """‖y_t‖ per sample, detached, as d reads it (‖y‖/√D under reduction "mean"): divided by c, how far into
+    pseudo-Huber's linear part the samples sit (≫ 1: d' is a unit vector and c no longer matters)."""
 
 
 def generator_loss(*args, **kwargs) -> torch.Tensor:
@@ -133,6 +155,7 @@ def generator_loss_parts(
     form: str = "sim",
     weight: torch.Tensor | None = None,
     kl_normalise: bool = False,
+    reduction: str = "sum",
 ) -> GeneratorLossParts:
     """The divergence part of the generator loss, L_div, as a batch mean (METHOD.md §4), with its parts.
 
@@ -143,10 +166,12 @@ def generator_loss_parts(
     differentiates through their inputs only.
     divergence: "score" (DI*) or "kl" (Diff-Instruct / DI++).  distance: "pseudo_huber" or "l2".
     form: "sim" (sampling measure stop-gradient) or "full" (adds + w·d(y_t)).  weight: w(t) per sample.
-    kl_normalise: the KL gradient per sample divided by mean |x0 − x̂0_ref| (DMD).
-    Returns the loss, w(t)·d(y_t) per sample and x_t.
+    kl_normalise: the KL gradient per sample divided by mean |x0 − x̂0_ref| (DMD).  reduction: "sum" (d of y
+    over all D elements) or "mean" (d of y/√D; the KL gradient is divided by D, as the mean square's would be).
+    Returns the loss, w(t)·d(y_t) per sample, x_t and ‖y_t‖.
     """
     _check_choice("divergence", divergence, DIVERGENCES)
+    _check_choice("reduction", reduction, REDUCTIONS)
     _check_choice("distance", distance, DISTANCES)
     _check_choice("form", form, FORMS)
     if distance == "pseudo_huber":
@@ -162,6 +187,8 @@ def generator_loss_parts(
 
     sigma = schedule.sigma(t, x0)
     x_t = schedule.add_noise(x0, eps, t)
+    # "mean": d reads y/√D, so d'(y) = d'(y/√D)/√D; the KL's l2 gradient 2y becomes 2y/D.
+    root_d = float(x0[0].numel()) ** 0.5 if reduction == "mean" else 1.0
 
     if divergence == "kl":
         with torch.no_grad():
@@ -169,27 +196,29 @@ def generator_loss_parts(
             eps_psi = _call(eps_assistant, "eps_assistant", x_t_frozen, t)
             eps_ref = _call(eps_reference, "eps_reference", x_t_frozen, t)
             score_diff = -(eps_psi - eps_ref) / sigma
-            value = weight * score_distance(score_diff, distance, huber_c)
+            value = weight * score_distance(score_diff / root_d, distance, huber_c)
+            y_norm = score_diff.flatten(1).norm(dim=1) / root_d
             if kl_normalise:  # DMD: per sample, by the mean distance of x0 to the reference's own x0 estimate
                 x0_ref = (x_t_frozen - sigma * eps_ref) / schedule.a(t, x0)
                 score_diff = score_diff / (x0.detach() - x0_ref).abs().flatten(1).mean(dim=1).clamp_min(1e-12).reshape(
                     (-1,) + (1,) * (x0.ndim - 1)
                 )
-        per_sample = (score_diff * x_t).flatten(1).sum(dim=1)
-        return GeneratorLossParts((weight * per_sample).mean(), value, x_t)
+        per_sample = (score_diff * x_t).flatten(1).sum(dim=1) / root_d**2
+        return GeneratorLossParts((weight * per_sample).mean(), value, x_t, y_norm)
 
     eps_psi = _call(eps_assistant, "eps_assistant", x_t, t)
     eps_ref = _call(eps_reference, "eps_reference", x_t, t)
     y = -(eps_psi - eps_ref) / sigma  # s_ψ − s_ref^cfg
     # s_ψ(x_t) − ∇ log p(x_t|x0) = −(ε̂_ψ − ε)/σ_t: the kernel score is −ε/σ_t, a constant given ε.
     score_residual = -(eps_psi - eps) / sigma
-    d_prime = score_distance_grad(y, distance, huber_c)
+    d_prime = score_distance_grad(y / root_d, distance, huber_c) / root_d
     per_sample = -(d_prime * score_residual).flatten(1).sum(dim=1)
     if form == "full":
-        per_sample = per_sample + score_distance(y, distance, huber_c)
+        per_sample = per_sample + score_distance(y / root_d, distance, huber_c)
     with torch.no_grad():
-        value = weight * score_distance(y, distance, huber_c)
-    return GeneratorLossParts((weight * per_sample).mean(), value, x_t)
+        value = weight * score_distance(y / root_d, distance, huber_c)
+        y_norm = y.flatten(1).norm(dim=1) / root_d
+    return GeneratorLossParts((weight * per_sample).mean(), value, x_t, y_norm)
 
 
 class GeneratorObjective(NamedTuple):
@@ -205,6 +234,8 @@ class GeneratorObjective(NamedTuple):
     """−(α_cfg − 1) E[w log p(c|x_t)] when CFG acts as a reward; None otherwise."""
     divergence: torch.Tensor
     """w(t)·d(y_t) per sample, detached."""
+    y_norm: torch.Tensor
+    """‖y_t‖ per sample as d reads it, detached."""
 
 
 def generator_objective(
@@ -240,7 +271,7 @@ def generator_objective(
             eps_uncond, eps_cond = reference_branches(div.x_t.detach(), t)
         cfg_loss = cfg_reward_loss(div.x_t, t, eps_cond, eps_uncond, schedule, alpha_cfg, weight)
         loss = loss + cfg_loss
-    return GeneratorObjective(loss, reward_loss, div.loss, cfg_loss, div.divergence)
+    return GeneratorObjective(loss, reward_loss, div.loss, cfg_loss, div.divergence, div.y_norm)
 
 
 def cfg_reward_loss(
@@ -287,12 +318,15 @@ def assistant_loss(eps_hat: torch.Tensor, eps: torch.Tensor, weight: torch.Tenso
 
 def time_weight(schedule: Schedule, t: torch.Tensor, kind: str, like: torch.Tensor) -> torch.Tensor:
     """w(t) per sample: "uniform" 1; "sigma" σ_t (turns one factor of 1/σ_t back into ε units);
-    "sigma2" σ_t² (the L2 score divergence in ε units, the DMD/SiD scale)."""
+    "sigma2" σ_t² (the L2 score divergence in ε units, the DMD/SiD scale); "x0" σ_t²/a_t (a score difference
+    times σ_t²/a_t is the difference of the two x0 estimates: the unit of the SiD/SIM code)."""
     _check_choice("weighting", kind, TIME_WEIGHTINGS)
     t = schedule.check_t(t)
     sigma = schedule.sigma(t, like).reshape(-1)
     if kind == "uniform":
         return torch.ones_like(sigma)
+    if kind == "x0":
+        return sigma**2 / schedule.a(t, like).reshape(-1)
     return sigma if kind == "sigma" else sigma**2
 
 

@@ -133,9 +133,8 @@ def measure_activations(config: TrainConfig, arch: Architecture, nets: dict | No
     compute = torch.bfloat16 if config.parallel.mixed_precision == "bf16" else torch.float32
     generator = OneStepGenerator(nets["generator_unet"].to(compute), t_star=config.model.t_star, backbone=family)
     assistant = Assistant(nets["assistant_unet"].to(compute), backbone=family).requires_grad_(False)
-    reference = Reference(
-        nets["reference_unet"].to(parse_dtype(config.model.reference_dtype)), config.loss.alpha_cfg, backbone=family
-    )
+    reference_unet = nets["reference_unet"].to(parse_dtype(config.model.reference_dtype))
+    reference = Reference(reference_unet, config.loss.guidance_scale(), backbone=family)
     vae = nets["vae"].to(compute).requires_grad_(False)
     reward = nets["reward"]
     if reward is not None:
@@ -413,7 +412,7 @@ def forward_flops(
     t = torch.full((b,), 500, dtype=torch.long, device=meta)
     generator = OneStepGenerator(nets["generator_unet"], t_star=config.model.t_star, backbone=family)
     assistant = Assistant(nets["assistant_unet"], backbone=family).requires_grad_(False)
-    reference = Reference(nets["reference_unet"], config.loss.alpha_cfg, backbone=family)
+    reference = Reference(nets["reference_unet"], config.loss.guidance_scale(), backbone=family)
     calls = {
         "generator": lambda: generator(z, cond),
         "assistant": lambda: assistant(z, t, cond),

@@ -12,7 +12,7 @@ from PIL import Image
 
 from distar.compare import TABLE3, compare, markdown_table
 from distar.errors import UserError
-from distar.evaluate import PAPER, check_same_protocol, protocol_difference
+from distar.evaluate import PAPER, PAPER_ABLATION, check_same_protocol, protocol_difference
 from distar.evaluate.report import model_label, signed
 
 PROTOCOL = {
@@ -85,7 +85,9 @@ def test_a_row_per_variant_beside_the_paper_and_the_initial_generator(tmp_path):
     result = compare([di_star, other], str(tmp_path / "cmp"), initial=initial, reference=reference)
     rows = {r["variant"]: r for r in result["rows"]}
     assert list(rows) == ["score-rew100", "score-rew1"]
-    assert rows["score-rew100"]["paper"] == PAPER["DI*"] and rows["score-rew1"]["paper"] == {}
+    assert rows["score-rew100"]["paper"] == PAPER_ABLATION["DI*-IN (100, 7.5)"] == PAPER["DI*"] | {"hpsv2.1": 30.22}
+    assert rows["score-rew1"]["paper"] == {"imagereward": 1.031, "aesthetic": 5.69, "pickscore": 0.2274, "clip": 32.87}
+    assert rows["score-rew1"]["paper_source"].startswith("the paper's ablation table")
     assert rows["score-rew100"]["vs_initial"]["imagereward"] == pytest.approx(0.1)
     assert rows["score-rew1"]["guard_breached_at"] == [2] and rows["score-rew100"]["guard_breached_at"] == []
     assert [p[1] for p in rows["score-rew100"]["curves"]["reward"]] == pytest.approx([0.21, 0.22, 0.23])
@@ -93,7 +95,8 @@ def test_a_row_per_variant_beside_the_paper_and_the_initial_generator(tmp_path):
     assert table == markdown_table(result).splitlines()
     variant_lines = [line for line in table if line.startswith("| score-")]
     assert len(variant_lines) == 2 and "1 (1.067) +0.100" in variant_lines[0] and "breached at [2]" in variant_lines[1]
-    assert any(line.startswith("| initial:") and "(0.93)" in line for line in table)
+    assert any(line.startswith("| initial:") and "(0.938)" in line for line in table)  # the ablation's DMD2 row
+    assert table[-1].startswith("Paper values (in parentheses): the paper's ablation table")
     page = (tmp_path / "cmp" / "report.html").read_text()
     assert page.count("<tr class='variant'>") == 2 and page.count("data:image/jpeg") == 2 * 4  # 2 prompts × 4 models
 
@@ -130,7 +133,14 @@ def test_table3_grid_covers_the_papers_axes():
     assert {s["alpha_cfg"] for s in settings} == {0, 4.5, 7.5}
     assert {s["cfg"] for s in settings} == {"divergence", "reward"}
     assert len({v["name"] for v in TABLE3}) == len(TABLE3)
-    assert all(v["paper"] in PAPER for v in TABLE3 if v["paper"])
+    # the paper's ablation rows, each once, every one but the start and the longer run
+    left_out = {"DMD2 init", "DI*-IN (100, 7.5) longer training"}
+    assert sorted(v["paper"] for v in TABLE3) == sorted(set(PAPER_ABLATION) - left_out)
+    for v in TABLE3:  # the row's label names the variant's own (α_rew, α_cfg)
+        s = v["settings"]
+        assert f"({s['alpha_rew']:g}, {s['alpha_cfg']:g})" in v["paper"]
+        family = "DI++" if s["divergence"] == "kl" else "DI*-OUT" if s["cfg"] == "reward" else "DI*-IN"
+        assert v["paper"].startswith(family)
     from distar.train.config import load_config
 
     for v in TABLE3:  # every variant is a valid config of the sdxl preset

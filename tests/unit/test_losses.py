@@ -13,7 +13,16 @@ import pytest
 import torch
 
 from distar.backbones.sdxl import schedule as sdxl_schedule
-from distar.losses import assistant_loss, cfg, generator_loss, score_distance, score_distance_grad, time_weight
+from distar.losses import (
+    assistant_loss,
+    cfg,
+    generator_loss,
+    generator_loss_parts,
+    guidance_scale,
+    score_distance,
+    score_distance_grad,
+    time_weight,
+)
 
 SCHEDULE = sdxl_schedule()
 DIM = 3
@@ -187,6 +196,65 @@ def test_cfg_combination():
     torch.testing.assert_close(cfg(u, c, 0.0), u)
     with pytest.raises(ValueError, match="eps_cond"):
         cfg(u, torch.zeros(3), 7.5)
+
+
+def test_the_conditional_convention_reads_alpha_as_guidance_on_top_of_the_conditional_model():
+    u, c = torch.tensor([1.0, 2.0]), torch.tensor([3.0, 1.0])
+    torch.testing.assert_close(cfg(u, c, guidance_scale(0.0, "conditional")), c)  # α = 0: no guidance
+    torch.testing.assert_close(cfg(u, c, guidance_scale(0.0, "diffusers")), u)  # α = 0: unconditional
+    # ε_c + α(ε_c − ε_∅), written out
+    torch.testing.assert_close(cfg(u, c, guidance_scale(7.5, "conditional")), c + 7.5 * (c - u))
+    assert guidance_scale(7.5, "diffusers") == 7.5
+    with pytest.raises(ValueError, match="cfg_convention"):
+        guidance_scale(7.5, "openai")
+
+
+def _parts(reduction, huber_c, distance="pseudo_huber", divergence="score", form="sim", shape=(4, 2, 3, 3)):
+    g = torch.Generator().manual_seed(11)
+    x0 = torch.randn(*shape, generator=g, dtype=torch.float64).requires_grad_(True)
+    eps = torch.randn(*shape, generator=g, dtype=torch.float64)
+    t = torch.tensor([50, 300, 600, 900])[: shape[0]]
+    parts = generator_loss_parts(
+        x0, t, eps, lambda x, tt: 0.9 * x + 0.1, lambda x, tt: 0.7 * x.pow(2) - 0.2, SCHEDULE,
+        divergence=divergence, distance=distance, huber_c=huber_c, form=form, reduction=reduction,
+    )  # fmt: skip
+    (grad,) = torch.autograd.grad(parts.loss, x0)
+    return parts, grad
+
+
+@pytest.mark.parametrize("form", ["sim", "full"])
+def test_mean_reduction_is_the_sum_with_c_times_root_d_divided_by_root_d(form):
+    """√(‖y‖²/D + c²) − c = (√(‖y‖² + D c²) − √D c)/√D: the per-element pseudo-Huber is the summed one with
+    c·√D, scaled by 1/√D, in value and gradient."""
+    root_d = math.sqrt(2 * 3 * 3)
+    mean, grad_mean = _parts("mean", 0.5, form=form)
+    total, grad_sum = _parts("sum", 0.5 * root_d, form=form)
+    torch.testing.assert_close(mean.divergence, total.divergence / root_d)
+    torch.testing.assert_close(grad_mean, grad_sum / root_d)
+    torch.testing.assert_close(mean.y_norm, total.y_norm / root_d)
+
+
+@pytest.mark.parametrize("divergence", ["score", "kl"])
+def test_mean_reduction_of_the_l2_distance_is_the_mean_square(divergence):
+    mean, grad_mean = _parts("mean", 1.0, distance="l2", divergence=divergence)
+    total, grad_sum = _parts("sum", 1.0, distance="l2", divergence=divergence)
+    torch.testing.assert_close(mean.divergence, total.divergence / 18)
+    torch.testing.assert_close(grad_mean, grad_sum / 18)
+
+
+def test_y_norm_is_the_norm_of_the_score_gap():
+    parts, _ = _parts("sum", 1.0)
+    x_t = parts.x_t.detach()
+    sigma = SCHEDULE.sigma(torch.tensor([50, 300, 600, 900]), x_t)
+    y = -((0.9 * x_t + 0.1) - (0.7 * x_t.pow(2) - 0.2)) / sigma
+    torch.testing.assert_close(parts.y_norm, y.flatten(1).norm(dim=1))
+
+
+def test_x0_weighting_turns_a_score_gap_into_the_gap_of_the_x0_estimates():
+    """x̂0 = (x_t − σ ε̂)/a and s = −ε̂/σ, so x̂0_ψ − x̂0_ref = (σ²/a)(s_ψ − s_ref): w = σ²/a."""
+    t = torch.tensor([20, 399, 979])
+    a, sig = _a_sigma(t)
+    torch.testing.assert_close(time_weight(SCHEDULE, t, "x0", torch.zeros(3, DIM)), (sig**2 / a).reshape(-1).float())
 
 
 def test_assistant_loss_is_minimised_by_the_true_score():

@@ -31,7 +31,9 @@ from distar import sources, storage, tiny_preset
 from distar.errors import UserError
 from distar.evaluate import protocol as P
 from distar.evaluate.protocol import (
+    ABLATION_SOURCE,
     PAPER,
+    PAPER_ABLATION,
     Prompt,
     check_same_protocol,
     load_prompts,
@@ -375,7 +377,9 @@ def evaluate_baseline(config: EvaluateConfig, root: str) -> dict:
 
 
 __all__ = [
+    "ABLATION_SOURCE",
     "PAPER",
+    "PAPER_ABLATION",
     "EvaluateConfig",
     "Prompt",
     "Sampler",

@@ -45,6 +45,28 @@ PAPER = {
         "DI* longer training": (1.140, 5.83, 0.2331, 32.75, 31.19),
     }.items()
 }
+ABLATION_SOURCE = (
+    "the paper's ablation table, (α_rew, α_cfg), Parti prompts (as the official DI* repository's README gives it)"
+)
+# METHOD.md §8. HPSv2.1 only where the paper reports it for the row (the DMD2, DI* and longer rows).
+PAPER_ABLATION = {
+    label: {m: v for m, v in zip(_METRIC_ORDER, values, strict=True) if v is not None}
+    for label, values in {
+        "DMD2 init": (0.938, 5.51, 0.2249, 32.97, 27.97),
+        "DI++ (KL) (0, 0)": (0.846, 5.50, 0.2243, 32.66, None),
+        "DI++ (KL) (0, 7.5) = Diff-Instruct": (1.058, 5.60, 0.2253, 33.02, None),
+        "DI++ (KL) (100, 7.5)": (1.061, 5.58, 0.2260, 32.94, None),
+        "DI*-OUT (100, 7.5)": (1.082, 5.63, 0.2263, 33.03, None),
+        "DI*-IN (0, 0)": (0.782, 5.74, 0.2256, 32.16, None),
+        "DI*-IN (0, 7.5) = SIM": (1.049, 5.66, 0.2273, 32.93, None),
+        "DI*-IN (1, 7.5)": (1.031, 5.69, 0.2274, 32.87, None),
+        "DI*-IN (10, 7.5)": (1.048, 5.66, 0.2278, 32.91, None),
+        "DI*-IN (100, 4.5)": (1.020, 5.68, 0.2278, 32.82, None),
+        "DI*-IN (100, 7.5)": (1.067, 5.74, 0.2304, 32.82, 30.22),
+        "DI*-IN (100, 7.5) longer training": (1.140, 5.83, 0.2331, 32.75, 31.19),
+    }.items()
+}
+"""The paper's ablation rows: ImageReward, aesthetic, PickScore, CLIP score (and HPSv2.1 where reported)."""
 
 
 @dataclass

@@ -20,7 +20,7 @@ from distar import backbones, readers, storage
 from distar.backbones.sdxl import DMD2_REPO, DMD2_UNET_1STEP, GENERATOR_TIMESTEP, SDXL_BASE
 from distar.config import apply_mapping, apply_overrides, check_choices
 from distar.errors import UserError, redact
-from distar.losses import DivergenceConfig
+from distar.losses import DivergenceConfig, guidance_scale
 
 PRESETS = ("tiny", "sdxl", "sdxl-1gpu")
 DType = Literal["fp32", "bf16", "fp16", "float32", "bfloat16", "float16"]
@@ -109,7 +109,13 @@ class LossConfig(DivergenceConfig):
     alpha_rew: float = 100.0
     """α_rew in L_G = −α_rew·r + L_div (paper: 100)."""
     alpha_cfg: float = 7.5
-    """α_cfg of the reference (paper: 7.5)."""
+    """α_cfg of the reference (paper: 7.5), read under `cfg_convention`."""
+    cfg_convention: Literal["diffusers", "conditional"] = "diffusers"
+    """How α_cfg is read (the paper does not say; docs/METHOD.md §6): "diffusers" ε_∅ + α(ε_c − ε_∅), the reading
+    of "SDXL with CFG 7.5" in diffusers, where α = 0 is the unconditional model; "conditional" ε_c + α(ε_c − ε_∅),
+    where α = 0 is the conditional model (no guidance) and α means diffusers' α + 1. The paper's (0, 0) rows lose
+    CLIP score against DMD2 by less than an unconditional reference would suggest, which reads better as
+    "conditional"; the presets keep "diffusers" because the paper calls its reference "SDXL with CFG 7.5"."""
     cfg: Literal["divergence", "reward"] = "divergence"
     """Where CFG acts: "divergence" (DI*-IN, the paper's choice: the divergence is taken to the CFG reference) or
     "reward" (the divergence to the conditional reference plus the implicit reward (α_cfg − 1) log p(c|x_t))."""
@@ -121,6 +127,10 @@ class LossConfig(DivergenceConfig):
     """Smallest t of the assistant's denoising loss."""
     assistant_t_max: int = 1000
     """Largest t, exclusive, of the assistant's denoising loss."""
+
+    def guidance_scale(self) -> float:
+        """α_cfg as diffusers' scale, under `cfg_convention`."""
+        return guidance_scale(self.alpha_cfg, self.cfg_convention)
 
 
 @dataclass

@@ -162,7 +162,8 @@ class DIStar:
                 reward = nets.reward.combine({k: v.float() for k, v in terms.items()})
             parts["reward"] = reward.detach().mean()
             parts.update({f"reward/{k}": v.detach().float().mean() for k, v in terms.items()})
-        guidance = L.alpha_cfg if L.cfg == "divergence" else 1.0
+        scale = L.guidance_scale()
+        guidance = scale if L.cfg == "divergence" else 1.0
         objective = generator_objective(
             x0,
             t,
@@ -175,11 +176,13 @@ class DIStar:
             reference_branches=(lambda x_t, tt: [e.float() for e in nets.reference.branches(x_t, tt, cond)])
             if L.cfg == "reward"
             else None,
-            alpha_cfg=L.alpha_cfg,
+            alpha_cfg=scale,
             weight=time_weight(self.schedule, t, L.weighting, x0),
             **L.loss_kwargs(),
         )
         parts["divergence"] = objective.divergence.detach().mean()
+        if L.distance == "pseudo_huber":  # ≫ 1: d' is a unit vector, c no longer shapes the gradient
+            parts["divergence/y_over_c"] = objective.y_norm.mean() / L.huber_c
         if balance and reward is not None and L.alpha_rew != 0:
             parts.update(reward_divergence_balance(objective.reward_loss, objective.divergence_loss, x0))
         if objective.cfg_loss is not None:

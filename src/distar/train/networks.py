@@ -121,7 +121,7 @@ def assemble(
         generator_unet = generator_unet.float()
     generator = OneStepGenerator(generator_unet.to(world.device), t_star=m.t_star, backbone=backbone)
     reference = Reference(
-        reference_unet.to(world.device, parse_dtype(m.reference_dtype)), config.loss.alpha_cfg, backbone=backbone
+        reference_unet.to(world.device, parse_dtype(m.reference_dtype)), config.loss.guidance_scale(), backbone=backbone
     )
     if assistant_unet is None or m.assistant == "lora":
         rank, alpha = m.assistant_lora_rank, m.assistant_lora_alpha
