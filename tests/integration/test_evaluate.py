@@ -278,3 +278,22 @@ def test_ctrl_c_stops_after_the_batch_in_flight_and_the_same_command_resumes(pip
     assert finished.returncode == 0, finished.stderr
     result = json.loads((out / "metrics.json").read_text())
     assert result["runs"]["model"] == {**result["runs"]["model"], "skipped": kept, "generated": 40 - kept}
+
+
+def test_a_reference_baseline_samples_from_the_noise_it_was_given():
+    """diffusers' SDXL pipeline scales the latents it is passed by its scheduler's init_noise_sigma, and the Euler
+    scheduler's scale_model_input divides the first step's input by the same (σ_max² + 1)^½: the UNet's first
+    input must be the N(0, I) noise itself (a second scaling made it 14.6 times too large)."""
+    import torch
+
+    from distar import backbones, sources, tiny_preset
+
+    tiny_preset.materialize()
+    backbone = backbones.get("sdxl")
+    pipe = backbone.load_pipeline(sources.tiny_path("sdxl"), torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    seen = []
+    pipe.unet.register_forward_pre_hook(lambda module, args: seen.append(args[0].detach().clone()))
+    latents = torch.randn(2, *backbone.pipeline_latent_shape(pipe), generator=torch.Generator().manual_seed(0))
+    backbone.sample_steps(pipe, ["a red cat", "a blue dog"], latents, steps=2, guidance_scale=7.5)
+    torch.testing.assert_close(seen[0], torch.cat([latents, latents]), rtol=1e-5, atol=1e-5)  # CFG: ∅ and c

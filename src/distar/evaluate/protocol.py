@@ -25,7 +25,12 @@ HPS_IN_CACHE = "prompts/hpsv2"
 """The HPSv2 benchmark prompts inside such a cache (one JSON list per style)."""
 SEED = 0
 """The seed each prompt's noise is derived from."""
-NOISE = "one N(0, I) latent per prompt, seeded by blake2b(seed/prompt id)"
+NOISE = (
+    "one N(0, I) latent per prompt, seeded by blake2b(seed/prompt id); a many-step baseline's scheduler scales it by "
+    "its init_noise_sigma once"
+)
+"""Part of the protocol record: results sampled under another rule (before 2026-12, a reference baseline's noise
+was scaled twice) do not compare."""
 IMAGES_PER_PROMPT = 1
 GUIDANCE_SCALE = 7.5
 """CFG of a `reference:N` baseline (the paper's SDXL rows)."""
