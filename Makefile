@@ -13,7 +13,7 @@ TORCH_CPU_LINKS ?= https://download.pytorch.org/whl/cpu/torch/
 LOCK := $(VENV)/bin/uv pip compile pyproject.toml --quiet --python-version 3.11 \
 	--python-platform x86_64-manylinux_2_28 --custom-compile-command "make lock"
 
-.PHONY: venv lock browser demo toy test test-fast lint bench screenshots clean
+.PHONY: venv lock browser demo toy lab test test-fast lint bench screenshots clean
 
 # The versions come from locks/ci.txt (torch, installed first, is the only requirement it leaves out).
 $(VENV)/.installed: pyproject.toml locks/ci.txt
@@ -47,6 +47,12 @@ demo: venv
 toy: venv
 	$(VENV)/bin/distar toy --out runs/demo-toy
 	@echo "picture: runs/demo-toy/toy.png   metrics: runs/demo-toy/metrics.json"
+
+# The real-data lab (docs/LAB.md): every stage on scikit-learn's digits, the paper's ablation grid, the comparison.
+# About 30 minutes on 2 CPU cores; LAB_ARGS=--quick is the 1-minute version CI runs.
+lab: venv
+	@$(PY) -c "import sklearn" 2>/dev/null || $(PY) -m pip install -q "scikit-learn>=1.4"
+	$(VENV)/bin/distar lab digits --out runs/lab $(LAB_ARGS)
 
 # Everything CI runs: tests/unit (math, parsing, converters, bad input) and tests/integration (torchrun, the DAG,
 # emulated object stores and API servers, the reports in headless Chromium as the pipeline UI shows them).

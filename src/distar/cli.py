@@ -33,6 +33,17 @@ def _train(args: argparse.Namespace) -> None:
         print(json.dumps(summary))
 
 
+def _lab(args: argparse.Namespace) -> None:
+    from distar.lab import LabConfig, run_lab
+
+    variants = [v for v in (args.variants or "").split(",") if v]
+    lab = run_lab(
+        LabConfig.make(args.out, quick=args.quick, variants=variants), log=lambda line: print(line, flush=True)
+    )
+    print(f"lab: {len(lab['variants'])} variants in {lab['seconds']:.0f} s; wrote {args.out}/lab.json, "
+          f"{args.out}/pareto.png and {args.out}/comparison/report.html")  # fmt: skip
+
+
 def _curate(args: argparse.Namespace) -> None:
     from distar.curate import CurateConfig, curate
 
@@ -320,6 +331,18 @@ def _add_config(p: argparse.ArgumentParser) -> None:
     show.set_defaults(func=_config_show)
 
 
+def _add_lab(p: argparse.ArgumentParser) -> None:
+    p.add_argument("dataset", choices=["digits"], help="the real data: scikit-learn's handwritten digits")
+    p.add_argument("--out", default="runs/lab", help="output directory (lab.json, pareto.png, comparison/, stages/)")
+    p.add_argument("--quick", action="store_true", help="short stages and three variants (what CI runs)")
+    p.add_argument(
+        "--variants", default=None,
+        help="comma-separated rows of distar.compare.TABLE3 (NAME@conditional: the other α_cfg reading); "
+        "default: every row, and both (0, 0) rows under the conditional reading",
+    )  # fmt: skip
+    p.set_defaults(func=_lab)
+
+
 def _add_toy(p: argparse.ArgumentParser) -> None:
     p.description = (
         "Train a one-step generator on a 2-D Gaussian mixture with DI*. Overrides are key=value pairs of "
@@ -535,6 +558,7 @@ class _RawWithDefaults(argparse.RawDescriptionHelpFormatter, _WithDefaults):
 # for the command being run: the others' modules (torch, diffusers) stay unimported.
 COMMANDS = {
     "toy": ("the 2-D lab: a complete DI* run on a Gaussian mixture", _add_toy),
+    "lab": ("the real-data lab: DI* end to end on trained models and real digits", _add_lab),
     "curate": ("prompt sources → normalised, filtered, deduplicated Parquet shards", _add_curate),
     "cache": ("fetch, convert and checksum every model a run needs into a cache URI", _add_cache),
     "train": ("DI* training (one process, or one per device under torchrun)", _add_train),

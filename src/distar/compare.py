@@ -63,6 +63,13 @@ def paper_source(label: str) -> str:
     return "the paper's main results table" if label in PAPER else ""
 
 
+def _metrics(reports: list[dict]) -> list[str]:
+    """The paper's metrics the evaluations hold, in the paper's order; where they hold none of them (the lab's
+    judge metrics), every number they hold."""
+    found = {m for r in reports for m, v in r["results"]["model"].items() if isinstance(v, (int, float))}
+    return [m for m in METRICS if m in found] or sorted(found)
+
+
 def _curves(run: str | None) -> list[dict]:
     if not run:
         return []
@@ -114,6 +121,7 @@ def compare(
         if found:
             mismatches[name] = found
     start = baselines["initial"][1]["results"]["model"] if "initial" in baselines else {}
+    metrics = _metrics([report for _, report in loaded.values()])
     rows = []
     for name, (uri, report) in loaded.items():
         ours = report["results"]["model"]
@@ -124,11 +132,11 @@ def compare(
                 "variant": name,
                 "evaluation": uri,
                 "run": report.get("run"),
-                "ours": {m: ours[m] for m in METRICS if m in ours},
+                "ours": {m: ours[m] for m in metrics if m in ours},
                 "paper_row": label,
                 "paper": PAPER_ROWS.get(label, {}),
                 "paper_source": paper_source(label),
-                "vs_initial": {m: ours[m] - start[m] for m in METRICS if m in ours and m in start},
+                "vs_initial": {m: ours[m] - start[m] for m in metrics if m in ours and m in start},
                 "guard_breached_at": _breached(lines),
                 "curves": {
                     k: [(line["step"], line[k]) for line in lines if isinstance(line.get(k), (int, float))]
@@ -140,6 +148,7 @@ def compare(
             }
         )
     result = {
+        "metrics": metrics,
         "protocol": first["protocol"],
         "protocol_digest": first.get("protocol_digest"),
         "protocol_mismatches": mismatches,
@@ -169,17 +178,18 @@ def _fmt(value) -> str:
 
 def markdown_table(result: dict) -> str:
     """Table 3's layout: a row per variant, each metric as ours (paper) and the change from the initial generator."""
-    head = "| variant | " + " | ".join(f"{m} ours (paper) Δinit" for m in METRICS) + " | guard |"
-    lines = [head, "|" + "---|" * (len(METRICS) + 2)]
+    metrics = result.get("metrics", METRICS)
+    head = "| variant | " + " | ".join(f"{m} ours (paper) Δinit" for m in metrics) + " | guard |"
+    lines = [head, "|" + "---|" * (len(metrics) + 2)]
     for role, label in BASELINE_ROWS:
         if role in result["baselines"]:
             ours = result["baselines"][role]["ours"]
-            cells = [f"{_fmt(ours.get(m))} ({_fmt(PAPER_ROWS[label].get(m))})" for m in METRICS]
+            cells = [f"{_fmt(ours.get(m))} ({_fmt(PAPER_ROWS[label].get(m))})" for m in metrics]
             model = model_label(result["baselines"][role]["model"])
             lines.append(f"| {role}: {model} (paper row: {label}) | " + " | ".join(cells) + " | |")
     for row in result["rows"]:
         cells = [
-            f"{_fmt(row['ours'].get(m))} ({_fmt(row['paper'].get(m))}) {_signed(row, m)}".rstrip() for m in METRICS
+            f"{_fmt(row['ours'].get(m))} ({_fmt(row['paper'].get(m))}) {_signed(row, m)}".rstrip() for m in metrics
         ]
         guard = f"breached at {row['guard_breached_at']}" if row["guard_breached_at"] else ""
         lines.append(f"| {row['variant']} | " + " | ".join(cells) + f" | {guard} |")
@@ -205,14 +215,15 @@ def render(result: dict, loaded: dict, baselines: dict, images: int) -> str:
     import matplotlib.pyplot as plt
 
     e = html.escape
-    head = "".join(f"<th colspan='3'>{e(m)}</th>" for m in METRICS)
-    sub = "".join("<th>ours</th><th>paper</th><th>Δ initial</th>" for _ in METRICS)
+    metrics = result.get("metrics", METRICS)
+    head = "".join(f"<th colspan='3'>{e(m)}</th>" for m in metrics)
+    sub = "".join("<th>ours</th><th>paper</th><th>Δ initial</th>" for _ in metrics)
     body = []
     for role, label in BASELINE_ROWS:
         if role in result["baselines"]:
             ours = result["baselines"][role]["ours"]
             cells = "".join(
-                f"<td>{_fmt(ours.get(m))}</td><td>{_fmt(PAPER_ROWS[label].get(m))}</td><td></td>" for m in METRICS
+                f"<td>{_fmt(ours.get(m))}</td><td>{_fmt(PAPER_ROWS[label].get(m))}</td><td></td>" for m in metrics
             )
             model = model_label(result["baselines"][role]["model"])
             body.append(
@@ -221,7 +232,7 @@ def render(result: dict, loaded: dict, baselines: dict, images: int) -> str:
     for row in result["rows"]:
         cells = "".join(
             f"<td>{_fmt(row['ours'].get(m))}</td><td>{_fmt(row['paper'].get(m))}</td><td>{_signed(row, m)}</td>"
-            for m in METRICS
+            for m in metrics
         )
         guard = f"breached at {row['guard_breached_at']}" if row["guard_breached_at"] else ""
         label = f" <small>(paper: {e(row['paper_row'])})</small>" if row["paper_row"] else ""

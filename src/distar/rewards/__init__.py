@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from distar.errors import UserError
+from distar.rewards.digits import DigitReward
 from distar.rewards.image_reward import ImageReward
 from distar.rewards.models import AestheticHead, AestheticReward, ClipReward, RewardModel
 
@@ -28,12 +29,15 @@ DEFAULTS = {
     "aesthetic": (OPENAI_CLIP_L, None, "camenduru/improved-aesthetic-predictor:sac+logos+ava1-l14-linearMSE.pth"),
     # The converted ImageReward as `distar cache` writes it (from THUDM/ImageReward:ImageReward.pt), tokenizer inside.
     "imagereward": ("THUDM/ImageReward-converted", None, None),
+    # The real-data lab's digit classifier (docs/LAB.md): no default, reward.sources.digits names it.
+    "digits": (None, None, None),
 }
 KNOWN = tuple(DEFAULTS)
 
-PAPER_SCALE = {"pickscore": 0.01, "hpsv2.1": 100.0, "imagereward": 1.0, "aesthetic": 1.0, "clip": 1.0}
+PAPER_SCALE = {"pickscore": 0.01, "hpsv2.1": 100.0, "imagereward": 1.0, "aesthetic": 1.0, "clip": 1.0, "digits": 1.0}
 """raw score × PAPER_SCALE = the paper's scale: PickScore as the cosine (raw logit_scale·cos ≈ 22 → ≈ 0.22),
-HPSv2.1 × 100 (raw cosine ≈ 0.30 → ≈ 30), ImageReward and the aesthetic score raw, CLIP score already × 100."""
+HPSv2.1 × 100 (raw cosine ≈ 0.30 → ≈ 30), ImageReward and the aesthetic score raw, CLIP score already × 100; the
+lab's digits reward is a log-probability, raw."""
 
 
 @dataclass
@@ -54,6 +58,8 @@ def load_reward(spec: RewardSpec, dtype="fp32", **resolve_kwargs) -> RewardModel
     if spec.source:  # a model given explicitly brings its own tokenizer unless a processor is named too
         source, processor = spec.source, spec.processor
     processor, head = spec.processor or processor, spec.head or head
+    if spec.name == "digits":
+        return DigitReward.from_pretrained(spec.source, dtype=dtype, **resolve_kwargs)
     if spec.name == "imagereward":
         return ImageReward.from_pretrained(source, processor, dtype=dtype, **resolve_kwargs)
     if spec.name == "aesthetic":
@@ -93,6 +99,7 @@ __all__ = [
     "AestheticHead",
     "AestheticReward",
     "ClipReward",
+    "DigitReward",
     "ImageReward",
     "RewardModel",
     "RewardSpec",

@@ -1,0 +1,568 @@
+"""`distar lab digits`: DI* end to end on trained models and real images, in minutes of CPU (docs/LAB.md).
+
+The handwritten digits scikit-learn ships (1,797 images of 8×8, UCI, CC BY 4.0) read at 16×16, with prompts that
+name the digit ("a handwritten digit seven"). Every stage runs the production code: the SDXL backbone's classes and
+pipeline layout, `distar train` for the one-step init and every variant, `distar export` for each trained
+generator, stock diffusers to sample, and `distar compare` for the table. The stages:
+
+  1. autoencoder   the tiny SDXL-shaped AutoencoderKL trained on the digits
+  2. reference     the tiny SDXL-shaped UNet trained as a text-conditional ε-prediction model on the VP schedule,
+                   with condition dropout for CFG: the lab's "SDXL-base" (sampled in 50 steps with CFG)
+  3. rewards       a CNN trained on one split as the reward (log p of the prompted digit) and, on a disjoint split,
+                   the judge: its features give the Fréchet distance (the lab's FID), its argmax the accuracy (the
+                   lab's CLIP score) and its log p the held-out reward (the guard against hacking)
+  4. init          the one-step generator distilled from the reference at t* with the KL divergence and CFG (DMD2)
+  5. ablation      the paper's ablation rows (`compare.TABLE3`) from that init, then the comparison
+
+Each stage's output sits under DIR/stages/<stage>-<digest of its inputs>, written to a staging folder and renamed
+into place, so a second run (another grid, more variants) reuses every stage whose inputs did not change.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from distar import backbones, storage
+from distar.errors import UserError
+
+DIGITS_LICENCE = "UCI ML hand-written digits (Alpaydin & Kaynak), as shipped by scikit-learn; CC BY 4.0"
+SIDE = 16
+"""Pixels per side the lab's models read (the data's 8×8, upsampled)."""
+TEMPLATE = "a handwritten digit {word}"
+REWARD_WEIGHT = 0.01
+"""The digits reward's weight inside r: with it α_rew = 100 pulls as α_rew·log p = log p, the reward's own unit,
+as the paper's α_rew = 100 on PickScore's cosine is 100 · cos."""
+
+
+@dataclass
+class LabConfig:
+    out: str
+    quick: bool = False
+    seed: int = 0
+    vae_steps: int = 1500
+    reference_steps: int = 6000
+    classifier_steps: int = 1500
+    init_steps: int = 600
+    variant_steps: int = 300
+    batch_size: int = 32
+    assistant_updates: int = 1
+    """K_TA of the lab's runs (1, Diff-Instruct's and SiD's alternation; DMD2 uses 5)."""
+    images_per_digit: int = 40
+    variants: list[str] = field(default_factory=list)
+    """Names from compare.TABLE3 (all when empty) and "<name>@conditional" for the other α_cfg reading."""
+    init_alpha_cfg: float = 3.0
+    """The reference's CFG when distilling the init (the lab's DMD2)."""
+
+    @classmethod
+    def make(cls, out: str, quick: bool = False, **kw) -> LabConfig:
+        if quick:
+            kw = {
+                "vae_steps": 200, "reference_steps": 800, "classifier_steps": 300, "init_steps": 120,
+                "variant_steps": 30, "images_per_digit": 10, **kw,
+                "variants": kw.get("variants") or ["kl-rew100", "score-cfg", "score-rew100"],
+            }  # fmt: skip
+        return cls(out=out, quick=quick, **kw)
+
+
+# -- the data ------------------------------------------------------------------------------------------
+
+
+def digits() -> tuple[torch.Tensor, torch.Tensor]:
+    """(images (N, 1, SIDE, SIDE) in [0, 1], labels (N,)): the scikit-learn digits, upsampled bilinearly."""
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError as err:
+        raise UserError("distar lab needs scikit-learn: run `make lab`, or pip install 'distar[lab]'") from err
+    data = load_digits()
+    images = torch.tensor(data.images, dtype=torch.float32)[:, None] / 16.0
+    images = F.interpolate(images, size=(SIDE, SIDE), mode="bilinear", align_corners=False).clamp(0, 1)
+    return images, torch.tensor(data.target, dtype=torch.long)
+
+
+def splits(n: int, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Disjoint index sets: the reward's (45 %), the judge's (35 %), and the real images FD compares with (20 %).
+    The autoencoder and the reference train on the first two."""
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    a, b = int(0.45 * n), int(0.8 * n)
+    return {"reward": order[:a], "judge": order[a:b], "test": order[b:], "generative": order[:b]}
+
+
+def prompt(digit: int) -> str:
+    from distar.rewards.digits import DIGIT_WORDS
+
+    return TEMPLATE.format(word=DIGIT_WORDS[digit])
+
+
+def rgb(images: torch.Tensor) -> torch.Tensor:
+    return images.expand(-1, 3, -1, -1)
+
+
+# -- the judge's metrics (pure) ---------------------------------------------------------------------------
+
+
+def frechet_distance(a: torch.Tensor, b: torch.Tensor) -> float:
+    """‖μa − μb‖² + tr(Σa + Σb − 2(Σa^½ Σb Σa^½)^½) between the Gaussians fitted to two feature sets (N, F)."""
+    a, b = a.double(), b.double()
+    mu_a, mu_b = a.mean(0), b.mean(0)
+    cov_a, cov_b = torch.cov(a.T), torch.cov(b.T)
+    vals, vecs = torch.linalg.eigh(cov_a)
+    root_a = vecs @ torch.diag(vals.clamp_min(0).sqrt()) @ vecs.T
+    cross = torch.linalg.eigvalsh(root_a @ cov_b @ root_a).clamp_min(0).sqrt().sum()
+    return float((mu_a - mu_b).pow(2).sum() + cov_a.trace() + cov_b.trace() - 2 * cross)
+
+
+def spread(features: torch.Tensor, labels: torch.Tensor) -> float:
+    """The mean over classes of tr Σ of the features within a class: how different one prompt's images are."""
+    per = [torch.cov(features[labels == c].double().T).trace() for c in labels.unique() if (labels == c).sum() > 1]
+    return float(torch.stack(per).mean())
+
+
+@torch.no_grad()
+def judge_metrics(images: torch.Tensor, labels: torch.Tensor, reward, judge, real: torch.Tensor, real_labels):
+    """The lab's metrics of images (B, 3, H, W) in [0, 1] made for the digits `labels`."""
+    feats, real_feats = judge.features(images), judge.features(rgb(real))
+    logp_judge = judge(images).log_softmax(-1).gather(1, labels[:, None]).squeeze(1)
+    logits = reward(images)
+    return {
+        "reward": float(logits.log_softmax(-1).gather(1, labels[:, None]).mean()),
+        "heldout": float(logp_judge.mean()),
+        "accuracy": float((judge(images).argmax(-1) == labels).float().mean()),
+        "reward_accuracy": float((logits.argmax(-1) == labels).float().mean()),
+        "fd": frechet_distance(feats, real_feats),
+        "diversity": spread(feats, labels) / spread(real_feats, real_labels),
+    }
+
+
+# -- stages ------------------------------------------------------------------------------------------------
+
+
+class Stages:
+    """Stage outputs under root/stages, each keyed by the digest of its inputs."""
+
+    def __init__(self, root: Path, log):
+        self.root, self.log = root / "stages", log
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def run(self, name: str, inputs: dict, build) -> tuple[Path, dict]:
+        digest = hashlib.sha256(json.dumps(inputs, sort_keys=True, default=str).encode()).hexdigest()[:12]
+        final = self.root / f"{name}-{digest}"
+        if (final / "stage.json").is_file():
+            record = json.loads((final / "stage.json").read_text())
+            self.log(f"{name}: reused {final.name}")
+            return final, record
+        staging = self.root / f".{name}-{digest}.partial"
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir()
+        start = time.perf_counter()
+        self.log(f"{name}: building")
+        result = build(staging, final) or {}
+        record = {"stage": name, "inputs": inputs, "seconds": round(time.perf_counter() - start, 1), **result}
+        (staging / "stage.json").write_text(json.dumps(record, indent=1))
+        shutil.rmtree(final, ignore_errors=True)
+        staging.rename(final)
+        self.log(f"{name}: {record['seconds']} s")
+        return final, record
+
+
+def _batches(n: int, batch: int, steps: int, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        yield torch.randint(n, (batch,), generator=g)
+
+
+def train_autoencoder(out: Path, images: torch.Tensor, steps: int, seed: int) -> dict:
+    from diffusers import AutoencoderKL
+
+    from distar.backbones.sdxl import TINY_VAE_CONFIG
+
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(**{**TINY_VAE_CONFIG, "sample_size": SIDE})
+    opt = torch.optim.Adam(vae.parameters(), lr=1e-3)
+    x_all = rgb(images) * 2 - 1
+    for idx in _batches(len(images), 64, steps, seed):
+        x = x_all[idx]
+        post = vae.encode(x).latent_dist
+        recon = vae.decode(post.sample()).sample
+        loss = F.mse_loss(recon, x) + 1e-6 * post.kl().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        post = vae.encode(x_all).latent_dist
+        scale = float(1.0 / post.mean.std())
+        mse = float(F.mse_loss(vae.decode(post.mean).sample, x_all))
+    vae.register_to_config(scaling_factor=scale)
+    vae.save_pretrained(out / "vae")
+    return {"reconstruction_mse": mse, "scaling_factor": scale}
+
+
+def train_reference(out: Path, vae_dir: Path, images, labels, steps: int, batch: int, seed: int) -> dict:
+    """The pipeline directory of the lab's reference: tiny SDXL text encoders (frozen), the trained VAE, and a
+    UNet trained by denoising score matching with 10 % of the conditions dropped (CFG's null condition)."""
+    from diffusers import AutoencoderKL
+
+    from distar.backbones.sdxl import build_tiny_sdxl, build_tiny_unet, tiny_unet_config
+
+    backbone = backbones.get("sdxl")
+    build_tiny_sdxl(out, seed=seed)
+    shutil.rmtree(out / "vae")
+    shutil.copytree(vae_dir, out / "vae")
+    vae = AutoencoderKL.from_pretrained(out / "vae").requires_grad_(False)
+    encoder = backbone.prompt_encoder(out)
+    cond_all = encoder.encode([prompt(d) for d in range(10)], SIDE, SIDE)
+    torch.manual_seed(seed)
+    unet = build_tiny_unet(seed)
+    unet.register_to_config(sample_size=SIDE // backbone.vae_factor(vae.config))
+    assert unet.config.sample_size * backbone.vae_factor(vae.config) == SIDE, tiny_unet_config()
+    schedule = backbone.schedule()
+    opt = torch.optim.AdamW(unet.parameters(), lr=1e-3, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
+    g = torch.Generator().manual_seed(seed + 1)
+    losses = []
+    for idx in _batches(len(images), batch, steps, seed):
+        with torch.no_grad():
+            x0 = backbone.encode(vae, rgb(images[idx]), g)
+        keep = (torch.rand(len(idx), generator=g) > 0.1).float()
+        d = labels[idx]
+        cond = backbone.conditioning_from_embeddings(
+            [cond_all.prompt_embeds[d] * keep[:, None, None], cond_all.pooled_prompt_embeds[d] * keep[:, None]],
+            SIDE,
+            SIDE,
+        )
+        t = schedule.sample_t(len(idx), 0, 1000, g)
+        eps = torch.randn(x0.shape, generator=g)
+        loss = F.mse_loss(backbone.forward(unet, schedule.add_noise(x0, eps, t), t, cond), eps)
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        losses.append(float(loss.detach()))
+    shutil.rmtree(out / "unet")
+    unet.save_pretrained(out / "unet")
+    tail = losses[-max(1, len(losses) // 10) :]
+    return {"denoising_loss_last10pct": sum(tail) / len(tail)}
+
+
+def train_classifier(out: Path, images, labels, steps: int, seed: int, test) -> dict:
+    from distar.rewards.digits import DigitClassifier
+
+    torch.manual_seed(seed)
+    net = DigitClassifier(side=SIDE)
+    opt = torch.optim.Adam(net.parameters(), lr=1e-3)
+    for idx in _batches(len(images), 64, steps, seed):
+        loss = F.cross_entropy(net(images[idx]), labels[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    net.eval()
+    with torch.no_grad():
+        accuracy = float((net(test[0]).argmax(-1) == test[1]).float().mean())
+    net.save(out)
+    return {"test_accuracy": accuracy}
+
+
+# -- sampling through stock diffusers ------------------------------------------------------------------
+
+
+def eval_latents(pipe, images_per_digit: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same noise for every model: (10 · images_per_digit latents, their digits)."""
+    backbone = backbones.get("sdxl")
+    shape = backbone.pipeline_latent_shape(pipe)
+    g = torch.Generator().manual_seed(seed + 7)
+    labels = torch.arange(10).repeat_interleave(images_per_digit)
+    return torch.randn(len(labels), *shape, generator=g), labels
+
+
+@torch.no_grad()
+def sample(pipeline: Path, images_per_digit: int, seed: int, steps: int | None = None, cfg: float = 0.0):
+    """Images (10 · images_per_digit, 3, SIDE, SIDE) of a pipeline directory: `steps` with CFG `cfg` (the reference)
+    or, with steps None, one step at the t* its export recorded."""
+    backbone = backbones.get("sdxl")
+    pipe = backbone.load_pipeline(pipeline, torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    latents, labels = eval_latents(pipe, images_per_digit, seed)
+    texts = [prompt(int(d)) for d in labels]
+    out = []
+    for i in range(0, len(texts), 64):
+        if steps is None:
+            t_star = json.loads((pipeline / "distar.json").read_text())["t_star"]
+            out.append(backbone.sample_one_step(pipe, texts[i : i + 64], latents[i : i + 64], t_star))
+        else:
+            out.append(backbone.sample_steps(pipe, texts[i : i + 64], latents[i : i + 64], steps, cfg))
+    return torch.cat(out).float().clamp(0, 1), labels
+
+
+def save_grid(images: torch.Tensor, path: Path, per_row: int) -> None:
+    """A PNG of images (N, 3, H, W) in [0, 1], `per_row` to a row, each scaled 4× (nearest)."""
+    from PIL import Image
+
+    n, _, h, w = images.shape
+    rows = math.ceil(n / per_row)
+    canvas = torch.ones(3, rows * (h + 1), per_row * (w + 1))
+    for i, img in enumerate(images):
+        r, c = divmod(i, per_row)
+        canvas[:, r * (h + 1) : r * (h + 1) + h, c * (w + 1) : c * (w + 1) + w] = img
+    array = (canvas.permute(1, 2, 0) * 255).round().byte().numpy()
+    Image.fromarray(array).resize((canvas.shape[2] * 4, canvas.shape[1] * 4), Image.NEAREST).save(path)
+
+
+# -- DI* runs through `distar train` and `distar export` ------------------------------------------------
+
+
+def write_prompts(path: Path) -> Path:
+    """The lab's prompt set in the layout `distar curate` writes: each digit's prompt, ten rows each."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    texts = [prompt(d) for _ in range(10) for d in range(10)]
+    path.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.table({"prompt": texts}), path / "part-00000.parquet")
+    return path
+
+
+def train_and_export(out: Path, config: LabConfig, init: str, overrides: list[str], steps: int, ctx: dict) -> dict:
+    """`distar train` (one process, the tiny preset's settings, the lab's models) and `distar export`."""
+    from distar.export import ExportConfig, export
+    from distar.train import run
+
+    run_dir = out / "run"
+    base = [
+        f"out={run_dir}",
+        f"steps={steps}",
+        f"seed={config.seed}",
+        f"model.reference={ctx['reference']}",
+        f"model.generator_init={init}",
+        "model.assistant_init=reference",
+        f'reward.weights={{"digits": {REWARD_WEIGHT}}}',
+        f'reward.sources={{"digits": "{ctx["reward"]}"}}',
+        f"data.prompts={ctx['prompts']}",
+        f"data.resolution={SIDE}",
+        f"data.batch_size={config.batch_size}",
+        "parallel.strategy=none",
+        "parallel.device=cpu",
+        f"assistant_updates={config.assistant_updates}",
+        "generator_optim.lr=1e-4",
+        "assistant_optim.lr=1e-4",
+        "generator_optim.beta1=0.0",
+        "assistant_optim.beta1=0.0",
+        f"checkpoint.every={steps}",
+        "checkpoint.keep_last=1",
+        f"log.every={max(1, steps // 20)}",
+        f"log.sample_every={steps}",
+        "log.sample_prompts=10",
+        "log.progress=false",
+    ]
+    summary = run("tiny", base + list(overrides))
+    export(ExportConfig(str(run_dir), str(out / "pipeline"), dtype="fp32"))
+    return {"train": {k: summary[k] for k in ("steps", "seconds") if k in summary}, "overrides": list(overrides)}
+
+
+def measure(name: str, pipeline: Path, config: LabConfig, ctx: dict, steps: int | None = None, cfg: float = 0.0):
+    """The judge's metrics of a pipeline's images; their grid (a row per digit, the same seeds in every grid) and
+    an evaluation record that `distar compare` reads, under DIR/evaluations/NAME."""
+    images, labels = sample(pipeline, config.images_per_digit, config.seed, steps, cfg)
+    metrics = judge_metrics(images, labels, ctx["reward_net"], ctx["judge_net"], *ctx["real"])
+    ctx["evaluations"][name] = write_evaluation(ctx["root"] / "evaluations" / name, name, images, labels, metrics, ctx)
+    grid = images.view(10, config.images_per_digit, *images.shape[1:])[:, : min(10, config.images_per_digit)]
+    save_grid(grid.flatten(0, 1), ctx["root"] / "evaluations" / name / "grid.png", grid.shape[1])
+    return metrics
+
+
+def variant_grid(names: list[str]) -> list[dict]:
+    """compare.TABLE3's variants by name, and "<name>@conditional" for the same row under the other α_cfg reading."""
+    from distar.compare import TABLE3
+
+    table = {v["name"]: v for v in TABLE3}
+    chosen = []
+    for name in names or [v["name"] for v in TABLE3] + ["kl-cfg0@conditional", "score-cfg0@conditional"]:
+        base, _, convention = name.partition("@")
+        if base not in table or convention not in ("", "diffusers", "conditional"):
+            known = ", ".join(table)
+            raise UserError(f"--variants: {name!r} is not a row of the grid ({known}; add @conditional for α_cfg)")
+        v = table[base]
+        chosen.append(
+            {**v, "name": name, "overrides": v["overrides"] + [f"loss.cfg_convention={convention or 'diffusers'}"]}
+        )
+    return chosen
+
+
+# -- the lab ---------------------------------------------------------------------------------------------
+
+
+def run_lab(config: LabConfig, log=print) -> dict:
+    """Every stage (reused where its inputs did not change), the grid, `distar compare`; writes DIR/lab.json."""
+    from distar.rewards.digits import DigitClassifier
+
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    storage.check_output("--out", config.out)
+    root = Path(config.out)
+    stages = Stages(root, log)
+    images, labels = digits()
+    sp = splits(len(images), config.seed)
+    real = (images[sp["test"]], labels[sp["test"]])
+    started = time.perf_counter()
+    lab: dict = {"data": DIGITS_LICENCE, "prompt_template": TEMPLATE, "side": SIDE, "quick": config.quick,
+                 "config": dataclasses.asdict(config), "stages": {}, "variants": {}}  # fmt: skip
+
+    def record(name, path, rec):
+        lab["stages"][name] = {"path": str(path), **{k: v for k, v in rec.items() if k != "inputs"}}
+
+    base = {"seed": config.seed, "side": SIDE, "version": 1}
+    ae_in = {**base, "steps": config.vae_steps}
+    ae, rec = stages.run("autoencoder", ae_in, lambda tmp, _: train_autoencoder(
+        tmp, images[sp["generative"]], config.vae_steps, config.seed))  # fmt: skip
+    record("autoencoder", ae, rec)
+    ref_in = {**base, "autoencoder": ae.name, "steps": config.reference_steps, "batch": config.batch_size}
+    ref, rec = stages.run("reference", ref_in, lambda tmp, _: train_reference(
+        tmp / "pipeline", ae / "vae", images[sp["generative"]], labels[sp["generative"]], config.reference_steps,
+        config.batch_size, config.seed))  # fmt: skip
+    record("reference", ref, rec)
+    rw_in = {**base, "steps": config.classifier_steps}
+    rw, rec = stages.run("rewards", rw_in, lambda tmp, _: {
+        "reward": train_classifier(tmp / "reward", images[sp["reward"]], labels[sp["reward"]],
+                                   config.classifier_steps, config.seed + 1, real),
+        "judge": train_classifier(tmp / "judge", images[sp["judge"]], labels[sp["judge"]],
+                                  config.classifier_steps, config.seed + 2, real)})  # fmt: skip
+    record("rewards", rw, rec)
+    ctx = {
+        "reference": ref / "pipeline",
+        "reward": rw / "reward",
+        "prompts": write_prompts(root / "prompts"),
+        "reward_net": DigitClassifier.load(rw / "reward").eval(),
+        "judge_net": DigitClassifier.load(rw / "judge").eval(),
+        "real": real,
+        "root": root,
+        "evaluations": {},
+        "runs": {},
+        "protocol": {
+            "lab": "digits",
+            "side": SIDE,
+            "seed": config.seed,
+            "images_per_digit": config.images_per_digit,
+            "judge": rw.name,
+            "real_images": len(real[1]),
+            "prompt_template": TEMPLATE,
+        },
+    }
+    real_metrics = judge_metrics(rgb(real[0]), real[1], ctx["reward_net"], ctx["judge_net"], *real)
+    lab["real_test_images"] = real_metrics
+    lab["reference_50_steps"] = measure("reference", ref / "pipeline", config, ctx, 50, config.init_alpha_cfg)
+    log(f"reference (50 steps, CFG {config.init_alpha_cfg:g}): {lab['reference_50_steps']}")
+    init_over = ["loss.divergence=kl", "loss.kl_normalise=true", "loss.alpha_rew=0",
+                 f"loss.alpha_cfg={config.init_alpha_cfg:g}"]  # fmt: skip
+    init_in = {**base, "reference": ref.name, "rewards": rw.name, "steps": config.init_steps, "over": init_over,
+               "k": config.assistant_updates, "batch": config.batch_size}  # fmt: skip
+    init, rec = stages.run("init", init_in, lambda tmp, _: train_and_export(
+        tmp, config, "reference", init_over, config.init_steps, ctx))  # fmt: skip
+    record("init", init, rec)
+    ctx["runs"]["init"] = str(init / "run")
+    lab["init"] = {"path": str(init / "pipeline"), **measure("init", init / "pipeline", config, ctx)}
+    log(f"init: {lab['init']}")
+    lab["untrained_one_step"] = _untrained(root / "untrained", init / "pipeline", config, ctx)
+    for v in variant_grid(config.variants):
+        v_in = {**base, "init": init.name, "rewards": rw.name, "steps": config.variant_steps, "over": v["overrides"],
+                "k": config.assistant_updates, "batch": config.batch_size}  # fmt: skip
+        slug = v["name"].replace("@", "-")
+        path, rec = stages.run(f"variant-{slug}", v_in, lambda tmp, _, v=v: train_and_export(
+            tmp, config, str(init / "pipeline"), v["overrides"], config.variant_steps, ctx))  # fmt: skip
+        ctx["runs"][v["name"]] = str(path / "run")
+        lab["variants"][v["name"]] = {"path": str(path / "pipeline"), "paper_row": v["paper"],
+                                      "settings": v["settings"], "seconds": rec["seconds"],
+                                      **measure(v["name"], path / "pipeline", config, ctx)}  # fmt: skip
+        log(f"{v['name']}: {lab['variants'][v['name']]}")
+    lab["seconds"] = round(time.perf_counter() - started, 1)
+    report(root, lab, ctx)
+    (root / "lab.json").write_text(json.dumps(lab, indent=1))
+    return lab
+
+
+def _untrained(folder: Path, init: Path, config: LabConfig, ctx: dict) -> dict:
+    """The init's pipeline with a UNet that was never trained (fresh weights of its config): FD's far end."""
+    from diffusers import UNet2DConditionModel
+
+    shutil.rmtree(folder, ignore_errors=True)
+    shutil.copytree(init, folder, ignore=shutil.ignore_patterns("unet_ema"))
+    shutil.rmtree(folder / "unet")
+    torch.manual_seed(config.seed + 3)
+    UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(init / "unet")).save_pretrained(folder / "unet")
+    return measure("untrained", folder, config, ctx)
+
+
+# -- records and the report -------------------------------------------------------------------------------
+
+
+def write_evaluation(folder: Path, name: str, images, labels, metrics: dict, ctx: dict) -> str:
+    """An evaluation directory as `distar compare` reads it: metrics.json (the lab's protocol, its digest, the
+    metrics, the training run), one image per digit under images/model/, and scores.parquet naming their prompts."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    shutil.rmtree(folder, ignore_errors=True)
+    (folder / "images" / "model").mkdir(parents=True)
+    ids, texts = [], []
+    for d in range(10):
+        i = int((labels == d).nonzero()[0, 0])
+        pid = f"digit-{d}"
+        array = (images[i].permute(1, 2, 0) * 255).round().byte().numpy()
+        Image.fromarray(array).resize((4 * SIDE, 4 * SIDE), Image.NEAREST).save(
+            folder / "images" / "model" / f"{pid}.png"
+        )
+        ids.append(pid)
+        texts.append(prompt(d))
+    pq.write_table(pa.table({"id": ids, "prompt": texts}), folder / "scores.parquet")
+    protocol = ctx["protocol"]
+    digest = hashlib.sha256(json.dumps(protocol, sort_keys=True).encode()).hexdigest()
+    run = ctx.get("runs", {}).get(name)
+    record = {"model": name, "label": name, "run": run, "protocol": protocol, "protocol_digest": digest,
+              "results": {"model": metrics}}  # fmt: skip
+    (folder / "metrics.json").write_text(json.dumps(record, indent=1))
+    return str(folder)
+
+
+def report(root: Path, lab: dict, ctx: dict) -> None:
+    """`distar compare` over the variants (init and reference as baselines) and the reward-against-FD figure."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from distar.compare import compare
+
+    names = list(lab["variants"])
+    if names:
+        compare(
+            [ctx["evaluations"][n] for n in names],
+            str(root / "comparison"),
+            initial=ctx["evaluations"]["init"],
+            reference=ctx["evaluations"]["reference"],
+            paper={n: lab["variants"][n]["paper_row"] for n in names},
+            images=10,
+        )
+        lab["comparison"] = str(root / "comparison" / "report.html")
+    fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=110)
+    for divergence, colour in (("kl", "tab:orange"), ("score", "tab:blue")):
+        chosen = [(n, v) for n, v in lab["variants"].items() if v["settings"]["divergence"] == divergence]
+        ax.scatter([v["fd"] for _, v in chosen], [v["reward"] for _, v in chosen], c=colour, label=divergence)
+        for n, v in chosen:
+            ax.annotate(n, (v["fd"], v["reward"]), fontsize=6, xytext=(3, 2), textcoords="offset points")
+    for key, marker in (("init", "s"), ("reference_50_steps", "*")):
+        ax.scatter([lab[key]["fd"]], [lab[key]["reward"]], c="k", marker=marker, label=key)
+    ax.set_xlabel("FD (judge features; lower is closer to real digits)")
+    ax.set_ylabel("reward: mean log p(prompted digit)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(root / "pareto.png")
+    plt.close(fig)
+    lab["figure"] = str(root / "pareto.png")
