@@ -24,6 +24,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import re
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -52,11 +53,13 @@ class LabConfig:
     vae_steps: int = 1500
     reference_steps: int = 6000
     classifier_steps: int = 1500
-    init_steps: int = 600
+    init_steps: int = 1000
     variant_steps: int = 300
     batch_size: int = 32
     assistant_updates: int = 1
-    """K_TA of the lab's runs (1, Diff-Instruct's and SiD's alternation; DMD2 uses 5)."""
+    """K_TA of the grid's runs (1, Diff-Instruct's and SiD's alternation; DMD2 uses 5, a study compares)."""
+    init_assistant_updates: int = 5
+    """K_TA of the init's distillation (DMD2's 5)."""
     images_per_digit: int = 40
     variants: list[str] = field(default_factory=list)
     """Names from compare.TABLE3 (all when empty) and "<name>@conditional" for the other α_cfg reading."""
@@ -68,7 +71,7 @@ class LabConfig:
         if quick:
             kw = {
                 "vae_steps": 200, "reference_steps": 800, "classifier_steps": 300, "init_steps": 120,
-                "variant_steps": 30, "images_per_digit": 10, **kw,
+                "init_assistant_updates": 1, "variant_steps": 30, "images_per_digit": 10, **kw,
                 "variants": kw.get("variants") or ["kl-rew100", "score-cfg", "score-rew100"],
             }  # fmt: skip
         return cls(out=out, quick=quick, **kw)
@@ -331,7 +334,9 @@ def write_prompts(path: Path) -> Path:
     return path
 
 
-def train_and_export(out: Path, config: LabConfig, init: str, overrides: list[str], steps: int, ctx: dict) -> dict:
+def train_and_export(
+    out: Path, config: LabConfig, init: str, overrides: list[str], steps: int, ctx: dict, k: int | None = None
+) -> dict:
     """`distar train` (one process, the tiny preset's settings, the lab's models) and `distar export`."""
     from distar.export import ExportConfig, export
     from distar.train import run
@@ -351,7 +356,7 @@ def train_and_export(out: Path, config: LabConfig, init: str, overrides: list[st
         f"data.batch_size={config.batch_size}",
         "parallel.strategy=none",
         "parallel.device=cpu",
-        f"assistant_updates={config.assistant_updates}",
+        f"assistant_updates={config.assistant_updates if k is None else k}",
         "generator_optim.lr=1e-4",
         "assistant_optim.lr=1e-4",
         "generator_optim.beta1=0.0",
@@ -379,21 +384,41 @@ def measure(name: str, pipeline: Path, config: LabConfig, ctx: dict, steps: int 
     return metrics
 
 
+STUDIES = [
+    "score-rew100+assistant_updates=5",
+    "kl-rew100+assistant_updates=5",
+    "score-rew100+loss.huber_c=0.1",
+    "score-rew100+loss.huber_c=10",
+    "score-rew100+loss.reduction=mean",
+    "score-rew100+loss.weighting=sigma2",
+    "score-rew100+loss.weighting=x0",
+    "score-rew100+loss.form=full",
+]
+"""The knobs the paper leaves open, each a change to one grid row: K_TA = 5 (DMD2) against the lab's 1 (Diff-Instruct,
+SiD), pseudo-Huber's c, the per-element reduction, w(t), and the full form against sim."""
+
+
 def variant_grid(names: list[str]) -> list[dict]:
-    """compare.TABLE3's variants by name, and "<name>@conditional" for the same row under the other α_cfg reading."""
+    """The variants to run: compare.TABLE3's rows by name, "NAME@conditional" for a row under the other α_cfg
+    reading, "NAME+key=value[+key=value…]" for a row with config keys changed. Default: every row, both (0, 0)
+    rows under the conditional reading, and STUDIES."""
     from distar.compare import TABLE3
 
     table = {v["name"]: v for v in TABLE3}
     chosen = []
-    for name in names or [v["name"] for v in TABLE3] + ["kl-cfg0@conditional", "score-cfg0@conditional"]:
-        base, _, convention = name.partition("@")
-        if base not in table or convention not in ("", "diffusers", "conditional"):
-            known = ", ".join(table)
-            raise UserError(f"--variants: {name!r} is not a row of the grid ({known}; add @conditional for α_cfg)")
+    default = [v["name"] for v in TABLE3] + ["kl-cfg0@conditional", "score-cfg0@conditional", *STUDIES]
+    for name in names or default:
+        head, *extra = name.split("+")
+        base, _, convention = head.partition("@")
+        if base not in table or convention not in ("", "diffusers", "conditional") or not all("=" in e for e in extra):
+            raise UserError(
+                f"--variants: {name!r} is not a row of the grid ({', '.join(table)}), optionally with @conditional "
+                "(the other α_cfg reading) and +key=value config changes"
+            )
         v = table[base]
-        chosen.append(
-            {**v, "name": name, "overrides": v["overrides"] + [f"loss.cfg_convention={convention or 'diffusers'}"]}
-        )
+        overrides = v["overrides"] + [f"loss.cfg_convention={convention or 'diffusers'}", *extra]
+        # a row with a knob changed is not the paper's row (whose knobs are not published)
+        chosen.append({**v, "name": name, "overrides": overrides, "paper": "" if extra else v["paper"]})
     return chosen
 
 
@@ -462,9 +487,9 @@ def run_lab(config: LabConfig, log=print) -> dict:
     init_over = ["loss.divergence=kl", "loss.kl_normalise=true", "loss.alpha_rew=0",
                  f"loss.alpha_cfg={config.init_alpha_cfg:g}"]  # fmt: skip
     init_in = {**base, "reference": ref.name, "rewards": rw.name, "steps": config.init_steps, "over": init_over,
-               "k": config.assistant_updates, "batch": config.batch_size}  # fmt: skip
+               "k": config.init_assistant_updates, "batch": config.batch_size}  # fmt: skip
     init, rec = stages.run("init", init_in, lambda tmp, _: train_and_export(
-        tmp, config, "reference", init_over, config.init_steps, ctx))  # fmt: skip
+        tmp, config, "reference", init_over, config.init_steps, ctx, config.init_assistant_updates))  # fmt: skip
     record("init", init, rec)
     ctx["runs"]["init"] = str(init / "run")
     lab["init"] = {"path": str(init / "pipeline"), **measure("init", init / "pipeline", config, ctx)}
@@ -473,7 +498,7 @@ def run_lab(config: LabConfig, log=print) -> dict:
     for v in variant_grid(config.variants):
         v_in = {**base, "init": init.name, "rewards": rw.name, "steps": config.variant_steps, "over": v["overrides"],
                 "k": config.assistant_updates, "batch": config.batch_size}  # fmt: skip
-        slug = v["name"].replace("@", "-")
+        slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", v["name"])
         path, rec = stages.run(f"variant-{slug}", v_in, lambda tmp, _, v=v: train_and_export(
             tmp, config, str(init / "pipeline"), v["overrides"], config.variant_steps, ctx))  # fmt: skip
         ctx["runs"][v["name"]] = str(path / "run")

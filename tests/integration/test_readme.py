@@ -3,8 +3,9 @@
 Every command of every ```bash block runs, in its block's order, in a scratch directory that holds the checkout's
 files (so `tests/data/…`, `pipelines/…`, `.venv` and the Makefile are where the README says), with `.venv/bin` on
 PATH and the hub out of reach (HF_HUB_OFFLINE=1). A command that cannot run on a CPU machine says why in a comment
-on its own lines: [needs a GPU], [needs a cluster], [needs a bucket], [needs the hub], or [what CI runs] (`make
-test`, which is this suite); each section where one does keeps a variant that runs. `$KFP_HOST` is a test KFP
+on its own lines: [needs a GPU], [needs a cluster], [needs a bucket], [needs the hub], [what CI runs] (`make
+test`, which is this suite) or [a long run] (longer than CI's budget allows: `make lab`, whose short version runs);
+each section where one does keeps a variant that runs. `$KFP_HOST` is a test KFP
 server (helpers.fake_kfp) that answers as the real one's v2beta1 API does, so the submit commands run as written.
 """
 
@@ -21,7 +22,7 @@ from helpers.fake_kfp import FakeKFP
 
 ROOT = Path(__file__).resolve().parents[2]
 README = ROOT / "README.md"
-NOT_HERE = re.compile(r"\[(needs a GPU|needs a cluster|needs a bucket|needs the hub|what CI runs)\]")
+NOT_HERE = re.compile(r"\[(needs a GPU|needs a cluster|needs a bucket|needs the hub|what CI runs|a long run)\]")
 # what the README's commands read from the checkout
 CHECKOUT = [
     "Makefile", "pyproject.toml", "locks", ".venv", "src", "tests", "docs", "pipelines", "components",

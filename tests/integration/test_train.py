@@ -266,12 +266,16 @@ def test_checkpoints_and_resume_on_object_storage(scheme, local_run, tmp_path):
         ["loss.divergence=kl"],
         ["loss.form=full", "loss.distance=l2", "loss.weighting=sigma2"],
         ["parallel.mixed_precision=bf16", "parallel.activation_checkpointing=true", "generator_optim.warmup_steps=4"],
+        ["loss.cfg_convention=conditional", "loss.alpha_cfg=0", "loss.reduction=mean", "loss.weighting=x0"],
+        ["kimg=0.004", "steps=99"],
     ],
-    ids=["accumulation", "cfg-as-reward", "kl", "full-l2", "bf16-checkpointing-warmup"],
+    ids=["accumulation", "cfg-as-reward", "kl", "full-l2", "bf16-checkpointing-warmup", "conditional-mean-x0", "kimg"],
 )
 def test_loop_options_run_and_log_finite_values(overrides, tmp_path):
     out = tmp_path / "run"
     summary = run("tiny", [f"out={out}", "steps=1", *FAST, *overrides])
+    if "kimg=0.004" in overrides:  # 4 images at a global batch of 2: two updates, whatever `steps` says
+        assert summary["step"] == 2 and summary["samples_seen"] == 4
     line = json.loads((out / "logs" / "metrics.jsonl").read_text().splitlines()[0])
     assert summary["skipped"] == {"generator": 0, "assistant": 0}
     for key in ("loss/generator", "loss/divergence", "loss/assistant", "divergence", "grad_norm/generator"):
@@ -282,6 +286,8 @@ def test_loop_options_run_and_log_finite_values(overrides, tmp_path):
         assert np.isfinite(line["loss/cfg_reward"]) and line["loss/cfg_reward"] != 0
     if "generator_optim.warmup_steps=4" in overrides:
         assert line["lr/generator"] == pytest.approx(1e-4 / 4)
+    if "loss.reduction=mean" in overrides:  # ‖y‖/√D over c: logged beside the divergence
+        assert np.isfinite(line["divergence/y_over_c"]) and line["divergence/y_over_c"] > 0
 
 
 def test_precomputed_embeddings_replace_the_text_encoders(tmp_path):

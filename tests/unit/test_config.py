@@ -81,3 +81,19 @@ def test_curate_takes_its_token_limit_from_the_backbone_and_names_an_unknown_one
     assert CurateConfig([], "").max_tokens is None and backbones.get("sdxl").max_prompt_tokens == 77
     with pytest.raises(UserError, match="--backbone 'flux': choose one of sdxl"):
         curate(CurateConfig(["x.tsv"], str(tmp_path / "o"), backbone="flux"))
+
+
+def test_a_run_length_in_kimg_sets_the_updates_from_the_global_batch():
+    config = load_config("tiny", ["kimg=1", "data.batch_size=2", "data.grad_accum=3", "steps=7"])
+    assert config.total_steps(2) == 84  # ⌈1000 / (2 · 2 · 3)⌉
+    assert load_config("tiny", ["steps=7"]).total_steps(8) == 7  # no kimg: steps
+    with pytest.raises(UserError, match="kimg"):
+        load_config("tiny", ["kimg=-1"])
+
+
+def test_alpha_cfg_is_read_under_its_convention():
+    assert load_config("tiny", ["loss.alpha_cfg=7.5"]).loss.guidance_scale() == 7.5
+    conditional = load_config("tiny", ["loss.alpha_cfg=0", "loss.cfg_convention=conditional"])
+    assert conditional.loss.guidance_scale() == 1.0  # the conditional model, no guidance
+    with pytest.raises(UserError, match="did you mean 'conditional'"):
+        load_config("tiny", ["loss.cfg_convention=conditonal"])

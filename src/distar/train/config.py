@@ -280,7 +280,12 @@ class TrainConfig:
     out: str = "runs/train"
     """Output URI of the run (local path, file://, gs://, s3://): checkpoints/, logs/, samples/."""
     steps: int = 20000
-    """Generator updates."""
+    """Generator updates (ignored when `kimg` is set)."""
+    kimg: float = 0.0
+    """The run's length in thousands of images the generator sees, the unit of the SiD/DI* lineage; when > 0 it
+    sets the number of generator updates to ⌈kimg · 1000 / global batch⌉ for the world size the run starts with.
+    The paper does not state its run lengths; the official release's run names suggest about 256 kimg for the
+    ablation and 1,485 for the longer run (an inference; docs/METHOD.md §8)."""
     assistant_updates: int = 5
     """K_TA: assistant updates per generator update (DMD2: 5; Diff-Instruct and SiD: 1)."""
     assistant_warmup: int = 0
@@ -304,6 +309,12 @@ class TrainConfig:
     log: LogConfig = field(default_factory=LogConfig)
     lease: LeaseConfig = field(default_factory=LeaseConfig)
     guard: GuardConfig = field(default_factory=GuardConfig)
+
+    def total_steps(self, world_size: int) -> int:
+        """Generator updates of the run: `steps`, or `kimg` over the global batch of `world_size` processes."""
+        if self.kimg > 0:
+            return max(1, math.ceil(self.kimg * 1000 / (world_size * self.data.batch_size * self.data.grad_accum)))
+        return self.steps
 
     def to_dict(self) -> dict:
         """The resolved config as written beside every checkpoint: credentials inside URIs are redacted."""
@@ -454,6 +465,7 @@ class TrainConfig:
 
     def _domains(self):
         """(key, value, lower bound, bound excluded) of every bounded numeric field."""
+        yield "kimg", self.kimg, 0.0, False
         yield "loss.alpha_rew", self.loss.alpha_rew, 0.0, False
         yield "loss.alpha_cfg", self.loss.alpha_cfg, 0.0, False
         yield "loss.huber_c", self.loss.huber_c, 0.0, True

@@ -81,6 +81,7 @@ class Trainer:
         side = config.data.resolution // vae_factor
         self.latent_shape = (backbone.latent_channels(dict(self.nets.generator_unet.config)), side, side)
         self.method = DIStar(config, world, self.nets, self.data, self.latent_shape)
+        self.steps = config.total_steps(world.size)
         self.counters = {"step": 0, "samples_seen": 0, "skipped": {"generator": 0, "assistant": 0}}
         # skips not yet counted (device tensors, `settle`), each network's non-finite updates in a row (an assistant
         # that updates must not hide a generator that never does), and the last update
@@ -264,7 +265,7 @@ class Trainer:
                 for key, v in self.assistant_update(k, batches).items():
                     values[key] = values.get(key, 0.0) + v / c.assistant_updates
         upcoming = self.step + 1  # the balance is measured on log steps only (its extra cost: di_star)
-        values.update(self.generator_update(batches, balance=upcoming % c.log.every == 0 or upcoming == c.steps))
+        values.update(self.generator_update(batches, balance=upcoming % c.log.every == 0 or upcoming == self.steps))
         if self.ema is not None:
             self._update_ema(values["ok/generator"])
         self.counters["step"] += 1
@@ -348,11 +349,11 @@ class Trainer:
         c, world = self.config, self.world
         loop = self._start()
         try:
-            while self.step < c.steps:
+            while self.step < self.steps:
                 started = time.perf_counter()
                 values = self.train_step()
                 elapsed = time.perf_counter() - started
-                final = self.step == c.steps
+                final = self.step == self.steps
                 logged = self.step % c.log.every == 0 or final
                 if logged:
                     self._log_step(loop, values, elapsed)
@@ -397,7 +398,8 @@ class Trainer:
         resumed = self.resume()
         if world.is_main:
             where = f"resuming from {self.checkpointer.uri(resumed)} (step {resumed})" if resumed else "starting fresh"
-            print(f"distar train: {where}; {c.steps} steps, world size {world.size}, config {c.digest()}", flush=True)
+            steps = f"{self.steps} steps" + (f" ({c.kimg:g} kimg)" if c.kimg > 0 else "")
+            print(f"distar train: {where}; {steps}, world size {world.size}, config {c.digest()}", flush=True)
             fs, path = storage.filesystem(c.out)
             fs.makedirs(path, exist_ok=True)
             storage.write_json(fs, f"{path.rstrip('/')}/config.json", c.to_dict())
@@ -406,8 +408,8 @@ class Trainer:
         if world.is_main and c.log.progress:
             from tqdm import tqdm
 
-            progress = tqdm(total=c.steps, initial=self.step, desc="distar train", dynamic_ncols=True)
-        reporter = ProgressReporter(c.steps, first_step=self.step) if world.is_main else None
+            progress = tqdm(total=self.steps, initial=self.step, desc="distar train", dynamic_ncols=True)
+        reporter = ProgressReporter(self.steps, first_step=self.step) if world.is_main else None
         loop = _Loop(logger, progress, reporter, saved_at=self.step if resumed is not None else None)
         loop.first_step, loop.first_skipped = self.step, self.counters["skipped"]["generator"]
         if resumed is None and self.step == 0 and c.assistant_warmup > 0:
