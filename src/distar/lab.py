@@ -576,17 +576,29 @@ def report(root: Path, lab: dict, ctx: dict) -> None:
             images=10,
         )
         lab["comparison"] = str(root / "comparison" / "report.html")
-    fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=110)
+    fig, ax = plt.subplots(figsize=(7.0, 4.6), dpi=110)
     for divergence, colour in (("kl", "tab:orange"), ("score", "tab:blue")):
-        chosen = [(n, v) for n, v in lab["variants"].items() if v["settings"]["divergence"] == divergence]
-        ax.scatter([v["fd"] for _, v in chosen], [v["reward"] for _, v in chosen], c=colour, label=divergence)
-        for n, v in chosen:
-            ax.annotate(n, (v["fd"], v["reward"]), fontsize=6, xytext=(3, 2), textcoords="offset points")
+        for studies in (False, True):  # a grid row: filled; a row with a knob changed: hollow
+            chosen = [(n, v) for n, v in lab["variants"].items()
+                      if v["settings"]["divergence"] == divergence and ("+" in n) == studies]  # fmt: skip
+            ax.scatter(
+                [v["fd"] for _, v in chosen],
+                [max(-v["reward"], 1e-6) for _, v in chosen],
+                label=divergence + (" (knob changed)" if studies else ""),
+                facecolors="none" if studies else colour,
+                edgecolors=colour,
+            )
+            for n, v in chosen:
+                ax.annotate(
+                    n, (v["fd"], max(-v["reward"], 1e-6)), fontsize=5.5, xytext=(3, 2), textcoords="offset points"
+                )
     for key, marker in (("init", "s"), ("reference_50_steps", "*")):
-        ax.scatter([lab[key]["fd"]], [lab[key]["reward"]], c="k", marker=marker, label=key)
-    ax.set_xlabel("FD (judge features; lower is closer to real digits)")
-    ax.set_ylabel("reward: mean log p(prompted digit)")
-    ax.legend(fontsize=7)
+        ax.scatter([lab[key]["fd"]], [max(-lab[key]["reward"], 1e-6)], c="k", marker=marker, label=key)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("FD of the judge's features to real digits (lower: closer to the data)")
+    ax.set_ylabel("−reward: −mean log p(prompted digit)")
+    ax.legend(fontsize=6.5)
     fig.tight_layout()
     fig.savefig(root / "pareto.png")
     plt.close(fig)
