@@ -41,8 +41,8 @@ SIDE = 16
 """Pixels per side the lab's models read (the data's 8×8, upsampled)."""
 TEMPLATE = "a handwritten digit {word}"
 REWARD_WEIGHT = 0.01
-"""The digits reward's weight inside r: with it α_rew = 100 pulls as α_rew·log p = log p, the reward's own unit,
-as the paper's α_rew = 100 on PickScore's cosine is 100 · cos."""
+"""The digits reward's weight inside r: α_rew = 100 then makes α_rew·r = log p, the reward in its own unit, as the
+paper's α_rew = 100 on PickScore's cosine makes it 100 · cos."""
 
 
 @dataclass
@@ -62,7 +62,7 @@ class LabConfig:
     """K_TA of the init's distillation (DMD2's 5)."""
     images_per_digit: int = 40
     variants: list[str] = field(default_factory=list)
-    """Names from compare.TABLE3 (all when empty) and "<name>@conditional" for the other α_cfg reading."""
+    """What `variant_grid` takes: rows of compare.TABLE3, NAME@conditional, NAME+key=value (empty: its default)."""
     init_alpha_cfg: float = 3.0
     """The reference's CFG when distilling the init (the lab's DMD2)."""
 
@@ -70,8 +70,8 @@ class LabConfig:
     def make(cls, out: str, quick: bool = False, **kw) -> LabConfig:
         if quick:
             kw = {
-                "vae_steps": 200, "reference_steps": 800, "classifier_steps": 300, "init_steps": 120,
-                "init_assistant_updates": 1, "variant_steps": 30, "images_per_digit": 10, **kw,
+                "vae_steps": 100, "reference_steps": 300, "classifier_steps": 300, "init_steps": 60,
+                "init_assistant_updates": 1, "variant_steps": 20, "images_per_digit": 10, **kw,
                 "variants": kw.get("variants") or ["kl-rew100", "score-cfg", "score-rew100"],
             }  # fmt: skip
         return cls(out=out, quick=quick, **kw)
@@ -431,7 +431,7 @@ def run_lab(config: LabConfig, log=print) -> dict:
 
     torch.set_num_threads(max(1, torch.get_num_threads()))
     storage.check_output("--out", config.out)
-    root = Path(config.out)
+    root = Path(config.out).resolve()  # lab.json names absolute paths
     stages = Stages(root, log)
     images, labels = digits()
     sp = splits(len(images), config.seed)

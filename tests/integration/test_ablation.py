@@ -59,10 +59,10 @@ def test_a_two_variant_sweep_runs_locally_and_a_second_reuses_the_baselines(tmp_
     assert sorted(r["variant"] for r in comparison["rows"]) == ["kl-rew100", "score-rew100"]
     assert not comparison["protocol_mismatches"]
     paper = {r["variant"]: r["paper_row"] for r in comparison["rows"]}
-    assert paper == {"score-rew100": "DI*", "kl-rew100": "DI++ (KL + reward)"}
+    assert paper == {"score-rew100": "DI*-IN (100, 7.5)", "kl-rew100": "DI++ (KL) (100, 7.5)"}
     assert all(r["curves"]["reward"] and r["ours"] for r in comparison["rows"])
     table = (run / "compare" / "table").read_text()
-    assert "| initial: initial generator tianweiy/DMD2" in table and "(paper row: DMD2 (start point))" in table
+    assert "| initial: initial generator tianweiy/DMD2" in table and "(paper row: DMD2 init)" in table
     page = (run / "compare" / "report").read_text()
     from helpers.html_check import in_sandboxed_iframe, outside_references, screenshot
 

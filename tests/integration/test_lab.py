@@ -4,6 +4,7 @@ the mechanics that hold on every seed, never the paper's scientific claim (docs/
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -13,17 +14,33 @@ import pytest
 pytestmark = pytest.mark.slow
 
 
+README = Path(__file__).resolve().parents[2] / "README.md"
+
+
+def readme_lab_commands() -> list[str]:
+    """README's `distar lab digits … --quick` commands, as written there (the README marks them as run here)."""
+    commands = [line for line in README.read_text().splitlines() if line.startswith("distar lab digits --out runs/")]
+    return [c for c in commands if "--quick" in c]
+
+
 @pytest.fixture(scope="module")
 def quick(tmp_path_factory):
-    out = tmp_path_factory.mktemp("lab") / "lab"
-    cmd = [sys.executable, "-m", "distar.cli", "-q", "lab", "digits", "--out", str(out), "--quick"]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return out, done.stdout, json.loads((out / "lab.json").read_text())
+    """README's quick run, then its run of two more variants from the same stages; each command's output."""
+    work = tmp_path_factory.mktemp("lab")
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    first, second = readme_lab_commands()
+    outputs = []
+    for command in (first, second):
+        done = subprocess.run(["bash", "-c", command], cwd=work, env=env, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, f"{command}\n{done.stderr[-3000:]}"
+        outputs.append(done.stdout)
+        if command == first:
+            first_lab = json.loads((work / "runs" / "lab-quick" / "lab.json").read_text())
+    return work / "runs" / "lab-quick", outputs, first_lab
 
 
 def test_every_stage_runs_and_is_recorded(quick):
-    out, stdout, lab = quick
+    out, (stdout, _), lab = quick
     assert list(lab["stages"]) == ["autoencoder", "reference", "rewards", "init"]
     assert lab["stages"]["autoencoder"]["reconstruction_mse"] < 0.05  # on [-1, 1] pixels
     # the reward and the judge are real classifiers of real digits, on images neither saw
@@ -50,23 +67,28 @@ def test_the_reward_rises_with_alpha_rew(quick):
 
 
 def test_the_report_is_complete(quick):
-    out, _, lab = quick
+    """The comparison and the figure are the last run's: README's second command, two variants."""
+    out, _, _ = quick
     assert (out / "pareto.png").stat().st_size > 10_000
     comparison = json.loads((out / "comparison" / "comparison.json").read_text())
     assert comparison["metrics"] == ["accuracy", "diversity", "fd", "heldout", "reward", "reward_accuracy"]
     rows = {r["variant"]: r for r in comparison["rows"]}
-    assert rows["score-rew100"]["paper_row"] == "DI*-IN (100, 7.5)" and rows["score-rew100"]["ours"]["fd"] > 0
-    assert rows["score-rew100"]["curves"]["reward"], "the training curves come from the variant's run"
+    assert rows["score-cfg0@conditional"]["paper_row"] == "DI*-IN (0, 0)" and rows["score-cfg0@conditional"]["paper"]
+    assert (
+        rows["score-rew100+loss.huber_c=0.1"]["paper"] == {} and rows["score-rew100+loss.huber_c=0.1"]["ours"]["fd"] > 0
+    )
+    assert rows["score-cfg0@conditional"]["curves"]["divergence"], "the training curves come from the variant's run"
     page = (out / "comparison" / "report.html").read_text()
-    assert page.count("<tr class='variant'>") == 3 and page.count("data:image/jpeg") == 10 * 5  # 10 digits, 5 models
+    assert page.count("<tr class='variant'>") == 2 and page.count("data:image/jpeg") == 10 * 4  # 10 digits, 4 models
 
 
-def test_a_second_run_reuses_every_stage(quick, capsys):
-    from distar.lab import LabConfig, run_lab
-
-    out, _, first = quick
-    lines = []
-    again = run_lab(LabConfig.make(str(out), quick=True), log=lines.append)
-    assert sum(line.endswith("reused " + Path(s["path"]).name) for line in lines for s in first["stages"].values()) == 4
-    assert not any("building" in line for line in lines)
-    assert again["variants"]["score-rew100"]["fd"] == pytest.approx(first["variants"]["score-rew100"]["fd"], rel=1e-6)
+def test_a_second_run_reuses_every_stage_and_builds_only_its_new_variants(quick):
+    out, (_, stdout), first = quick
+    for stage in first["stages"].values():
+        assert f"reused {Path(stage['path']).name}" in stdout
+    built = [line.split(":")[0] for line in stdout.splitlines() if line.endswith(": building")]
+    assert built == ["variant-score-rew100-loss.huber_c-0.1", "variant-score-cfg0-conditional"]
+    second = json.loads((out / "lab.json").read_text())
+    assert set(second["variants"]) == {"score-rew100+loss.huber_c=0.1", "score-cfg0@conditional"}
+    assert second["variants"]["score-rew100+loss.huber_c=0.1"]["paper_row"] == ""  # a changed knob is not the paper's
+    assert second["init"]["fd"] == pytest.approx(first["init"]["fd"], rel=1e-6)  # the same init, measured again

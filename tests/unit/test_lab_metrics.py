@@ -58,6 +58,7 @@ def test_the_reward_is_the_log_probability_of_the_prompted_digit(tmp_path):
     images.requires_grad_(True)
     reward(images, ["a digit two"] * 3).sum().backward()
     assert images.grad.abs().sum() > 0  # differentiable in the pixels: hackable, as PickScore is
+    assert not any(p.requires_grad for p in reward.parameters())
 
 
 def test_a_classifier_directory_that_is_not_one_is_refused(tmp_path):
