@@ -49,7 +49,7 @@ toy: venv
 	@echo "picture: runs/demo-toy/toy.png   metrics: runs/demo-toy/metrics.json"
 
 # The real-data lab (docs/LAB.md): every stage on scikit-learn's digits, the paper's ablation grid, the comparison.
-# About 30 minutes on 2 CPU cores; LAB_ARGS=--quick is the 1-minute version CI runs.
+# About an hour on 2 CPU cores (docs/LAB.md); LAB_ARGS=--quick is the 1-minute version CI runs.
 lab: venv
 	@$(PY) -c "import sklearn" 2>/dev/null || $(PY) -m pip install -q "scikit-learn>=1.4"
 	$(VENV)/bin/distar lab digits --out runs/lab $(LAB_ARGS)
