@@ -134,12 +134,13 @@ def spread(features: torch.Tensor, labels: torch.Tensor) -> float:
 def judge_metrics(images: torch.Tensor, labels: torch.Tensor, reward, judge, real: torch.Tensor, real_labels):
     """The lab's metrics of images (B, 3, H, W) in [0, 1] made for the digits `labels`."""
     feats, real_feats = judge.features(images), judge.features(rgb(real))
-    logp_judge = judge(images).log_softmax(-1).gather(1, labels[:, None]).squeeze(1)
+    judged = judge.head(feats)  # the judge's logits from the features already computed
+    logp_judge = judged.log_softmax(-1).gather(1, labels[:, None]).squeeze(1)
     logits = reward(images)
     return {
         "reward": float(logits.log_softmax(-1).gather(1, labels[:, None]).mean()),
         "heldout": float(logp_judge.mean()),
-        "accuracy": float((judge(images).argmax(-1) == labels).float().mean()),
+        "accuracy": float((judged.argmax(-1) == labels).float().mean()),
         "reward_accuracy": float((logits.argmax(-1) == labels).float().mean()),
         "fd": frechet_distance(feats, real_feats),
         "diversity": spread(feats, labels) / spread(real_feats, real_labels),
@@ -160,7 +161,7 @@ class Stages:
         digest = hashlib.sha256(json.dumps(inputs, sort_keys=True, default=str).encode()).hexdigest()[:12]
         final = self.root / f"{name}-{digest}"
         if (final / "stage.json").is_file():
-            record = json.loads((final / "stage.json").read_text())
+            record = _record(final / "stage.json")
             self.log(f"{name}: reused {final.name}")
             return final, record
         staging = self.root / f".{name}-{digest}.partial"
@@ -175,6 +176,15 @@ class Stages:
         staging.rename(final)
         self.log(f"{name}: {record['seconds']} s")
         return final, record
+
+
+def _record(path: Path) -> dict:
+    """A JSON record the lab wrote (a stage's, an export's), through the checked reader: one message naming it."""
+    from fsspec.implementations.local import LocalFileSystem
+
+    from distar import readers
+
+    return readers.read_mapping(LocalFileSystem(), str(path), fix="delete the folder and run the lab again")
 
 
 def _batches(n: int, batch: int, steps: int, seed: int):
@@ -296,10 +306,10 @@ def sample(pipeline: Path, images_per_digit: int, seed: int, steps: int | None =
     pipe.set_progress_bar_config(disable=True)
     latents, labels = eval_latents(pipe, images_per_digit, seed)
     texts = [prompt(int(d)) for d in labels]
+    t_star = None if steps is not None else _record(pipeline / "distar.json")["t_star"]
     out = []
     for i in range(0, len(texts), 64):
         if steps is None:
-            t_star = json.loads((pipeline / "distar.json").read_text())["t_star"]
             out.append(backbone.sample_one_step(pipe, texts[i : i + 64], latents[i : i + 64], t_star))
         else:
             out.append(backbone.sample_steps(pipe, texts[i : i + 64], latents[i : i + 64], steps, cfg))
