@@ -16,12 +16,14 @@ LOCK := $(VENV)/bin/uv pip compile pyproject.toml --quiet --python-version 3.11 
 .PHONY: venv lock browser demo toy lab test test-fast lint bench screenshots clean
 
 # The versions come from locks/ci.txt (torch, installed first, is the only requirement it leaves out).
-$(VENV)/.installed: pyproject.toml locks/ci.txt
+# locks/nodeps.txt: test references installed without their declared dependencies (see the file).
+$(VENV)/.installed: pyproject.toml locks/ci.txt locks/nodeps.txt
 	@echo "make: installing distar, CPU torch and the pinned dependencies into $(VENV) (once; under 4 minutes on 2 CPU cores)"
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_CPU)"
 	$(PY) -m pip install -q -r locks/ci.txt
+	$(PY) -m pip install -q --no-deps -r locks/nodeps.txt
 	$(PY) -m pip install -q --no-deps -e .
 	touch $@
 

@@ -17,6 +17,7 @@ import torch
 from distar.errors import UserError
 from distar.rewards.models import PreferenceMLP, RewardModel
 from distar.rewards.preprocess import CLIP_MEAN, CLIP_STD, normalize, resize_shortest_center_crop
+from distar.rewards.text import clean_prompts
 from distar.sources import parse_dtype, read_state_dict, require_files, resolve_dir
 
 IMAGEREWARD_MEAN = 0.16717362830052426
@@ -116,11 +117,19 @@ class ImageReward(RewardModel):
     def preprocess(self, images: torch.Tensor) -> torch.Tensor:
         return normalize(resize_shortest_center_crop(images, self.image_size), CLIP_MEAN, CLIP_STD)
 
+    def tokenize(self, prompts: list[str]):
+        """Token ids and mask as ImageReward's `score` makes them (BLIP's BERT tokenizer, max_length 35)."""
+        return self.tokenizer(
+            clean_prompts(self.name, prompts),
+            padding="max_length",
+            truncation=True,
+            max_length=self.max_length,
+            return_tensors="pt",
+        )
+
     def score(self, pixels: torch.Tensor, prompts: list[str]) -> torch.Tensor:
         device = pixels.device
-        ids = self.tokenizer(
-            prompts, padding="max_length", truncation=True, max_length=self.max_length, return_tensors="pt"
-        )
+        ids = self.tokenize(prompts)
         image_embeds = self.vision(pixel_values=pixels).last_hidden_state
         image_atts = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=device)
         out = self.text(

@@ -27,6 +27,7 @@ from distar.rewards.preprocess import (
     resize_longest_pad,
     resize_shortest_center_crop,
 )
+from distar.rewards.text import clean_prompts
 from distar.sources import parse_dtype, read_state_dict, require_files, resolve_dir, resolve_file
 
 _TRANSFORMERS_WEIGHTS = ["model.safetensors", "pytorch_model.bin", "model.safetensors.index.json"]
@@ -92,8 +93,14 @@ class ClipReward(RewardModel):
         )
         return normalize(resized, self.image_config["mean"], self.image_config["std"])
 
+    def tokenize(self, prompts: list[str]):
+        """Token ids and mask as the upstream scorer makes them (its text cleaning first: distar.rewards.text)."""
+        return self.tokenizer(
+            clean_prompts(self.name, prompts), padding="max_length", truncation=True, max_length=77, return_tensors="pt"
+        )
+
     def embed_text(self, prompts: list[str]) -> torch.Tensor:
-        ids = self.tokenizer(prompts, padding="max_length", truncation=True, max_length=77, return_tensors="pt")
+        ids = self.tokenize(prompts)
         device = next(self.parameters()).device
         # The padding mask cannot change CLIP's pooled (EOS) output under its causal mask; shape-only runs on "meta"
         # leave it out because building it reads values.
