@@ -67,18 +67,19 @@ def evaluate(
         )
     )
 
-    # the model's metrics, and the baseline's beside them (prefixed) when there is one, in the UI and in the log
+    # the model's metrics, and its EMA's and the baseline's beside them (prefixed) where there are, in the UI and log
     def numbers(role: str) -> dict:
         values = out["results"].get(role, {}).items()
         return {k: float(v) for k, v in values if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
-    model, base = numbers("model"), numbers("baseline")
-    for prefix, values in (("", model), ("baseline_", base)):
+    model = numbers("model")
+    others = {role: numbers(role) for role in ("ema", "baseline") if numbers(role)}
+    for prefix, values in (("", model), *((f"{role}_", v) for role, v in others.items())):
         for name, value in values.items():
             metrics.log_metric(prefix + name.replace("/", "_"), value)
-    print(f"{'metric':<24}{'model':>12}" + (f"{'baseline':>12}" if base else ""))
+    print(f"{'metric':<24}{'model':>12}" + "".join(f"{role:>12}" for role in others))
     for name, value in model.items():
-        print(f"{name:<24}{value:>12.4f}" + (f"{base[name]:>12.4f}" if name in base else ""))
+        print(f"{name:<24}{value:>12.4f}" + "".join(f"{v.get(name, float('nan')):>12.4f}" for v in others.values()))
     fs, path = storage.filesystem(results)
     with open(report.path, "wb") as fh:
         fh.write(fs.cat_file(f"{path.rstrip('/')}/report.html"))

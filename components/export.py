@@ -11,7 +11,7 @@ def export(
     runs_root: str,
     run_id: str,
     task_name: str,
-    ema: bool = False,
+    ema: bool = True,
     single_file: bool = False,
     dtype: str = "fp16",
 ):
@@ -31,7 +31,12 @@ def export(
     # a local runs_root only where everything is local (kfp.local): on a cluster, later steps could not read it
     storage.check_shared("runs_root", runs_root, local_ok=not storage.is_uri(pipeline.uri))
     out = storage.task_uri(runs_root, run_id, task_name, record.get("variant", ""))
-    meta = export(ExportConfig(record["checkpoint"], out, ema=ema, single_file=single_file, dtype=dtype, force=True))
+    # ema: the EMA network whenever the run kept one (evaluate scores it beside the raw weights); False: never
+    meta = export(
+        ExportConfig(
+            record["checkpoint"], out, ema=None if ema else False, single_file=single_file, dtype=dtype, force=True
+        )
+    )
     exported = {"pipeline": out, "distar_version": distar.__version__, **meta}
     with open(pipeline.path, "w") as fh:
         json.dump(exported, fh, indent=1)

@@ -383,7 +383,12 @@ def _add_export(p: argparse.ArgumentParser) -> None:
     p.description = doc
     p.add_argument("--checkpoint", required=True, help="checkpoint directory, or a run (its newest checkpoint)")
     p.add_argument("--out", required=True, help="output URI of the pipeline directory")
-    p.add_argument("--ema", action="store_true", help="also write the EMA weights (unet_ema/)")
+    p.add_argument(
+        "--ema",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="write the EMA weights (unet_ema/): by default whenever the checkpoint holds them; --ema requires them",
+    )
     p.add_argument("--single-file", action="store_true", help="also write the UNet as one safetensors file")
     p.add_argument("--dtype", default="fp16", choices=DTYPES, help="precision of the generator's network")
     p.add_argument("--metrics", default=None, help="metrics.json to quote in the model card")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import difflib
 import json
@@ -30,10 +31,13 @@ def check_choices(config: Any, prefix: str = "") -> Any:
     hints = typing.get_type_hints(type(config))
     for f in dataclasses.fields(config):
         value = getattr(config, f.name)
+        hint = hints[f.name]
+        if typing.get_origin(hint) in (typing.Union, types.UnionType) and value is not None:  # Literal | None
+            hint = next(a for a in typing.get_args(hint) if a is not type(None))
         if dataclasses.is_dataclass(value):
             check_choices(value, f"{prefix}{f.name}.")
-        elif typing.get_origin(hints[f.name]) is typing.Literal:
-            _choice(value, hints[f.name], prefix + f.name)
+        elif typing.get_origin(hint) is typing.Literal:
+            _choice(value, hint, prefix + f.name)
     return config
 
 
@@ -142,6 +146,8 @@ def _coerce(raw: str, annotation: Any, key: str) -> Any:
             return None
         annotation = next(a for a in args if a is not type(None))
         origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+        if origin is typing.Literal:
+            return _choice(raw, annotation, key)
     try:
         if annotation is bool:
             if raw.lower() in ("1", "true", "yes", "on"):
@@ -208,8 +214,8 @@ def add_config_arguments(parser, cls: type, flags: dict[str, str] | None = None)
         if origin in (typing.Union, types.UnionType):
             annotation = next(a for a in args if a is not type(None))
             origin, args = typing.get_origin(annotation), typing.get_args(annotation)
-        if annotation is bool:
-            kwargs.update(action="store_false" if default else "store_true", default=default)
+        if annotation is bool:  # a switch that is on by default is turned off by --no-NAME
+            kwargs.update(action=argparse.BooleanOptionalAction if default else "store_true", default=default)
         elif origin is typing.Literal:
             kwargs.update(choices=list(args), default=default)
         elif origin is list:

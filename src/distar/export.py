@@ -6,8 +6,9 @@ wrote it. The directory holds the generator's network in half precision (fp16 by
 stock diffusers loads it in fp32 unless given a torch_dtype), the reference's text encoders, tokenizers and VAE with
 their values unchanged (in fp16 where they are fp16 values, as the model cache's SDXL text encoders are), a
 scheduler configured for one step at t* (stock diffusers; the model card says how to call it), distar.json (the
-run's backbone, t*, precision, losses and rewards), a model card, and optionally the EMA network (unet_ema/) and a
-single-file state dict. model_index.json is written last: a reader that finds it finds a complete pipeline.
+run's backbone, t*, precision, losses, rewards and EMA), a model card, the EMA network (unet_ema/) whenever the
+run kept one, and optionally a single-file state dict. model_index.json is written last: a reader that finds it
+finds a complete pipeline.
 """
 
 from __future__ import annotations
@@ -40,8 +41,9 @@ class ExportConfig:
     """A checkpoint directory (…/checkpoints/step_N) or a run's output URI (its newest complete checkpoint)."""
     out: str
     """Output URI of the pipeline directory."""
-    ema: bool = False
-    """Also write the EMA weights as unet_ema/ (the checkpoint must hold them)."""
+    ema: bool | None = None
+    """Also write the EMA of the generator's weights (unet_ema/): None, whenever the checkpoint holds it (a run
+    with ema_decay > 0); True, required (refused when it does not); False, never."""
     single_file: bool = False
     """Also write the UNet as one safetensors file in DMD2's layout."""
     dtype: str = "fp16"
@@ -165,13 +167,10 @@ def export(config: ExportConfig) -> dict:
         build = lambda weights: backbone.generator_from_weights(root, weights, checkpoint)  # noqa: E731
     unet = build(load_unet_weights(checkpoint, "generator"))
     ema_unet = None
-    if config.ema:
-        try:
-            ema_unet = build(load_unet_weights(checkpoint, "ema"))
-        except RuntimeError as err:
-            raise UserError(
-                f"--ema: checkpoint {checkpoint!r} holds no EMA weights (train with ema_decay > 0)"
-            ) from err
+    if config.ema is not False and train.ema_decay > 0:
+        ema_unet = build(load_unet_weights(checkpoint, "ema"))
+    elif config.ema:
+        raise UserError(f"--ema: checkpoint {checkpoint!r} holds no EMA weights (train with ema_decay > 0)")
     unet = unet.to(dtype)
     if ema_unet is not None:
         ema_unet = ema_unet.to(dtype)
@@ -192,7 +191,7 @@ def export(config: ExportConfig) -> dict:
         local = Path(tmp) / "pipeline"
         pipe.save_pretrained(local, safe_serialization=True)
         if ema_unet is not None:
-            ema_unet.save_pretrained(local / "unet_ema")
+            ema_unet.save_pretrained(local / backbone.ema_part)
         if config.single_file:
             from safetensors.torch import save_file
 
@@ -208,6 +207,7 @@ def export(config: ExportConfig) -> dict:
             "reference": model.reference,
             "generator_init": model.generator_init,
             "config_digest": trainer_state.get("config_digest"),
+            "ema": None if ema_unet is None else {"part": backbone.ema_part, "decay": train.ema_decay},
             "loss": asdict(train.loss),
             "reward": asdict(train.reward),
         }

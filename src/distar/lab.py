@@ -371,6 +371,7 @@ def train_and_export(
         "assistant_optim.lr=1e-4",
         "generator_optim.beta1=0.0",
         "assistant_optim.beta1=0.0",
+        "ema_decay=0",  # the judge scores the raw weights (runs of 20 to 1,000 steps)
         f"checkpoint.every={steps}",
         "checkpoint.keep_last=1",
         f"log.every={max(1, steps // 20)}",

@@ -251,14 +251,16 @@ def generator_objective(
     reference_branches: BranchesFn | None = None,
     alpha_cfg: float = 1.0,
     weight: torch.Tensor | None = None,
+    cfg_noise: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None,
     **divergence_kwargs,
 ) -> GeneratorObjective:
     """The whole generator loss L_G = −α_rew·r + L_div (+ the CFG reward term).
 
     reward: r per sample, carrying the graph to x0 (through decode and the reward model) when α_rew ≠ 0.
     reference_branches(x_t, t) → (ε_ref(·|∅), ε_ref(·|c)): given when CFG acts as a reward (α_cfg ≠ 1) instead
-    of inside the divergence; eps_reference is then the conditional reference. divergence_kwargs: as in
-    `generator_loss` (divergence, distance, huber_c, form).
+    of inside the divergence; eps_reference is then the conditional reference. cfg_noise = (t, ε, w): the CFG
+    term's own times, noise and time weight (DI*-OUT with its own t range and w(t)); None: the divergence's x_t
+    and weight. divergence_kwargs: as in `generator_loss` (divergence, distance, huber_c, form).
     """
     div = generator_loss_parts(x0, t, eps, eps_assistant, eps_reference, schedule, weight=weight, **divergence_kwargs)
     reward_loss = x0.new_zeros(())
@@ -267,9 +269,13 @@ def generator_objective(
     loss = reward_loss + div.loss
     cfg_loss = None
     if reference_branches is not None and alpha_cfg != 1.0:
+        x_t, t_cfg, w_cfg = div.x_t, t, weight
+        if cfg_noise is not None:
+            t_cfg, eps_cfg, w_cfg = cfg_noise
+            x_t = schedule.add_noise(x0, eps_cfg, schedule.check_t(t_cfg, "cfg t"))
         with torch.no_grad():
-            eps_uncond, eps_cond = reference_branches(div.x_t.detach(), t)
-        cfg_loss = cfg_reward_loss(div.x_t, t, eps_cond, eps_uncond, schedule, alpha_cfg, weight)
+            eps_uncond, eps_cond = reference_branches(x_t.detach(), t_cfg)
+        cfg_loss = cfg_reward_loss(x_t, t_cfg, eps_cond, eps_uncond, schedule, alpha_cfg, w_cfg)
         loss = loss + cfg_loss
     return GeneratorObjective(loss, reward_loss, div.loss, cfg_loss, div.divergence, div.y_norm)
 

@@ -115,10 +115,48 @@ def test_baseline_reference_sampling_and_fixed_seeds(pipeline, tmp_path):
         pipeline, tmp_path / "a", max_prompts=2, rewards=["pickscore"], baseline="reference:3", reference="tiny:sdxl"
     )
     a = evaluate(c)
-    assert set(a["results"]) == {"model", "baseline"} and a["runs"]["baseline"]["generated"] == 2
+    # the tiny preset keeps an EMA, so its export holds unet_ema/ and the evaluation scores it too
+    assert set(a["results"]) == {"model", "ema", "baseline"} and a["runs"]["baseline"]["generated"] == 2
     assert a["results"]["model"]["pickscore"] != a["results"]["baseline"]["pickscore"]
     b = evaluate(config(pipeline, tmp_path / "b", max_prompts=2, rewards=["pickscore"], batch_size=1))
     assert b["results"]["model"]["pickscore"] == pytest.approx(a["results"]["model"]["pickscore"], abs=1e-5)
+
+
+def test_the_ema_row_is_the_exported_ema_network_under_the_same_noise(pipeline, tmp_path):
+    """The `ema` row scores unet_ema/ exactly as a pipeline whose unet/ it were; --no-ema leaves the row out. (One
+    step of the tiny run moves the EMA too little to tell apart, so unet_ema/ is replaced by fresh weights.)"""
+    import shutil
+
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    assert json.loads((pipeline[0] / "distar.json").read_text())["ema"] == {"part": "unet_ema", "decay": 0.9}
+    rewards = ["pickscore", "aesthetic"]
+    raw = evaluate(config(pipeline, tmp_path / "raw", max_prompts=3, rewards=rewards, ema=False))
+    assert set(raw["results"]) == {"model"}
+    variant = tmp_path / "variant"
+    shutil.copytree(pipeline[0], variant, ignore=shutil.ignore_patterns("unet_ema"))
+    torch.manual_seed(1)
+    UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(variant / "unet")).save_pretrained(
+        variant / "unet_ema"
+    )
+    swapped = tmp_path / "swapped"  # the same network as the pipeline's own
+    shutil.copytree(variant, swapped, ignore=shutil.ignore_patterns("unet"))
+    shutil.copytree(variant / "unet_ema", swapped / "unet")
+    both = evaluate(config((variant, pipeline[1]), tmp_path / "both", max_prompts=3, rewards=rewards))
+    alone = evaluate(config((swapped, pipeline[1]), tmp_path / "alone", max_prompts=3, rewards=rewards, ema=False))
+    for name in rewards:
+        assert both["results"]["ema"][name] == pytest.approx(alone["results"]["model"][name], abs=1e-6)
+        assert both["results"]["model"][name] == pytest.approx(raw["results"]["model"][name], abs=1e-6)
+    # the tiny rewards barely tell images apart; the images themselves do
+    pngs = sorted(p.name for p in (tmp_path / "both" / "images" / "ema").glob("*.png"))
+    assert len(pngs) == 3
+    for png in pngs:
+        ema = (tmp_path / "both" / "images" / "ema" / png).read_bytes()
+        assert ema == (tmp_path / "alone" / "images" / "model" / png).read_bytes()
+        assert ema != (tmp_path / "both" / "images" / "model" / png).read_bytes()
+    assert "EMA weights" in (tmp_path / "both" / "report.html").read_text()
+    assert (tmp_path / "both" / "ema_scores.parquet").is_file()
 
 
 def test_initial_generator_baseline_from_a_raw_unet_file(pipeline, tmp_path):
@@ -233,23 +271,35 @@ def test_a_resume_takes_only_its_own_models_scores_and_only_its_prompts(pipeline
 
 
 def test_a_pipeline_in_object_storage_is_read_without_its_extra_files(pipeline, tmp_path, monkeypatch):
-    """Evaluate downloads what sampling loads: the EMA network and the single file stay in the bucket."""
+    """Evaluate downloads what sampling loads: the single file stays in the bucket, and so does the EMA network
+    unless its row is asked for."""
     from helpers.storage_servers import server
 
-    monkeypatch.setenv("DISTAR_DOWNLOAD_DIR", str(tmp_path / "downloads"))
+    def downloaded(name):
+        files = set()
+        for download in (tmp_path / name).iterdir():
+            files |= {str(f.relative_to(download)) for f in download.rglob("*") if f.is_file()}
+        return files
+
     with server("s3", "exports"):
         import fsspec
 
         fs, _ = fsspec.core.url_to_fs("s3://exports/p")
         fs.put(str(pipeline[0]) + "/", "exports/p", recursive=True)
-        fs.pipe_file("exports/p/unet_ema/diffusion_pytorch_model.safetensors", b"x" * 1000)
         fs.pipe_file("exports/p/generator_unet.fp16.safetensors", b"x" * 1000)
-        result = evaluate(config(pipeline, tmp_path / "eval", model="s3://exports/p", max_prompts=1, rewards=["clip"]))
-    assert result["results"]["model"]["images"] == 1  # one Parti prompt (the HPS sets only for hpsv2.1)
-    (download,) = (tmp_path / "downloads").iterdir()
-    files = {str(f.relative_to(download)) for f in download.rglob("*") if f.is_file()}
-    assert "unet/diffusion_pytorch_model.safetensors" in files and "model_index.json" in files
-    assert not any(f.startswith("unet_ema") or f.startswith("generator_unet") for f in files)
+        monkeypatch.setenv("DISTAR_DOWNLOAD_DIR", str(tmp_path / "raw"))
+        kwargs = dict(model="s3://exports/p", max_prompts=1, rewards=["clip"])
+        result = evaluate(config(pipeline, tmp_path / "eval", ema=False, **kwargs))
+        assert result["results"]["model"]["images"] == 1  # one Parti prompt (the HPS sets only for hpsv2.1)
+        files = downloaded("raw")
+        assert "unet/diffusion_pytorch_model.safetensors" in files and "model_index.json" in files
+        assert not any(f.startswith("unet_ema") or f.startswith("generator_unet") for f in files)
+        monkeypatch.setenv("DISTAR_DOWNLOAD_DIR", str(tmp_path / "both"))
+        result = evaluate(config(pipeline, tmp_path / "eval-ema", **kwargs))
+    assert result["results"]["ema"]["images"] == 1
+    files = downloaded("both")
+    assert "unet_ema/diffusion_pytorch_model.safetensors" in files
+    assert not any(f.startswith("generator_unet") for f in files)
 
 
 def test_ctrl_c_stops_after_the_batch_in_flight_and_the_same_command_resumes(pipeline, tmp_path):

@@ -118,7 +118,9 @@ def test_export_refuses_incomplete_checkpoints_and_existing_outputs(trained, exp
         export(ExportConfig(str(tmp_path), str(tmp_path / "o")))
     with pytest.raises(UserError, match="is not empty; choose an empty or new directory"):
         export(ExportConfig(trained[1], str(exported)))
-    no_ema = run("tiny", [f"out={tmp_path / 'r'}", "steps=1", "parallel.strategy=none", "log.progress=false"])
+    no_ema = run(
+        "tiny", [f"out={tmp_path / 'r'}", "steps=1", "ema_decay=0", "parallel.strategy=none", "log.progress=false"]
+    )
     with pytest.raises(UserError, match="no EMA weights"):
         export(ExportConfig(no_ema["checkpoint"], str(tmp_path / "o2"), ema=True))
 

@@ -262,7 +262,7 @@ def test_checkpoints_and_resume_on_object_storage(scheme, local_run, tmp_path):
     "overrides",
     [
         ["data.grad_accum=2", "assistant_updates=2"],
-        ["loss.cfg=reward"],
+        ["loss.cfg=reward", "loss.cfg_t_min=500", "loss.cfg_weighting=sigma2", "log.every=1"],
         ["loss.divergence=kl"],
         ["loss.form=full", "loss.distance=l2", "loss.weighting=sigma2"],
         ["parallel.mixed_precision=bf16", "parallel.activation_checkpointing=true", "generator_optim.warmup_steps=4"],
@@ -284,6 +284,7 @@ def test_loop_options_run_and_log_finite_values(overrides, tmp_path):
         assert summary["samples_seen"] == 4  # 2 micro-batches of 2
     if "loss.cfg=reward" in overrides:
         assert np.isfinite(line["loss/cfg_reward"]) and line["loss/cfg_reward"] != 0
+        assert line["balance/cfg_grad_rms"] > 0  # DI*-OUT's pull on x0, beside the divergence's
     if "generator_optim.warmup_steps=4" in overrides:
         assert line["lr/generator"] == pytest.approx(1e-4 / 4)
     if "loss.reduction=mean" in overrides:  # ‖y‖/√D over c: logged beside the divergence

@@ -414,6 +414,37 @@ def test_generator_objective_is_the_reward_term_plus_the_divergence_and_the_cfg_
     torch.testing.assert_close(whole.divergence, weight * score_distance(y))
 
 
+def test_di_star_out_cfg_term_at_its_own_times_noise_and_weight():
+    """DI*-OUT's CFG term drawn apart from the divergence (loss.cfg_t_min/max, cfg_weighting): its gradient in x0
+    is the closed form −(α−1)·w'·a(t')·(s_c − s_∅)(x_t')/B at x_t' = a(t')x0 + σ(t')ε', and the divergence's part is
+    unchanged."""
+    from distar.losses import generator_loss_parts, generator_objective
+
+    g = torch.Generator().manual_seed(9)
+    n, scale = 32, 4.5
+    x0 = torch.randn(n, DIM, generator=g, dtype=torch.float64).requires_grad_(True)
+    eps, eps_cfg = (torch.randn(n, DIM, generator=g, dtype=torch.float64) for _ in range(2))
+    t = torch.randint(20, 980, (n,), generator=g)
+    t_cfg = torch.randint(500, 980, (n,), generator=g)
+    weight, w_cfg = time_weight(SCHEDULE, t, "sigma", x0), time_weight(SCHEDULE, t_cfg, "sigma2", x0)
+    cond, uncond = _eps_fn(M_REF * 0, R_REF), EPS_REFERENCE
+
+    def branches(x_t, tt):
+        return uncond(x_t, tt), cond(x_t, tt)
+
+    kwargs = dict(reference_branches=branches, alpha_cfg=scale, weight=weight)
+    own = generator_objective(x0, t, eps, EPS_GENERATOR, cond, SCHEDULE, cfg_noise=(t_cfg, eps_cfg, w_cfg), **kwargs)
+    div = generator_loss_parts(x0, t, eps, EPS_GENERATOR, cond, SCHEDULE, weight=weight)
+    (grad_own,) = torch.autograd.grad(own.cfg_loss, x0)
+    a, sigma = _a_sigma(t_cfg)
+    x_t = a * x0.detach() + sigma * eps_cfg
+    score_gap = -(cond(x_t, t_cfg) - uncond(x_t, t_cfg)) / sigma
+    torch.testing.assert_close(grad_own, -(scale - 1) * w_cfg[:, None] * a * score_gap / n)
+    torch.testing.assert_close(own.divergence_loss, div.loss)
+    shared = generator_objective(x0, t, eps, EPS_GENERATOR, cond, SCHEDULE, **kwargs)
+    assert not torch.allclose(shared.cfg_loss, own.cfg_loss)  # the default reads the divergence's x_t
+
+
 def test_generator_objective_without_reward_or_cfg_term_is_the_divergence_alone():
     from distar.losses import generator_objective
 

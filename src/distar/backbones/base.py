@@ -16,6 +16,7 @@ from __future__ import annotations
 import copy
 import os
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, ClassVar, Literal, Protocol
 
 import torch
@@ -67,6 +68,8 @@ class Backbone:
     """Module names that LoRA adapters wrap (peft's target_modules)."""
     pipeline_name: ClassVar[str]
     """The diffusers pipeline class that export writes and evaluate samples with."""
+    ema_part: ClassVar[str]
+    """The folder of an exported pipeline that holds the EMA of the generator's network (beside the raw one)."""
 
     # -- the schedule and the prediction ---------------------------------------------------------------
 
@@ -140,6 +143,9 @@ class Backbone:
     # -- loaders ---------------------------------------------------------------------------------------
 
     def load_denoiser(self, source, dtype="fp32", **resolve_kwargs) -> nn.Module:
+        raise NotImplementedError
+
+    def load_ema(self, root: Path, dtype: torch.dtype) -> nn.Module:
         raise NotImplementedError
 
     def load_vae(self, source, dtype="fp32", **resolve_kwargs) -> nn.Module:

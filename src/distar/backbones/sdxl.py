@@ -572,6 +572,7 @@ class SDXL(Backbone):
         return locate(source, parts, **resolve_kwargs)
 
     pipeline_parts = PIPELINE_PARTS
+    ema_part = "unet_ema"
 
     def generator_from_weights(self, reference_root: Path, weights: dict[str, torch.Tensor], source: str):
         """A UNet of the reference's config holding the generator's weights."""
@@ -617,6 +618,13 @@ class SDXL(Backbone):
             "how": f"One step at t* = {t_star} (the LCMScheduler is configured; pass `timesteps=[{t_star}]`), no CFG.",
             "ema": '`UNet2DConditionModel.from_pretrained("PATH", subfolder="unet_ema")`',
         }
+
+    def load_ema(self, root: Path, dtype: torch.dtype):
+        """The EMA network an exported pipeline holds beside its raw one (`ema_part`)."""
+        from diffusers import UNet2DConditionModel
+
+        require_files(root, {"the EMA network": [[f"{self.ema_part}/config.json"]]})
+        return UNet2DConditionModel.from_pretrained(root, subfolder=self.ema_part, dtype=dtype)
 
     def load_pipeline(self, root: Path, dtype: torch.dtype, net=None):
         """A pipeline directory for sampling, optionally with another UNet."""

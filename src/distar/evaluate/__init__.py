@@ -41,7 +41,7 @@ from distar.evaluate.protocol import (
     protocol_digest,
 )
 from distar.evaluate.report import render_report
-from distar.evaluate.sampler import Sampler, recorded_t_star
+from distar.evaluate.sampler import Sampler, recorded, recorded_t_star
 from distar.prompts import HPS_STYLES
 from distar.rewards import PAPER_SCALE  # the one unit of each reward, shared with training
 from distar.stop import Preempted, StopSignals
@@ -83,6 +83,9 @@ class EvaluateConfig:
     """CFG of `reference:N` sampling."""
     dtype: str = "fp32"
     """Precision of generation (fp32, bf16, fp16); part of the protocol."""
+    ema: bool = True
+    """Also evaluate the EMA of the generator's weights where the exported pipeline holds it (distar.json names
+    it): the `ema` row beside the raw weights' `model`, same prompts and noise."""
     label: str = ""
     """A name for the evaluated model in reports (an ablation variant's name)."""
     run: str | None = None
@@ -93,6 +96,10 @@ class EvaluateConfig:
     allow_protocol_mismatch: bool = False
     """Compare with `compare_to` even when the protocols differ (the difference is still reported)."""
     device: str = "auto"
+
+
+SCORES = {"model": "scores", "ema": "ema_scores", "baseline": "baseline_scores"}
+"""Each evaluated model's per-image table in the output: the raw weights, their EMA, the baseline."""
 
 
 def _load_metrics(config: EvaluateConfig, device):
@@ -137,7 +144,7 @@ def _evaluate_one(spec: str, role: str, prompts, metrics, config, device, out_fs
 
     work = f"{out_path}/work/{role}"
     out_fs.makedirs(work, exist_ok=True)
-    identity = scoring_identity(spec, proto)
+    identity = scoring_identity(spec, proto) | ({"weights": "ema"} if role == "ema" else {})
     claimed = _check_work(out_fs, work, identity, config)
     done = set()
     for f in out_fs.glob(f"{work}/scores-*.parquet"):
@@ -145,7 +152,7 @@ def _evaluate_one(spec: str, role: str, prompts, metrics, config, device, out_fs
             done.update(pq.read_table(fh, columns=["id"]).column("id").to_pylist())
     todo = [p for p in prompts if p.id not in done]
     generated, seconds = 0, 0.0
-    sampler = Sampler(spec, config, device) if todo else None
+    sampler = Sampler(spec, config, device, ema=role == "ema") if todo else None
     # a bar with ETA on a terminal (none in a pod's log); SIGINT and SIGTERM stop after the batch in flight
     bar = tqdm(total=len(prompts), initial=len(prompts) - len(todo), desc=f"distar evaluate: {role}", unit="image",
                disable=None, dynamic_ncols=True)  # fmt: skip
@@ -283,6 +290,8 @@ def evaluate(config: EvaluateConfig, read: tuple[list[Prompt], dict] | None = No
     out_fs, out_path = storage.filesystem(config.out)
     out_path = out_path.rstrip("/")
     runs = {"model": _evaluate_one(config.model, "model", prompts, metrics, config, device, out_fs, out_path, proto)}
+    if config.ema and recorded(config.model, config.cache_dir).get("ema"):
+        runs["ema"] = _evaluate_one(config.model, "ema", prompts, metrics, config, device, out_fs, out_path, proto)
     if config.baseline:
         runs["baseline"] = _evaluate_one(
             config.baseline, "baseline", prompts, metrics, config, device, out_fs, out_path, proto
@@ -293,7 +302,7 @@ def evaluate(config: EvaluateConfig, read: tuple[list[Prompt], dict] | None = No
         results[role] = summarise(tables[role], config.rewards)
         buf = io.BytesIO()
         pq.write_table(tables[role], buf)
-        out_fs.pipe_file(f"{out_path}/{'scores' if role == 'model' else 'baseline_scores'}.parquet", buf.getvalue())
+        out_fs.pipe_file(f"{out_path}/{SCORES[role]}.parquet", buf.getvalue())
     proto["image_size"] = _image_size(out_fs, out_path, "model")
     mismatch = None
     if compared is not None:

@@ -83,7 +83,7 @@ def _paper_row_of_baseline(spec: str | None) -> str | None:
 
 
 def render_report(report: dict, tables: dict, out_fs, out_path: str) -> str:
-    """The page leads with what the reader came for: the metrics table (model, baseline, Δ, the spread over
+    """The page leads with what the reader came for: the metrics table (model, its EMA, baseline, Δ, the spread over
     images, the paper's values), then one line of protocol, the model's and the baseline's images side by side
     with their prompts, the score histograms, and the full protocol folded at the end."""
     import math
@@ -99,6 +99,8 @@ def render_report(report: dict, tables: dict, out_fs, out_path: str) -> str:
     compared = (report.get("compared_to") or {}).get("model")
     paper_base = _paper_row_of_baseline(baseline)
     head = ["metric", "model"]
+    if "ema" in res:
+        head += ["EMA weights", "Δ vs EMA"]
     if "baseline" in res:
         head += ["baseline", "Δ vs baseline"]
     if "compared" in res:
@@ -108,7 +110,7 @@ def render_report(report: dict, tables: dict, out_fs, out_path: str) -> str:
     for n in names + ["seconds_per_image"]:
         ours = res["model"].get(n, float("nan"))
         cells = ["s / image" if n == "seconds_per_image" else n, f"{ours:.4g}"]
-        for role in ("baseline", "compared"):
+        for role in ("ema", "baseline", "compared"):
             if role in res:
                 theirs = res[role].get(n, float("nan"))
                 cells += [f"{theirs:.4g}", signed(ours - theirs, ours)]

@@ -16,11 +16,11 @@ from distar.errors import UserError
 
 
 class Sampler:
-    """An exported one-step pipeline; `unet:SOURCE`, a raw UNet state dict (the initial generator, e.g. DMD2's
-    1-step UNet) in the --reference pipeline, sampled in one step; or `reference:N`, the --reference pipeline with
-    its own scheduler, N steps and CFG."""
+    """An exported one-step pipeline (with `ema`, its EMA network in place of the raw one); `unet:SOURCE`, a raw
+    UNet state dict (the initial generator, e.g. DMD2's 1-step UNet) in the --reference pipeline, sampled in one
+    step; or `reference:N`, the --reference pipeline with its own scheduler, N steps and CFG."""
 
-    def __init__(self, spec: str, config, device: torch.device):
+    def __init__(self, spec: str, config, device: torch.device, ema: bool = False):
         self.steps = None
         parsed = sources.parse(spec, evaluate_forms=True)
         source, raw = spec, None
@@ -34,16 +34,18 @@ class Sampler:
         if parsed.kind == "uri" and not Path(spec.removeprefix("file://")).is_dir():
             # an exported pipeline in object storage: only what sampling loads (no unet_ema/, no single file)
             backbone = backbones.get(recorded(spec).get("backbone", backbones.DEFAULT))
-            root = sources.download(spec, sampled_files(backbone))
+            root = sources.download(spec, sampled_files(backbone, ema))
         else:
             root = sources.resolve_dir(source, cache_dir=config.cache_dir)
         if not (root / "model_index.json").is_file():
             raise UserError(f"{source!r} is not a diffusers pipeline (no model_index.json); run `distar export`")
         self.backbone = backbones.get(_recorded_in(root).get("backbone", backbones.DEFAULT))
         net = None
+        dtype = sources.parse_dtype(config.dtype)
         if raw is not None:
             net = self.backbone.load_raw_generator(raw, config.reference, cache_dir=config.cache_dir)
-        dtype = sources.parse_dtype(config.dtype)
+        elif ema:
+            net = self.backbone.load_ema(root, dtype)
         self.pipe = self.backbone.load_pipeline(root, dtype, net).to(device)
         self.pipe.set_progress_bar_config(disable=True)
         self.config, self.device, self.name = config, device, spec
@@ -68,13 +70,10 @@ class Sampler:
         return images.float().clamp(0, 1)
 
 
-def sampled_files(backbone) -> list[str]:
+def sampled_files(backbone, ema: bool = False) -> list[str]:
     """The files of an exported pipeline that sampling reads (hub-style patterns)."""
-    return [
-        "model_index.json",
-        "distar.json",
-        *(f"{part}/*" for part in (*backbone.pipeline_parts, "vae", "scheduler")),
-    ]
+    parts = (*backbone.pipeline_parts, "vae", "scheduler", *((backbone.ema_part,) if ema else ()))
+    return ["model_index.json", "distar.json", *(f"{part}/*" for part in parts)]
 
 
 def _parse_record(text: bytes | str | None, where: str) -> dict:

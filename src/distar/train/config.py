@@ -20,7 +20,7 @@ from distar import backbones, readers, storage
 from distar.backbones.sdxl import DMD2_REPO, DMD2_UNET_1STEP, GENERATOR_TIMESTEP, SDXL_BASE
 from distar.config import apply_mapping, apply_overrides, check_choices
 from distar.errors import UserError, redact
-from distar.losses import DivergenceConfig, guidance_scale
+from distar.losses import DivergenceConfig, Weighting, guidance_scale
 
 PRESETS = ("tiny", "sdxl", "sdxl-1gpu")
 DType = Literal["fp32", "bf16", "fp16", "float32", "bfloat16", "float16"]
@@ -123,6 +123,13 @@ class LossConfig(DivergenceConfig):
     """Smallest t of the generator loss (DMD2: 20)."""
     t_max: int = 980
     """Largest t, exclusive, of the generator loss (DMD2: 980)."""
+    cfg_t_min: int | None = None
+    """With cfg = "reward" (DI*-OUT): the smallest t of the CFG term, drawn apart from the divergence's t with its
+    own noise; None (with cfg_t_max and cfg_weighting None too): the divergence's t, noise and w(t)."""
+    cfg_t_max: int | None = None
+    """With cfg = "reward": the largest t, exclusive, of the CFG term (None: t_max when the term has its own t)."""
+    cfg_weighting: Weighting | None = None
+    """With cfg = "reward": w(t) of the CFG term (None: `weighting`)."""
     assistant_t_min: int = 0
     """Smallest t of the assistant's denoising loss."""
     assistant_t_max: int = 1000
@@ -131,6 +138,15 @@ class LossConfig(DivergenceConfig):
     def guidance_scale(self) -> float:
         """α_cfg as diffusers' scale, under `cfg_convention`."""
         return guidance_scale(self.alpha_cfg, self.cfg_convention)
+
+    def cfg_own_noise(self) -> bool:
+        """Whether the CFG term (DI*-OUT) draws its own t and noise or weights them its own way."""
+        return (self.cfg_t_min, self.cfg_t_max, self.cfg_weighting) != (None, None, None)
+
+    def cfg_range(self) -> tuple[int, int]:
+        """[lo, hi) of the CFG term's t."""
+        return (self.t_min if self.cfg_t_min is None else self.cfg_t_min,
+                self.t_max if self.cfg_t_max is None else self.cfg_t_max)  # fmt: skip
 
 
 @dataclass
@@ -422,6 +438,14 @@ class TrainConfig:
         L = self.loss
         if not 0 <= L.t_min < L.t_max <= 1000:
             raise UserError(f"loss.t_min={L.t_min}, loss.t_max={L.t_max}: need 0 ≤ t_min < t_max ≤ 1000")
+        lo, hi = L.cfg_range()
+        if not 0 <= lo < hi <= 1000:
+            raise UserError(f"loss.cfg_t_min={lo}, loss.cfg_t_max={hi}: need 0 ≤ cfg_t_min < cfg_t_max ≤ 1000")
+        if L.cfg_own_noise() and L.cfg != "reward":
+            raise UserError(
+                'loss.cfg_t_min, cfg_t_max and cfg_weighting shape the CFG term of loss.cfg = "reward" (DI*-OUT); '
+                f"with loss.cfg = {L.cfg!r} CFG acts inside the divergence: leave them unset"
+            )
         if not 0 <= L.assistant_t_min < L.assistant_t_max <= 1000:
             raise UserError("loss.assistant_t_min/assistant_t_max: need 0 ≤ assistant_t_min < assistant_t_max ≤ 1000")
 

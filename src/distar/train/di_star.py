@@ -24,7 +24,7 @@ from distar.train.distributed import World
 from distar.train.networks import Networks
 
 # Purposes of the counter-based random streams.
-Z, T, EPS, SAMPLES = 1, 2, 3, 4
+Z, T, EPS, SAMPLES, CFG_T, CFG_EPS = 1, 2, 3, 4, 5, 6
 WARMUP_UPDATES = 1 << 20  # the update index of warm-up update k is WARMUP_UPDATES + k: its own streams
 
 MicroBatch = tuple[int, PromptBatch, Conditioning]
@@ -35,19 +35,19 @@ def stream(seed: int, rank: int, step: int, micro: int, purpose: int, update: in
     return torch.Generator().manual_seed(int(entropy[0]) << 32 | int(entropy[1]))
 
 
+def grad_rms(loss: torch.Tensor, x0: torch.Tensor) -> float:
+    """The RMS over elements of ∂loss/∂x0 per sample, averaged over samples (one backward pass to x0)."""
+    (grad,) = torch.autograd.grad(loss, x0, retain_graph=True)
+    # the losses are batch means: n · grad is each sample's own gradient
+    return (x0.shape[0] * grad.detach().float()).flatten(1).pow(2).mean(dim=1).sqrt().mean().item()
+
+
 def reward_divergence_balance(reward_loss: torch.Tensor, divergence_loss: torch.Tensor, x0: torch.Tensor) -> dict:
     """The per-sample RMS of ∂(α_rew·r)/∂x0 and of ∂L_div/∂x0, and their ratio (`balance/reward_to_divergence`):
     above 1 the reward moves the samples more than the divergence holds them. Costs two extra backward passes from
     the loss to x0 (through the reward, the VAE decoder, the assistant and the reference, not the generator), so
     the trainer asks for it on log steps only."""
-    n = x0.shape[0]
-
-    def rms(loss):
-        (grad,) = torch.autograd.grad(loss, x0, retain_graph=True)
-        # the losses are batch means: n · grad is each sample's own gradient
-        return (n * grad.detach().float()).flatten(1).pow(2).mean(dim=1).sqrt().mean().item()
-
-    r, d = rms(reward_loss), rms(divergence_loss)
+    r, d = grad_rms(reward_loss, x0), grad_rms(divergence_loss, x0)
     return {"balance/reward_grad_rms": r, "balance/divergence_grad_rms": d,
             "balance/reward_to_divergence": r / d if d > 0 else float("inf")}  # fmt: skip
 
@@ -142,17 +142,25 @@ class DIStar:
             z = self.noise(stream(c.seed, rank, step, micro, Z), n)
             t = self.timesteps(stream(c.seed, rank, step, micro, T), n, L.t_min, L.t_max)
             eps = self.noise(stream(c.seed, rank, step, micro, EPS), n)
+            cfg_noise = None
+            if L.cfg == "reward" and L.cfg_own_noise():  # DI*-OUT's CFG term at its own times and noise
+                t_cfg = self.timesteps(stream(c.seed, rank, step, micro, CFG_T), n, *L.cfg_range())
+                cfg_noise = (t_cfg, self.noise(stream(c.seed, rank, step, micro, CFG_EPS), n))
             last = micro == d.grad_accum - 1
             with parallel.gradient_sync(self.nets.generator_train, last), self.autocast:
                 x0 = self.nets.generator_train(z, cond).float()
-                loss, parts = self.generator_loss(x0, t, eps, cond, batch.prompts, balance=balance)
+                loss, parts = self.generator_loss(x0, t, eps, cond, batch.prompts, balance, cfg_noise)
                 (loss / d.grad_accum).backward()
             for key, value in parts.items():
                 sums[key] = sums.get(key, 0.0) + value / d.grad_accum
 
-    def generator_loss(self, x0, t, eps, cond, prompts, balance: bool = False) -> tuple[torch.Tensor, dict]:
+    def generator_loss(
+        self, x0, t, eps, cond, prompts, balance: bool = False, cfg_noise=None
+    ) -> tuple[torch.Tensor, dict]:
         """L_G on one micro-batch and the values it logs (detached device tensors); with `balance`, also how hard
-        the reward pulls on x0 against the divergence (`reward_divergence_balance`, floats: log steps only)."""
+        the reward pulls on x0 against the divergence (`reward_divergence_balance`) and the CFG term's pull
+        (floats: log steps only). cfg_noise = (t, ε): DI*-OUT's CFG term at its own times (None: the
+        divergence's)."""
         L, nets = self.config.loss, self.nets
         parts: dict = {}
         reward = None
@@ -178,6 +186,9 @@ class DIStar:
             else None,
             alpha_cfg=scale,
             weight=time_weight(self.schedule, t, L.weighting, x0),
+            cfg_noise=None
+            if cfg_noise is None
+            else (*cfg_noise, time_weight(self.schedule, cfg_noise[0], L.cfg_weighting or L.weighting, x0)),
             **L.loss_kwargs(),
         )
         parts["divergence"] = objective.divergence.detach().mean()
@@ -187,6 +198,8 @@ class DIStar:
             parts.update(reward_divergence_balance(objective.reward_loss, objective.divergence_loss, x0))
         if objective.cfg_loss is not None:
             parts["loss/cfg_reward"] = objective.cfg_loss.detach()
+            if balance:  # against balance/divergence_grad_rms: how hard DI*-OUT's CFG term pulls on x0
+                parts["balance/cfg_grad_rms"] = grad_rms(objective.cfg_loss, x0)
         parts.update(
             {
                 "loss/generator": objective.loss.detach(),
