@@ -404,9 +404,12 @@ STUDIES = [
     "score-rew100+loss.weighting=sigma2",
     "score-rew100+loss.weighting=x0",
     "score-rew100+loss.form=full",
+    "score-rew100+loss.score_normalise=true",
+    "score-rew100-cfg-out+loss.cfg_t_min=500+loss.cfg_weighting=sigma2",
 ]
 """The knobs the paper leaves open, each a change to one grid row: K_TA = 5 (DMD2) against the lab's 1 (Diff-Instruct,
-SiD), pseudo-Huber's c, the per-element reduction, w(t), and the full form against sim."""
+SiD), pseudo-Huber's c, the per-element reduction, w(t), the full form against sim, SiD's per-sample normaliser,
+and DI*-OUT's CFG term at large t only."""
 
 
 def variant_grid(names: list[str]) -> list[dict]:

@@ -69,6 +69,10 @@ class DivergenceConfig:
     kl_normalise: bool = False
     """KL baseline only: divide each sample's gradient by mean |x0 − x̂0_ref| as DMD does, so the KL-versus-score
     comparison can run at a comparable strength (off: the plain Diff-Instruct / DI++ gradient)."""
+    score_normalise: bool = False
+    """Score divergence only: divide each sample's loss by mean |x0 − x̂0_ref(x_t)| (detached), SiD's per-sample
+    normaliser (its `weight_factor`), so no sample's pull depends on how far it is from the reference's denoised
+    guess; not in the paper (off)."""
 
     def loss_kwargs(self) -> dict:
         """The keyword arguments of `generator_loss` this config fixes (the weight is per sample: time_weight)."""
@@ -78,6 +82,7 @@ class DivergenceConfig:
             "huber_c": self.huber_c,
             "form": self.form,
             "kl_normalise": self.kl_normalise,
+            "score_normalise": self.score_normalise,
             "reduction": self.reduction,
         }
 
@@ -155,6 +160,7 @@ def generator_loss_parts(
     form: str = "sim",
     weight: torch.Tensor | None = None,
     kl_normalise: bool = False,
+    score_normalise: bool = False,
     reduction: str = "sum",
 ) -> GeneratorLossParts:
     """The divergence part of the generator loss, L_div, as a batch mean (METHOD.md §4), with its parts.
@@ -166,7 +172,8 @@ def generator_loss_parts(
     differentiates through their inputs only.
     divergence: "score" (DI*) or "kl" (Diff-Instruct / DI++).  distance: "pseudo_huber" or "l2".
     form: "sim" (sampling measure stop-gradient) or "full" (adds + w·d(y_t)).  weight: w(t) per sample.
-    kl_normalise: the KL gradient per sample divided by mean |x0 − x̂0_ref| (DMD).  reduction: "sum" (d of y
+    kl_normalise: the KL gradient per sample divided by mean |x0 − x̂0_ref| (DMD).  score_normalise: the score
+    divergence's loss per sample divided by the same detached distance (SiD).  reduction: "sum" (d of y
     over all D elements) or "mean" (d of y/√D; the KL gradient is divided by D, as the mean square's would be).
     Returns the loss, w(t)·d(y_t) per sample, x_t and ‖y_t‖.
     """
@@ -215,6 +222,11 @@ def generator_loss_parts(
     per_sample = -(d_prime * score_residual).flatten(1).sum(dim=1)
     if form == "full":
         per_sample = per_sample + score_distance(y / root_d, distance, huber_c)
+    if score_normalise:  # SiD: x̂0_ref = (x_t − σ ε̂_ref)/a, the distance taken detached
+        with torch.no_grad():
+            x0_ref = (x_t - sigma * eps_ref) / schedule.a(t, x0)
+            distance_to_ref = (x0 - x0_ref).abs().flatten(1).mean(dim=1).clamp_min(1e-12)
+        per_sample = per_sample / distance_to_ref
     with torch.no_grad():
         value = weight * score_distance(y / root_d, distance, huber_c)
         y_norm = y.flatten(1).norm(dim=1) / root_d

@@ -97,3 +97,17 @@ def test_alpha_cfg_is_read_under_its_convention():
     assert conditional.loss.guidance_scale() == 1.0  # the conditional model, no guidance
     with pytest.raises(UserError, match="did you mean 'conditional'"):
         load_config("tiny", ["loss.cfg_convention=conditonal"])
+
+
+def test_di_star_out_and_normaliser_keys_are_checked_against_the_loss_they_shape():
+    own = load_config("tiny", ["loss.cfg=reward", "loss.cfg_t_min=500", "loss.cfg_weighting=sigma2"]).loss
+    assert own.cfg_own_noise() and own.cfg_range() == (500, own.t_max) and own.cfg_weighting == "sigma2"
+    assert not load_config("tiny", ["loss.cfg=reward"]).loss.cfg_own_noise()
+    with pytest.raises(UserError, match="DI\\*-OUT"):
+        load_config("tiny", ["loss.cfg_t_max=600"])  # CFG inside the divergence has no term of its own
+    with pytest.raises(UserError, match="cfg_t_min=990, loss.cfg_t_max=980"):
+        load_config("tiny", ["loss.cfg=reward", "loss.cfg_t_min=990"])
+    with pytest.raises(UserError, match="did you mean 'sigma'"):
+        load_config("tiny", ["loss.cfg=reward", "loss.cfg_weighting=sigma3"])
+    with pytest.raises(UserError, match="kl_normalise"):
+        load_config("tiny", ["loss.divergence=kl", "loss.score_normalise=true"])

@@ -457,6 +457,26 @@ def test_generator_objective_without_reward_or_cfg_term_is_the_divergence_alone(
     torch.testing.assert_close(out.loss, generator_loss(x0, t, eps, EPS_GENERATOR, EPS_REFERENCE, SCHEDULE))
 
 
+@pytest.mark.parametrize("form", ["sim", "full"])
+def test_score_normalisation_divides_each_samples_gradient_by_its_mean_x0_distance(form):
+    """SiD's normaliser: with score_normalise, sample i's gradient is the plain score-divergence gradient divided by
+    mean|x0_i − x̂0_ref,i| (a constant to autograd), x̂0_ref = (x_t − σ_t ε̂_ref)/a_t computed here independently."""
+    g = torch.Generator().manual_seed(8)
+    n = 16
+    x0 = torch.randn(n, DIM, generator=g, dtype=torch.float64).requires_grad_(True)
+    eps = torch.randn(n, DIM, generator=g, dtype=torch.float64)
+    t = torch.randint(20, 980, (n,), generator=g)
+    kwargs = dict(form=form, weight=time_weight(SCHEDULE, t, "sigma", x0))
+    (plain,) = torch.autograd.grad(generator_loss(x0, t, eps, EPS_GENERATOR, EPS_REFERENCE, SCHEDULE, **kwargs), x0)
+    normalised = generator_loss(x0, t, eps, EPS_GENERATOR, EPS_REFERENCE, SCHEDULE, score_normalise=True, **kwargs)
+    (grad,) = torch.autograd.grad(normalised, x0)
+    a, sigma = _a_sigma(t)
+    x_t = a * x0.detach() + sigma * eps
+    scale = (x0.detach() - (x_t - sigma * EPS_REFERENCE(x_t, t)) / a).abs().mean(dim=1, keepdim=True)
+    torch.testing.assert_close(grad, plain / scale)
+    assert not torch.allclose(grad, plain)
+
+
 def test_kl_normalisation_divides_each_samples_gradient_by_its_mean_x0_distance():
     """DMD's normaliser: with kl_normalise, sample i's gradient is the plain KL gradient / mean|x0_i − x̂0_ref,i|,
     x̂0_ref = (x_t − σ_t ε̂_ref)/a_t computed here independently."""

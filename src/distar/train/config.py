@@ -438,6 +438,8 @@ class TrainConfig:
         L = self.loss
         if not 0 <= L.t_min < L.t_max <= 1000:
             raise UserError(f"loss.t_min={L.t_min}, loss.t_max={L.t_max}: need 0 ≤ t_min < t_max ≤ 1000")
+        if L.score_normalise and L.divergence != "score":
+            raise UserError("loss.score_normalise normalises the score divergence; for KL use loss.kl_normalise")
         lo, hi = L.cfg_range()
         if not 0 <= lo < hi <= 1000:
             raise UserError(f"loss.cfg_t_min={lo}, loss.cfg_t_max={hi}: need 0 ≤ cfg_t_min < cfg_t_max ≤ 1000")
