@@ -110,3 +110,98 @@ def test_bad_schedule_and_shapes_raise():
         s.add_noise(torch.zeros(2, 3), torch.zeros(2, 3), torch.tensor([0, 1, 2]))
     with pytest.raises(ValueError, match="t must lie in"):
         s.add_noise(torch.zeros(1, 3), torch.zeros(1, 3), torch.tensor([3]))
+
+
+# -- the rectified-flow path (SD3, FLUX.1) ----------------------------------------------------------------------
+
+
+def test_flow_path_velocity_conversions_by_hand():
+    """x_σ = (1 − σ) x0 + σ ε and v = ε − x0: ε̂ = x_σ + (1 − σ) v̂ and x̂0 = x_σ − σ v̂ give back ε and x0, and the
+    shared conversions (score, x0 ↔ ε) hold with a = 1 − σ."""
+    from distar.diffusion import FlowSchedule
+
+    s = FlowSchedule()
+    g = torch.Generator().manual_seed(0)
+    x0, eps = torch.randn(2, 5, 4, 4, 4, generator=g, dtype=torch.float64)
+    t = torch.tensor([0.02, 0.5, 0.98, 1.0, 0.0], dtype=torch.float64)
+    x_t = s.add_noise(x0, eps, t)
+    sig = t.reshape(-1, 1, 1, 1)
+    torch.testing.assert_close(x_t, (1 - sig) * x0 + sig * eps)
+    v = eps - x0
+    torch.testing.assert_close(s.velocity_to_eps(x_t, v, t), eps)
+    torch.testing.assert_close(s.velocity_to_x0(x_t, v, t), x0)
+    inner = slice(0, 3)  # away from σ = 0 and 1, where a or σ vanishes
+    torch.testing.assert_close(s.eps_to_score(eps[inner], t[inner]), -eps[inner] / sig[inner])
+    torch.testing.assert_close(s.eps_to_x0(x_t[inner], eps[inner], t[inner]), x0[inner])
+    torch.testing.assert_close(s.x0_to_eps(x_t[inner], x0[inner], t[inner]), eps[inner])
+    # one step from pure noise: x0 = z − v̂ at σ = 1; at σ* = 0.5, z − 0.5 v̂
+    z, v_hat = eps, torch.randn(5, 4, 4, 4, generator=g, dtype=torch.float64)
+    torch.testing.assert_close(s.one_step_x0(z, v_hat), z - v_hat)
+    torch.testing.assert_close(s.one_step_x0(z, v_hat, 0.5), z - 0.5 * v_hat)
+    assert s.model_time(torch.tensor([0.25])).item() == 250.0 and FlowSchedule(time_scale=1).model_time(t)[1] == 0.5
+
+
+def test_flow_path_and_shift_agree_with_diffusers_flow_match_scheduler():
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from distar.diffusion import FlowSchedule
+
+    ref = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)
+    ours = FlowSchedule(shift=3.0)
+    base = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0).sigmas.double()
+    torch.testing.assert_close(ours.shifted(base), ref.sigmas.double(), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(ours.unshifted(ours.shifted(base)), base)
+    g = torch.Generator().manual_seed(1)
+    x0, noise = torch.randn(2, 1, 16, 8, 8, generator=g)
+    ref.set_timesteps(10)
+    timestep = ref.timesteps[3:4]
+    sigma = ref.sigmas[3:4].double()
+    torch.testing.assert_close(ref.scale_noise(x0, timestep, noise), ours.add_noise(x0, noise, sigma).float())
+    torch.testing.assert_close(ours.model_time(sigma).float(), timestep)  # SD3 takes σ·1000
+
+
+@pytest.mark.parametrize("density", ["uniform", "logit_normal"])
+def test_flow_sigma_draws_fill_their_range_with_the_density_asked_for(density):
+    from distar.diffusion import FlowSchedule
+
+    n, g = 200_000, torch.Generator().manual_seed(2)
+    plain = FlowSchedule(density=density, logit_mean=0.3, logit_std=1.2)
+    t = plain.sample_t(n, 0.2, 0.8, g)
+    assert t.dtype == torch.float64 and float(t.min()) >= 0.2 and float(t.max()) <= 0.8
+    normal = torch.distributions.Normal(0.3, 1.2)
+    cdf = {  # P(σ ≤ x) on [0.2, 0.8] for the truncated density, closed form
+        "uniform": lambda x: (x - 0.2) / 0.6,
+        "logit_normal": lambda x: (
+            (normal.cdf(torch.tensor(x).logit()) - normal.cdf(torch.tensor(0.2).logit()))
+            / (normal.cdf(torch.tensor(0.8).logit()) - normal.cdf(torch.tensor(0.2).logit()))
+        ),
+    }[density]
+    for x in (0.3, 0.5, 0.7):
+        assert float((t <= x).double().mean()) == pytest.approx(float(cdf(x)), abs=4e-3)
+    shifted = FlowSchedule(shift=3.0, density=density, logit_mean=0.3, logit_std=1.2).sample_t(n, 0.2, 0.8, g)
+    assert float(shifted.min()) >= 0.2 and float(shifted.max()) <= 0.8
+    # the shift moves mass towards noise: P(σ ≤ x) under the shift = P(base ≤ unshifted(x)) in the base's
+    # truncation to the pre-image of [0.2, 0.8]
+    s = FlowSchedule(shift=3.0)
+    lo, hi = s.unshifted(torch.tensor(0.2)), s.unshifted(torch.tensor(0.8))
+    x = s.unshifted(torch.tensor(0.5))
+    if density == "uniform":
+        expected = (x - lo) / (hi - lo)
+    else:
+        expected = (normal.cdf(x.logit()) - normal.cdf(lo.logit())) / (normal.cdf(hi.logit()) - normal.cdf(lo.logit()))
+    assert float((shifted <= 0.5).double().mean()) == pytest.approx(float(expected), abs=4e-3)
+
+
+@pytest.mark.parametrize(
+    "bad, match",
+    [(torch.tensor([1, 2]), "floating"), (torch.tensor([0.5, 1.2]), r"\[0, 1\]"), (torch.tensor([-0.1]), r"\[0, 1\]")],
+)
+def test_bad_flow_times_name_the_argument(bad, match):
+    from distar.diffusion import FlowSchedule
+
+    with pytest.raises(ValueError, match=match):
+        FlowSchedule().a(bad, torch.zeros(len(bad), 3))
+    with pytest.raises(ValueError, match="shift"):
+        FlowSchedule(shift=0)
+    with pytest.raises(ValueError, match="lo < hi"):
+        FlowSchedule().sample_t(4, 0.9, 0.1, torch.Generator())

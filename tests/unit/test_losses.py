@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from distar.backbones.sdxl import schedule as sdxl_schedule
+from distar.diffusion import FlowSchedule
 from distar.losses import (
     assistant_loss,
     cfg,
@@ -25,6 +26,7 @@ from distar.losses import (
 )
 
 SCHEDULE = sdxl_schedule()
+FLOW = FlowSchedule()  # the rectified-flow path: a = 1 − σ, t = σ
 DIM = 3
 MU0 = torch.tensor([0.5, -0.3, 1.0], dtype=torch.float64)
 LOG_S0 = torch.tensor([0.8, 1.2, 0.5], dtype=torch.float64).log()
@@ -32,32 +34,41 @@ M_REF = torch.tensor([0.0, 0.2, -0.4], dtype=torch.float64)
 R_REF = torch.tensor([1.0, 0.7, 1.3], dtype=torch.float64)
 
 
-def _a_sigma(t):
+def _a_sigma(t, schedule=SCHEDULE):
+    """a and σ by hand: the VP table read directly, or 1 − σ and σ on the flow path."""
+    if schedule is FLOW:
+        sig = torch.as_tensor(t, dtype=torch.float64).reshape(-1, 1)
+        return 1 - sig, sig
     t = torch.as_tensor(t)
     return SCHEDULE._a[t].reshape(-1, 1), SCHEDULE._sigma[t].reshape(-1, 1)
 
 
-def _score(x, t, mean0, std0):
+def _score(x, t, mean0, std0, schedule=SCHEDULE):
     """∇ log N(x; a mean0, a² std0² + σ²): the diffused score of a Gaussian x0 ~ N(mean0, std0²)."""
-    a, sig = _a_sigma(t)
+    a, sig = _a_sigma(t, schedule)
     return -(x - a * mean0) / (a**2 * std0**2 + sig**2)
 
 
-def _eps_fn(mean0, std0):
+def _eps_fn(mean0, std0, schedule=SCHEDULE):
     mean0, std0 = mean0.detach(), std0.detach()
 
     def eps(x_t, t):
-        return -_a_sigma(t)[1] * _score(x_t, t, mean0, std0)
+        return -_a_sigma(t, schedule)[1] * _score(x_t, t, mean0, std0, schedule)
 
     return eps
 
 
 EPS_GENERATOR = _eps_fn(MU0, LOG_S0.exp())
 EPS_REFERENCE = _eps_fn(M_REF, R_REF)
+NETWORKS = {
+    id(SCHEDULE): (EPS_GENERATOR, EPS_REFERENCE),
+    id(FLOW): (_eps_fn(MU0, LOG_S0.exp(), FLOW), _eps_fn(M_REF, R_REF, FLOW)),
+}
 
 
-def _surrogate_gradient(t_values, weight_kind, n, chunks, seed, **loss_kwargs):
+def _surrogate_gradient(t_values, weight_kind, n, chunks, seed, schedule=SCHEDULE, **loss_kwargs):
     """Mean and standard error over `chunks` independent batches of ∇_(μ, log s) generator_loss."""
+    eps_generator, eps_reference = NETWORKS[id(schedule)]
     g = torch.Generator().manual_seed(seed)
     grads = []
     for _ in range(chunks):
@@ -67,20 +78,20 @@ def _surrogate_gradient(t_values, weight_kind, n, chunks, seed, **loss_kwargs):
         eps = torch.randn(n, DIM, generator=g, dtype=torch.float64)
         t = torch.as_tensor(t_values)[torch.randint(len(t_values), (n,), generator=g)]
         x0 = mu + log_s.exp() * z
-        w = None if weight_kind is None else time_weight(SCHEDULE, t, weight_kind, x0)
-        loss = generator_loss(x0, t, eps, EPS_GENERATOR, EPS_REFERENCE, SCHEDULE, weight=w, **loss_kwargs)
+        w = None if weight_kind is None else time_weight(schedule, t, weight_kind, x0)
+        loss = generator_loss(x0, t, eps, eps_generator, eps_reference, schedule, weight=w, **loss_kwargs)
         grads.append(torch.cat(torch.autograd.grad(loss, (mu, log_s))))
     grads = torch.stack(grads)
     return grads.mean(0), grads.std(0) / math.sqrt(chunks)
 
 
-def _true_divergence(mu, log_s, t, distance, huber_c, form, n, g):
+def _true_divergence(mu, log_s, t, distance, huber_c, form, n, g, schedule=SCHEDULE):
     """The score divergence at one t, from its definition: E_{x~π_t} d(s_θ,t(x) − s_ref,t(x)).
 
     form "sim": π_t = p_{sg(θ),t} (samples from the frozen θ0);  "full": π_t = p_θ,t (reparametrised).
     For l2 the expectation is closed form; for pseudo-Huber it is Monte Carlo with n samples.
     """
-    a, sig = _a_sigma([t])
+    a, sig = _a_sigma([t], schedule)
     s = log_s.exp()
     v_g = a**2 * s**2 + sig**2
     v_r = a**2 * R_REF**2 + sig**2
@@ -99,7 +110,7 @@ def _true_divergence(mu, log_s, t, distance, huber_c, form, n, g):
     return score_distance(y, "pseudo_huber", huber_c).mean()
 
 
-def _true_gradient(t_values, weight_kind, distance, huber_c, form, n, chunks, seed):
+def _true_gradient(t_values, weight_kind, distance, huber_c, form, n, chunks, seed, schedule=SCHEDULE):
     g = torch.Generator().manual_seed(seed)
     grads = []
     for _ in range(1 if distance == "l2" else chunks):
@@ -107,8 +118,9 @@ def _true_gradient(t_values, weight_kind, distance, huber_c, form, n, chunks, se
         log_s = LOG_S0.clone().requires_grad_(True)
         total = 0.0
         for t in t_values:
-            w = 1.0 if weight_kind is None else float(time_weight(SCHEDULE, torch.tensor([t]), weight_kind, mu[None]))
-            total = total + w * _true_divergence(mu, log_s, t, distance, huber_c, form, n, g) / len(t_values)
+            w = 1.0 if weight_kind is None else float(time_weight(schedule, torch.tensor([t]), weight_kind, mu[None]))
+            divergence = _true_divergence(mu, log_s, t, distance, huber_c, form, n, g, schedule)
+            total = total + w * divergence / len(t_values)
         grads.append(torch.cat(torch.autograd.grad(total, (mu, log_s))))
     grads = torch.stack(grads)
     se = grads.std(0) / math.sqrt(len(grads)) if len(grads) > 1 else torch.zeros_like(grads[0])
@@ -147,9 +159,9 @@ def test_score_divergence_gradient_matches_the_true_divergence(t_values, weighti
     _assert_gradients_agree(surrogate, true)
 
 
-def _gaussian_kl(mu, log_s, t):
+def _gaussian_kl(mu, log_s, t, schedule=SCHEDULE):
     """KL(p_θ,t ‖ q_t) for the diagonal Gaussians N(a μ, v_g) and N(a m, v_r), closed form."""
-    a, sig = _a_sigma([t])
+    a, sig = _a_sigma([t], schedule)
     v_g = a**2 * log_s.exp() ** 2 + sig**2
     v_r = a**2 * R_REF**2 + sig**2
     return 0.5 * (v_g / v_r - 1 - (v_g / v_r).log() + (a * mu - a * M_REF) ** 2 / v_r).sum()
@@ -161,6 +173,42 @@ def test_kl_gradient_matches_closed_form_gaussian_kl(t_values):
     mu = MU0.clone().requires_grad_(True)
     log_s = LOG_S0.clone().requires_grad_(True)
     kl = sum(_gaussian_kl(mu, log_s, t) for t in t_values) / len(t_values)
+    true = (torch.cat(torch.autograd.grad(kl, (mu, log_s))), torch.zeros(2 * DIM, dtype=torch.float64))
+    _assert_gradients_agree(surrogate, true)
+
+
+FLOW_CASES = [
+    # σ values on the rectified-flow path, near both ends and between
+    ([0.5], None, "l2", None, "sim"),
+    ([0.98], None, "l2", None, "full"),
+    ([0.02], None, "pseudo_huber", 1.0, "sim"),
+    ([0.5], None, "pseudo_huber", 1.0, "full"),
+    ([0.98], None, "pseudo_huber", 0.3, "sim"),
+    ([0.05, 0.5, 0.95], "sigma", "pseudo_huber", 1.0, "sim"),
+    ([0.05, 0.5, 0.95], "x0", "l2", None, "sim"),
+]
+
+
+@pytest.mark.parametrize("t_values, weighting, distance, huber_c, form", FLOW_CASES)
+def test_score_divergence_gradient_matches_the_true_divergence_on_the_flow_path(
+    t_values, weighting, distance, huber_c, form
+):
+    """The same theorem on x_σ = (1 − σ) x0 + σ ε: the losses see only (a, σ, ε̂, ε), so a = 1 − σ is all that
+    changes, and the surrogate still has the exact divergence's gradient."""
+    kwargs = dict(divergence="score", distance=distance, form=form)
+    if huber_c is not None:
+        kwargs["huber_c"] = huber_c
+    surrogate = _surrogate_gradient(t_values, weighting, n=20000, chunks=20, seed=5, schedule=FLOW, **kwargs)
+    true = _true_gradient(t_values, weighting, distance, huber_c, form, n=50000, chunks=20, seed=6, schedule=FLOW)
+    _assert_gradients_agree(surrogate, true)
+
+
+@pytest.mark.parametrize("t_values", [[0.02], [0.5], [0.98], [0.05, 0.5, 0.95]])
+def test_kl_gradient_matches_closed_form_gaussian_kl_on_the_flow_path(t_values):
+    surrogate = _surrogate_gradient(t_values, None, n=20000, chunks=20, seed=7, schedule=FLOW, divergence="kl")
+    mu = MU0.clone().requires_grad_(True)
+    log_s = LOG_S0.clone().requires_grad_(True)
+    kl = sum(_gaussian_kl(mu, log_s, t, FLOW) for t in t_values) / len(t_values)
     true = (torch.cat(torch.autograd.grad(kl, (mu, log_s))), torch.zeros(2 * DIM, dtype=torch.float64))
     _assert_gradients_agree(surrogate, true)
 
