@@ -191,9 +191,11 @@ def test_a_lora_generator_saves_its_fp32_weights_gradients_and_adamw_states():
     lora = plan(load_config("sdxl-1gpu", ["data.prompts=gs://b/p", "model.generator=lora"]), world_size=1)
     p_unet, p_lora = lora["parameters"]["unet"], lora["parameters"]["generator"]
     assert 0 < p_lora < 0.05 * p_unet
-    # fp32 weights and two AdamW states of a UNet become the adapters', and the frozen base is kept in bf16
+    # fp32 weights, two AdamW states and the EMA (the preset keeps one) of a UNet become the adapters', and the
+    # frozen base is kept in bf16
+    assert load_config("sdxl-1gpu", ["data.prompts=gs://b/p"]).ema_decay > 0
     saved = sum(full["static"].values()) - sum(lora["static"].values())
-    assert saved == pytest.approx(3 * 4 * (p_unet - p_lora) - 2 * p_unet, rel=1e-6)
+    assert saved == pytest.approx(4 * 4 * (p_unet - p_lora) - 2 * p_unet, rel=1e-6)
     assert lora["gradients (one UNet)"] == pytest.approx(4 * p_lora)
     assert lora["peak_bytes"] < full["peak_bytes"]
     with pytest.raises(UserError, match="model.generator='lora'"):

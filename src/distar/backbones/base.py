@@ -80,8 +80,11 @@ class Backbone:
         """The network's output as an ε-prediction (what the losses take)."""
         raise NotImplementedError
 
-    def forward(self, net: nn.Module, x_t: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
-        """ε̂(x_t, t, c) of `net`, in x_t's dtype; inputs cast to the network's compute dtype."""
+    def forward(
+        self, net: nn.Module, x_t: torch.Tensor, t: torch.Tensor, cond: Conditioning, guidance: float | None = None
+    ) -> torch.Tensor:
+        """ε̂(x_t, t, c) of `net`, in x_t's dtype; inputs cast to the network's compute dtype. guidance: the scale
+        a guidance-distilled network embeds (`guidance` = "embedded" families only)."""
         raise NotImplementedError
 
     def one_step(self, net: nn.Module, z: torch.Tensor, cond: Conditioning, t_star) -> torch.Tensor:
@@ -212,6 +215,9 @@ class Reference(nn.Module):
         """ε_ref^cfg at `guidance_scale` (default: the one this reference was built with); 1 is the conditional
         model alone, one batch of B."""
         scale = self.guidance_scale if guidance_scale is None else float(guidance_scale)
+        if self.backbone.guidance == "embedded":  # one call, the scale inside the network (FLUX.1-dev)
+            with self.base.adapters(False):
+                return self.backbone.forward(self.unet, x_t, t, cond, guidance=scale)
         if scale == 1.0:
             with self.base.adapters(False):
                 return self.backbone.forward(self.unet, x_t, t, cond)

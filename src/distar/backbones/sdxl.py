@@ -452,7 +452,9 @@ class SDXL(Backbone):
     def to_eps(self, output, x_t, t):
         return output
 
-    def forward(self, net, x_t, t, cond: SDXLConditioning):
+    def forward(self, net, x_t, t, cond: SDXLConditioning, guidance=None):
+        if guidance is not None:
+            raise ValueError("SDXL has no embedded guidance: its reference takes true CFG (two branches)")
         dtype = shared.base(net).compute_dtype()
         out = net(x_t.to(dtype), self._schedule.model_time(t), **cond.to(x_t.device, dtype).unet_kwargs()).sample
         return self.to_eps(out.to(x_t.dtype), x_t, t)
