@@ -32,8 +32,8 @@ def _flux_net(guidance_embeds: bool):
 
 
 def _sd3_cond(g):
-    embeds, null = torch.randn(B, 5, 32, generator=g), torch.randn(1, 5, 32, generator=g)
-    pooled, null_pooled = torch.randn(B, 24, generator=g), torch.randn(1, 24, generator=g)
+    embeds, null = torch.randn(B, 5, 64, generator=g), torch.randn(1, 5, 64, generator=g)
+    pooled, null_pooled = torch.randn(B, 64, generator=g), torch.randn(1, 64, generator=g)
     return SD3Conditioning(embeds, pooled, null, null_pooled)
 
 

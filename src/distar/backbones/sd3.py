@@ -8,14 +8,30 @@ family is not listed in `distar.backbones` until they are.
 
 from __future__ import annotations
 
+import os
+from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
+from torch import nn
 
 from distar.backbones import shared
 from distar.backbones.flow import FlowBackbone
+from distar.backbones.latents import decode, encode
+from distar.tiny_text import TINY_TEXT_HIDDEN, tiny_text_config, write_tiny_clip_tokenizer
 
 SD35_SHIFT = 3.0
+T5_MAX_LENGTH = 256
+"""T5 tokens SD3's pipeline reads by default (its `max_sequence_length`); the joint sequence is 77 + 256."""
+TINY_JOINT = 64
+TINY_VAE_CONFIG = dict(
+    in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+    up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(16, 32), layers_per_block=1, latent_channels=16,
+    norm_num_groups=16, sample_size=16, scaling_factor=1.5305, shift_factor=0.0609, use_quant_conv=False,
+    use_post_quant_conv=False,
+)  # fmt: skip
+"""SD3's VAE in miniature: 16 latent channels, its scaling and shift, no quant convolutions; one downsampling."""
 
 
 @dataclass
@@ -81,9 +97,19 @@ class SD3(FlowBackbone):
     def blocks(self, net):
         return [(net.transformer_blocks, i) for i in range(len(net.transformer_blocks))]
 
+    def prompt_encoder(self, source, dtype="fp32", cache: bool = False, **resolve_kwargs) -> PromptEncoder:
+        return PromptEncoder.from_pretrained(source, dtype=dtype, cache=cache, **resolve_kwargs)
+
+    def decode(self, vae, x0):
+        return decode(vae, x0)
+
+    def encode(self, vae, images, generator=None):
+        return encode(vae, images, generator)
+
 
 def tiny_transformer_config() -> dict:
-    """A tiny SD3Transformer2DModel: 16 latent channels as SD3's VAE has, two joint blocks."""
+    """A tiny SD3Transformer2DModel: 16 latent channels as SD3's VAE has, two joint blocks, the tiny text encoders'
+    widths (two CLIP towers of 32, pooled 64; T5 of 64)."""
     return dict(
         sample_size=8,
         patch_size=2,
@@ -92,8 +118,94 @@ def tiny_transformer_config() -> dict:
         num_layers=2,
         attention_head_dim=8,
         num_attention_heads=2,
-        joint_attention_dim=32,
+        joint_attention_dim=TINY_JOINT,
         caption_projection_dim=16,
-        pooled_projection_dim=24,
+        pooled_projection_dim=2 * TINY_TEXT_HIDDEN,
         pos_embed_max_size=16,
     )
+
+
+class PromptEncoder(nn.Module):
+    """SD3's three text encoders, frozen, through diffusers' own `StableDiffusion3Pipeline.encode_prompt` (CLIP-L
+    and CLIP-G penultimate states side by side, zero-padded to T5's width, then T5 along the sequence; the pooled
+    outputs concatenated), with the empty prompt's encoding as the negative branch."""
+
+    def __init__(self, pipe, max_sequence_length: int = T5_MAX_LENGTH):
+        super().__init__()
+        self.pipe, self.max_sequence_length = pipe, max_sequence_length
+        self.encoders = nn.ModuleList([e for e in (pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3) if e])
+        self.requires_grad_(False).eval()
+        self._null: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    @classmethod
+    def from_pretrained(cls, source, dtype="fp32", cache: bool = False, **resolve_kwargs) -> PromptEncoder:
+        from diffusers import StableDiffusion3Pipeline
+
+        from distar.sources import parse_dtype, resolve_dir
+
+        root = resolve_dir(source, **resolve_kwargs)
+        pipe = StableDiffusion3Pipeline.from_pretrained(root, transformer=None, vae=None, dtype=parse_dtype(dtype))
+        return cls(pipe)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.encoders[0].parameters()).device
+
+    @torch.no_grad()
+    def _encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        embeds, _, pooled, _ = self.pipe.encode_prompt(
+            prompts, None, None, device=self.device, do_classifier_free_guidance=False,
+            max_sequence_length=self.max_sequence_length,
+        )  # fmt: skip
+        return embeds, pooled
+
+    def encode(self, prompts: Sequence[str], height: int, width: int) -> SD3Conditioning:
+        prompts = list(prompts)
+        if not prompts or not all(isinstance(p, str) for p in prompts):
+            raise ValueError("prompts must be a non-empty list of strings")
+        if self._null is None:
+            self._null = self._encode([""])
+        embeds, pooled = self._encode(prompts)
+        return SD3Conditioning(embeds, pooled, *self._null)
+
+
+def build_tiny_sd3(out_dir: str | os.PathLike, seed: int = 0) -> Path:
+    """A complete tiny StableDiffusion3Pipeline directory (hub layout: the classes and on-disk layout of
+    stabilityai/stable-diffusion-3.5-medium), so the real loaders read it: two tiny CLIP towers with projection, a
+    tiny T5 encoder with a character-level tokenizer, a 16-channel VAE with SD3's scaling and shift, the tiny
+    transformer and FlowMatchEulerDiscreteScheduler with SD3.5's shift."""
+    from diffusers import (
+        AutoencoderKL,
+        FlowMatchEulerDiscreteScheduler,
+        SD3Transformer2DModel,
+        StableDiffusion3Pipeline,
+    )
+    from transformers import CLIPTextModelWithProjection, CLIPTokenizer, T5Config, T5EncoderModel, T5Tokenizer
+
+    out = Path(out_dir)
+    tok_dir = write_tiny_clip_tokenizer(out / "_tokenizer_build")
+    tokenizer = CLIPTokenizer.from_pretrained(tok_dir)
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    chars = [chr(c) for c in range(32, 127)]
+    t5_tokenizer = T5Tokenizer(vocab=[("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)] + [(c, -1.0) for c in chars],
+                               extra_ids=0, model_max_length=T5_MAX_LENGTH)  # fmt: skip
+    torch.manual_seed(seed)
+    config = tiny_text_config(len(tokenizer), bos, eos, True)
+    t5 = T5EncoderModel(T5Config(vocab_size=len(t5_tokenizer), d_model=TINY_JOINT, d_kv=16, d_ff=96, num_layers=2,
+                                 num_heads=4, pad_token_id=0, eos_token_id=1))  # fmt: skip
+    pipe = StableDiffusion3Pipeline(
+        transformer=SD3Transformer2DModel(**tiny_transformer_config()),
+        scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=SD35_SHIFT),
+        vae=AutoencoderKL(**TINY_VAE_CONFIG),
+        text_encoder=CLIPTextModelWithProjection(config),
+        tokenizer=tokenizer,
+        text_encoder_2=CLIPTextModelWithProjection(config),
+        tokenizer_2=tokenizer,
+        text_encoder_3=t5,
+        tokenizer_3=t5_tokenizer,
+    )
+    pipe.save_pretrained(out)
+    for leftover in tok_dir.iterdir():
+        leftover.unlink()
+    tok_dir.rmdir()
+    return out

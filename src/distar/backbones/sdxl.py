@@ -9,7 +9,6 @@ embeddings; the one-step generator reads noise as x_{t*} at t* = 399 (DMD2). Mod
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
 import os
@@ -22,6 +21,7 @@ from torch import nn
 
 from distar.backbones import shared
 from distar.backbones.base import Backbone
+from distar.backbones.latents import decode, encode
 from distar.diffusion import VPSchedule
 from distar.errors import UserError
 from distar.sources import parse, parse_dtype, read_state_dict, require_files, resolve_dir, resolve_file
@@ -316,36 +316,6 @@ class PromptEncoder(nn.Module):
             embeds = torch.stack([self._cache[p][0] for p in prompts]).to(self.device)
             pooled = torch.stack([self._cache[p][1] for p in prompts]).to(self.device)
         return SDXLConditioning(embeds, pooled, add_time_ids(len(prompts), height, width).to(self.device, embeds.dtype))
-
-
-# -- latents ↔ images -----------------------------------------------------------------------------
-
-
-def decode(vae, x0: torch.Tensor) -> torch.Tensor:
-    """Differentiable VAE decode of latents x0 to images in [0, 1], shape (B, 3, H, W), in x0's dtype.
-
-    The latents are divided by the VAE's scaling factor (SDXL: 0.13025) first. Pixels are clamped to [0, 1]
-    (the reward models' input range), so gradients vanish only where a pixel is already out of range.
-    """
-    vae_dtype = next(vae.parameters()).dtype
-    latents = (x0 / vae.config.scaling_factor).to(vae_dtype)
-    # The decoder runs in its own weights' dtype (model.vae_dtype), also inside the trainer's bf16 autocast region:
-    # the SDXL VAE is kept in fp32 because lower precision overflows.
-    own_dtype = (
-        torch.autocast(latents.device.type, enabled=False)
-        if latents.device.type in ("cpu", "cuda")
-        else contextlib.nullcontext()  # "meta" (distar plan's shape-only runs) has no autocast
-    )
-    with own_dtype:
-        images = vae.decode(latents).sample
-    return (images.float() / 2 + 0.5).clamp(0, 1).to(x0.dtype)
-
-
-def encode(vae, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Images in [0, 1] → latents (sampled from the VAE posterior), scaled by the scaling factor."""
-    vae_dtype = next(vae.parameters()).dtype
-    dist = vae.encode((images * 2 - 1).to(vae_dtype)).latent_dist
-    return (dist.sample(generator) * vae.config.scaling_factor).to(images.dtype)
 
 
 @dataclass
