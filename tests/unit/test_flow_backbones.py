@@ -38,7 +38,7 @@ def _sd3_cond(g):
 
 
 def _flux_cond(g):
-    return FluxConditioning(torch.randn(B, 6, 32, generator=g), torch.randn(B, 24, generator=g))
+    return FluxConditioning(torch.randn(B, 6, 32, generator=g), torch.randn(B, 32, generator=g))
 
 
 def _sd3_velocity(net, x, sigma, embeds, pooled):

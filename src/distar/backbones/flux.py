@@ -11,12 +11,30 @@ are not here yet: the family is not listed in `distar.backbones` until they are.
 
 from __future__ import annotations
 
+import math
+import os
+from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
+from torch import nn
 
 from distar.backbones import shared
 from distar.backbones.flow import FlowBackbone
+from distar.backbones.latents import decode, encode
+from distar.tiny_text import TINY_TEXT_HIDDEN, tiny_text_config, write_tiny_clip_tokenizer
+
+T5_MAX_LENGTH = 512
+"""T5 tokens FLUX.1-dev's pipeline reads by default (schnell: 256)."""
+TINY_JOINT = 32
+TINY_VAE_CONFIG = dict(
+    in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+    up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(16, 32), layers_per_block=1, latent_channels=16,
+    norm_num_groups=16, sample_size=16, scaling_factor=0.3611, shift_factor=0.1159, use_quant_conv=False,
+    use_post_quant_conv=False,
+)  # fmt: skip
+"""FLUX's VAE in miniature: 16 latent channels, its scaling and shift, no quant convolutions; one downsampling."""
 
 ASSISTANT_GUIDANCE = 1.0
 """The embedded guidance a guidance-distilled network runs at when it is not the reference (the assistant learns
@@ -109,6 +127,25 @@ class Flux(FlowBackbone):
             (net.single_transformer_blocks, i) for i in range(len(net.single_transformer_blocks))
         ]
 
+    @staticmethod
+    def shift_for(height: int, width: int, scheduler_config: dict | None = None) -> float:
+        """FLUX's resolution-dependent time shift for latents of height × width, as the static shift it equals:
+        exp(μ), μ linear in the number of 2×2 tokens from (256, 0.5) to (4096, 1.15) (the scheduler's config)."""
+        c = scheduler_config or {}
+        lo_n, hi_n = c.get("base_image_seq_len", 256), c.get("max_image_seq_len", 4096)
+        lo_mu, hi_mu = c.get("base_shift", 0.5), c.get("max_shift", 1.15)
+        tokens = (height // 2) * (width // 2)
+        return math.exp(lo_mu + (hi_mu - lo_mu) * (tokens - lo_n) / (hi_n - lo_n))
+
+    def prompt_encoder(self, source, dtype="fp32", cache: bool = False, **resolve_kwargs) -> PromptEncoder:
+        return PromptEncoder.from_pretrained(source, dtype=dtype, cache=cache, **resolve_kwargs)
+
+    def decode(self, vae, x0):
+        return decode(vae, x0)
+
+    def encode(self, vae, images, generator=None):
+        return encode(vae, images, generator)
+
 
 def tiny_transformer_config(guidance_embeds: bool = True) -> dict:
     """A tiny FluxTransformer2DModel on 16-channel latents packed 2×2 (64 inputs per token); with the guidance
@@ -120,8 +157,81 @@ def tiny_transformer_config(guidance_embeds: bool = True) -> dict:
         num_single_layers=1,
         attention_head_dim=8,
         num_attention_heads=2,
-        joint_attention_dim=32,
-        pooled_projection_dim=24,
+        joint_attention_dim=TINY_JOINT,
+        pooled_projection_dim=TINY_TEXT_HIDDEN,
         guidance_embeds=guidance_embeds,
         axes_dims_rope=(2, 2, 4),
     )
+
+
+class PromptEncoder(nn.Module):
+    """FLUX.1's two text encoders, frozen, through diffusers' own `FluxPipeline.encode_prompt` (T5 hidden states
+    and CLIP-L's pooled output)."""
+
+    def __init__(self, pipe, max_sequence_length: int = T5_MAX_LENGTH):
+        super().__init__()
+        self.pipe, self.max_sequence_length = pipe, max_sequence_length
+        self.encoders = nn.ModuleList([pipe.text_encoder, pipe.text_encoder_2])
+        self.requires_grad_(False).eval()
+
+    @classmethod
+    def from_pretrained(cls, source, dtype="fp32", cache: bool = False, **resolve_kwargs) -> PromptEncoder:
+        from diffusers import FluxPipeline
+
+        from distar.sources import parse_dtype, resolve_dir
+
+        root = resolve_dir(source, **resolve_kwargs)
+        return cls(FluxPipeline.from_pretrained(root, transformer=None, vae=None, dtype=parse_dtype(dtype)))
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.encoders[0].parameters()).device
+
+    @torch.no_grad()
+    def encode(self, prompts: Sequence[str], height: int, width: int) -> FluxConditioning:
+        prompts = list(prompts)
+        if not prompts or not all(isinstance(p, str) for p in prompts):
+            raise ValueError("prompts must be a non-empty list of strings")
+        embeds, pooled, _ = self.pipe.encode_prompt(
+            prompts, None, device=self.device, max_sequence_length=self.max_sequence_length
+        )
+        return FluxConditioning(embeds, pooled)
+
+
+def build_tiny_flux(out_dir: str | os.PathLike, seed: int = 0, guidance_embeds: bool = True) -> Path:
+    """A complete tiny FluxPipeline directory (hub layout: the classes and on-disk layout of FLUX.1-dev, or of
+    FLUX.1-schnell without the guidance embedding), so the real loaders read it: a tiny CLIP text tower, a tiny T5
+    with a character-level tokenizer, a 16-channel VAE with FLUX's scaling and shift, the tiny transformer and
+    FlowMatchEulerDiscreteScheduler with FLUX's resolution-dependent shift."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextModel, CLIPTokenizer, T5Config, T5EncoderModel, T5Tokenizer
+
+    out = Path(out_dir)
+    tok_dir = write_tiny_clip_tokenizer(out / "_tokenizer_build")
+    tokenizer = CLIPTokenizer.from_pretrained(tok_dir)
+    chars = [chr(c) for c in range(32, 127)]
+    t5_tokenizer = T5Tokenizer(vocab=[("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)] + [(c, -1.0) for c in chars],
+                               extra_ids=0, model_max_length=T5_MAX_LENGTH)  # fmt: skip
+    torch.manual_seed(seed)
+    t5 = T5EncoderModel(T5Config(vocab_size=len(t5_tokenizer), d_model=TINY_JOINT, d_kv=8, d_ff=48, num_layers=2,
+                                 num_heads=4, pad_token_id=0, eos_token_id=1))  # fmt: skip
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        num_train_timesteps=1000, shift=1.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+        base_image_seq_len=256, max_image_seq_len=4096,
+    )  # fmt: skip
+    pipe = FluxPipeline(
+        scheduler=scheduler,
+        vae=AutoencoderKL(**TINY_VAE_CONFIG),
+        text_encoder=CLIPTextModel(
+            tiny_text_config(len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id, False)
+        ),  # fmt: skip
+        tokenizer=tokenizer,
+        text_encoder_2=t5,
+        tokenizer_2=t5_tokenizer,
+        transformer=FluxTransformer2DModel(**tiny_transformer_config(guidance_embeds)),
+    )
+    pipe.save_pretrained(out)
+    for leftover in tok_dir.iterdir():
+        leftover.unlink()
+    tok_dir.rmdir()
+    return out
