@@ -149,3 +149,23 @@ def test_blocks_and_lora_targets_name_real_modules(backbone, build, sd3_net):
     assert sum(bool(re.fullmatch(backbone.block_pattern, n)) for n in names) == expected
     for target in backbone.lora_targets:  # both streams' projections, as peft matches them (by name suffix)
         assert any(n == target or n.endswith("." + target) for n in names), target
+
+
+def test_the_real_architectures_have_their_published_sizes():
+    """Built on the meta device from the configs distar keeps: SD3.5-Medium 2.243 B, SD3.5-Large 8.057 B, FLUX.1
+    11.901 B transformer parameters (the sizes `distar plan` will count)."""
+    from diffusers import FluxTransformer2DModel, SD3Transformer2DModel
+
+    from distar.backbones.flux import FLUX1_CONFIG
+    from distar.backbones.sd3 import SD35_LARGE_CONFIG, SD35_MEDIUM_CONFIG
+
+    with torch.device("meta"):
+        sizes = [
+            sum(p.numel() for p in cls(**config).parameters())
+            for cls, config in (
+                (SD3Transformer2DModel, SD35_MEDIUM_CONFIG),
+                (SD3Transformer2DModel, SD35_LARGE_CONFIG),
+                (FluxTransformer2DModel, FLUX1_CONFIG),
+            )
+        ]
+    assert sizes == [2_243_171_520, 8_056_627_520, 11_901_408_320]

@@ -25,6 +25,14 @@ from distar.backbones.flow import FlowBackbone
 from distar.backbones.latents import decode, encode
 from distar.tiny_text import TINY_TEXT_HIDDEN, tiny_text_config, write_tiny_clip_tokenizer
 
+FLUX1_DEV = "black-forest-labs/FLUX.1-dev"
+FLUX1_SCHNELL = "black-forest-labs/FLUX.1-schnell"
+FLUX1_CONFIG = dict(
+    patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128, num_attention_heads=24,
+    joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True, axes_dims_rope=(16, 56, 56),
+)  # fmt: skip
+"""FLUX.1-dev's transformer (its transformer/config.json): 11,901,408,320 parameters; schnell's is the same
+without the guidance embedding."""
 T5_MAX_LENGTH = 512
 """T5 tokens FLUX.1-dev's pipeline reads by default (schnell: 256)."""
 TINY_JOINT = 32

@@ -22,6 +22,19 @@ from distar.backbones.latents import decode, encode
 from distar.tiny_text import TINY_TEXT_HIDDEN, tiny_text_config, write_tiny_clip_tokenizer
 
 SD35_SHIFT = 3.0
+SD35_MEDIUM = "stabilityai/stable-diffusion-3.5-medium"
+SD35_MEDIUM_CONFIG = dict(
+    sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=24, attention_head_dim=64,
+    num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536, pooled_projection_dim=2048,
+    pos_embed_max_size=384, dual_attention_layers=tuple(range(13)), qk_norm="rms_norm",
+)  # fmt: skip
+"""SD3.5-Medium's transformer (its transformer/config.json): 2,243,171,520 parameters."""
+SD35_LARGE_CONFIG = dict(
+    sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=38, attention_head_dim=64,
+    num_attention_heads=38, joint_attention_dim=4096, caption_projection_dim=2432, pooled_projection_dim=2048,
+    pos_embed_max_size=192, qk_norm="rms_norm",
+)  # fmt: skip
+"""SD3.5-Large's transformer: 8,056,627,520 parameters."""
 T5_MAX_LENGTH = 256
 """T5 tokens SD3's pipeline reads by default (its `max_sequence_length`); the joint sequence is 77 + 256."""
 TINY_JOINT = 64
