@@ -1,9 +1,10 @@
 """The tiny preset's models and prompts, built once from configs and read back through the real loaders.
 
-`tiny:NAME` in a config is the path NAME under the tiny root ($DISTAR_TINY_DIR, default ~/.cache/distar/tiny-v2;
+`tiny:NAME` in a config is the path NAME under the tiny root ($DISTAR_TINY_DIR, default ~/.cache/distar/tiny-v3;
 the mapping is `distar.sources.tiny_path`). Each entry point that runs on them calls `prepare` (or `materialize`)
 once, before anything resolves a `tiny:` source:
   tiny:sdxl                        an SDXL-shaped pipeline directory (each backbone's `build_tiny`)
+  tiny:sd3                         an SD3-shaped pipeline directory (flow path: two CLIP towers, T5, a transformer)
   tiny:dmd2_unet.safetensors       a raw UNet state dict in DMD2's file layout (another seed: the "1-step" start)
   tiny:rewards/<name>              every reward's tiny stand-in (rewards.tiny.build_tiny_rewards)
   tiny:prompts                     a Parquet prompt set (256 prompts) in the layout `distar curate` writes

@@ -133,8 +133,11 @@ def test_flux_one_step_generator_from_a_network_without_guidance_embedding():
     torch.testing.assert_close(x0, _one_scheduler_step(z, v, 1.0), rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="no guidance embedding"):
         Flux().forward(net, z, torch.ones(B), cond, guidance=3.5)
-    with pytest.raises(ValueError, match="σ\\* > 0"):
-        OneStepGenerator(net, 0.0, backbone=Flux())
+    with pytest.raises(ValueError, match="0 < t_star ≤ 1000"):
+        OneStepGenerator(net, 0, backbone=Flux())
+    half = OneStepGenerator(net, 500, backbone=Flux())  # σ* = 0.5, a few-step start
+    with torch.no_grad():
+        torch.testing.assert_close(half(z, cond), z - 0.5 * _flux_velocity(net, z, torch.full((B,), 0.5), cond, None))
 
 
 @pytest.mark.parametrize("backbone, build", [(SD3(), "sd3"), (Flux(), "flux")])

@@ -15,7 +15,7 @@ import importlib
 from distar.backbones.base import Assistant, Backbone, Conditioning, OneStepGenerator, PromptEncoder, Reference
 from distar.diffusion import Schedule
 
-_FAMILIES = {"sdxl": ("distar.backbones.sdxl", "SDXL")}
+_FAMILIES = {"sdxl": ("distar.backbones.sdxl", "SDXL"), "sd3": ("distar.backbones.sd3", "SD3")}
 NAMES: tuple[str, ...] = tuple(_FAMILIES)
 DEFAULT = "sdxl"
 

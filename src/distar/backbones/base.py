@@ -68,6 +68,8 @@ class Backbone:
     """Module names that LoRA adapters wrap (peft's target_modules)."""
     pipeline_name: ClassVar[str]
     """The diffusers pipeline class that export writes and evaluate samples with."""
+    latent_multiple: ClassVar[int] = 8
+    """What a latent side must be a multiple of (SDXL's UNet halves it three times)."""
     ema_part: ClassVar[str]
     """The folder of an exported pipeline that holds the EMA of the generator's network (beside the raw one)."""
 
@@ -92,8 +94,12 @@ class Backbone:
         raise NotImplementedError
 
     def check_t_star(self, t_star):
-        """t* in the schedule's domain; a ValueError otherwise."""
+        """t* as the config names it (the family's timestep units) → the schedule's t; a ValueError otherwise."""
         return t_star
+
+    def config_times(self, lo, hi):
+        """A config's t range (loss.t_min … t_max, in the family's timestep units) → the schedule's."""
+        return lo, hi
 
     # -- conditioning ------------------------------------------------------------------------------------
 

@@ -14,14 +14,16 @@ import torch
 from distar.backbones.base import Backbone
 from distar.diffusion import FlowSchedule
 
-ONE_STEP_SIGMA = 1.0
+TIMESTEP_UNITS = 1000
+"""A config names flow times as diffusers numbers FlowMatch timesteps: σ·1000 (loss.t_min = 20 is σ = 0.02,
+model.t_star = 1000 is σ = 1), so one set of keys serves every family."""
 
 
 class FlowBackbone(Backbone):
     """The flow path's schedule, conversion and one step; subclasses say how their network is called (`velocity`)."""
 
     prediction = "flow"
-    default_t_star = ONE_STEP_SIGMA
+    default_t_star = TIMESTEP_UNITS
     lora_targets = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
     """Every attention projection of both streams: the image stream's and the context stream's (add_*)."""
     time_scale: float
@@ -44,10 +46,17 @@ class FlowBackbone(Backbone):
         return self.to_eps(self.velocity(net, x_t, t, cond, guidance), x_t, t)
 
     def check_t_star(self, t_star) -> float:
-        sigma = float(self._schedule.check_t(torch.tensor(float(t_star), dtype=torch.float64), "t_star"))
-        if sigma == 0:
-            raise ValueError("t_star = σ* = 0 is the data end of the path: the one step starts from noise, σ* > 0")
+        """t* in timestep units (σ*·1000; 1000: from pure noise) → σ*."""
+        sigma = float(t_star) / TIMESTEP_UNITS
+        if not 0 < sigma <= 1:
+            raise ValueError(
+                f"t_star = {t_star} is σ* = {sigma:g}: the one step starts from noise, 0 < t_star ≤ {TIMESTEP_UNITS} "
+                f"(σ·{TIMESTEP_UNITS}; {TIMESTEP_UNITS} = pure noise)"
+            )
         return sigma
+
+    def config_times(self, lo, hi):
+        return lo / TIMESTEP_UNITS, hi / TIMESTEP_UNITS
 
     def one_step(self, net, z, cond, t_star):
         sigma = torch.full((z.shape[0],), float(t_star), device=z.device, dtype=torch.float32)

@@ -21,6 +21,7 @@ from torch import nn
 
 from distar.backbones import shared
 from distar.backbones.base import Backbone
+from distar.backbones.files import DIFFUSERS_WEIGHTS, locate, requirements, variant
 from distar.backbones.latents import decode, encode
 from distar.diffusion import VPSchedule
 from distar.errors import UserError
@@ -114,43 +115,8 @@ def schedule() -> VPSchedule:
 
 # -- files --------------------------------------------------------------------------------------------
 
-_DIFFUSERS_WEIGHTS = [
-    "diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.fp16.safetensors",
-    "diffusion_pytorch_model.bin", "diffusion_pytorch_model.fp16.bin", "diffusion_pytorch_model.safetensors.index.json",
-]  # fmt: skip
-_TRANSFORMERS_WEIGHTS = [
-    "model.safetensors", "model.fp16.safetensors", "pytorch_model.bin", "model.safetensors.index.json",
-]  # fmt: skip
-_TOKENIZER_FILES = ["tokenizer.json", "vocab.json"]
 PIPELINE_PARTS = ("tokenizer", "tokenizer_2", "text_encoder", "text_encoder_2", "unet")
 """The parts of a pipeline directory that export copies besides the VAE (which may come from elsewhere)."""
-
-
-def _requirements(parts: Sequence[str]) -> dict[str, list[list[str]]]:
-    need = {}
-    for part in parts:
-        if part in ("unet", "vae"):
-            need[part] = [[f"{part}/config.json"], [f"{part}/{w}" for w in _DIFFUSERS_WEIGHTS]]
-        elif part.startswith("text_encoder"):
-            need[part] = [[f"{part}/config.json"], [f"{part}/{w}" for w in _TRANSFORMERS_WEIGHTS]]
-        elif part.startswith("tokenizer"):
-            need[part] = [[f"{part}/{f}" for f in _TOKENIZER_FILES]]
-    return need
-
-
-def locate(source: str | os.PathLike, parts: Sequence[str], **resolve_kwargs) -> Path:
-    """Resolve an SDXL pipeline source and check that the given parts are all there (one error lists what is not)."""
-    patterns = [f"{p}/*" for p in parts] + ["model_index.json"]
-    root = resolve_dir(source, allow_patterns=patterns, **resolve_kwargs)
-    require_files(root, _requirements(parts))
-    return root
-
-
-def _variant(root: Path, part: str) -> str | None:
-    """Prefer full-precision weights; fall back to the fp16 variant when it is all the directory holds."""
-    files = {p.name for p in (root / part).iterdir()}
-    full = any(".fp16." not in f and (f.endswith(".safetensors") or f.endswith(".bin")) for f in files)
-    return None if full else "fp16"
 
 
 def load_unet(source: str | os.PathLike, dtype: str | torch.dtype = "fp32", **resolve_kwargs):
@@ -158,7 +124,7 @@ def load_unet(source: str | os.PathLike, dtype: str | torch.dtype = "fp32", **re
 
     root = locate(source, ["unet"], **resolve_kwargs)
     return UNet2DConditionModel.from_pretrained(
-        root, subfolder="unet", dtype=parse_dtype(dtype), variant=_variant(root, "unet")
+        root, subfolder="unet", dtype=parse_dtype(dtype), variant=variant(root, "unet")
     )
 
 
@@ -169,9 +135,9 @@ def load_vae(source: str | os.PathLike, dtype: str | torch.dtype = "fp32", **res
     root = resolve_dir(source, **resolve_kwargs)
     subfolder = "vae" if (root / "vae").is_dir() else None
     part = "vae" if subfolder else "."
-    require_files(root, {"vae": [[f"{part}/config.json"], [f"{part}/{w}" for w in _DIFFUSERS_WEIGHTS]]})
-    variant = _variant(root, part)
-    return AutoencoderKL.from_pretrained(root, subfolder=subfolder, dtype=parse_dtype(dtype), variant=variant)
+    require_files(root, {"vae": [[f"{part}/config.json"], [f"{part}/{w}" for w in DIFFUSERS_WEIGHTS]]})
+    weights_variant = variant(root, part)
+    return AutoencoderKL.from_pretrained(root, subfolder=subfolder, dtype=parse_dtype(dtype), variant=weights_variant)
 
 
 def load_generator_init(init: str, reference: str | os.PathLike, reference_unet=None, revision=None, **resolve_kwargs):
@@ -604,7 +570,7 @@ class SDXL(Backbone):
 
         extra = {"unet": net.to(dtype)} if net is not None else {}
         # every part the pipeline loads, named at once (diffusers stops at the first, in an OSError)
-        require_files(root, _requirements([*(p for p in PIPELINE_PARTS if p not in extra), "vae"]))
+        require_files(root, requirements([*(p for p in PIPELINE_PARTS if p not in extra), "vae"]))
         return StableDiffusionXLPipeline.from_pretrained(root, dtype=dtype, **extra)
 
     def pipeline_latent_shape(self, pipe) -> tuple[int, int, int]:

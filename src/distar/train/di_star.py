@@ -84,7 +84,7 @@ class DIStar:
         return torch.randn((n, *self.latent_shape), generator=gen).to(self.world.device)
 
     def timesteps(self, gen: torch.Generator, n: int, lo, hi) -> torch.Tensor:
-        return self.schedule.sample_t(n, lo, hi, gen).to(self.world.device)
+        return self.schedule.sample_t(n, *self.backbone.config_times(lo, hi), gen).to(self.world.device)
 
     def micro_batches(self, samples_seen: int) -> list[MicroBatch]:
         """The step's micro-batches of this rank, from the global sample counter."""

@@ -62,10 +62,11 @@ class Networks:
             param.requires_grad_(not frozen)
 
 
-def check_resolution(resolution: int, vae_factor: int) -> None:
-    """Latents of resolution / vae_factor pixels must pass the denoiser's three halvings."""
-    if resolution % (vae_factor * 8):
-        raise UserError(f"data.resolution={resolution} must be a multiple of {vae_factor * 8}")
+def check_resolution(resolution: int, vae_factor: int, latent_multiple: int = 8) -> None:
+    """Latents of resolution / vae_factor pixels must divide as the denoiser needs (`Backbone.latent_multiple`:
+    SDXL's UNet halves them three times, a transformer's patches take 2)."""
+    if resolution % (vae_factor * latent_multiple):
+        raise UserError(f"data.resolution={resolution} must be a multiple of {vae_factor * latent_multiple}")
 
 
 def build_networks(config: TrainConfig, world: World, need_text_encoders: bool) -> Networks:
@@ -76,9 +77,8 @@ def build_networks(config: TrainConfig, world: World, need_text_encoders: bool) 
     ref_options = {**hub, "revision": m.revision}
     vae_options = hub if m.vae else ref_options
     # the VAE's config alone, before any weights: a resolution the latents cannot take fails in seconds
-    check_resolution(
-        config.data.resolution, backbone.vae_factor(backbone.vae_config(m.vae or m.reference, **vae_options))
-    )
+    vae_factor = backbone.vae_factor(backbone.vae_config(m.vae or m.reference, **vae_options))
+    check_resolution(config.data.resolution, vae_factor, backbone.latent_multiple)
     reference_unet = backbone.load_denoiser(m.reference, dtype="fp32", **ref_options)
 
     generator_unet = backbone.load_generator_init(

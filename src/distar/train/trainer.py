@@ -77,7 +77,8 @@ class Trainer:
             }
         backbone = self.nets.generator.backbone
         vae_factor = backbone.vae_factor(dict(self.nets.vae.config))
-        check_resolution(config.data.resolution, vae_factor)  # networks built in memory (benchmarks, plan)
+        # networks built in memory (benchmarks, plan)
+        check_resolution(config.data.resolution, vae_factor, backbone.latent_multiple)
         side = config.data.resolution // vae_factor
         self.latent_shape = (backbone.latent_channels(dict(self.nets.generator_unet.config)), side, side)
         self.method = DIStar(config, world, self.nets, self.data, self.latent_shape)
