@@ -48,7 +48,7 @@ _REVISION = re.compile(r"^[\w.-]+$")
 _SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 WEIGHT_SUFFIXES = (".bin", ".safetensors", ".pt", ".pth")
 TINY_PREFIX = "tiny:"
-TINY_VERSION = "tiny-v3"  # v3: the tiny SD3 family (tiny:sd3)
+TINY_VERSION = "tiny-v3"  # v3: the tiny flow families (tiny:sd3, tiny:flux, tiny:flux-schnell)
 MANIFEST = "manifest.json"
 
 

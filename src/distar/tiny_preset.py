@@ -5,6 +5,7 @@ the mapping is `distar.sources.tiny_path`). Each entry point that runs on them c
 once, before anything resolves a `tiny:` source:
   tiny:sdxl                        an SDXL-shaped pipeline directory (each backbone's `build_tiny`)
   tiny:sd3                         an SD3-shaped pipeline directory (flow path: two CLIP towers, T5, a transformer)
+  tiny:flux, tiny:flux-schnell     FLUX.1-shaped pipeline directories, with and without the guidance embedding
   tiny:dmd2_unet.safetensors       a raw UNet state dict in DMD2's file layout (another seed: the "1-step" start)
   tiny:rewards/<name>              every reward's tiny stand-in (rewards.tiny.build_tiny_rewards)
   tiny:prompts                     a Parquet prompt set (256 prompts) in the layout `distar curate` writes

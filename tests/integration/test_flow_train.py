@@ -84,3 +84,34 @@ def test_export_loads_in_stock_diffusers_and_its_one_step_is_the_generator(train
     assert set(out["results"]) == {"model", "ema"} and out["results"]["model"]["images"] == 2
     report = compare([str(tmp_path / "eval")], str(tmp_path / "comparison"))
     assert (tmp_path / "comparison" / "comparison.json").is_file() and report
+
+
+def test_flux_trains_from_a_schnell_start_under_a_dev_reference_and_exports(tmp_path):
+    """tiny-flux (in one process): the generator starts without a guidance embedding and keeps none; the export is
+    a FluxPipeline whose stock one step (packed latents) equals the trainer's generator; the card names the
+    licences."""
+    from diffusers import FluxPipeline
+
+    from distar import backbones
+    from distar.backbones.base import OneStepGenerator
+    from distar.backbones.flux import pack
+    from distar.export import ExportConfig, export
+    from distar.train import run
+
+    summary = run("tiny-flux", [f"out={tmp_path / 'run'}", "steps=2", "parallel.strategy=none", *COMMON[:2]])
+    meta = export(ExportConfig(summary["checkpoint"], str(tmp_path / "pipeline"), dtype="fp32"))
+    pipe = FluxPipeline.from_pretrained(tmp_path / "pipeline")
+    pipe.set_progress_bar_config(disable=True)
+    assert meta["backbone"] == "flux" and not pipe.transformer.config.guidance_embeds
+    assert "non-commercial" in (tmp_path / "pipeline" / "README.md").read_text()
+    flux = backbones.get("flux")
+    net = flux.generator_from_weights(
+        Path(tiny("tiny:flux")), load_unet_weights(summary["checkpoint"], "generator"), ""
+    )
+    cond = flux.prompt_encoder(tiny("tiny:flux")).encode(["a red cube", "a fox"], 16, 16)
+    z = torch.randn(2, 16, 8, 8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        x0 = OneStepGenerator(net.eval(), 1000, backbone=flux)(z, cond)
+        stock = pipe(prompt_embeds=cond.prompt_embeds, pooled_prompt_embeds=cond.pooled_prompt_embeds, height=16,
+                     width=16, num_inference_steps=1, latents=pack(z), output_type="latent").images  # fmt: skip
+    torch.testing.assert_close(stock, pack(x0), rtol=1e-5, atol=1e-5)

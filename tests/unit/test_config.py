@@ -79,8 +79,9 @@ def test_curate_takes_its_token_limit_from_the_backbone_and_names_an_unknown_one
     from distar.curate import CurateConfig, curate
 
     assert CurateConfig([], "").max_tokens is None and backbones.get("sdxl").max_prompt_tokens == 77
-    with pytest.raises(UserError, match="--backbone 'flux': choose one of sdxl"):
-        curate(CurateConfig(["x.tsv"], str(tmp_path / "o"), backbone="flux"))
+    assert backbones.get("sd3").max_prompt_tokens == backbones.get("flux").max_prompt_tokens == 77  # CLIP's limit
+    with pytest.raises(UserError, match="--backbone 'kandinsky': choose one of sdxl, sd3, flux"):
+        curate(CurateConfig(["x.tsv"], str(tmp_path / "o"), backbone="kandinsky"))
 
 
 def test_a_run_length_in_kimg_sets_the_updates_from_the_global_batch():

@@ -15,7 +15,11 @@ import importlib
 from distar.backbones.base import Assistant, Backbone, Conditioning, OneStepGenerator, PromptEncoder, Reference
 from distar.diffusion import Schedule
 
-_FAMILIES = {"sdxl": ("distar.backbones.sdxl", "SDXL"), "sd3": ("distar.backbones.sd3", "SD3")}
+_FAMILIES = {
+    "sdxl": ("distar.backbones.sdxl", "SDXL"),
+    "sd3": ("distar.backbones.sd3", "SD3"),
+    "flux": ("distar.backbones.flux", "Flux"),
+}
 NAMES: tuple[str, ...] = tuple(_FAMILIES)
 DEFAULT = "sdxl"
 

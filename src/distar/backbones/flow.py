@@ -9,10 +9,19 @@ x0 = z − σ*·v̂_θ(z, σ*, c) with σ* = 1 by default: pure noise lies on th
 
 from __future__ import annotations
 
+import copy
+import importlib
+import json
+from pathlib import Path
+
 import torch
 
 from distar.backbones.base import Backbone
+from distar.backbones.files import locate, requirements, variant
+from distar.backbones.latents import decode, encode
 from distar.diffusion import FlowSchedule
+from distar.errors import UserError
+from distar.sources import parse_dtype, require_files, resolve_dir
 
 TIMESTEP_UNITS = 1000
 """A config names flow times as diffusers numbers FlowMatch timesteps: σ·1000 (loss.t_min = 20 is σ = 0.02,
@@ -61,3 +70,116 @@ class FlowBackbone(Backbone):
     def one_step(self, net, z, cond, t_star):
         sigma = torch.full((z.shape[0],), float(t_star), device=z.device, dtype=torch.float32)
         return self._schedule.one_step_x0(z, self.velocity(net, z, sigma, cond), sigma)
+
+    # what the trainer, export and evaluate ask of a family: the same for every diffusers transformer pipeline
+
+    embedding_columns = ()  # text is encoded online (precomputed T5 sequences: not yet)
+    ema_part = "transformer_ema"
+    vae_block_pattern = r"decoder\.(?:mid_block\.resnets\.\d+|up_blocks\.\d+\.resnets\.\d+)"
+    generator_init_default = "reference"
+    net_class_name: str
+    """The diffusers class of the family's transformer."""
+
+    def net_class(self):
+        return getattr(importlib.import_module("diffusers"), self.net_class_name)
+
+    def pipeline_class(self):
+        return getattr(importlib.import_module("diffusers"), self.pipeline_name)
+
+    def locate(self, source, parts, **resolve_kwargs) -> Path:
+        return locate(source, parts, **resolve_kwargs)
+
+    def load_denoiser(self, source, dtype="fp32", **resolve_kwargs):
+        root = locate(source, ["transformer"], **resolve_kwargs)
+        return self.net_class().from_pretrained(
+            root, subfolder="transformer", dtype=parse_dtype(dtype), variant=variant(root, "transformer")
+        )
+
+    def load_generator_init(self, init, reference, reference_net=None, revision=None, **resolve_kwargs):
+        """ "reference" (a copy of the reference's transformer) or a diffusers pipeline / transformer source (e.g. a
+        distilled model's, such as FLUX.1-schnell's)."""
+        if init == "reference":
+            if reference_net is None:
+                return self.load_denoiser(reference, dtype="fp32", revision=revision, **resolve_kwargs)
+            return copy.deepcopy(reference_net).float()
+        return self.load_denoiser(init, dtype="fp32", **resolve_kwargs)
+
+    def load_vae(self, source, dtype="fp32", **resolve_kwargs):
+        from diffusers import AutoencoderKL
+
+        root = locate(source, ["vae"], **resolve_kwargs)
+        weights = variant(root, "vae")
+        return AutoencoderKL.from_pretrained(root, subfolder="vae", dtype=parse_dtype(dtype), variant=weights)
+
+    def vae_config(self, source, **resolve_kwargs) -> dict:
+        root = resolve_dir(source, allow_patterns=["vae/config.json", "model_index.json"], **resolve_kwargs)
+        require_files(root, {"vae": [["vae/config.json"]]})
+        return json.loads((root / "vae" / "config.json").read_text())
+
+    def vae_blocks(self, vae):
+        return [vae.decoder.mid_block.resnets] + [up.resnets for up in vae.decoder.up_blocks]
+
+    def latent_channels(self, config: dict) -> int:
+        return int(config.get("out_channels") or config["in_channels"])
+
+    def build_denoiser(self, config):
+        return self.net_class()(**config)
+
+    def build_vae(self, config):
+        from diffusers import AutoencoderKL
+
+        return AutoencoderKL(**config)
+
+    def decode(self, vae, x0):
+        return decode(vae, x0)
+
+    def encode(self, vae, images, generator=None):
+        return encode(vae, images, generator)
+
+    # the exported pipeline
+
+    def generator_from_weights(self, reference_root: Path, weights: dict[str, torch.Tensor], source: str):
+        """A transformer of the reference's config holding the generator's weights."""
+        cls = self.net_class()
+        net = cls.from_config(cls.load_config(reference_root, subfolder="transformer"))
+        missing, unexpected = net.load_state_dict(weights, strict=False)
+        # buffers the config fixes (SD3's sin-cos position table) are built with the network, not trained
+        missing = [k for k in missing if k not in dict(net.named_buffers())]
+        if missing or unexpected:
+            raise UserError(
+                f"{source}: the generator's weights do not fit the reference's transformer config "
+                f"({len(missing)} missing, {len(unexpected)} unexpected keys, e.g. {(missing + unexpected)[:3]})"
+            )
+        return net
+
+    def one_step_pipeline(self, reference_root: Path, net, vae):
+        """The reference's pipeline with the generator's transformer; its FlowMatchEulerDiscreteScheduler takes one
+        step from σ = 1 as it is (`num_inference_steps=1`), in fp32."""
+        return self.pipeline_class().from_pretrained(reference_root, transformer=net, vae=vae, dtype=torch.float32)
+
+    def load_ema(self, root: Path, dtype: torch.dtype):
+        require_files(root, {"the EMA network": [[f"{self.ema_part}/config.json"]]})
+        return self.net_class().from_pretrained(root, subfolder=self.ema_part, dtype=dtype)
+
+    def load_pipeline(self, root: Path, dtype: torch.dtype, net=None):
+        extra = {"transformer": net.to(dtype)} if net is not None else {}
+        require_files(root, requirements([*(p for p in self.pipeline_parts if p not in extra), "vae"]))
+        return self.pipeline_class().from_pretrained(root, dtype=dtype, **extra)
+
+    def pipeline_dtype(self, pipe) -> torch.dtype:
+        return pipe.transformer.dtype
+
+    def pipeline_latents(self, pipe, latents: torch.Tensor) -> dict:
+        """The call arguments that hand the pipeline (B, C, H, W) latents (and their image size)."""
+        scale = pipe.vae_scale_factor
+        return {"latents": latents, "height": latents.shape[-2] * scale, "width": latents.shape[-1] * scale}
+
+    def sample_one_step(self, pipe, texts: list[str], latents: torch.Tensor, t_star):
+        if self.check_t_star(t_star) != 1.0:
+            raise UserError(f"t* = {t_star}: the stock pipeline's one step starts from pure noise (t* = 1000)")
+        return pipe(texts, num_inference_steps=1, guidance_scale=1.0, output_type="pt",
+                    **self.pipeline_latents(pipe, latents)).images  # fmt: skip
+
+    def sample_steps(self, pipe, texts: list[str], latents: torch.Tensor, steps: int, guidance_scale: float):
+        return pipe(texts, num_inference_steps=steps, guidance_scale=guidance_scale, output_type="pt",
+                    **self.pipeline_latents(pipe, latents)).images  # fmt: skip

@@ -5,8 +5,10 @@ call at g = α_cfg, with no unconditional branch, so CFG outside the divergence 
 and is refused (METHOD.md §9). A network without a guidance embedding (FLUX.1-schnell) serves as a generator
 start only. Double- and single-stream blocks.
 
-Its text encoders (CLIP-L pooled, T5-XXL), loaders, resolution-dependent shift, tiny pipeline, export and presets
-are not here yet: the family is not listed in `distar.backbones` until they are.
+Also here: the text encoders (CLIP-L pooled, T5-XXL through diffusers' own encode_prompt), the resolution-dependent
+shift as a static one, the tiny family (`tiny:flux`, `tiny:flux-schnell`), and what export and evaluate need
+beyond `flow.FlowBackbone` (model.backbone = "flux"). Training samples σ without FLUX's shift (uniform on the
+configured range) unless a shift is given.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from torch import nn
 
 from distar.backbones import shared
 from distar.backbones.flow import FlowBackbone
-from distar.backbones.latents import decode, encode
+from distar.errors import UserError
 from distar.tiny_text import TINY_TEXT_HIDDEN, tiny_text_config, write_tiny_clip_tokenizer
 
 FLUX1_DEV = "black-forest-labs/FLUX.1-dev"
@@ -148,11 +150,65 @@ class Flux(FlowBackbone):
     def prompt_encoder(self, source, dtype="fp32", cache: bool = False, **resolve_kwargs) -> PromptEncoder:
         return PromptEncoder.from_pretrained(source, dtype=dtype, cache=cache, **resolve_kwargs)
 
-    def decode(self, vae, x0):
-        return decode(vae, x0)
+    # what the trainer, export and evaluate ask of a family (the rest: FlowBackbone)
 
-    def encode(self, vae, images, generator=None):
-        return encode(vae, images, generator)
+    max_prompt_tokens = 77  # CLIP-L's limit (T5 reads up to T5_MAX_LENGTH)
+    latent_multiple = 2  # latents are packed 2×2 into tokens
+    tiny_dir = "flux"
+    net_class_name = "FluxTransformer2DModel"
+    pipeline_parts = ("tokenizer", "tokenizer_2", "text_encoder", "text_encoder_2", "transformer")
+
+    def build_tiny(self, root: Path, seed: int = 0) -> None:
+        """`tiny:flux` (dev's kind, the reference) and `tiny:flux-schnell` (no guidance embedding: the generator's
+        start, another seed)."""
+        build_tiny_flux(root / self.tiny_dir, seed=seed)
+        build_tiny_flux(root / f"{self.tiny_dir}-schnell", seed=seed + 1, guidance_embeds=False)
+
+    def cache_items(self) -> list[tuple[str, list[str] | None]]:
+        return [(FLUX1_DEV, None), (FLUX1_SCHNELL, None)]
+
+    def latent_channels(self, config: dict) -> int:
+        return int(config["in_channels"]) // 4  # 2×2 patches of the VAE's channels per token
+
+    def generator_from_weights(self, reference_root: Path, weights: dict[str, torch.Tensor], source: str):
+        """A transformer of the reference's config holding the generator's weights; without the guidance embedding
+        when the generator has none (a schnell start under a dev reference)."""
+        from diffusers import FluxTransformer2DModel
+
+        config = dict(FluxTransformer2DModel.load_config(reference_root, subfolder="transformer"))
+        config["guidance_embeds"] = any(".guidance_embedder." in f".{k}" for k in weights)
+        net = FluxTransformer2DModel.from_config(config)
+        missing, unexpected = net.load_state_dict(weights, strict=False)
+        if missing or unexpected:
+            raise UserError(
+                f"{source}: the generator's weights do not fit the reference's transformer config "
+                f"({len(missing)} missing, {len(unexpected)} unexpected keys, e.g. {(missing + unexpected)[:3]})"
+            )
+        return net
+
+    def pipeline_latent_shape(self, pipe) -> tuple[int, int, int]:
+        side = pipe.default_sample_size  # FluxPipeline's default image is default_sample_size · vae_scale_factor
+        return self.latent_channels(dict(pipe.transformer.config)), side, side
+
+    def pipeline_latents(self, pipe, latents: torch.Tensor) -> dict:
+        scale = pipe.vae_scale_factor
+        return {"latents": pack(latents), "height": latents.shape[-2] * scale, "width": latents.shape[-1] * scale}
+
+    def usage(self, t_star) -> dict:
+        return {
+            "tags": ["diff-instruct-star", "one-step", "flux"],
+            "title": "One-step FLUX.1 generator post-trained with Diff-Instruct* (DI*)",
+            "code": [
+                "import torch",
+                "from diffusers import FluxPipeline",
+                "",
+                'pipe = FluxPipeline.from_pretrained("PATH", torch_dtype=torch.bfloat16).to("cuda")',
+                'image = pipe("a photo of a cat", num_inference_steps=1, guidance_scale=1.0).images[0]',
+            ],
+            "how": "One Euler step from pure noise (σ = 1). Licences: a FLUX.1-dev reference is non-commercial; "
+            "FLUX.1-schnell is Apache-2.0.",
+            "ema": f'`FluxTransformer2DModel.from_pretrained("PATH", subfolder="{self.ema_part}")`',
+        }
 
 
 def tiny_transformer_config(guidance_embeds: bool = True) -> dict:

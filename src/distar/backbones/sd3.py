@@ -2,14 +2,12 @@
 (3.0 for SD3.5), the transformer's time argument σ·1000, true CFG whose negative branch is the encoded empty prompt
 (not zeros, as SDXL's is), the joint blocks, and LoRA on both streams' projections (METHOD.md §9).
 
-Its text encoders (CLIP-L, CLIP-G, T5-XXL), loaders, tiny pipeline, export and presets are not here yet: the
-family is not listed in `distar.backbones` until they are.
+Also here: the text encoders (CLIP-L, CLIP-G, T5-XXL through diffusers' own encode_prompt), the tiny family
+(`tiny:sd3`), and what export and evaluate need beyond `flow.FlowBackbone` (model.backbone = "sd3").
 """
 
 from __future__ import annotations
 
-import copy
-import json
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -19,11 +17,8 @@ import torch
 from torch import nn
 
 from distar.backbones import shared
-from distar.backbones.files import locate, requirements, variant
 from distar.backbones.flow import FlowBackbone
-from distar.backbones.latents import decode, encode
-from distar.errors import UserError
-from distar.sources import parse_dtype, require_files, resolve_dir
+from distar.sources import parse_dtype, resolve_dir
 from distar.tiny_text import TINY_TEXT_HIDDEN, tiny_text_config, write_tiny_clip_tokenizer
 
 SD35_SHIFT = 3.0
@@ -118,17 +113,14 @@ class SD3(FlowBackbone):
     def prompt_encoder(self, source, dtype="fp32", cache: bool = False, **resolve_kwargs) -> PromptEncoder:
         return PromptEncoder.from_pretrained(source, dtype=dtype, cache=cache, **resolve_kwargs)
 
-    # what the trainer, export and evaluate ask of a family
+    # what the trainer, export and evaluate ask of a family (the rest: FlowBackbone)
 
-    embedding_columns = ()  # text is encoded online (precomputed T5 sequences: not yet)
     max_prompt_tokens = 77  # the CLIP encoders' limit (T5 reads up to T5_MAX_LENGTH)
     latent_multiple = 2  # the transformer's patch size
     tiny_dir = "sd3"
+    net_class_name = "SD3Transformer2DModel"
     pipeline_parts = ("tokenizer", "tokenizer_2", "tokenizer_3", "text_encoder", "text_encoder_2", "text_encoder_3",
                       "transformer")  # fmt: skip
-    ema_part = "transformer_ema"
-    vae_block_pattern = r"decoder\.(?:mid_block\.resnets\.\d+|up_blocks\.\d+\.resnets\.\d+)"
-    generator_init_default = "reference"
 
     def build_tiny(self, root: Path, seed: int = 0) -> None:
         build_tiny_sd3(root / self.tiny_dir, seed=seed)
@@ -136,112 +128,9 @@ class SD3(FlowBackbone):
     def cache_items(self) -> list[tuple[str, list[str] | None]]:
         return [(SD35_MEDIUM, None)]
 
-    def locate(self, source, parts, **resolve_kwargs) -> Path:
-        return locate(source, parts, **resolve_kwargs)
-
-    def load_denoiser(self, source, dtype="fp32", **resolve_kwargs):
-        from diffusers import SD3Transformer2DModel
-
-        root = locate(source, ["transformer"], **resolve_kwargs)
-        return SD3Transformer2DModel.from_pretrained(
-            root, subfolder="transformer", dtype=parse_dtype(dtype), variant=variant(root, "transformer")
-        )
-
-    def load_generator_init(self, init, reference, reference_net=None, revision=None, **resolve_kwargs):
-        """ "reference" (a copy of the reference's transformer) or a diffusers pipeline / transformer source."""
-        if init == "reference":
-            if reference_net is None:
-                return self.load_denoiser(reference, dtype="fp32", revision=revision, **resolve_kwargs)
-            return copy.deepcopy(reference_net).float()
-        return self.load_denoiser(init, dtype="fp32", **resolve_kwargs)
-
-    def load_vae(self, source, dtype="fp32", **resolve_kwargs):
-        from diffusers import AutoencoderKL
-
-        root = locate(source, ["vae"], **resolve_kwargs)
-        return AutoencoderKL.from_pretrained(
-            root, subfolder="vae", dtype=parse_dtype(dtype), variant=variant(root, "vae")
-        )
-
-    def vae_config(self, source, **resolve_kwargs) -> dict:
-        root = resolve_dir(source, allow_patterns=["vae/config.json", "model_index.json"], **resolve_kwargs)
-        require_files(root, {"vae": [["vae/config.json"]]})
-        return json.loads((root / "vae" / "config.json").read_text())
-
-    def vae_blocks(self, vae):
-        return [vae.decoder.mid_block.resnets] + [up.resnets for up in vae.decoder.up_blocks]
-
-    def latent_channels(self, config: dict) -> int:
-        return int(config["in_channels"])
-
-    def build_denoiser(self, config):
-        from diffusers import SD3Transformer2DModel
-
-        return SD3Transformer2DModel(**config)
-
-    def build_vae(self, config):
-        from diffusers import AutoencoderKL
-
-        return AutoencoderKL(**config)
-
-    # the exported pipeline
-
-    def generator_from_weights(self, reference_root: Path, weights: dict[str, torch.Tensor], source: str):
-        """A transformer of the reference's config holding the generator's weights."""
-        from diffusers import SD3Transformer2DModel
-
-        net = SD3Transformer2DModel.from_config(
-            SD3Transformer2DModel.load_config(reference_root, subfolder="transformer")
-        )
-        missing, unexpected = net.load_state_dict(weights, strict=False)
-        # buffers the config fixes (the sin-cos position table) are built with the network, not trained
-        missing = [k for k in missing if k not in dict(net.named_buffers())]
-        if missing or unexpected:
-            raise UserError(
-                f"{source}: the generator's weights do not fit the reference's transformer config "
-                f"({len(missing)} missing, {len(unexpected)} unexpected keys, e.g. {(missing + unexpected)[:3]})"
-            )
-        return net
-
-    def one_step_pipeline(self, reference_root: Path, net, vae):
-        """The reference's pipeline with the generator's transformer; its FlowMatchEulerDiscreteScheduler takes one
-        step from σ = 1 as it is (`num_inference_steps=1`), in fp32."""
-        from diffusers import StableDiffusion3Pipeline
-
-        return StableDiffusion3Pipeline.from_pretrained(reference_root, transformer=net, vae=vae, dtype=torch.float32)
-
-    def load_ema(self, root: Path, dtype: torch.dtype):
-        from diffusers import SD3Transformer2DModel
-
-        require_files(root, {"the EMA network": [[f"{self.ema_part}/config.json"]]})
-        return SD3Transformer2DModel.from_pretrained(root, subfolder=self.ema_part, dtype=dtype)
-
-    def load_pipeline(self, root: Path, dtype: torch.dtype, net=None):
-        from diffusers import StableDiffusion3Pipeline
-
-        extra = {"transformer": net.to(dtype)} if net is not None else {}
-        require_files(root, requirements([*(p for p in self.pipeline_parts if p not in extra), "vae"]))
-        return StableDiffusion3Pipeline.from_pretrained(root, dtype=dtype, **extra)
-
     def pipeline_latent_shape(self, pipe) -> tuple[int, int, int]:
         side = pipe.transformer.config.sample_size
         return pipe.transformer.config.in_channels, side, side
-
-    def pipeline_dtype(self, pipe) -> torch.dtype:
-        return pipe.transformer.dtype
-
-    def _size(self, pipe, latents) -> dict:
-        return {"height": latents.shape[-2] * pipe.vae_scale_factor, "width": latents.shape[-1] * pipe.vae_scale_factor}
-
-    def sample_one_step(self, pipe, texts: list[str], latents: torch.Tensor, t_star):
-        if self.check_t_star(t_star) != 1.0:
-            raise UserError(f"t* = {t_star}: the stock pipeline's one step starts from pure noise (t* = 1000)")
-        return pipe(texts, latents=latents, num_inference_steps=1, guidance_scale=1.0, output_type="pt",
-                    **self._size(pipe, latents)).images  # fmt: skip
-
-    def sample_steps(self, pipe, texts: list[str], latents: torch.Tensor, steps: int, guidance_scale: float):
-        return pipe(texts, latents=latents, num_inference_steps=steps, guidance_scale=guidance_scale,
-                    output_type="pt", **self._size(pipe, latents)).images  # fmt: skip
 
     def usage(self, t_star) -> dict:
         return {
@@ -257,12 +146,6 @@ class SD3(FlowBackbone):
             "how": "One Euler step from pure noise (σ = 1), no CFG (guidance_scale 1).",
             "ema": f'`SD3Transformer2DModel.from_pretrained("PATH", subfolder="{self.ema_part}")`',
         }
-
-    def decode(self, vae, x0):
-        return decode(vae, x0)
-
-    def encode(self, vae, images, generator=None):
-        return encode(vae, images, generator)
 
 
 def tiny_transformer_config() -> dict:
@@ -298,8 +181,6 @@ class PromptEncoder(nn.Module):
     @classmethod
     def from_pretrained(cls, source, dtype="fp32", cache: bool = False, **resolve_kwargs) -> PromptEncoder:
         from diffusers import StableDiffusion3Pipeline
-
-        from distar.sources import parse_dtype, resolve_dir
 
         root = resolve_dir(source, **resolve_kwargs)
         pipe = StableDiffusion3Pipeline.from_pretrained(root, transformer=None, vae=None, dtype=parse_dtype(dtype))

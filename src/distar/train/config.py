@@ -22,7 +22,7 @@ from distar.config import apply_mapping, apply_overrides, check_choices
 from distar.errors import UserError, redact
 from distar.losses import DivergenceConfig, Weighting, guidance_scale
 
-PRESETS = ("tiny", "sdxl", "sdxl-1gpu", "tiny-sd3")
+PRESETS = ("tiny", "sdxl", "sdxl-1gpu", "tiny-sd3", "tiny-flux")
 DType = Literal["fp32", "bf16", "fp16", "float32", "bfloat16", "float16"]
 """A weight dtype's name; the long names are written as the short ones when a config is loaded."""
 _SHORT_DTYPE = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
@@ -407,6 +407,11 @@ class TrainConfig:
             backbones.get(m.backbone).check_t_star(m.t_star)
         except ValueError as err:
             raise UserError(f"config key 'model.t_star': {err}") from None
+        if backbones.get(m.backbone).guidance == "embedded" and self.loss.cfg == "reward":
+            raise UserError(
+                f'loss.cfg = "reward" (DI*-OUT) needs a reference with an unconditional branch; {m.backbone}\'s is '
+                'guidance-distilled (its guidance is embedded): use loss.cfg = "divergence"'
+            )
         if m.assistant == "lora" and m.assistant_init != "reference":
             raise UserError(
                 "model.assistant='lora' puts adapters on the reference: model.assistant_init must be 'reference'"
