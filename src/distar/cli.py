@@ -183,9 +183,11 @@ def _plan(args: argparse.Namespace) -> None:
 
     # The plan reads shapes, not data: a placeholder satisfies the preset's required prompt set.
     config = load_config(args.config, ["data.prompts=unused-by-plan", *args.overrides])
+    from distar.models.architectures import default_architecture
+
     arch = args.arch
     if arch == "auto":
-        arch = "tiny" if config.model.reference.startswith("tiny:") else "sdxl"
+        arch = default_architecture(config.model.backbone, config.model.reference)
     stages = ["memory: activations traced on the meta device", "FLOPs of one iteration"]
     stages += ["the largest batch that fits (more memory plans)"] if args.gpu_memory else []
     progress = Stages("distar plan", stages)
@@ -508,14 +510,14 @@ def _add_plan(p: argparse.ArgumentParser) -> None:
         "and activations measured on the meta device), the communication per iteration, the iteration time, the "
         "largest batch that fits, and the wall time and GPU-hours of its steps (distar/plan.py)."
     )
-    p.add_argument("--config", default="sdxl", help="a preset (tiny, sdxl) or a TOML/JSON config file")
+    p.add_argument("--config", default="sdxl", help="a preset (tiny, sdxl, sd35m, flux, …) or a TOML/JSON config file")
     p.add_argument("--gpus", type=int, default=8, help="processes (GPUs); FSDP shards over all of them")
     p.add_argument("--gpu-memory", type=float, default=None, help="GiB per GPU: say whether it fits (exit 2 if not)")
     p.add_argument(
         "--arch",
         default="auto",
-        choices=["auto", "tiny", "medium", "sdxl"],
-        help="network shapes (auto: tiny for tiny: sources, else SDXL's published configs)",
+        choices=["auto", "tiny", "medium", "sdxl", "tiny-sd3", "sd35m", "sd35l", "tiny-flux", "flux"],
+        help="network shapes (auto: the tiny ones for tiny: sources, else the family's published configs)",
     )
     p.add_argument(
         "--text-encoders", action="store_true", help="prompts are encoded in the loop (no cached embeddings)"

@@ -117,6 +117,13 @@ def _flash_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal
     return _FlashAttentionSaved.apply(query, key, value)
 
 
+def _mid_time(family, batch: int, device) -> torch.Tensor:
+    """The middle of the family's time range (VP index 500, flow σ = 0.5) for a batch: shapes only."""
+    value = family.config_times(500, 500)[0]
+    dtype = torch.long if isinstance(value, int) else torch.float32
+    return torch.full((batch,), value, dtype=dtype, device=device)
+
+
 def _meta_networks(config: TrainConfig, arch: Architecture) -> dict:
     return random_networks(arch, next(iter(config.reward.weights), "pickscore"), device="meta")
 
@@ -153,7 +160,7 @@ def measure_activations(config: TrainConfig, arch: Architecture, nets: dict | No
     res = config.data.resolution
     cond = family.shape_conditioning(b, res, res, arch.unet, meta)
     z = torch.zeros(b, arch.latent_channels, side, side, device=meta)
-    t = torch.full((b,), 500, dtype=torch.long, device=meta)
+    t = _mid_time(family, b, meta)
     parts: dict[str, int] = {}
     with counter.counting():
         before = counter.total
@@ -222,7 +229,10 @@ def plan(config: TrainConfig, world_size: int, arch: Architecture | str = "sdxl"
         "weights: reward": rew_b * p_reward,
         f"optimizer: AdamW states, {trained if lora or lora_g else 'both UNets'} (fp32)": adamw,
         "EMA of the generator (fp32)": 4 * p_generator / shard if config.ema_decay > 0 else 0,
-        "text encoders": 2 * 817_000_000 if text_encoders else 0,
+        # online encoding where the family has no precomputed embeddings (the flow families: T5-XXL's 4.76 B)
+        "text encoders": parse_dtype(config.model.text_encoder_dtype).itemsize * arch.family.text_encoder_parameters
+        if text_encoders or not arch.family.embedding_columns
+        else 0,
     }
     grads = 4 * max(p_generator, p_assistant) / shard  # and multi-tensor AdamW's temporaries of the same size
     in_flight = 0.0
@@ -409,7 +419,7 @@ def forward_flops(
     b, side, res = config.data.batch_size, config.data.resolution // arch.vae_factor, config.data.resolution
     cond = family.shape_conditioning(b, res, res, arch.unet, meta)
     z = torch.zeros(b, arch.latent_channels, side, side, device=meta)
-    t = torch.full((b,), 500, dtype=torch.long, device=meta)
+    t = _mid_time(family, b, meta)
     generator = OneStepGenerator(nets["generator_unet"], t_star=config.model.t_star, backbone=family)
     assistant = Assistant(nets["assistant_unet"], backbone=family).requires_grad_(False)
     reference = Reference(nets["reference_unet"], config.loss.guidance_scale(), backbone=family)

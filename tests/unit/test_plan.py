@@ -175,3 +175,26 @@ def test_a_benchmark_of_another_batch_is_refused(tmp_path):
     with pytest.raises(UserError, match="measured batch 4 at 1024"):
         read_benchmark(str(path), _sdxl())
     assert read_benchmark(str(path), _sdxl("data.batch_size=4")) == (9.0, 7e14)
+
+
+@pytest.mark.parametrize(
+    "preset, gpus, transformer",
+    [("sd35m", 1, 2_243_171_520), ("sd35m-8gpu", 8, 2_243_171_520), ("flux", 8, 11_901_408_320)],
+)
+def test_plan_of_the_flow_presets_counts_their_published_transformers(preset, gpus, transformer):
+    """The flow families' real shapes on the meta device: the plan counts SD3.5-Medium's and FLUX.1's transformers
+    and measures activations through their blocks (the same accounting as SDXL's)."""
+    from distar import backbones
+    from distar.models.architectures import default_architecture
+
+    config = load_config(preset, ["data.prompts=unused"])
+    arch = default_architecture(config.model.backbone, config.model.reference)
+    result = plan(config, gpus, arch)
+    assert result["parameters"]["unet"] == transformer
+    used, whole = result["activations"]["used"], result["activations"]["without_checkpointing"]
+    assert 0 < used["generator"] < whole["generator"]  # the transformer's blocks are checkpointed
+    assert result["peak_bytes"] > sum(used.values())
+    # the flow families encode text in the loop: their encoders (T5-XXL's 4.76 B with the CLIP towers) are counted
+    family = backbones.get(config.model.backbone)
+    assert result["static"]["text encoders"] == 2 * family.text_encoder_parameters  # bf16
+    assert family.text_encoder_parameters > 4_762_310_656

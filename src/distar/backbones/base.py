@@ -68,6 +68,8 @@ class Backbone:
     """Module names that LoRA adapters wrap (peft's target_modules)."""
     pipeline_name: ClassVar[str]
     """The diffusers pipeline class that export writes and evaluate samples with."""
+    text_encoder_parameters: ClassVar[int]
+    """The text encoders' parameters (distar plan counts them when prompts are encoded in the loop)."""
     latent_multiple: ClassVar[int] = 8
     """What a latent side must be a multiple of (SDXL's UNet halves it three times)."""
     ema_part: ClassVar[str]

@@ -35,6 +35,13 @@ FLUX1_CONFIG = dict(
 )  # fmt: skip
 """FLUX.1-dev's transformer (its transformer/config.json): 11,901,408,320 parameters; schnell's is the same
 without the guidance embedding."""
+FLUX_VAE_CONFIG = dict(
+    in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(128, 256, 512, 512), layers_per_block=2,
+    latent_channels=16, norm_num_groups=32, sample_size=1024, scaling_factor=0.3611, shift_factor=0.1159,
+    use_quant_conv=False, use_post_quant_conv=False,
+)  # fmt: skip
+"""FLUX.1's VAE (its vae/config.json): SD3's shape with its own scaling and shift."""
 T5_MAX_LENGTH = 512
 """T5 tokens FLUX.1-dev's pipeline reads by default (schnell: 256)."""
 TINY_JOINT = 32
@@ -107,6 +114,7 @@ class Flux(FlowBackbone):
     guidance = "embedded"
     time_scale = 1.0
     pipeline_name = "FluxPipeline"
+    text_encoder_parameters = 4_885_371_136  # CLIP-L 123,060,480 + T5-XXL's encoder 4,762,310,656
     block_pattern = r"(?:single_)?transformer_blocks\.\d+"
 
     def velocity(self, net, x_t, t, cond: FluxConditioning, guidance=None):
@@ -166,6 +174,20 @@ class Flux(FlowBackbone):
 
     def cache_items(self) -> list[tuple[str, list[str] | None]]:
         return [(FLUX1_DEV, None), (FLUX1_SCHNELL, None)]
+
+    def architectures(self) -> dict[str, tuple[dict, dict]]:
+        """(transformer config, VAE config) of the shapes `distar plan` builds."""
+        return {
+            "tiny": (tiny_transformer_config(), dict(TINY_VAE_CONFIG)),
+            "flux": (dict(FLUX1_CONFIG), dict(FLUX_VAE_CONFIG)),
+        }
+
+    def shape_conditioning(self, batch: int, height: int, width: int, config: dict, device) -> FluxConditioning:
+        """Zeros of the encoders' shapes: T5_MAX_LENGTH T5 tokens and CLIP-L's pooled output."""
+        return FluxConditioning(
+            torch.zeros(batch, T5_MAX_LENGTH, config["joint_attention_dim"], device=device),
+            torch.zeros(batch, config["pooled_projection_dim"], device=device),
+        )
 
     def latent_channels(self, config: dict) -> int:
         return int(config["in_channels"]) // 4  # 2×2 patches of the VAE's channels per token

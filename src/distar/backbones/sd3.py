@@ -35,6 +35,13 @@ SD35_LARGE_CONFIG = dict(
     pos_embed_max_size=192, qk_norm="rms_norm",
 )  # fmt: skip
 """SD3.5-Large's transformer: 8,056,627,520 parameters."""
+SD3_VAE_CONFIG = dict(
+    in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(128, 256, 512, 512), layers_per_block=2,
+    latent_channels=16, norm_num_groups=32, sample_size=1024, scaling_factor=1.5305, shift_factor=0.0609,
+    use_quant_conv=False, use_post_quant_conv=False,
+)  # fmt: skip
+"""SD3 / SD3.5's VAE (its vae/config.json): 16 latent channels, 8× downsampling."""
 T5_MAX_LENGTH = 256
 """T5 tokens SD3's pipeline reads by default (its `max_sequence_length`); the joint sequence is 77 + 256."""
 TINY_JOINT = 64
@@ -89,6 +96,7 @@ class SD3(FlowBackbone):
     guidance = "cfg"
     time_scale = 1000.0
     pipeline_name = "StableDiffusion3Pipeline"
+    text_encoder_parameters = 5_580_620_800  # CLIP-L 123,650,304 + CLIP-G 694,659,840 + T5-XXL's encoder 4,762,310,656
     block_pattern = r"transformer_blocks\.\d+"
 
     def __init__(self, shift: float = SD35_SHIFT):
@@ -124,6 +132,21 @@ class SD3(FlowBackbone):
 
     def build_tiny(self, root: Path, seed: int = 0) -> None:
         build_tiny_sd3(root / self.tiny_dir, seed=seed)
+
+    def architectures(self) -> dict[str, tuple[dict, dict]]:
+        """(transformer config, VAE config) of the shapes `distar plan` builds."""
+        return {
+            "tiny": (tiny_transformer_config(), dict(TINY_VAE_CONFIG)),
+            "sd35m": (dict(SD35_MEDIUM_CONFIG), dict(SD3_VAE_CONFIG)),
+            "sd35l": (dict(SD35_LARGE_CONFIG), dict(SD3_VAE_CONFIG)),
+        }
+
+    def shape_conditioning(self, batch: int, height: int, width: int, config: dict, device) -> SD3Conditioning:
+        """Zeros of the encoders' shapes: 77 CLIP tokens then T5_MAX_LENGTH T5 tokens, the pooled pair."""
+        tokens, width_, pooled = 77 + T5_MAX_LENGTH, config["joint_attention_dim"], config["pooled_projection_dim"]
+        zeros = [torch.zeros(n, *s, device=device) for n, s in ((batch, (tokens, width_)), (batch, (pooled,)),
+                                                                (1, (tokens, width_)), (1, (pooled,)))]  # fmt: skip
+        return SD3Conditioning(*zeros)
 
     def cache_items(self) -> list[tuple[str, list[str] | None]]:
         return [(SD35_MEDIUM, None)]

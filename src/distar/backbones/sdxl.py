@@ -373,6 +373,7 @@ class SDXL(Backbone):
     """Every attention projection: all of them sit inside the UNet's down, mid and up blocks (the blocks
     activation checkpointing wraps)."""
     pipeline_name = "StableDiffusionXLPipeline"
+    text_encoder_parameters = 817_720_320  # CLIP-L 123,060,480 + OpenCLIP-bigG with projection 694,659,840
     generator_init_default = f"{DMD2_REPO}:{DMD2_UNET_1STEP}"
     block_pattern = r"(?:down_blocks\.\d+|mid_block|up_blocks\.\d+)"
     vae_block_pattern = r"decoder\.(?:mid_block\.resnets\.\d+|up_blocks\.\d+\.resnets\.\d+)"

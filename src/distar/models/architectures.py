@@ -93,7 +93,37 @@ def medium() -> Architecture:
     return _of("medium", reward, 112)
 
 
-ARCHITECTURES = {"tiny": tiny, "medium": medium, "sdxl": sdxl}
+def _flow(backbone: str, name: str, tiny_shapes: bool):
+    def build() -> Architecture:
+        if tiny_shapes:
+            arch = tiny()
+            return _of("tiny", arch.reward, arch.reward_image_size, backbone)
+        return _of(name, dict(CLIP_VIT_H_14_CONFIG), backbone=backbone)
+
+    return build
+
+
+ARCHITECTURES = {
+    "tiny": tiny,
+    "medium": medium,
+    "sdxl": sdxl,
+    "tiny-sd3": _flow("sd3", "tiny", True),
+    "sd35m": _flow("sd3", "sd35m", False),
+    "sd35l": _flow("sd3", "sd35l", False),
+    "tiny-flux": _flow("flux", "tiny", True),
+    "flux": _flow("flux", "flux", False),
+}
+
+
+def default_architecture(backbone: str, reference: str) -> str:
+    """The shapes a config's networks have: the tiny ones for `tiny:` sources, else the family's published ones
+    (SD3.5-Large where the reference names it, else SD3.5-Medium)."""
+    tiny_ = reference.startswith("tiny:")
+    if backbone == "sd3":
+        return "tiny-sd3" if tiny_ else ("sd35l" if "large" in reference.lower() else "sd35m")
+    if backbone == "flux":
+        return "tiny-flux" if tiny_ else "flux"
+    return "tiny" if tiny_ else "sdxl"
 
 
 def _tokenizer():

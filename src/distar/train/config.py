@@ -22,7 +22,7 @@ from distar.config import apply_mapping, apply_overrides, check_choices
 from distar.errors import UserError, redact
 from distar.losses import DivergenceConfig, Weighting, guidance_scale
 
-PRESETS = ("tiny", "sdxl", "sdxl-1gpu", "tiny-sd3", "tiny-flux")
+PRESETS = ("tiny", "sdxl", "sdxl-1gpu", "tiny-sd3", "tiny-flux", "sd35m", "sd35m-8gpu", "flux", "flux-1gpu")
 DType = Literal["fp32", "bf16", "fp16", "float32", "bfloat16", "float16"]
 """A weight dtype's name; the long names are written as the short ones when a config is loaded."""
 _SHORT_DTYPE = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
