@@ -1,5 +1,6 @@
-"""A recorded loss curve (torchtitan's guard): a short tiny-preset run on the CPU, fixed seed, one process, checked
-step by step against tests/data/loss_curve_tiny.json. A silent change in the training math (a loss term, a
+"""Recorded loss curves (torchtitan's guard): a short run of each tiny preset (SDXL's, and the flow families'
+tiny-sd3 and tiny-flux) on the CPU, fixed seed, one process, checked step by step against
+tests/data/loss_curve_<preset>.json. A silent change in the training math (a loss term, a
 weighting, a random stream, the optimizer) moves these numbers far beyond the tolerance, which only absorbs the
 rounding differences between CPU types.
 
@@ -17,7 +18,7 @@ import pytest
 
 from distar.train import run
 
-RECORD = Path(__file__).resolve().parents[1] / "data" / "loss_curve_tiny.json"
+DATA = Path(__file__).resolve().parents[1] / "data"
 OVERRIDES = ["steps=6", "assistant_updates=2", "parallel.strategy=none", "log.every=1", "log.sample_every=100",
              "log.progress=false", "log.tensorboard=false", "checkpoint.every=100", "loss.alpha_rew=1000"]  # fmt: skip
 KEYS = ("loss/generator", "loss/divergence", "loss/reward", "loss/assistant", "divergence", "reward",
@@ -26,18 +27,20 @@ KEYS = ("loss/generator", "loss/divergence", "loss/reward", "loss/assistant", "d
 RTOL, ATOL = 1e-3, 1e-6
 
 
-def _curve(out: Path) -> list[dict]:
-    run("tiny", [f"out={out}", *OVERRIDES])
+def _curve(preset: str, out: Path) -> list[dict]:
+    run(preset, [f"out={out}", *OVERRIDES])
     lines = [json.loads(line) for line in (out / "logs" / "metrics.jsonl").read_text().splitlines()]
     return [{"step": line["step"], **{k: line[k] for k in KEYS}} for line in lines if "loss/generator" in line]
 
 
-def test_the_tiny_run_follows_its_recorded_loss_curve(tmp_path):
-    curve = _curve(tmp_path / "run")
+@pytest.mark.parametrize("preset", ["tiny", "tiny-sd3", "tiny-flux"])
+def test_the_tiny_run_follows_its_recorded_loss_curve(preset, tmp_path):
+    record = DATA / f"loss_curve_{preset}.json"
+    curve = _curve(preset, tmp_path / "run")
     assert [c["step"] for c in curve] == list(range(1, 7))
     if os.environ.get("DISTAR_RECORD_LOSS_CURVE") == "1":
-        RECORD.write_text(json.dumps({"overrides": OVERRIDES, "curve": curve}, indent=1) + "\n")
-    recorded = json.loads(RECORD.read_text())
+        record.write_text(json.dumps({"overrides": OVERRIDES, "curve": curve}, indent=1) + "\n")
+    recorded = json.loads(record.read_text())
     assert recorded["overrides"] == OVERRIDES, "the recorded run used other settings: record it again"
     for got, want in zip(curve, recorded["curve"], strict=True):
         for key in KEYS:
