@@ -424,7 +424,7 @@ def _add_run_local(p: argparse.ArgumentParser) -> None:
     from distar.local_pipeline import __doc__ as doc
 
     p.description = doc
-    p.add_argument("--preset", default="tiny", help="tiny (CPU, minutes) or sdxl")
+    p.add_argument("--preset", default="tiny", help="tiny, tiny-sd3, tiny-flux (CPU, minutes) or sdxl")
     p.add_argument("--root", default="runs/pipeline", help="kfp.local pipeline root (local directory)")
     p.add_argument("--pipeline", default="sdxl", help="sdxl (the DI* pipeline) or ablation (a two-variant sweep)")
     p.set_defaults(func=_run_local)

@@ -15,13 +15,31 @@ from distar.errors import UserError
 
 SDXL = "stabilityai/stable-diffusion-xl-base-1.0"
 DMD2 = "tianweiy/DMD2:dmd2_sdxl_1step_unet_fp16.bin"
+SD35M = "stabilityai/stable-diffusion-3.5-medium"
+FLUX_DEV, FLUX_SCHNELL = "black-forest-labs/FLUX.1-dev", "black-forest-labs/FLUX.1-schnell"
+PRESETS = ("tiny", "tiny-sd3", "tiny-flux", "sdxl")
+"""run-local's presets: each tiny one stands its tiny models in for the real ones' hub ids (so the pipeline's
+cache step, the train step's offline loading and evaluate read them as they would the real models)."""
 
 
-def tiny_arguments() -> dict:
+def _models(preset: str) -> tuple[list[str], list[str]]:
+    """(cache items: real id = tiny source, train overrides naming the real ids) of a tiny preset's family."""
     t = tiny_preset.PREFIX
+    if preset == "tiny-sd3":
+        return [f"{SD35M}={t}sd3"], [f"model.reference={SD35M}", "model.generator_init=reference"]
+    if preset == "tiny-flux":
+        items = [f"{FLUX_DEV}={t}flux", f"{FLUX_SCHNELL}={t}flux-schnell"]
+        return items, [f"model.reference={FLUX_DEV}", f"model.generator_init={FLUX_SCHNELL}"]
+    return [f"{SDXL}={t}sdxl", f"{DMD2}={t}dmd2_unet.safetensors"], [
+        f"model.reference={SDXL}", f"model.generator_init={DMD2}"
+    ]  # fmt: skip
+
+
+def tiny_arguments(preset: str = "tiny") -> dict:
+    t = tiny_preset.PREFIX
+    models, model_overrides = _models(preset)
     cache_models = [
-        f"{SDXL}={t}sdxl",
-        f"{DMD2}={t}dmd2_unet.safetensors",
+        *models,
         f"yuvalkirstain/PickScore_v1={t}rewards/pickscore",
         f"laion/CLIP-ViT-H-14-laion2B-s32B-b79K={t}rewards/pickscore",
         f"openai/clip-vit-large-patch14={t}rewards/clip",
@@ -37,10 +55,9 @@ def tiny_arguments() -> dict:
         "tokenizer": f"{t}sdxl",
         "eval_fraction": 0.05,
         "cache_models": cache_models,
-        "preset": "tiny",
+        "preset": preset,
         "train_overrides": [
-            f"model.reference={SDXL}",
-            f"model.generator_init={DMD2}",
+            *model_overrides,
             "reward.sources={}",
             "steps=4",
             "checkpoint.every=2",
@@ -100,13 +117,15 @@ def run_local(
     warnings.filterwarnings("ignore", message=r"Task '.*': settings .* have no effect", category=UserWarning)
     warnings.filterwarnings("ignore", message=r"You may be attemping to run a task", category=RuntimeWarning)
 
-    if preset not in ("tiny", "sdxl"):
-        raise UserError(f"--preset {preset!r}: choose tiny or sdxl")
+    if preset not in PRESETS:
+        raise UserError(f"--preset {preset!r}: choose one of {', '.join(PRESETS)}")
+    if pipeline != "sdxl" and preset not in ("tiny", "sdxl"):
+        raise UserError(f"--pipeline {pipeline} runs the SDXL grid: --preset tiny (or sdxl)")
     module = pipeline_module(pipeline)
-    tiny = tiny_arguments if pipeline == "sdxl" else tiny_ablation_arguments
-    arguments = tiny() if preset == "tiny" else {}
+    is_tiny = preset.startswith("tiny")
+    arguments = (tiny_arguments(preset) if pipeline == "sdxl" else tiny_ablation_arguments()) if is_tiny else {}
     arguments.update(overrides or {})
-    if preset == "tiny":
+    if is_tiny:
         tiny_preset.materialize()
     root = Path(root).resolve()
     root.mkdir(parents=True, exist_ok=True)
@@ -248,6 +267,6 @@ def describe(run: Path, preset: str) -> list[str]:
         if rel.endswith("/report"):
             path = Path(shutil.copyfile(path, path.with_suffix(".html")))
         lines.append(f"  {path.resolve().as_uri()}\n      {what}")
-    if preset == "tiny":
+    if preset.startswith("tiny"):
         lines.append(TINY_NOTE)
     return lines

@@ -132,3 +132,24 @@ def test_the_local_pipeline_prints_a_line_per_step_and_keeps_the_rest_in_its_log
     terminal = capfd.readouterr().out
     assert "curate: running" in terminal and "curate: success" in terminal and "executor_input" not in terminal
     assert "executor_input" in log.read_text() and str(log) in terminal
+
+
+@pytest.mark.parametrize(
+    "preset, backbone, reference", [("tiny-sd3", "sd3", "tiny:sd3"), ("tiny-flux", "flux", "tiny:flux")]
+)
+def test_run_local_stands_the_tiny_flow_families_in_for_the_real_ids(preset, backbone, reference):
+    """run-local's tiny flow presets: the cache step maps the real hub ids to the family's tiny sources, and the
+    train step's overrides name those ids, so the pipeline runs as it would on a cluster."""
+    from distar.errors import UserError
+    from distar.local_pipeline import run_local, tiny_arguments
+    from distar.train.config import load_config
+
+    args = tiny_arguments(preset)
+    config = load_config(args["preset"], ["data.prompts=x", *args["train_overrides"]])
+    assert config.model.backbone == backbone
+    cached = dict(item.split("=", 1) for item in args["cache_models"])
+    assert cached[config.model.reference] == reference
+    if config.model.generator_init != "reference":
+        assert cached[config.model.generator_init] == f"{reference}-schnell"
+    with pytest.raises(UserError, match="--preset 'tiny-sdxl': choose one of tiny, tiny-sd3, tiny-flux, sdxl"):
+        run_local("tiny-sdxl", "unused")
