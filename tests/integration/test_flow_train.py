@@ -155,3 +155,15 @@ def test_flux_trains_from_a_schnell_start_under_a_dev_reference_and_exports(tmp_
         stock = pipe(prompt_embeds=cond.prompt_embeds, pooled_prompt_embeds=cond.pooled_prompt_embeds, height=16,
                      width=16, num_inference_steps=1, latents=pack(z), output_type="latent").images  # fmt: skip
     torch.testing.assert_close(stock, pack(x0), rtol=1e-5, atol=1e-5)
+
+
+def test_shifted_logit_normal_sigma_draws_train(tmp_path):
+    import json
+
+    from distar.train import run
+
+    options = ["loss.sigma_shift=true", "loss.sigma_density=logit_normal", "parallel.strategy=none", *COMMON[:2]]
+    summary = run("tiny-sd3", [f"out={tmp_path / 'run'}", "steps=2", *options])
+    lines = [json.loads(x) for x in (tmp_path / "run" / "logs" / "metrics.jsonl").read_text().splitlines()]
+    losses = [x["loss/generator"] for x in lines if "loss/generator" in x]
+    assert summary["step"] == 2 and len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))

@@ -172,3 +172,23 @@ def test_the_real_architectures_have_their_published_sizes():
             )
         ]
     assert sizes == [2_243_171_520, 8_056_627_520, 11_901_408_320]
+
+
+def test_training_draws_sigma_uniformly_unless_asked_for_the_models_shift_and_density():
+    """loss.sigma_density and loss.sigma_shift: uniform and unshifted by default (the issue's U(0.02, 0.98)); on
+    request SD3.5's static shift 3 or FLUX's shift for the latent size, and SD3's logit-normal density."""
+    import math
+
+    from distar.errors import UserError
+    from distar.train.config import load_config
+
+    default = load_config("tiny-sd3").loss
+    schedule = SD3().training_schedule(default, 128, 128)
+    assert (schedule.shift, schedule.density) == (1.0, "uniform")
+    shifted = load_config("tiny-sd3", ["loss.sigma_shift=true", "loss.sigma_density=logit_normal"]).loss
+    schedule = SD3().training_schedule(shifted, 128, 128)
+    assert (schedule.shift, schedule.density) == (3.0, "logit_normal")
+    flux = Flux().training_schedule(shifted, 128, 128)  # 1024² latents: 4096 tokens, μ = 1.15
+    assert flux.shift == pytest.approx(math.exp(1.15)) and flux.time_scale == 1.0
+    with pytest.raises(UserError, match="sdxl draws its timesteps uniformly"):
+        load_config("tiny", ["loss.sigma_shift=true"])

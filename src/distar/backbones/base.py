@@ -99,6 +99,11 @@ class Backbone:
         """t* as the config names it (the family's timestep units) → the schedule's t; a ValueError otherwise."""
         return t_star
 
+    def training_schedule(self, loss, latent_height: int, latent_width: int) -> Schedule:
+        """The schedule the trainer draws its times from (for the flow families: loss.sigma_density and
+        loss.sigma_shift); the family's own by default."""
+        return self.schedule()
+
     def config_times(self, lo, hi):
         """A config's t range (loss.t_min … t_max, in the family's timestep units) → the schedule's."""
         return lo, hi

@@ -39,7 +39,18 @@ class FlowBackbone(Backbone):
     """The network's time argument per unit σ."""
 
     def __init__(self, shift: float = 1.0):
-        self._schedule = FlowSchedule(shift=shift, time_scale=self.time_scale)
+        self.shift = float(shift)  # the model's own time shift (its scheduler's); training applies it on request
+        self._schedule = FlowSchedule(time_scale=self.time_scale)
+
+    def model_shift(self, latent_height: int, latent_width: int) -> float:
+        """The model's time shift at this latent size (SD3: static; FLUX: by the number of tokens)."""
+        return self.shift
+
+    def training_schedule(self, loss, latent_height: int, latent_width: int) -> FlowSchedule:
+        """The schedule the trainer draws σ from: `loss.sigma_density` on the configured range, shifted by the
+        model's own shift when `loss.sigma_shift` (uniform and unshifted by default)."""
+        shift = self.model_shift(latent_height, latent_width) if loss.sigma_shift else 1.0
+        return FlowSchedule(shift=shift, time_scale=self.time_scale, density=loss.sigma_density)
 
     def schedule(self) -> FlowSchedule:
         return self._schedule

@@ -7,8 +7,8 @@ start only. Double- and single-stream blocks.
 
 Also here: the text encoders (CLIP-L pooled, T5-XXL through diffusers' own encode_prompt), the resolution-dependent
 shift as a static one, the tiny family (`tiny:flux`, `tiny:flux-schnell`), and what export and evaluate need
-beyond `flow.FlowBackbone` (model.backbone = "flux"). Training samples σ without FLUX's shift (uniform on the
-configured range) unless a shift is given.
+beyond `flow.FlowBackbone` (model.backbone = "flux"). Training draws σ without FLUX's shift unless
+loss.sigma_shift asks for it.
 """
 
 from __future__ import annotations
@@ -144,6 +144,9 @@ class Flux(FlowBackbone):
         return [(net.transformer_blocks, i) for i in range(len(net.transformer_blocks))] + [
             (net.single_transformer_blocks, i) for i in range(len(net.single_transformer_blocks))
         ]
+
+    def model_shift(self, latent_height: int, latent_width: int) -> float:
+        return self.shift_for(latent_height, latent_width)
 
     @staticmethod
     def shift_for(height: int, width: int, scheduler_config: dict | None = None) -> float:

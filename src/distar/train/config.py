@@ -130,6 +130,11 @@ class LossConfig(DivergenceConfig):
     """With cfg = "reward": the largest t, exclusive, of the CFG term (None: t_max when the term has its own t)."""
     cfg_weighting: Weighting | None = None
     """With cfg = "reward": w(t) of the CFG term (None: `weighting`)."""
+    sigma_density: Literal["uniform", "logit_normal"] = "uniform"
+    """Flow families: how σ is drawn on [t_min, t_max]/1000, "uniform" (the flow-reward codes' choice) or
+    "logit_normal" (SD3's training density; ours to try), truncated exactly to the range."""
+    sigma_shift: bool = False
+    """Flow families: shift the σ draws by the model's own time shift (SD3.5: 3; FLUX: by the image size)."""
     assistant_t_min: int = 0
     """Smallest t of the assistant's denoising loss."""
     assistant_t_max: int = 1000
@@ -407,6 +412,13 @@ class TrainConfig:
             backbones.get(m.backbone).check_t_star(m.t_star)
         except ValueError as err:
             raise UserError(f"config key 'model.t_star': {err}") from None
+        if backbones.get(m.backbone).prediction != "flow" and (
+            self.loss.sigma_density != "uniform" or self.loss.sigma_shift
+        ):
+            raise UserError(
+                f"loss.sigma_density and loss.sigma_shift shape a flow family's σ draws; {m.backbone} draws its "
+                "timesteps uniformly from its table: leave them unset"
+            )
         if backbones.get(m.backbone).guidance == "embedded" and self.loss.cfg == "reward":
             raise UserError(
                 f'loss.cfg = "reward" (DI*-OUT) needs a reference with an unconditional branch; {m.backbone}\'s is '

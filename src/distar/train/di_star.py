@@ -59,7 +59,7 @@ class DIStar:
         self.config, self.world, self.nets, self.data = config, world, nets, data
         self.latent_shape = latent_shape
         self.backbone = nets.generator.backbone
-        self.schedule = self.backbone.schedule()
+        self.schedule = self.backbone.training_schedule(config.loss, *latent_shape[-2:])
         self.autocast = contextlib.nullcontext()
         if config.parallel.mixed_precision == "bf16":
             self.autocast = torch.autocast(world.device.type, dtype=torch.bfloat16)
