@@ -23,6 +23,29 @@ from distar.diffusion import FlowSchedule
 from distar.errors import UserError
 from distar.sources import parse_dtype, require_files, resolve_dir
 
+
+def flow_vae_config(scaling_factor: float, shift_factor: float, tiny: bool = False) -> dict:
+    """The 16-channel AutoencoderKL SD3 and FLUX.1 share (8× downsampling, no quant convolutions), with a family's
+    scaling and shift; `tiny`: the same kind in miniature (two blocks: 2× downsampling)."""
+    blocks = (16, 32) if tiny else (128, 256, 512, 512)
+    return dict(
+        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * len(blocks),
+        up_block_types=("UpDecoderBlock2D",) * len(blocks), block_out_channels=blocks,
+        layers_per_block=1 if tiny else 2, latent_channels=16, norm_num_groups=16 if tiny else 32,
+        sample_size=16 if tiny else 1024, scaling_factor=scaling_factor, shift_factor=shift_factor,
+        use_quant_conv=False, use_post_quant_conv=False,
+    )  # fmt: skip
+
+
+def tiny_t5_tokenizer(max_length: int):
+    """A T5 tokenizer over printable ASCII characters (a Unigram vocabulary of single characters)."""
+    from transformers import T5Tokenizer
+
+    chars = [chr(c) for c in range(32, 127)]
+    specials = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)]
+    return T5Tokenizer(vocab=specials + [(c, -1.0) for c in chars], extra_ids=0, model_max_length=max_length)
+
+
 TIMESTEP_UNITS = 1000
 """A config names flow times as diffusers numbers FlowMatch timesteps: σ·1000 (loss.t_min = 20 is σ = 0.02,
 model.t_star = 1000 is σ = 1), so one set of keys serves every family."""

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from distar.backbones import shared
-from distar.backbones.flow import FlowBackbone
+from distar.backbones.flow import FlowBackbone, flow_vae_config, tiny_t5_tokenizer
 from distar.errors import UserError
 from distar.tiny_text import TINY_TEXT_HIDDEN, tiny_text_config, write_tiny_clip_tokenizer
 
@@ -35,22 +35,12 @@ FLUX1_CONFIG = dict(
 )  # fmt: skip
 """FLUX.1-dev's transformer (its transformer/config.json): 11,901,408,320 parameters; schnell's is the same
 without the guidance embedding."""
-FLUX_VAE_CONFIG = dict(
-    in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
-    up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(128, 256, 512, 512), layers_per_block=2,
-    latent_channels=16, norm_num_groups=32, sample_size=1024, scaling_factor=0.3611, shift_factor=0.1159,
-    use_quant_conv=False, use_post_quant_conv=False,
-)  # fmt: skip
+FLUX_VAE_CONFIG = flow_vae_config(0.3611, 0.1159)
 """FLUX.1's VAE (its vae/config.json): SD3's shape with its own scaling and shift."""
 T5_MAX_LENGTH = 512
 """T5 tokens FLUX.1-dev's pipeline reads by default (schnell: 256)."""
 TINY_JOINT = 32
-TINY_VAE_CONFIG = dict(
-    in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
-    up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(16, 32), layers_per_block=1, latent_channels=16,
-    norm_num_groups=16, sample_size=16, scaling_factor=0.3611, shift_factor=0.1159, use_quant_conv=False,
-    use_post_quant_conv=False,
-)  # fmt: skip
+TINY_VAE_CONFIG = flow_vae_config(0.3611, 0.1159, tiny=True)
 """FLUX's VAE in miniature: 16 latent channels, its scaling and shift, no quant convolutions; one downsampling."""
 
 ASSISTANT_GUIDANCE = 1.0
@@ -293,14 +283,12 @@ def build_tiny_flux(out_dir: str | os.PathLike, seed: int = 0, guidance_embeds: 
     with a character-level tokenizer, a 16-channel VAE with FLUX's scaling and shift, the tiny transformer and
     FlowMatchEulerDiscreteScheduler with FLUX's resolution-dependent shift."""
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
-    from transformers import CLIPTextModel, CLIPTokenizer, T5Config, T5EncoderModel, T5Tokenizer
+    from transformers import CLIPTextModel, CLIPTokenizer, T5Config, T5EncoderModel
 
     out = Path(out_dir)
     tok_dir = write_tiny_clip_tokenizer(out / "_tokenizer_build")
     tokenizer = CLIPTokenizer.from_pretrained(tok_dir)
-    chars = [chr(c) for c in range(32, 127)]
-    t5_tokenizer = T5Tokenizer(vocab=[("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)] + [(c, -1.0) for c in chars],
-                               extra_ids=0, model_max_length=T5_MAX_LENGTH)  # fmt: skip
+    t5_tokenizer = tiny_t5_tokenizer(T5_MAX_LENGTH)
     torch.manual_seed(seed)
     t5 = T5EncoderModel(T5Config(vocab_size=len(t5_tokenizer), d_model=TINY_JOINT, d_kv=8, d_ff=48, num_layers=2,
                                  num_heads=4, pad_token_id=0, eos_token_id=1))  # fmt: skip

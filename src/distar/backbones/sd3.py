@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from distar.backbones import shared
-from distar.backbones.flow import FlowBackbone
+from distar.backbones.flow import FlowBackbone, flow_vae_config, tiny_t5_tokenizer
 from distar.sources import parse_dtype, resolve_dir
 from distar.tiny_text import TINY_TEXT_HIDDEN, tiny_text_config, write_tiny_clip_tokenizer
 
@@ -35,22 +35,12 @@ SD35_LARGE_CONFIG = dict(
     pos_embed_max_size=192, qk_norm="rms_norm",
 )  # fmt: skip
 """SD3.5-Large's transformer: 8,056,627,520 parameters."""
-SD3_VAE_CONFIG = dict(
-    in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
-    up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(128, 256, 512, 512), layers_per_block=2,
-    latent_channels=16, norm_num_groups=32, sample_size=1024, scaling_factor=1.5305, shift_factor=0.0609,
-    use_quant_conv=False, use_post_quant_conv=False,
-)  # fmt: skip
+SD3_VAE_CONFIG = flow_vae_config(1.5305, 0.0609)
 """SD3 / SD3.5's VAE (its vae/config.json): 16 latent channels, 8× downsampling."""
 T5_MAX_LENGTH = 256
 """T5 tokens SD3's pipeline reads by default (its `max_sequence_length`); the joint sequence is 77 + 256."""
 TINY_JOINT = 64
-TINY_VAE_CONFIG = dict(
-    in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
-    up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(16, 32), layers_per_block=1, latent_channels=16,
-    norm_num_groups=16, sample_size=16, scaling_factor=1.5305, shift_factor=0.0609, use_quant_conv=False,
-    use_post_quant_conv=False,
-)  # fmt: skip
+TINY_VAE_CONFIG = flow_vae_config(1.5305, 0.0609, tiny=True)
 """SD3's VAE in miniature: 16 latent channels, its scaling and shift, no quant convolutions; one downsampling."""
 
 
@@ -242,15 +232,13 @@ def build_tiny_sd3(out_dir: str | os.PathLike, seed: int = 0) -> Path:
         SD3Transformer2DModel,
         StableDiffusion3Pipeline,
     )
-    from transformers import CLIPTextModelWithProjection, CLIPTokenizer, T5Config, T5EncoderModel, T5Tokenizer
+    from transformers import CLIPTextModelWithProjection, CLIPTokenizer, T5Config, T5EncoderModel
 
     out = Path(out_dir)
     tok_dir = write_tiny_clip_tokenizer(out / "_tokenizer_build")
     tokenizer = CLIPTokenizer.from_pretrained(tok_dir)
     bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
-    chars = [chr(c) for c in range(32, 127)]
-    t5_tokenizer = T5Tokenizer(vocab=[("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)] + [(c, -1.0) for c in chars],
-                               extra_ids=0, model_max_length=T5_MAX_LENGTH)  # fmt: skip
+    t5_tokenizer = tiny_t5_tokenizer(T5_MAX_LENGTH)
     torch.manual_seed(seed)
     config = tiny_text_config(len(tokenizer), bos, eos, True)
     t5 = T5EncoderModel(T5Config(vocab_size=len(t5_tokenizer), d_model=TINY_JOINT, d_kv=16, d_ff=96, num_layers=2,
