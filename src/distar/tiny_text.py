@@ -43,6 +43,16 @@ def write_tiny_clip_tokenizer(out_dir: str | os.PathLike) -> Path:
     return out
 
 
+def tiny_clip_tokenizer():
+    """The tiny CLIP tokenizer as a loaded CLIPTokenizer (its files written to a temporary directory)."""
+    import tempfile
+
+    from transformers import CLIPTokenizer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        return CLIPTokenizer.from_pretrained(write_tiny_clip_tokenizer(Path(tmp)))
+
+
 def tiny_text_config(vocab_size: int, bos: int, eos: int, with_projection: bool):
     from transformers import CLIPTextConfig
 

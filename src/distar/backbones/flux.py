@@ -25,7 +25,7 @@ from torch import nn
 from distar.backbones import shared
 from distar.backbones.flow import FlowBackbone, flow_vae_config, tiny_t5_tokenizer
 from distar.errors import UserError
-from distar.tiny_text import TINY_TEXT_HIDDEN, tiny_text_config, write_tiny_clip_tokenizer
+from distar.tiny_text import TINY_TEXT_HIDDEN, tiny_clip_tokenizer, tiny_text_config
 
 FLUX1_DEV = "black-forest-labs/FLUX.1-dev"
 FLUX1_SCHNELL = "black-forest-labs/FLUX.1-schnell"
@@ -283,11 +283,10 @@ def build_tiny_flux(out_dir: str | os.PathLike, seed: int = 0, guidance_embeds: 
     with a character-level tokenizer, a 16-channel VAE with FLUX's scaling and shift, the tiny transformer and
     FlowMatchEulerDiscreteScheduler with FLUX's resolution-dependent shift."""
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
-    from transformers import CLIPTextModel, CLIPTokenizer, T5Config, T5EncoderModel
+    from transformers import CLIPTextModel, T5Config, T5EncoderModel
 
     out = Path(out_dir)
-    tok_dir = write_tiny_clip_tokenizer(out / "_tokenizer_build")
-    tokenizer = CLIPTokenizer.from_pretrained(tok_dir)
+    tokenizer = tiny_clip_tokenizer()
     t5_tokenizer = tiny_t5_tokenizer(T5_MAX_LENGTH)
     torch.manual_seed(seed)
     t5 = T5EncoderModel(T5Config(vocab_size=len(t5_tokenizer), d_model=TINY_JOINT, d_kv=8, d_ff=48, num_layers=2,
@@ -308,7 +307,4 @@ def build_tiny_flux(out_dir: str | os.PathLike, seed: int = 0, guidance_embeds: 
         transformer=FluxTransformer2DModel(**tiny_transformer_config(guidance_embeds)),
     )
     pipe.save_pretrained(out)
-    for leftover in tok_dir.iterdir():
-        leftover.unlink()
-    tok_dir.rmdir()
     return out

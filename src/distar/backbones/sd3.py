@@ -19,7 +19,7 @@ from torch import nn
 from distar.backbones import shared
 from distar.backbones.flow import FlowBackbone, flow_vae_config, tiny_t5_tokenizer
 from distar.sources import parse_dtype, resolve_dir
-from distar.tiny_text import TINY_TEXT_HIDDEN, tiny_text_config, write_tiny_clip_tokenizer
+from distar.tiny_text import TINY_TEXT_HIDDEN, tiny_clip_tokenizer, tiny_text_config
 
 SD35_SHIFT = 3.0
 SD35_MEDIUM = "stabilityai/stable-diffusion-3.5-medium"
@@ -232,11 +232,10 @@ def build_tiny_sd3(out_dir: str | os.PathLike, seed: int = 0) -> Path:
         SD3Transformer2DModel,
         StableDiffusion3Pipeline,
     )
-    from transformers import CLIPTextModelWithProjection, CLIPTokenizer, T5Config, T5EncoderModel
+    from transformers import CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
     out = Path(out_dir)
-    tok_dir = write_tiny_clip_tokenizer(out / "_tokenizer_build")
-    tokenizer = CLIPTokenizer.from_pretrained(tok_dir)
+    tokenizer = tiny_clip_tokenizer()
     bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
     t5_tokenizer = tiny_t5_tokenizer(T5_MAX_LENGTH)
     torch.manual_seed(seed)
@@ -255,7 +254,4 @@ def build_tiny_sd3(out_dir: str | os.PathLike, seed: int = 0) -> Path:
         tokenizer_3=t5_tokenizer,
     )
     pipe.save_pretrained(out)
-    for leftover in tok_dir.iterdir():
-        leftover.unlink()
-    tok_dir.rmdir()
     return out

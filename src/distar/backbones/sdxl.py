@@ -26,7 +26,7 @@ from distar.backbones.latents import decode, encode
 from distar.diffusion import VPSchedule
 from distar.errors import UserError
 from distar.sources import parse, parse_dtype, read_state_dict, require_files, resolve_dir, resolve_file
-from distar.tiny_text import TINY_MAX_LENGTH, TINY_TEXT_HIDDEN, tiny_text_config, write_tiny_clip_tokenizer
+from distar.tiny_text import TINY_MAX_LENGTH, TINY_TEXT_HIDDEN, tiny_clip_tokenizer, tiny_text_config
 
 SDXL_BASE = "stabilityai/stable-diffusion-xl-base-1.0"
 SDXL_VAE_FP16_FIX = "madebyollin/sdxl-vae-fp16-fix"
@@ -322,11 +322,10 @@ def build_tiny_sdxl(out_dir: str | os.PathLike, seed: int = 0) -> Path:
     and on-disk layout as stabilityai/stable-diffusion-xl-base-1.0, so the real loaders read it. Hidden sizes
     32 + 32 make cross_attention_dim 64; the VAE downsamples by 2 (SDXL: 8), so 32×32 latents decode to 64×64."""
     from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline
-    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     out = Path(out_dir)
-    tok_dir = write_tiny_clip_tokenizer(out / "_tokenizer_build")
-    tokenizer = CLIPTokenizer.from_pretrained(tok_dir)
+    tokenizer = tiny_clip_tokenizer()
     bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
     torch.manual_seed(seed)
     text_encoder = CLIPTextModel(tiny_text_config(len(tokenizer), bos, eos, False))
@@ -351,9 +350,6 @@ def build_tiny_sdxl(out_dir: str | os.PathLike, seed: int = 0) -> Path:
         scheduler=scheduler,
     )
     pipe.save_pretrained(out)
-    for leftover in tok_dir.iterdir():
-        leftover.unlink()
-    tok_dir.rmdir()
     return out
 
 

@@ -8,14 +8,13 @@ included, where nothing is allocated).
 
 from __future__ import annotations
 
-import tempfile
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
 from distar import backbones
 from distar.rewards.preprocess import CLIP_MEAN, CLIP_STD
+from distar.tiny_text import tiny_clip_tokenizer
 
 # laion/CLIP-ViT-H-14-laion2B-s32B-b79K config.json, the architecture of PickScore_v1 and HPSv2.1: 986M parameters.
 CLIP_VIT_H_14_CONFIG = dict(
@@ -126,16 +125,6 @@ def default_architecture(backbone: str, reference: str) -> str:
     return "tiny" if tiny_ else "sdxl"
 
 
-def _tokenizer():
-    """A real CLIPTokenizer (byte-level, no merges): the reward's text side needs token ids, not a vocabulary."""
-    from transformers import CLIPTokenizer
-
-    from distar.tiny_text import write_tiny_clip_tokenizer
-
-    with tempfile.TemporaryDirectory() as tmp:
-        return CLIPTokenizer.from_pretrained(write_tiny_clip_tokenizer(Path(tmp)))
-
-
 def random_networks(
     arch: Architecture, reward_name: str = "pickscore", device: str | torch.device = "cpu", seed: int = 0
 ) -> dict:
@@ -160,5 +149,5 @@ def random_networks(
         if arch.reward is not None:
             clip = CLIPModel(CLIPConfig(**arch.reward))
             image_config = {"size": arch.reward_image_size, "mean": CLIP_MEAN, "std": CLIP_STD}
-            reward = WeightedReward([ClipReward(reward_name, clip, _tokenizer(), image_config)], [1.0])
+            reward = WeightedReward([ClipReward(reward_name, clip, tiny_clip_tokenizer(), image_config)], [1.0])
     return dict(reference_unet=reference, generator_unet=generator, assistant_unet=assistant, vae=vae, reward=reward)
