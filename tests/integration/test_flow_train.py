@@ -1,6 +1,7 @@
-"""The tiny SD3 preset end to end on the flow path: `distar train --config tiny-sd3` under torchrun with two
-processes, an exact resume, `distar export` to a StableDiffusion3Pipeline that stock diffusers loads and whose one
-step equals the trainer's generator, `distar evaluate` (raw and EMA weights) and `distar compare`."""
+"""The tiny flow presets end to end: `distar train --config tiny-sd3` and `--config tiny-flux` under torchrun with
+two processes, an exact resume, `distar export` to a StableDiffusion3Pipeline / FluxPipeline that stock diffusers
+loads and whose one step equals the trainer's generator, `distar evaluate` (raw and EMA weights) and `distar
+compare`."""
 
 from __future__ import annotations
 
@@ -23,9 +24,9 @@ PARTI = Path(__file__).resolve().parents[1] / "data" / "PartiPrompts.tsv"
 COMMON = ["log.progress=false", "log.tensorboard=false", "checkpoint.every=2", "checkpoint.keep_last=5", "steps=3"]
 
 
-def torchrun(out: Path, *overrides: str, timeout=600):
+def torchrun(out: Path, *overrides: str, preset="tiny-sd3", timeout=600):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
-           "distar.train", "--config", "tiny-sd3", f"out={out}", *COMMON, *overrides]  # fmt: skip
+           "distar.train", "--config", preset, f"out={out}", *COMMON, *overrides]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=dict(os.environ))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     return proc
@@ -38,12 +39,21 @@ def trained(tmp_path_factory):
     return out
 
 
-def test_two_processes_train_and_a_resumed_run_ends_with_the_same_weights(trained, tmp_path):
+@pytest.fixture(scope="module")
+def trained_flux(tmp_path_factory):
+    out = tmp_path_factory.mktemp("flux") / "run"
+    torchrun(out, preset="tiny-flux")
+    return out
+
+
+@pytest.mark.parametrize("preset", ["tiny-sd3", "tiny-flux"])
+def test_two_processes_train_and_a_resumed_run_ends_with_the_same_weights(preset, request, tmp_path):
+    trained = request.getfixturevalue("trained" if preset == "tiny-sd3" else "trained_flux")
     steps = sorted(p.name for p in (trained / "checkpoints").iterdir())
     assert steps == ["step_00000002", "step_00000003"]
     resumed = tmp_path / "run"
     shutil.copytree(trained, resumed, ignore=shutil.ignore_patterns("step_00000003"))
-    proc = torchrun(resumed)  # resumes at step 2
+    proc = torchrun(resumed, preset=preset)  # resumes at step 2
     assert "resuming" in (proc.stdout + proc.stderr).lower()
     for network in ("generator", "assistant", "ema"):
         a = load_unet_weights(str(trained / "checkpoints" / "step_00000003"), network)
@@ -126,28 +136,25 @@ def test_export_loads_in_stock_diffusers_and_its_one_step_is_the_generator(train
     assert (tmp_path / "comparison" / "comparison.json").is_file() and report
 
 
-def test_flux_trains_from_a_schnell_start_under_a_dev_reference_and_exports(tmp_path):
-    """tiny-flux (in one process): the generator starts without a guidance embedding and keeps none; the export is
-    a FluxPipeline whose stock one step (packed latents) equals the trainer's generator; the card names the
-    licences."""
+def test_flux_trains_from_a_schnell_start_under_a_dev_reference_exports_and_evaluates(trained_flux, tmp_path):
+    """tiny-flux: the generator starts without a guidance embedding and keeps none; the export is a FluxPipeline
+    whose stock one step (packed latents) equals the trainer's generator; the card names the licences; evaluate
+    and compare read it."""
     from diffusers import FluxPipeline
 
     from distar import backbones
     from distar.backbones.base import OneStepGenerator
     from distar.backbones.flux import pack
     from distar.export import ExportConfig, export
-    from distar.train import run
 
-    summary = run("tiny-flux", [f"out={tmp_path / 'run'}", "steps=2", "parallel.strategy=none", *COMMON[:2]])
-    meta = export(ExportConfig(summary["checkpoint"], str(tmp_path / "pipeline"), dtype="fp32"))
+    checkpoint = str(trained_flux / "checkpoints" / "step_00000003")
+    meta = export(ExportConfig(checkpoint, str(tmp_path / "pipeline"), dtype="fp32"))
     pipe = FluxPipeline.from_pretrained(tmp_path / "pipeline")
     pipe.set_progress_bar_config(disable=True)
     assert meta["backbone"] == "flux" and not pipe.transformer.config.guidance_embeds
     assert "non-commercial" in (tmp_path / "pipeline" / "README.md").read_text()
     flux = backbones.get("flux")
-    net = flux.generator_from_weights(
-        Path(tiny("tiny:flux")), load_unet_weights(summary["checkpoint"], "generator"), ""
-    )
+    net = flux.generator_from_weights(Path(tiny("tiny:flux")), load_unet_weights(checkpoint, "generator"), "")
     cond = flux.prompt_encoder(tiny("tiny:flux")).encode(["a red cube", "a fox"], 16, 16)
     z = torch.randn(2, 16, 8, 8, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -155,6 +162,13 @@ def test_flux_trains_from_a_schnell_start_under_a_dev_reference_and_exports(tmp_
         stock = pipe(prompt_embeds=cond.prompt_embeds, pooled_prompt_embeds=cond.pooled_prompt_embeds, height=16,
                      width=16, num_inference_steps=1, latents=pack(z), output_type="latent").images  # fmt: skip
     torch.testing.assert_close(stock, pack(x0), rtol=1e-5, atol=1e-5)
+    from distar.compare import compare
+    from distar.evaluate import EvaluateConfig, evaluate
+
+    config = EvaluateConfig(str(tmp_path / "pipeline"), str(tmp_path / "eval"), prompts=str(PARTI), rewards=["clip"])
+    out = evaluate(replace(config, sources={"clip": "tiny:rewards/clip"}, max_prompts=2))
+    assert set(out["results"]) == {"model", "ema"} and out["results"]["ema"]["images"] == 2
+    assert compare([str(tmp_path / "eval")], str(tmp_path / "comparison"))
 
 
 def test_shifted_logit_normal_sigma_draws_train(tmp_path):
