@@ -73,7 +73,7 @@ def evaluate(
         return {k: float(v) for k, v in values if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
     model = numbers("model")
-    others = {role: numbers(role) for role in ("ema", "baseline") if numbers(role)}
+    others = {role: values for role in ("ema", "baseline") if (values := numbers(role))}
     for prefix, values in (("", model), *((f"{role}_", v) for role, v in others.items())):
         for name, value in values.items():
             metrics.log_metric(prefix + name.replace("/", "_"), value)

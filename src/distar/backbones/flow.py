@@ -173,9 +173,10 @@ class FlowBackbone(Backbone):
     # the exported pipeline
 
     def generator_from_weights(self, reference_root: Path, weights: dict[str, torch.Tensor], source: str):
-        """A transformer of the reference's config holding the generator's weights."""
+        """A transformer of the reference's config (`generator_config`) holding the generator's weights."""
         cls = self.net_class()
-        net = cls.from_config(cls.load_config(reference_root, subfolder="transformer"))
+        config = dict(cls.load_config(reference_root, subfolder="transformer"))
+        net = cls.from_config(self.generator_config(config, weights))
         missing, unexpected = net.load_state_dict(weights, strict=False)
         # buffers the config fixes (SD3's sin-cos position table) are built with the network, not trained
         missing = [k for k in missing if k not in dict(net.named_buffers())]
@@ -185,6 +186,10 @@ class FlowBackbone(Backbone):
                 f"({len(missing)} missing, {len(unexpected)} unexpected keys, e.g. {(missing + unexpected)[:3]})"
             )
         return net
+
+    def generator_config(self, reference_config: dict, weights: dict[str, torch.Tensor]) -> dict:
+        """The generator's transformer config from the reference's (the same, unless a family says otherwise)."""
+        return reference_config
 
     def one_step_pipeline(self, reference_root: Path, net, vae):
         """The reference's pipeline with the generator's transformer; its FlowMatchEulerDiscreteScheduler takes one
