@@ -469,18 +469,22 @@ def communication_bytes(
     config: TrainConfig, p_unet: int, p_assistant: int, world_size: int, p_generator: int | None = None
 ) -> dict[str, float]:
     """Bytes each GPU receives per iteration. FSDP2 (ring collectives, (N−1)/N of the full size): every forward
-    all-gathers a UNet's bf16 parameters and its backward gathers them again (reshard after forward); a trainable
-    UNet's gradients are reduce-scattered in fp32. DDP all-reduces fp32 gradients (2 (N−1)/N of their size)."""
+    all-gathers a UNet's bf16 parameters and its backward gathers them again (reshard after forward); what trains
+    (a UNet, or LoRA adapters) has its gradients reduce-scattered in fp32. DDP all-reduces fp32 gradients
+    (2 (N−1)/N of their size)."""
     n, k = world_size, config.assistant_updates
     if n == 1 or config.parallel.strategy == "none":
         return {"generator update": 0.0, "assistant updates": 0.0, "total": 0.0}
     ring = (n - 1) / n
     if config.parallel.strategy == "fsdp":
-        gather, scatter = 2 * p_unet * ring, 4 * p_unet * ring
+        # a LoRA network gathers its bf16 base (its adapters are a rounding error) but scatters the adapters' grads
+        gather = 2 * p_unet * ring
+        scatter_g = 4 * (p_generator if p_generator is not None else p_unet) * ring
+        scatter_a = 4 * p_assistant * ring
         # generator: forward + backward gathers and its gradients; assistant and reference: gathered twice each
-        generator_update = 2 * gather + scatter + 2 * gather + 2 * gather
+        generator_update = 2 * gather + scatter_g + 2 * gather + 2 * gather
         # per assistant update: the generator's sample forward, the assistant's two gathers and its gradients
-        assistant_updates = k * (gather + 2 * gather + scatter)
+        assistant_updates = k * (gather + 2 * gather + scatter_a)
     else:  # what trains: a UNet, or LoRA adapters
         generator_update = 2 * ring * 4 * (p_generator if p_generator is not None else p_unet)
         assistant_updates = k * 2 * ring * 4 * p_assistant

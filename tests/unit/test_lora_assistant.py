@@ -161,8 +161,7 @@ def test_config_rules(tiny_sdxl):
     from distar.train.config import load_config
 
     base = ["data.prompts=gs://b/p", "model.assistant=lora"]
-    with pytest.raises(UserError, match="strategy 'none'"):
-        load_config("sdxl", base)
+    assert load_config("sdxl", base).parallel.strategy == "fsdp"  # FSDP2 shards the LoRA network as one
     with pytest.raises(UserError, match="assistant_init must be 'reference'"):
         load_config("sdxl", [*base, "parallel.strategy=none", "model.assistant_init=org/unet"])
     c = load_config("sdxl-1gpu", ["data.prompts=gs://b/p"])
@@ -198,8 +197,6 @@ def test_a_lora_generator_saves_its_fp32_weights_gradients_and_adamw_states():
     assert saved == pytest.approx(4 * 4 * (p_unet - p_lora) - 2 * p_unet, rel=1e-6)
     assert lora["gradients (one UNet)"] == pytest.approx(4 * p_lora)
     assert lora["peak_bytes"] < full["peak_bytes"]
-    with pytest.raises(UserError, match="model.generator='lora'"):
-        load_config("sdxl", ["data.prompts=gs://b/p", "model.generator=lora"])  # fsdp: not sharded yet
     with pytest.raises(UserError, match="model.generator_lora_rank must be at least 1"):
         load_config("sdxl-1gpu", ["data.prompts=gs://b/p", "model.generator=lora", "model.generator_lora_rank=0"])
 
@@ -214,3 +211,17 @@ def test_ddp_all_reduces_only_what_trains():
     assert full["generator update"] == pytest.approx(2 * 7 / 8 * 4 * 2_000)
     assert lora["generator update"] == pytest.approx(2 * 7 / 8 * 4 * 50)
     assert lora["assistant updates"] == full["assistant updates"] == pytest.approx(5 * 2 * 7 / 8 * 4 * 1_000)
+
+
+def test_fsdp_gathers_the_frozen_base_and_reduce_scatters_only_what_trains():
+    """Under FSDP2 a LoRA network all-gathers its bf16 base like a full one, but only its adapters' fp32 gradients
+    are reduce-scattered."""
+    from distar.plan import communication_bytes
+    from distar.train.config import load_config
+
+    c = load_config("sdxl", ["data.prompts=gs://b/p", "model.generator=lora", "model.assistant=lora"])
+    assert c.parallel.strategy == "fsdp"
+    p, p_g, p_a, k, ring = 2_000, 50, 30, c.assistant_updates, 7 / 8
+    lora = communication_bytes(c, p, p_a, world_size=8, p_generator=p_g)
+    assert lora["generator update"] == pytest.approx(ring * (6 * 2 * p + 4 * p_g))
+    assert lora["assistant updates"] == pytest.approx(k * ring * (3 * 2 * p + 4 * p_a))

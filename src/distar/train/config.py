@@ -419,6 +419,12 @@ class TrainConfig:
                 f"loss.sigma_density and loss.sigma_shift shape a flow family's σ draws; {m.backbone} draws its "
                 "timesteps uniformly from its table: leave them unset"
             )
+        if backbones.get(m.backbone).prediction == "flow" and self.loss.assistant_t_max > 990:
+            raise UserError(
+                f"loss.assistant_t_max={self.loss.assistant_t_max}: on a flow path the assistant's flow-matching "
+                "loss is read from its ε error, which vanishes as σ → 1 (weight 1/(1 − σ)²); keep it at most 990 "
+                "(the flow presets use 980)"
+            )
         if backbones.get(m.backbone).guidance == "embedded" and self.loss.cfg == "reward":
             raise UserError(
                 f'loss.cfg = "reward" (DI*-OUT) needs a reference with an unconditional branch; {m.backbone}\'s is '
@@ -493,12 +499,6 @@ class TrainConfig:
 
     def _validate_parallel(self) -> None:
         p = self.parallel
-        for network in ("assistant", "generator"):
-            if getattr(self.model, network) == "lora" and p.strategy == "fsdp":
-                raise UserError(
-                    f"model.{network}='lora' runs with parallel.strategy 'none' (one GPU) or 'ddp': a LoRA UNet mixes "
-                    "frozen bf16 and trainable fp32 parameters, which distar does not shard yet"
-                )
         if p.bf16_weight_copies and (p.mixed_precision != "bf16" or p.strategy == "fsdp"):
             raise UserError(
                 "parallel.bf16_weight_copies replaces bf16 autocast's casts without FSDP: set "

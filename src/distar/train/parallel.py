@@ -17,7 +17,7 @@ import math
 import torch
 import torch.utils.checkpoint
 from torch import nn
-from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import ActivationWrapper, checkpoint_wrapper
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.nn.parallel import DistributedDataParallel
@@ -50,23 +50,16 @@ def apply_activation_checkpointing(backbone: Backbone, net: nn.Module) -> nn.Mod
     return net
 
 
-class AdapterStateCheckpoint(nn.Module):
+class AdapterStateCheckpoint(ActivationWrapper):
     """Activation checkpointing of one block of a network whose LoRA adapters are switched per forward (the shared
     reference / assistant network): the recompute in the backward pass runs with the adapters as they were in the
-    forward, whichever of the two ran last. The block sits where checkpoint_wrapper puts it, so parameter names
-    are the same (`param_name`)."""
+    forward, whichever of the two ran last. torch's wrapper base puts the block where checkpoint_wrapper does and
+    strips its prefix from parameter and state-dict names, so checkpoints read as the plain network's."""
 
     def __init__(self, block: nn.Module, state: shared.SharedBase):
-        super().__init__()
-        self._checkpoint_wrapped_module = block
+        super().__init__(block)
         self.state = state  # the owning network's adapter state (not a submodule)
         self.layers = shared.tuner_layers(block)
-
-    def __getattr__(self, name: str):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:  # the UNet reads its blocks' attributes (resnets, has_cross_attention): the block's
-            return getattr(self._checkpoint_wrapped_module, name)
 
     def forward(self, *args, **kwargs):
         on = self.state.adapters_on
@@ -94,7 +87,9 @@ def shard(
     backbone: Backbone, net: nn.Module, device_mesh: DeviceMesh, mixed_precision: str, trainable: bool
 ) -> nn.Module:
     """fully_shard per block, then the root. Trainable UNets keep fp32 master weights and compute in bf16 when
-    mixed_precision is bf16 (gradients reduced in fp32); a frozen UNet computes in its own dtype."""
+    mixed_precision is bf16 (gradients reduced in fp32); a frozen UNet computes in its own dtype. A LoRA network
+    (a frozen base in the reference's dtype, fp32 adapters) shards as one: FSDP2 asks one dtype of the weights that
+    train, not of the frozen ones, and all-gathers mixed dtypes as bytes."""
     policy = MixedPrecisionPolicy()
     if trainable and mixed_precision == "bf16":
         policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
@@ -126,8 +121,11 @@ def parallelize(nets, config, world):
     if config.strategy == "fsdp":
         device_mesh = mesh(world.size, world.device)
         shard(backbone, nets.generator.unet, device_mesh, config.mixed_precision, trainable=True)
+        # a LoRA assistant is adapters on the reference's network: that one network is sharded once, as trainable
+        # (its frozen base keeps its own dtype, the fp32 adapters compute in bf16 and reduce in fp32)
         shard(backbone, nets.assistant.unet, device_mesh, config.mixed_precision, trainable=True)
-        shard(backbone, nets.reference.unet, device_mesh, config.mixed_precision, trainable=False)
+        if nets.reference.unet is not nets.assistant.unet:
+            shard(backbone, nets.reference.unet, device_mesh, config.mixed_precision, trainable=False)
     elif config.strategy == "ddp":
         generator_train, assistant_train = (
             replicate(nets.generator, world.device),
