@@ -49,6 +49,10 @@ class Schedule(Protocol):
         """The time argument the denoising network takes for t."""
         ...
 
+    def matching_weight(self, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """λ(t) per sample of the assistant's ε-unit loss: the family's own denoising loss (METHOD.md §5, §9)."""
+        ...
+
 
 def values_on_host(t: torch.Tensor) -> bool:
     """Whether a value check may read `t`: only on the CPU, where a read costs no sync. On an accelerator a read
@@ -92,6 +96,11 @@ class _Conversions:
     def kernel_score(self, eps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """∇_{x_t} log p(x_t | x0) = −ε / σ_t, the forward kernel's conditional score."""
         return -eps / self.sigma(t, eps)
+
+    def matching_weight(self, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """λ(t) per sample (shape (B,)) that turns the assistant's ε-unit denoising loss ‖ε̂ − ε‖² into the loss the
+        family's networks are trained with: 1 here (VP models learn ε)."""
+        return torch.ones_like(self.sigma(t, like).reshape(-1))
 
 
 class VPSchedule(_Conversions):
@@ -278,6 +287,11 @@ class FlowSchedule(_Conversions):
         """x̂0 = x_σ − σ·v̂."""
         _same_shape(x_t, "x_t", v_hat, "v_hat")
         return x_t - self.sigma(t, x_t) * v_hat
+
+    def matching_weight(self, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """1 / (1 − σ)² per sample: ε̂ − ε = (1 − σ)·(v̂ − (ε − x0)), so the weighted ε loss is the flow-matching
+        loss ‖v̂ − (ε − x0)‖², uniform over σ, as flow models are trained (σ < 1: the assistant's t_max < 1000)."""
+        return self.a(t, like).reshape(-1).pow(-2)
 
     def one_step_x0(self, z: torch.Tensor, v_hat: torch.Tensor, t_star: float | torch.Tensor = 1.0) -> torch.Tensor:
         """The one-step generator map: noise z read as x_{σ*}, x0 = z − σ*·v̂_θ(z, σ*, c); at σ* = 1 (the default,

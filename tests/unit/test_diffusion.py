@@ -141,6 +141,26 @@ def test_flow_path_velocity_conversions_by_hand():
     assert s.model_time(torch.tensor([0.25])).item() == 250.0 and FlowSchedule(time_scale=1).model_time(t)[1] == 0.5
 
 
+def test_the_assistant_loss_on_the_flow_path_is_the_flow_matching_loss():
+    """With the flow path's λ(σ) = 1/(1 − σ)², the assistant's ε-unit loss of a velocity prediction v̂ equals
+    mean ‖v̂ − (ε − x0)‖² by hand (float32, the trainer's dtype); on the VP path λ = 1 (its ε loss as it is)."""
+    from distar.diffusion import FlowSchedule, VPSchedule
+    from distar.losses import assistant_loss
+
+    s = FlowSchedule()
+    g = torch.Generator().manual_seed(1)
+    x0, eps, v_hat = torch.randn(3, 4, 16, 8, 8, generator=g)
+    t = torch.tensor([0.02, 0.3, 0.7, 0.98])
+    x_t = s.add_noise(x0, eps, t)
+    eps_hat = s.velocity_to_eps(x_t, v_hat, t)
+    by_hand = (v_hat - (eps - x0)).pow(2).mean()
+    torch.testing.assert_close(assistant_loss(eps_hat, eps, s.matching_weight(t, eps)), by_hand, rtol=1e-4, atol=0)
+    unweighted = assistant_loss(eps_hat, eps)
+    assert unweighted < 0.5 * by_hand  # the ε loss alone down-weights large σ by (1 − σ)²
+    vp = VPSchedule.scaled_linear(1000, 0.00085, 0.012)
+    assert torch.equal(vp.matching_weight(torch.tensor([0, 500, 999]), eps[:3]), torch.ones(3))
+
+
 def test_flow_path_and_shift_agree_with_diffusers_flow_match_scheduler():
     from diffusers import FlowMatchEulerDiscreteScheduler
 

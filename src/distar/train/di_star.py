@@ -115,7 +115,8 @@ class DIStar:
             x_t = self.schedule.add_noise(x0.float(), eps, t)
             last = micro == d.grad_accum - 1
             with parallel.gradient_sync(self.nets.assistant_train, last), self.autocast:
-                loss = assistant_loss(self.nets.assistant_train(x_t, t, cond).float(), eps)
+                eps_hat = self.nets.assistant_train(x_t, t, cond).float()
+                loss = assistant_loss(eps_hat, eps, self.schedule.matching_weight(t, eps))
                 (loss / d.grad_accum).backward()
             total += loss.detach() / d.grad_accum
         return {"loss/assistant": total}
