@@ -113,6 +113,10 @@ def compare(
     for role, uri in (("initial", initial), ("reference", reference)):
         if uri:
             baselines[role] = (str(uri), load_metrics(uri))
+    # the paper's tables are SDXL's: beside another family's numbers they would read as a like-for-like comparison
+    families = sorted({r.get("backbone", "sdxl") for _, r in [*loaded.values(), *baselines.values()]})
+    if families != ["sdxl"]:
+        paper = {}
     first_name, (_, first) = next(iter(loaded.items()))
     mismatches = {}
     for name, (_, report) in list(loaded.items())[1:] + list(baselines.items()):
@@ -157,7 +161,10 @@ def compare(
             role: {"evaluation": uri, "model": r["model"], "ours": r["results"]["model"]}
             for role, (uri, r) in baselines.items()
         },
-        "paper_baselines": {INITIAL_ROW: PAPER_ABLATION[INITIAL_ROW], "SDXL (50 steps)": PAPER["SDXL (50 steps)"]},
+        "backbones": families,
+        "paper_baselines": {INITIAL_ROW: PAPER_ABLATION[INITIAL_ROW], "SDXL (50 steps)": PAPER["SDXL (50 steps)"]}
+        if paper
+        else {},
     }
     storage.check_output("--out", out)
     fs, path = storage.filesystem(out)
@@ -184,9 +191,11 @@ def markdown_table(result: dict) -> str:
     for role, label in BASELINE_ROWS:
         if role in result["baselines"]:
             ours = result["baselines"][role]["ours"]
-            cells = [f"{_fmt(ours.get(m))} ({_fmt(PAPER_ROWS[label].get(m))})" for m in metrics]
+            known = PAPER_ROWS[label] if label in result["paper_baselines"] else {}
+            cells = [f"{_fmt(ours.get(m))} ({_fmt(known.get(m))})" for m in metrics]
             model = model_label(result["baselines"][role]["model"])
-            lines.append(f"| {role}: {model} (paper row: {label}) | " + " | ".join(cells) + " | |")
+            row = f" (paper row: {label})" if known else ""
+            lines.append(f"| {role}: {model}{row} | " + " | ".join(cells) + " | |")
     for row in result["rows"]:
         cells = [
             f"{_fmt(row['ours'].get(m))} ({_fmt(row['paper'].get(m))}) {_signed(row, m)}".rstrip() for m in metrics
@@ -194,7 +203,9 @@ def markdown_table(result: dict) -> str:
         guard = f"breached at {row['guard_breached_at']}" if row["guard_breached_at"] else ""
         lines.append(f"| {row['variant']} | " + " | ".join(cells) + f" | {guard} |")
     sources = sorted({row["paper_source"] for row in result["rows"] if row.get("paper_source")})
-    notes = [f"\nPaper values (in parentheses): {s}." for s in sources]
+    notes = [f"\nPaper values (in parentheses): {s}." for s in sources] + [
+        f"\n{line}" for line in [_no_paper_note(result)] if line
+    ]
     return "\n".join(lines) + "\n" + "\n".join(notes) + ("\n" if notes else "")
 
 
@@ -206,6 +217,14 @@ def _signed(row: dict, metric: str) -> str:
 
 def _thumbnail(uri: str, side: int = 160) -> str:
     return thumbnail(*storage.filesystem(uri), side=side)
+
+
+def _no_paper_note(result: dict) -> str:
+    families = [f for f in result.get("backbones", ["sdxl"]) if f != "sdxl"]
+    if not families:
+        return ""
+    return (f"No paper values: the paper's tables are SDXL's, and these models include {', '.join(families)}; "
+            "compare the rows with each other and with their own baselines.")  # fmt: skip
 
 
 def render(result: dict, loaded: dict, baselines: dict, images: int) -> str:
@@ -222,13 +241,11 @@ def render(result: dict, loaded: dict, baselines: dict, images: int) -> str:
     for role, label in BASELINE_ROWS:
         if role in result["baselines"]:
             ours = result["baselines"][role]["ours"]
-            cells = "".join(
-                f"<td>{_fmt(ours.get(m))}</td><td>{_fmt(PAPER_ROWS[label].get(m))}</td><td></td>" for m in metrics
-            )
+            known = PAPER_ROWS[label] if label in result["paper_baselines"] else {}
+            cells = "".join(f"<td>{_fmt(ours.get(m))}</td><td>{_fmt(known.get(m))}</td><td></td>" for m in metrics)
             model = model_label(result["baselines"][role]["model"])
-            body.append(
-                f"<tr class='baseline'><td>{e(role)}: {e(model)} (paper row: {e(label)})</td>{cells}<td></td></tr>"
-            )
+            row = f" (paper row: {e(label)})" if known else ""
+            body.append(f"<tr class='baseline'><td>{e(role)}: {e(model)}{row}</td>{cells}<td></td></tr>")
     for row in result["rows"]:
         cells = "".join(
             f"<td>{_fmt(row['ours'].get(m))}</td><td>{_fmt(row['paper'].get(m))}</td><td>{_signed(row, m)}</td>"
@@ -262,6 +279,7 @@ def render(result: dict, loaded: dict, baselines: dict, images: int) -> str:
             f"<p>Paper values: {e(src)}.</p>"
             for src in sorted({row["paper_source"] for row in result["rows"] if row.get("paper_source")})
         ),
+        "".join(f"<p>{e(line)}</p>" for line in [_no_paper_note(result)] if line),
         "<h2>The same prompts across variants</h2>",
     ]
     columns = [(f"{role}", uri, r) for role, (uri, r) in baselines.items()] + [

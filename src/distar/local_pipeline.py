@@ -77,15 +77,21 @@ PIPELINES = ("sdxl", "ablation")
 TINY_VARIANTS = ("score-rew100", "kl-rew100")
 
 
-def tiny_ablation_arguments() -> dict:
+def tiny_ablation_arguments(preset: str = "tiny") -> dict:
+    """The ablation's local grid on a tiny family. Its baselines: the initial generator (SDXL: DMD2's raw UNet in
+    the reference's pipeline; SD3: the reference itself in one step, the sd3 presets' start; FLUX: the schnell
+    pipeline in one step) and the reference in 2 steps."""
     from distar.compare import TABLE3
 
     variants = [{k: v[k] for k in ("name", "overrides", "paper")} for v in TABLE3 if v["name"] in TINY_VARIANTS]
+    initial, reference = {"tiny-sd3": (SD35M, SD35M), "tiny-flux": (FLUX_SCHNELL, FLUX_DEV)}.get(
+        preset, (f"unet:{DMD2}", SDXL)
+    )
     return {
-        **tiny_arguments(),
+        **tiny_arguments(preset),
         "variants": variants,
-        "initial": f"unet:{DMD2}",
-        "reference": SDXL,
+        "initial": initial,
+        "reference": reference,
         "reference_steps": "reference:2",
     }
 
@@ -119,11 +125,9 @@ def run_local(
 
     if preset not in PRESETS:
         raise UserError(f"--preset {preset!r}: choose one of {', '.join(PRESETS)}")
-    if pipeline != "sdxl" and preset not in ("tiny", "sdxl"):
-        raise UserError(f"--pipeline {pipeline} runs the SDXL grid: --preset tiny (or sdxl)")
     module = pipeline_module(pipeline)
     is_tiny = preset.startswith("tiny")
-    arguments = (tiny_arguments(preset) if pipeline == "sdxl" else tiny_ablation_arguments()) if is_tiny else {}
+    arguments = (tiny_arguments(preset) if pipeline == "sdxl" else tiny_ablation_arguments(preset)) if is_tiny else {}
     arguments.update(overrides or {})
     if is_tiny:
         tiny_preset.materialize()

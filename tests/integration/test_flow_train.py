@@ -153,8 +153,21 @@ def test_export_loads_in_stock_diffusers_and_its_one_step_is_the_generator(train
     config = EvaluateConfig(str(exported), str(tmp_path / "eval"), prompts=str(PARTI), rewards=rewards, sources=sources)
     out = evaluate(replace(config, max_prompts=2))
     assert set(out["results"]) == {"model", "ema"} and out["results"]["model"]["images"] == 2
-    report = compare([str(tmp_path / "eval")], str(tmp_path / "comparison"))
-    assert (tmp_path / "comparison" / "comparison.json").is_file() and report
+    assert out["backbone"] == "sd3" and out["protocol"]["t_star"] == 1000
+    # the baselines of an SD3 ablation: the reference pipeline in one step (the preset's start: no distar.json,
+    # its family read from model_index.json) and the reference in 2 steps, both under the export's protocol
+    baselines = {}
+    for role, model in (("initial", tiny("tiny:sd3")), ("reference", "reference:2")):
+        baselines[role] = str(tmp_path / role)
+        b = evaluate(replace(config, model=model, out=baselines[role], reference=tiny("tiny:sd3"), ema=False,
+                             max_prompts=2, label=role))  # fmt: skip
+        assert b["backbone"] == "sd3" and b["protocol"]["t_star"] == 1000
+    report = compare([str(tmp_path / "eval")], str(tmp_path / "comparison"), **baselines)
+    assert report["backbones"] == ["sd3"] and not report["protocol_mismatches"]
+    # the paper's numbers are SDXL's: none stands beside an SD3 row
+    assert report["paper_baselines"] == {} and all(not r["paper"] for r in report["rows"])
+    table = (tmp_path / "comparison" / "comparison.md").read_text()
+    assert "paper row" not in table and "No paper values" in table
 
 
 def test_flux_trains_from_a_schnell_start_under_a_dev_reference_exports_and_evaluates(trained_flux, tmp_path):

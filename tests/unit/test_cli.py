@@ -141,7 +141,7 @@ def test_run_local_stands_the_tiny_flow_families_in_for_the_real_ids(preset, bac
     """run-local's tiny flow presets: the cache step maps the real hub ids to the family's tiny sources, and the
     train step's overrides name those ids, so the pipeline runs as it would on a cluster."""
     from distar.errors import UserError
-    from distar.local_pipeline import run_local, tiny_arguments
+    from distar.local_pipeline import run_local, tiny_ablation_arguments, tiny_arguments
     from distar.train.config import load_config
 
     args = tiny_arguments(preset)
@@ -153,3 +153,8 @@ def test_run_local_stands_the_tiny_flow_families_in_for_the_real_ids(preset, bac
         assert cached[config.model.generator_init] == f"{reference}-schnell"
     with pytest.raises(UserError, match="--preset 'tiny-sdxl': choose one of tiny, tiny-sd3, tiny-flux, sdxl"):
         run_local("tiny-sdxl", "unused")
+    # the ablation grid on the family: its baselines are the family's start and reference, from the cache
+    ablation = tiny_ablation_arguments(preset)
+    assert ablation["preset"] == preset and ablation["reference"] == config.model.reference
+    start = config.model.reference if config.model.generator_init == "reference" else config.model.generator_init
+    assert ablation["initial"] == start and start in cached

@@ -33,6 +33,12 @@ def get(name: str) -> Backbone:
     return getattr(importlib.import_module(module), cls)()
 
 
+def of_pipeline(class_name: str | None) -> str | None:
+    """The family whose diffusers pipeline class is `class_name` (a model_index.json's `_class_name`): how a
+    reference pipeline, which has no distar.json, says what it is. None when no family's pipeline is that class."""
+    return next((name for name in NAMES if get(name).pipeline_name == class_name), None)
+
+
 __all__ = [
     "DEFAULT",
     "NAMES",
@@ -44,4 +50,5 @@ __all__ = [
     "Reference",
     "Schedule",
     "get",
+    "of_pipeline",
 ]

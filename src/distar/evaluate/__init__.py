@@ -41,7 +41,7 @@ from distar.evaluate.protocol import (
     protocol_digest,
 )
 from distar.evaluate.report import render_report
-from distar.evaluate.sampler import Sampler, recorded, recorded_t_star
+from distar.evaluate.sampler import Sampler, recorded, recorded_backbone, recorded_t_star
 from distar.prompts import HPS_STYLES
 from distar.rewards import PAPER_SCALE  # the one unit of each reward, shared with training
 from distar.stop import Preempted, StopSignals
@@ -319,6 +319,7 @@ def evaluate(config: EvaluateConfig, read: tuple[list[Prompt], dict] | None = No
         else {"metrics": config.compare_to, "model": compared.get("model"), "protocol_mismatch": mismatch},
         "results": results,
         "runs": runs,
+        "backbone": recorded_backbone(config.model, config.cache_dir, config.reference),
         "paper": PAPER,
         "protocol": proto,
         "protocol_digest": protocol_digest(proto),
@@ -343,7 +344,7 @@ def _with_t_star(config: EvaluateConfig) -> EvaluateConfig:
     """The config with t* filled in from the model where it was left to it."""
     if config.t_star is not None:
         return config
-    return replace(config, t_star=recorded_t_star(config.model, config.cache_dir))
+    return replace(config, t_star=recorded_t_star(config.model, config.cache_dir, config.reference))
 
 
 def _read_protocol(config: EvaluateConfig) -> tuple[list[Prompt], dict]:

@@ -76,10 +76,15 @@ def sampled_files(backbone, ema: bool = False) -> list[str]:
     return ["model_index.json", "distar.json", *(f"{part}/*" for part in parts)]
 
 
-def _parse_record(text: bytes | str | None, where: str) -> dict:
-    """An exported pipeline's distar.json ({} where there is none: a reference, or an export from before it)."""
+def _parse_record(text: bytes | str | None, where: str, model_index: bytes | str | None = None) -> dict:
+    """An exported pipeline's distar.json; where there is none (a reference, or an export from before it), the
+    family its model_index.json names ({"backbone": "sd3"} for a StableDiffusion3Pipeline), else {}."""
     if text is None:
-        return {}
+        try:
+            family = backbones.of_pipeline(json.loads(model_index).get("_class_name")) if model_index else None
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+            family = None  # the pipeline's own loader names what is wrong with it
+        return {"backbone": family} if family else {}
     try:
         record = json.loads(text)
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
@@ -93,8 +98,10 @@ def _parse_record(text: bytes | str | None, where: str) -> dict:
 
 
 def _recorded_in(root: Path) -> dict:
-    meta = root / "distar.json"
-    return _parse_record(meta.read_bytes() if meta.is_file() else None, str(meta))
+    meta, index = root / "distar.json", root / "model_index.json"
+    return _parse_record(
+        meta.read_bytes() if meta.is_file() else None, str(meta), index.read_bytes() if index.is_file() else None
+    )
 
 
 def recorded(model: str, cache_dir: str | None = None) -> dict:
@@ -105,15 +112,31 @@ def recorded(model: str, cache_dir: str | None = None) -> dict:
         return {}
     if parsed.kind == "uri" and not Path(model.removeprefix("file://")).is_dir():
         fs, path = storage.filesystem(model)
-        where = f"{path.rstrip('/')}/distar.json"
-        return _parse_record(fs.cat_file(where) if fs.exists(where) else None, f"{model.rstrip('/')}/distar.json")
-    return _recorded_in(sources.resolve_dir(model, cache_dir=cache_dir, allow_patterns=["distar.json"]))
+        where, index = (f"{path.rstrip('/')}/{name}" for name in ("distar.json", "model_index.json"))
+        text = fs.cat_file(where) if fs.exists(where) else None
+        model_index = fs.cat_file(index) if text is None and fs.exists(index) else None
+        return _parse_record(text, f"{model.rstrip('/')}/distar.json", model_index)
+    return _recorded_in(
+        sources.resolve_dir(model, cache_dir=cache_dir, allow_patterns=["distar.json", "model_index.json"])
+    )
 
 
-def recorded_t_star(model: str, cache_dir: str | None = None):
-    """t* of an exported pipeline, as its distar.json records it; else its backbone's default (the default
-    backbone's for `unet:`, `reference:N` and a pipeline without the record)."""
-    record = recorded(model, cache_dir)
+def _record_of(model: str, cache_dir: str | None, reference: str | None) -> dict:
+    """`recorded` of the pipeline that samples `model`: `unet:` and `reference:N` are sampled in `reference`."""
+    kind = sources.parse(model, evaluate_forms=True).kind
+    return recorded(reference if kind in ("unet", "reference") and reference else model, cache_dir)
+
+
+def recorded_t_star(model: str, cache_dir: str | None = None, reference: str | None = None):
+    """t* of an exported pipeline, as its distar.json records it; else its backbone's default (a pipeline without
+    the record: the family of its pipeline class; `unet:` and `reference:N`: that of `reference`, the pipeline they
+    sample, so every row of one family's comparison shares one protocol)."""
+    record = _record_of(model, cache_dir, reference)
     if record.get("t_star") is not None:
         return record["t_star"]
     return backbones.get(record.get("backbone", backbones.DEFAULT)).default_t_star
+
+
+def recorded_backbone(model: str, cache_dir: str | None = None, reference: str | None = None) -> str:
+    """The family of the model an evaluation samples (as `recorded_t_star` finds it)."""
+    return _record_of(model, cache_dir, reference).get("backbone", backbones.DEFAULT)
