@@ -212,6 +212,9 @@ def plan(config: TrainConfig, world_size: int, arch: Architecture | str = "sdxl"
     bf16 = config.parallel.mixed_precision == "bf16"
     lora = config.model.assistant == "lora"
     targets = arch.family.lora_targets
+    online = text_encoders or not arch.family.embedding_columns
+    encoder_bytes = parse_dtype(config.model.text_encoder_dtype).itemsize * arch.family.text_encoder_parameters
+    encoder_bytes = encoder_bytes if online else 0
     p_assistant = lora_parameters(nets["reference_unet"], config.model.assistant_lora_rank, targets) if lora else p_unet
     lora_g = config.model.generator == "lora"
     p_generator = (
@@ -229,10 +232,9 @@ def plan(config: TrainConfig, world_size: int, arch: Architecture | str = "sdxl"
         "weights: reward": rew_b * p_reward,
         f"optimizer: AdamW states, {trained if lora or lora_g else 'both UNets'} (fp32)": adamw,
         "EMA of the generator (fp32)": 4 * p_generator / shard if config.ema_decay > 0 else 0,
-        # online encoding where the family has no precomputed embeddings (the flow families: T5-XXL's 4.76 B)
-        "text encoders": parse_dtype(config.model.text_encoder_dtype).itemsize * arch.family.text_encoder_parameters
-        if text_encoders or not arch.family.embedding_columns
-        else 0,
+        # online encoding where the family has no precomputed embeddings (the flow families: T5-XXL's 4.76 B);
+        # offloaded, they are on the GPU only in the encoding phase below
+        "text encoders": encoder_bytes if not config.model.text_encoder_offload else 0,
     }
     grads = 4 * max(p_generator, p_assistant) / shard  # and multi-tensor AdamW's temporaries of the same size
     in_flight = 0.0
@@ -270,6 +272,9 @@ def plan(config: TrainConfig, world_size: int, arch: Architecture | str = "sdxl"
         + in_flight,
         "optimizer step": grads + (0 if _fused(config) else grads),
     }
+    if config.model.text_encoder_offload and encoder_bytes:
+        # their GPU copy while one batch is encoded (the encoders' activations are small beside their weights)
+        phases["text encoding (encoders offloaded between steps)"] = encoder_bytes
     peak_phase = max(phases, key=phases.get)
     return {
         "world_size": world_size,

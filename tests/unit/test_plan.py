@@ -198,3 +198,20 @@ def test_plan_of_the_flow_presets_counts_their_published_transformers(preset, gp
     family = backbones.get(config.model.backbone)
     assert result["static"]["text encoders"] == 2 * family.text_encoder_parameters  # bf16
     assert family.text_encoder_parameters > 4_762_310_656
+
+
+def test_offloaded_text_encoders_take_gpu_memory_only_while_a_batch_is_encoded():
+    """model.text_encoder_offload: the encoders leave the static items, and their bf16 weights become a phase of
+    their own (the encode), which on SD3.5-Medium is far below the generator update's."""
+    from distar import backbones
+    from distar.models.architectures import default_architecture
+
+    config = load_config("sd35m", ["data.prompts=unused"])
+    arch = default_architecture(config.model.backbone, config.model.reference)
+    resident = plan(config, 1, arch)
+    offloaded = plan(load_config("sd35m", ["data.prompts=unused", "model.text_encoder_offload=true"]), 1, arch)
+    encoders = 2 * backbones.get("sd3").text_encoder_parameters
+    assert resident["static"]["text encoders"] == encoders and offloaded["static"]["text encoders"] == 0
+    assert offloaded["phases"]["text encoding (encoders offloaded between steps)"] == encoders
+    assert offloaded["peak_phase"] == resident["peak_phase"]
+    assert resident["peak_bytes"] - offloaded["peak_bytes"] == encoders

@@ -62,6 +62,31 @@ class Networks:
             param.requires_grad_(not frozen)
 
 
+class OffloadedPromptEncoder:
+    """Text encoders whose weights live in host memory (pinned, for a fast copy) and come to `device` only while a
+    batch is encoded (model.text_encoder_offload). Going back costs nothing: the weights are frozen, so their GPU
+    copies are dropped, not copied back."""
+
+    def __init__(self, encoder: nn.Module, device):
+        import torch
+
+        self.encoder, self.device = encoder, torch.device(device)
+        self.host = [t for t in (*encoder.parameters(), *encoder.buffers())]
+        if self.device.type == "cuda":
+            for t in self.host:
+                t.data = t.data.pin_memory()
+        self.host_data = [t.data for t in self.host]
+
+    def encode(self, prompts, height: int, width: int):
+        for t, data in zip(self.host, self.host_data, strict=True):
+            t.data = data.to(self.device, non_blocking=True, copy=True)  # a copy even where device is the host
+        try:
+            return self.encoder.encode(prompts, height, width)
+        finally:
+            for t, data in zip(self.host, self.host_data, strict=True):
+                t.data = data
+
+
 def check_resolution(resolution: int, vae_factor: int, latent_multiple: int = 8) -> None:
     """Latents of resolution / vae_factor pixels must divide as the denoiser needs (`Backbone.latent_multiple`:
     SDXL's UNet halves them three times, a transformer's patches take 2)."""
@@ -130,7 +155,11 @@ def assemble(
         )
     else:
         assistant = Assistant(assistant_unet.float(), backbone=backbone).to(world.device)
-    if prompt_encoder is not None:
+    if prompt_encoder is not None and m.text_encoder_offload:
+        prompt_encoder = OffloadedPromptEncoder(
+            prompt_encoder.to("cpu", parse_dtype(m.text_encoder_dtype)), world.device
+        )
+    elif prompt_encoder is not None:
         prompt_encoder.to(world.device, parse_dtype(m.text_encoder_dtype))
     vae = vae.to(world.device, parse_dtype(m.vae_dtype)).requires_grad_(False).eval()
     if m.vae_fp32_norms:
