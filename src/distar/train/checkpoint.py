@@ -107,7 +107,8 @@ class SafeLoadPlanner(DefaultLoadPlanner):
 
 class ModelState(Stateful):
     """A network's weights as DCP shards them (FSDP2 DTensors or plain tensors). `trainable_only`: only the
-    weights that train (a LoRA assistant's adapters: the frozen base is the reference, loaded from its source)."""
+    weights that train (a LoRA network's adapters: the frozen base, its buffers included, is loaded from its
+    source; SD3.5-Medium's position table alone is 0.9 GB)."""
 
     def __init__(self, module: nn.Module, trainable_only: bool = False):
         self.module, self.trainable_only = module, trainable_only
@@ -120,7 +121,11 @@ class ModelState(Stateful):
     def state_dict(self) -> dict:
         from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
-        return get_model_state_dict(self.module, options=self._options())
+        state = get_model_state_dict(self.module, options=self._options())
+        if self.trainable_only:  # torch keeps buffers beside the trained weights; these are the frozen base's
+            buffers = {name.replace("_checkpoint_wrapped_module.", "") for name, _ in self.module.named_buffers()}
+            state = {k: v for k, v in state.items() if k not in buffers}
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         from torch.distributed.checkpoint.state_dict import set_model_state_dict
