@@ -38,7 +38,8 @@ def _lab(args: argparse.Namespace) -> None:
 
     variants = [v for v in (args.variants or "").split(",") if v]
     lab = run_lab(
-        LabConfig.make(args.out, quick=args.quick, variants=variants), log=lambda line: print(line, flush=True)
+        LabConfig.make(args.out, quick=args.quick, variants=variants, family=args.family),
+        log=lambda line: print(line, flush=True),
     )
     print(f"lab: {len(lab['variants'])} variants in {lab['seconds']:.0f} s; wrote {args.out}/lab.json, "
           f"{args.out}/pareto.png and {args.out}/comparison/report.html")  # fmt: skip
@@ -337,6 +338,10 @@ def _add_lab(p: argparse.ArgumentParser) -> None:
     p.add_argument("dataset", choices=["digits"], help="the real data: scikit-learn's handwritten digits")
     p.add_argument("--out", default="runs/lab", help="output directory (lab.json, pareto.png, comparison/, stages/)")
     p.add_argument("--quick", action="store_true", help="short stages and three variants (what CI runs)")
+    p.add_argument(
+        "--family", default="sdxl", choices=["sdxl", "sd3"],
+        help="the models' family: sdxl (ε on the VP schedule, the paper's) or sd3 (rectified flow, velocity)",
+    )  # fmt: skip
     p.add_argument(
         "--variants", default=None,
         help="comma-separated rows of distar.compare.TABLE3 (NAME@conditional: the other α_cfg reading); "

@@ -40,6 +40,17 @@ DIGITS_LICENCE = "UCI ML hand-written digits (Alpaydin & Kaynak), as shipped by 
 SIDE = 16
 """Pixels per side the lab's models read (the data's 8×8, upsampled)."""
 TEMPLATE = "a handwritten digit {word}"
+FAMILIES = {"sdxl": "tiny", "sd3": "tiny-sd3"}
+"""The lab's families and the tiny preset each one's runs start from."""
+LAB_T5_TOKENS = 32
+"""T5 tokens of the flow lab's prompts ("a handwritten digit seven" is 25 characters of the character tokenizer)."""
+LAB_TRANSFORMER = dict(
+    sample_size=8, patch_size=2, in_channels=16, out_channels=16, num_layers=3, attention_head_dim=32,
+    num_attention_heads=4, joint_attention_dim=64, caption_projection_dim=128, pooled_projection_dim=64,
+    pos_embed_max_size=16,
+)  # fmt: skip
+"""The flow lab's MMDiT: 1.70 M parameters, the size of the VP lab's UNet (1.03 M), where the test family's tiny one
+(25 k) cannot learn the digits; the text widths are the tiny SD3 encoders'."""
 REWARD_WEIGHT = 0.01
 """The digits reward's weight inside r: α_rew = 100 then makes α_rew·r = log p, the reward in its own unit, as the
 paper's α_rew = 100 on PickScore's cosine makes it 100 · cos."""
@@ -65,6 +76,9 @@ class LabConfig:
     """What `variant_grid` takes: rows of compare.TABLE3, NAME@conditional, NAME+key=value (empty: its default)."""
     init_alpha_cfg: float = 3.0
     """The reference's CFG when distilling the init (the lab's DMD2)."""
+    family: str = "sdxl"
+    """The model family of every network: "sdxl" (ε-prediction on the VP schedule, the paper's) or "sd3" (the
+    rectified flow, velocity prediction, SD3's layout): the same data, rewards and grid for both."""
 
     @classmethod
     def make(cls, out: str, quick: bool = False, **kw) -> LabConfig:
@@ -74,7 +88,10 @@ class LabConfig:
                 "init_assistant_updates": 1, "variant_steps": 20, "images_per_digit": 10, **kw,
                 "variants": kw.get("variants") or ["kl-rew100", "score-cfg", "score-rew100"],
             }  # fmt: skip
-        return cls(out=out, quick=quick, **kw)
+        config = cls(out=out, quick=quick, **kw)
+        if config.family not in FAMILIES:
+            raise UserError(f"--family {config.family!r}: choose one of {', '.join(FAMILIES)}")
+        return config
 
 
 # -- the data ------------------------------------------------------------------------------------------
@@ -193,13 +210,21 @@ def _batches(n: int, batch: int, steps: int, seed: int):
         yield torch.randint(n, (batch,), generator=g)
 
 
-def train_autoencoder(out: Path, images: torch.Tensor, steps: int, seed: int) -> dict:
+def _vae_config(family: str) -> dict:
+    if family == "sd3":
+        from distar.backbones.sd3 import TINY_VAE_CONFIG
+    else:
+        from distar.backbones.sdxl import TINY_VAE_CONFIG
+    return {**TINY_VAE_CONFIG, "sample_size": SIDE}
+
+
+def train_autoencoder(out: Path, images: torch.Tensor, steps: int, seed: int, family: str = "sdxl") -> dict:
+    """The family's tiny AutoencoderKL trained on the digits; its scaling (and, where the family's VAE has one, its
+    shift: SD3's) set so the networks' latents have zero mean and unit variance, as the real VAEs' are chosen."""
     from diffusers import AutoencoderKL
 
-    from distar.backbones.sdxl import TINY_VAE_CONFIG
-
     torch.manual_seed(seed)
-    vae = AutoencoderKL(**{**TINY_VAE_CONFIG, "sample_size": SIDE})
+    vae = AutoencoderKL(**_vae_config(family))
     opt = torch.optim.Adam(vae.parameters(), lr=1e-3)
     x_all = rgb(images) * 2 - 1
     for idx in _batches(len(images), 64, steps, seed):
@@ -212,14 +237,23 @@ def train_autoencoder(out: Path, images: torch.Tensor, steps: int, seed: int) ->
         opt.step()
     with torch.no_grad():
         post = vae.encode(x_all).latent_dist
-        scale = float(1.0 / post.mean.std())
+        shift = float(post.mean.mean()) if "shift_factor" in vae.config else 0.0
+        scale = float(1.0 / (post.mean - shift).std())
         mse = float(F.mse_loss(vae.decode(post.mean).sample, x_all))
-    vae.register_to_config(scaling_factor=scale)
+    vae.register_to_config(scaling_factor=scale, **({"shift_factor": shift} if "shift_factor" in vae.config else {}))
     vae.save_pretrained(out / "vae")
-    return {"reconstruction_mse": mse, "scaling_factor": scale}
+    return {"reconstruction_mse": mse, "scaling_factor": scale, "shift_factor": shift}
 
 
-def train_reference(out: Path, vae_dir: Path, images, labels, steps: int, batch: int, seed: int) -> dict:
+def train_reference(
+    out: Path, vae_dir: Path, images, labels, steps: int, batch: int, seed: int, family: str = "sdxl"
+) -> dict:
+    """The lab's reference pipeline for `family` (sdxl: `train_vp_reference`; sd3: `train_flow_reference`)."""
+    train = train_flow_reference if family == "sd3" else train_vp_reference
+    return train(out, vae_dir, images, labels, steps, batch, seed)
+
+
+def train_vp_reference(out: Path, vae_dir: Path, images, labels, steps: int, batch: int, seed: int) -> dict:
     """The pipeline directory of the lab's reference: tiny SDXL text encoders (frozen), the trained VAE, and a
     UNet trained by denoising score matching with 10 % of the conditions dropped (CFG's null condition)."""
     from diffusers import AutoencoderKL
@@ -267,6 +301,55 @@ def train_reference(out: Path, vae_dir: Path, images, labels, steps: int, batch:
     return {"denoising_loss_last10pct": sum(tail) / len(tail)}
 
 
+def train_flow_reference(out: Path, vae_dir: Path, images, labels, steps: int, batch: int, seed: int) -> dict:
+    """The lab's SD3-shaped reference: tiny SD3 text encoders (frozen), the trained 16-channel VAE, and an MMDiT
+    trained with the flow-matching loss ‖v̂ − (ε − x0)‖² at σ drawn logit-normally (SD3's training density), with
+    10 % of the conditions replaced by the empty prompt's encoding (SD3's CFG negative)."""
+    from diffusers import AutoencoderKL, SD3Transformer2DModel
+
+    from distar.backbones.flow import tiny_t5_tokenizer
+    from distar.backbones.sd3 import build_tiny_sd3
+    from distar.diffusion import FlowSchedule
+
+    backbone = backbones.get("sd3")
+    build_tiny_sd3(out, seed=seed)
+    shutil.rmtree(out / "vae")
+    shutil.copytree(vae_dir, out / "vae")
+    shutil.rmtree(out / "tokenizer_3")  # T5 reads the lab's prompts (≤ 32 characters) in 32 tokens, not 256
+    tiny_t5_tokenizer(LAB_T5_TOKENS).save_pretrained(out / "tokenizer_3")
+    vae = AutoencoderKL.from_pretrained(out / "vae").requires_grad_(False)
+    cond_all = backbone.prompt_encoder(out).encode([prompt(d) for d in range(10)], SIDE, SIDE)
+    torch.manual_seed(seed)
+    net = SD3Transformer2DModel(**{**LAB_TRANSFORMER, "sample_size": SIDE // backbone.vae_factor(vae.config)})
+    schedule = FlowSchedule(density="logit_normal")
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-3, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
+    g = torch.Generator().manual_seed(seed + 1)
+    losses = []
+    for idx in _batches(len(images), batch, steps, seed):
+        with torch.no_grad():
+            x0 = backbone.encode(vae, rgb(images[idx]), g)
+        keep = (torch.rand(len(idx), generator=g) > 0.1)[:, None]
+        d = labels[idx]
+        embeds = torch.where(keep[:, :, None], cond_all.prompt_embeds[d], cond_all.null_prompt_embeds)
+        pooled = torch.where(keep, cond_all.pooled_prompt_embeds[d], cond_all.null_pooled_prompt_embeds)
+        cond = dataclasses.replace(cond_all, prompt_embeds=embeds, pooled_prompt_embeds=pooled)
+        sigma = schedule.sample_t(len(idx), 0.0, 1.0, g).float()
+        eps = torch.randn(x0.shape, generator=g)
+        v_hat = backbone.velocity(net, schedule.add_noise(x0, eps, sigma), sigma, cond)
+        loss = F.mse_loss(v_hat, eps - x0)
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        losses.append(float(loss.detach()))
+    shutil.rmtree(out / "transformer")
+    net.save_pretrained(out / "transformer")
+    tail = losses[-max(1, len(losses) // 10) :]
+    return {"flow_matching_loss_last10pct": sum(tail) / len(tail)}
+
+
 def train_classifier(out: Path, images, labels, steps: int, seed: int, test) -> dict:
     from distar.rewards.digits import DigitClassifier
 
@@ -288,23 +371,24 @@ def train_classifier(out: Path, images, labels, steps: int, seed: int, test) -> 
 # -- sampling through stock diffusers ------------------------------------------------------------------
 
 
-def eval_latents(pipe, images_per_digit: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+def eval_latents(pipe, images_per_digit: int, seed: int, family: str = "sdxl") -> tuple[torch.Tensor, torch.Tensor]:
     """The same noise for every model: (10 · images_per_digit latents, their digits)."""
-    backbone = backbones.get("sdxl")
-    shape = backbone.pipeline_latent_shape(pipe)
+    shape = backbones.get(family).pipeline_latent_shape(pipe)
     g = torch.Generator().manual_seed(seed + 7)
     labels = torch.arange(10).repeat_interleave(images_per_digit)
     return torch.randn(len(labels), *shape, generator=g), labels
 
 
 @torch.no_grad()
-def sample(pipeline: Path, images_per_digit: int, seed: int, steps: int | None = None, cfg: float = 0.0):
+def sample(
+    pipeline: Path, images_per_digit: int, seed: int, steps: int | None = None, cfg: float = 0.0, family: str = "sdxl"
+):
     """Images (10 · images_per_digit, 3, SIDE, SIDE) of a pipeline directory: `steps` with CFG `cfg` (the reference)
     or, with steps None, one step at the t* its export recorded."""
-    backbone = backbones.get("sdxl")
+    backbone = backbones.get(family)
     pipe = backbone.load_pipeline(pipeline, torch.float32)
     pipe.set_progress_bar_config(disable=True)
-    latents, labels = eval_latents(pipe, images_per_digit, seed)
+    latents, labels = eval_latents(pipe, images_per_digit, seed, family)
     texts = [prompt(int(d)) for d in labels]
     t_star = None if steps is not None else _record(pipeline / "distar.json")["t_star"]
     out = []
@@ -379,7 +463,7 @@ def train_and_export(
         "log.sample_prompts=10",
         "log.progress=false",
     ]
-    summary = run("tiny", base + list(overrides))
+    summary = run(FAMILIES[config.family], base + list(overrides))
     export(ExportConfig(str(run_dir), str(out / "pipeline"), dtype="fp32"))
     return {"train": {k: summary[k] for k in ("steps", "seconds") if k in summary}, "overrides": list(overrides)}
 
@@ -387,7 +471,7 @@ def train_and_export(
 def measure(name: str, pipeline: Path, config: LabConfig, ctx: dict, steps: int | None = None, cfg: float = 0.0):
     """The judge's metrics of a pipeline's images; their grid (a row per digit, the same seeds in every grid) and
     an evaluation record that `distar compare` reads, under DIR/evaluations/NAME."""
-    images, labels = sample(pipeline, config.images_per_digit, config.seed, steps, cfg)
+    images, labels = sample(pipeline, config.images_per_digit, config.seed, steps, cfg, config.family)
     metrics = judge_metrics(images, labels, ctx["reward_net"], ctx["judge_net"], *ctx["real"])
     ctx["evaluations"][name] = write_evaluation(ctx["root"] / "evaluations" / name, name, images, labels, metrics, ctx)
     grid = images.view(10, config.images_per_digit, *images.shape[1:])[:, : min(10, config.images_per_digit)]
@@ -457,15 +541,18 @@ def run_lab(config: LabConfig, log=print) -> dict:
     def record(name, path, rec):
         lab["stages"][name] = {"path": str(path), **{k: v for k, v in rec.items() if k != "inputs"}}
 
-    base = {"seed": config.seed, "side": SIDE, "version": 1}
+    # the VP lab's stage digests stay what they were; another family's stages are its own
+    base = {"seed": config.seed, "side": SIDE, "version": 1} | (
+        {"family": config.family} if config.family != "sdxl" else {}
+    )
     ae_in = {**base, "steps": config.vae_steps}
     ae, rec = stages.run("autoencoder", ae_in, lambda tmp, _: train_autoencoder(
-        tmp, images[sp["generative"]], config.vae_steps, config.seed))  # fmt: skip
+        tmp, images[sp["generative"]], config.vae_steps, config.seed, config.family))  # fmt: skip
     record("autoencoder", ae, rec)
     ref_in = {**base, "autoencoder": ae.name, "steps": config.reference_steps, "batch": config.batch_size}
     ref, rec = stages.run("reference", ref_in, lambda tmp, _: train_reference(
         tmp / "pipeline", ae / "vae", images[sp["generative"]], labels[sp["generative"]], config.reference_steps,
-        config.batch_size, config.seed))  # fmt: skip
+        config.batch_size, config.seed, config.family))  # fmt: skip
     record("reference", ref, rec)
     rw_in = {**base, "steps": config.classifier_steps}
     rw, rec = stages.run("rewards", rw_in, lambda tmp, _: {
@@ -493,6 +580,7 @@ def run_lab(config: LabConfig, log=print) -> dict:
             "real_images": len(real[1]),
             "prompt_template": TEMPLATE,
         },
+        "backbone": config.family,
     }
     real_metrics = judge_metrics(rgb(real[0]), real[1], ctx["reward_net"], ctx["judge_net"], *real)
     lab["real_test_images"] = real_metrics
@@ -527,14 +615,17 @@ def run_lab(config: LabConfig, log=print) -> dict:
 
 
 def _untrained(folder: Path, init: Path, config: LabConfig, ctx: dict) -> dict:
-    """The init's pipeline with a UNet that was never trained (fresh weights of its config): FD's far end."""
-    from diffusers import UNet2DConditionModel
-
+    """The init's pipeline with a network that was never trained (fresh weights of its config): FD's far end."""
+    backbone = backbones.get(config.family)
+    part = backbone.pipeline_parts[-1]  # the denoiser's folder: unet, transformer
     shutil.rmtree(folder, ignore_errors=True)
-    shutil.copytree(init, folder, ignore=shutil.ignore_patterns("unet_ema"))
-    shutil.rmtree(folder / "unet")
+    shutil.copytree(init, folder, ignore=shutil.ignore_patterns(backbone.ema_part))
+    shutil.rmtree(folder / part)
     torch.manual_seed(config.seed + 3)
-    UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(init / "unet")).save_pretrained(folder / "unet")
+    config_json = json.loads((init / part / "config.json").read_text())
+    backbone.build_denoiser({k: v for k, v in config_json.items() if not k.startswith("_")}).save_pretrained(
+        folder / part
+    )
     return measure("untrained", folder, config, ctx)
 
 
@@ -565,7 +656,7 @@ def write_evaluation(folder: Path, name: str, images, labels, metrics: dict, ctx
     digest = hashlib.sha256(json.dumps(protocol, sort_keys=True).encode()).hexdigest()
     run = ctx.get("runs", {}).get(name)
     record = {"model": name, "label": name, "run": run, "protocol": protocol, "protocol_digest": digest,
-              "results": {"model": metrics}}  # fmt: skip
+              "backbone": ctx.get("backbone", "sdxl"), "results": {"model": metrics}}  # fmt: skip
     (folder / "metrics.json").write_text(json.dumps(record, indent=1))
     return str(folder)
 

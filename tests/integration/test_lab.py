@@ -92,3 +92,36 @@ def test_a_second_run_reuses_every_stage_and_builds_only_its_new_variants(quick)
     assert set(second["variants"]) == {"score-rew100+loss.huber_c=0.1", "score-cfg0@conditional"}
     assert second["variants"]["score-rew100+loss.huber_c=0.1"]["paper_row"] == ""  # a changed knob is not the paper's
     assert second["init"]["fd"] == pytest.approx(first["init"]["fd"], rel=1e-6)  # the same init, measured again
+
+
+def test_the_flow_family_runs_every_stage_through_the_sd3_layout(tmp_path):
+    """`distar lab digits --family sd3`, shortened: the 16-channel autoencoder with SD3's shift, the MMDiT reference
+    trained with the flow-matching loss, the init and a variant trained by `distar train --config tiny-sd3`, each
+    exported as a StableDiffusion3Pipeline that stock diffusers samples (prompts padded to the lab's 32 T5 tokens in
+    training and sampling alike), and a comparison that shows no SDXL paper values."""
+    from distar.lab import LAB_T5_TOKENS, LabConfig, run_lab
+
+    config = LabConfig.make(
+        str(tmp_path / "lab"), quick=True, family="sd3", variants=["score-rew100"], vae_steps=40, reference_steps=60,
+        classifier_steps=150, init_steps=6, variant_steps=4, images_per_digit=2,
+    )  # fmt: skip
+    lab = run_lab(config, log=lambda line: None)
+    ae = lab["stages"]["autoencoder"]
+    assert ae["reconstruction_mse"] < 0.1 and ae["shift_factor"] != 0.0
+    reference = Path(lab["stages"]["reference"]["path"]) / "pipeline"
+    assert json.loads((reference / "model_index.json").read_text())["_class_name"] == "StableDiffusion3Pipeline"
+    assert json.loads((reference / "tokenizer_3" / "tokenizer_config.json").read_text())["model_max_length"] == 32
+    assert 0 < lab["stages"]["reference"]["flow_matching_loss_last10pct"] < 2.5  # ‖ε − x0‖² is 2 at the start
+    exported = Path(lab["variants"]["score-rew100"]["path"])
+    assert json.loads((exported / "distar.json").read_text())["backbone"] == "sd3"
+    assert (exported / "transformer" / "config.json").is_file()
+    from distar import backbones
+    from distar.backbones.sd3 import t5_length
+
+    encoder = backbones.get("sd3").prompt_encoder(exported)  # as `distar train` encodes; sampling pads alike
+    assert encoder.encode(["a handwritten digit seven"], 16, 16).prompt_embeds.shape[1] == 77 + LAB_T5_TOKENS
+    assert t5_length(encoder.pipe) == LAB_T5_TOKENS
+    for key in ("reference_50_steps", "init", "untrained_one_step"):
+        assert lab[key]["fd"] > 0 and 0 <= lab[key]["accuracy"] <= 1
+    comparison = json.loads((tmp_path / "lab" / "comparison" / "comparison.json").read_text())
+    assert comparison["backbones"] == ["sd3"] and all(not r["paper"] for r in comparison["rows"])

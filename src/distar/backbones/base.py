@@ -50,6 +50,20 @@ class PromptEncoder(Protocol):
     def encode(self, prompts: Sequence[str], height: int, width: int) -> Conditioning: ...
 
 
+def encode_rows(cache: dict | None, prompts: list[str], encode, device) -> tuple[torch.Tensor, ...]:
+    """`encode(prompts)` → a tuple of (B, …) tensors, a row per prompt. With a cache (a dict: a PromptEncoder made
+    with cache=True), each distinct prompt is encoded once and its rows are kept in host memory: a training set of
+    a few prompts (the digits lab's ten) stops paying for the text encoders after its first batches."""
+    if cache is None:
+        return encode(prompts)
+    todo = sorted({p for p in prompts if p not in cache})
+    if todo:
+        out = encode(todo)
+        cache.update({k: tuple(t[i].cpu() for t in out) for i, k in enumerate(todo)})
+    parts = len(cache[prompts[0]])
+    return tuple(torch.stack([cache[p][j] for p in prompts]).to(device) for j in range(parts))
+
+
 class Backbone:
     """A model family as DI* sees it. Subclasses fill in every method; the defaults here are shared ones."""
 

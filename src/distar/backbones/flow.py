@@ -213,12 +213,16 @@ class FlowBackbone(Backbone):
         scale = pipe.vae_scale_factor
         return {"latents": latents, "height": latents.shape[-2] * scale, "width": latents.shape[-1] * scale}
 
+    def pipeline_text_kwargs(self, pipe) -> dict:
+        """Call arguments that make the pipeline encode prompts as the trainer's PromptEncoder does."""
+        return {}
+
     def sample_one_step(self, pipe, texts: list[str], latents: torch.Tensor, t_star):
         if self.check_t_star(t_star) != 1.0:
             raise UserError(f"t* = {t_star}: the stock pipeline's one step starts from pure noise (t* = 1000)")
         return pipe(texts, num_inference_steps=1, guidance_scale=1.0, output_type="pt",
-                    **self.pipeline_latents(pipe, latents)).images  # fmt: skip
+                    **self.pipeline_latents(pipe, latents), **self.pipeline_text_kwargs(pipe)).images  # fmt: skip
 
     def sample_steps(self, pipe, texts: list[str], latents: torch.Tensor, steps: int, guidance_scale: float):
         return pipe(texts, num_inference_steps=steps, guidance_scale=guidance_scale, output_type="pt",
-                    **self.pipeline_latents(pipe, latents)).images  # fmt: skip
+                    **self.pipeline_latents(pipe, latents), **self.pipeline_text_kwargs(pipe)).images  # fmt: skip

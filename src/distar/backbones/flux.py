@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from distar.backbones import shared
+from distar.backbones.base import encode_rows
 from distar.backbones.flow import FlowBackbone, flow_vae_config, tiny_t5_tokenizer
 from distar.tiny_text import TINY_TEXT_HIDDEN, tiny_clip_tokenizer, tiny_text_config
 
@@ -235,11 +236,12 @@ class PromptEncoder(nn.Module):
     """FLUX.1's two text encoders, frozen, through diffusers' own `FluxPipeline.encode_prompt` (T5 hidden states
     and CLIP-L's pooled output)."""
 
-    def __init__(self, pipe, max_sequence_length: int = T5_MAX_LENGTH):
+    def __init__(self, pipe, max_sequence_length: int = T5_MAX_LENGTH, cache: bool = False):
         super().__init__()
         self.pipe, self.max_sequence_length = pipe, max_sequence_length
         self.encoders = nn.ModuleList([pipe.text_encoder, pipe.text_encoder_2])
         self.requires_grad_(False).eval()
+        self._cache: dict | None = {} if cache else None
 
     @classmethod
     def from_pretrained(cls, source, dtype="fp32", cache: bool = False, **resolve_kwargs) -> PromptEncoder:
@@ -248,7 +250,8 @@ class PromptEncoder(nn.Module):
         from distar.sources import parse_dtype, resolve_dir
 
         root = resolve_dir(source, **resolve_kwargs)
-        return cls(FluxPipeline.from_pretrained(root, transformer=None, vae=None, dtype=parse_dtype(dtype)))
+        pipe = FluxPipeline.from_pretrained(root, transformer=None, vae=None, dtype=parse_dtype(dtype))
+        return cls(pipe, cache=cache)
 
     @property
     def device(self) -> torch.device:
@@ -259,10 +262,15 @@ class PromptEncoder(nn.Module):
         prompts = list(prompts)
         if not prompts or not all(isinstance(p, str) for p in prompts):
             raise ValueError("prompts must be a non-empty list of strings")
+        embeds, pooled = encode_rows(self._cache, prompts, self._encode, self.device)
+        return FluxConditioning(embeds, pooled)
+
+    @torch.no_grad()
+    def _encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         embeds, pooled, _ = self.pipe.encode_prompt(
             prompts, None, device=self.device, max_sequence_length=self.max_sequence_length
         )
-        return FluxConditioning(embeds, pooled)
+        return embeds, pooled
 
 
 def build_tiny_flux(out_dir: str | os.PathLike, seed: int = 0, guidance_embeds: bool = True) -> Path:

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from distar.backbones import shared
+from distar.backbones.base import encode_rows
 from distar.backbones.flow import FlowBackbone, flow_vae_config, tiny_t5_tokenizer
 from distar.sources import parse_dtype, resolve_dir
 from distar.tiny_text import TINY_TEXT_HIDDEN, tiny_clip_tokenizer, tiny_text_config
@@ -39,6 +40,15 @@ SD3_VAE_CONFIG = flow_vae_config(1.5305, 0.0609)
 """SD3 / SD3.5's VAE (its vae/config.json): 16 latent channels, 8× downsampling."""
 T5_MAX_LENGTH = 256
 """T5 tokens SD3's pipeline reads by default (its `max_sequence_length`); the joint sequence is 77 + 256."""
+
+
+def t5_length(pipe) -> int:
+    """The T5 tokens a pipeline's prompts are padded to: SD3's 256, or fewer where its T5 tokenizer reads fewer
+    (`model_max_length`: the digits lab's 32-character prompts). Training and sampling both use it."""
+    tokenizer = getattr(pipe, "tokenizer_3", None)
+    return min(T5_MAX_LENGTH, int(tokenizer.model_max_length)) if tokenizer is not None else T5_MAX_LENGTH
+
+
 TINY_JOINT = 64
 TINY_VAE_CONFIG = flow_vae_config(1.5305, 0.0609, tiny=True)
 """SD3's VAE in miniature: 16 latent channels, its scaling and shift, no quant convolutions; one downsampling."""
@@ -141,6 +151,9 @@ class SD3(FlowBackbone):
     def cache_items(self) -> list[tuple[str, list[str] | None]]:
         return [(SD35_MEDIUM, None)]
 
+    def pipeline_text_kwargs(self, pipe) -> dict:
+        return {"max_sequence_length": t5_length(pipe)}
+
     def pipeline_latent_shape(self, pipe) -> tuple[int, int, int]:
         side = pipe.transformer.config.sample_size
         return pipe.transformer.config.in_channels, side, side
@@ -184,12 +197,13 @@ class PromptEncoder(nn.Module):
     and CLIP-G penultimate states side by side, zero-padded to T5's width, then T5 along the sequence; the pooled
     outputs concatenated), with the empty prompt's encoding as the negative branch."""
 
-    def __init__(self, pipe, max_sequence_length: int = T5_MAX_LENGTH):
+    def __init__(self, pipe, max_sequence_length: int | None = None, cache: bool = False):
         super().__init__()
-        self.pipe, self.max_sequence_length = pipe, max_sequence_length
+        self.pipe, self.max_sequence_length = pipe, max_sequence_length or t5_length(pipe)
         self.encoders = nn.ModuleList([e for e in (pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3) if e])
         self.requires_grad_(False).eval()
         self._null: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._cache: dict | None = {} if cache else None
 
     @classmethod
     def from_pretrained(cls, source, dtype="fp32", cache: bool = False, **resolve_kwargs) -> PromptEncoder:
@@ -197,7 +211,7 @@ class PromptEncoder(nn.Module):
 
         root = resolve_dir(source, **resolve_kwargs)
         pipe = StableDiffusion3Pipeline.from_pretrained(root, transformer=None, vae=None, dtype=parse_dtype(dtype))
-        return cls(pipe)
+        return cls(pipe, cache=cache)
 
     @property
     def device(self) -> torch.device:
@@ -217,7 +231,7 @@ class PromptEncoder(nn.Module):
             raise ValueError("prompts must be a non-empty list of strings")
         if self._null is None:
             self._null = self._encode([""])
-        embeds, pooled = self._encode(prompts)
+        embeds, pooled = encode_rows(self._cache, prompts, self._encode, self.device)
         return SD3Conditioning(embeds, pooled, *self._null)
 
 

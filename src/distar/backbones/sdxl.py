@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from distar.backbones import shared
-from distar.backbones.base import Backbone
+from distar.backbones.base import Backbone, encode_rows
 from distar.backbones.files import DIFFUSERS_WEIGHTS, locate, requirements, variant
 from distar.backbones.latents import decode, encode
 from distar.diffusion import VPSchedule
@@ -272,15 +272,7 @@ class PromptEncoder(nn.Module):
         prompts = list(prompts)
         if not prompts or not all(isinstance(p, str) for p in prompts):
             raise ValueError("prompts must be a non-empty list of strings")
-        if self._cache is None:
-            embeds, pooled = self._encode_uncached(prompts)
-        else:
-            todo = sorted({p for p in prompts if p not in self._cache})
-            if todo:
-                e, p = self._encode_uncached(todo)
-                self._cache.update({k: (e[i].cpu(), p[i].cpu()) for i, k in enumerate(todo)})
-            embeds = torch.stack([self._cache[p][0] for p in prompts]).to(self.device)
-            pooled = torch.stack([self._cache[p][1] for p in prompts]).to(self.device)
+        embeds, pooled = encode_rows(self._cache, prompts, self._encode_uncached, self.device)
         return SDXLConditioning(embeds, pooled, add_time_ids(len(prompts), height, width).to(self.device, embeds.dtype))
 
 

@@ -1,4 +1,4 @@
-"""model.text_encoder_offload: the flow families' text encoders stay in host memory between encodes."""
+"""The flow families' prompt encoders: offloaded between encodes (model.text_encoder_offload) and caching."""
 
 from __future__ import annotations
 
@@ -32,3 +32,19 @@ def test_an_offloaded_encoder_encodes_as_the_resident_one_and_keeps_its_host_wei
     assert seen and all(ptr not in host for ptrs in seen for ptr in ptrs)
     assert torch.equal(out.prompt_embeds, resident.prompt_embeds)
     assert torch.equal(out.pooled_prompt_embeds, resident.pooled_prompt_embeds)
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_a_caching_encoder_encodes_each_prompt_once_and_returns_the_same_rows(family):
+    """cache=True (as SDXL's encoder takes it): the rows of a repeated or reordered batch equal a fresh encode, and
+    each distinct prompt is held once."""
+    uncached = backbones.get(family).prompt_encoder(tiny(f"tiny:{family}"))
+    cached = backbones.get(family).prompt_encoder(tiny(f"tiny:{family}"), cache=True)
+    prompts = ["a fox", "a red cube on a table", "a red cube on a table"]
+    want = uncached.encode(prompts, 16, 16)
+    first = cached.encode(prompts[::-1], 16, 16)
+    again = cached.encode(prompts, 16, 16)
+    assert len(cached._cache) == 2
+    for got, order in ((first, [2, 1, 0]), (again, [0, 1, 2])):
+        torch.testing.assert_close(got.prompt_embeds, want.prompt_embeds[order])
+        torch.testing.assert_close(got.pooled_prompt_embeds, want.pooled_prompt_embeds[order])
