@@ -41,7 +41,7 @@ from distar.evaluate.protocol import (
     protocol_digest,
 )
 from distar.evaluate.report import render_report
-from distar.evaluate.sampler import Sampler, recorded, recorded_backbone, recorded_t_star
+from distar.evaluate.sampler import Sampler, model_record
 from distar.prompts import HPS_STYLES
 from distar.rewards import PAPER_SCALE  # the one unit of each reward, shared with training
 from distar.stop import Preempted, StopSignals
@@ -280,7 +280,8 @@ def evaluate(config: EvaluateConfig, read: tuple[list[Prompt], dict] | None = No
         else ("cpu" if config.device == "auto" else config.device)
     )
     tiny_preset.prepare(asdict(config))
-    config = _with_t_star(config)
+    record = model_record(config.model, config.cache_dir, config.reference)
+    config = _with_t_star(config, record)
     prompts, proto = read if read is not None else _read_protocol(config)
     compared = load_metrics(config.compare_to) if config.compare_to else None
     if compared is not None:  # before any image is generated: a mismatch costs nothing
@@ -290,7 +291,7 @@ def evaluate(config: EvaluateConfig, read: tuple[list[Prompt], dict] | None = No
     out_fs, out_path = storage.filesystem(config.out)
     out_path = out_path.rstrip("/")
     runs = {"model": _evaluate_one(config.model, "model", prompts, metrics, config, device, out_fs, out_path, proto)}
-    if config.ema and recorded(config.model, config.cache_dir).get("ema"):
+    if config.ema and record.get("ema"):
         runs["ema"] = _evaluate_one(config.model, "ema", prompts, metrics, config, device, out_fs, out_path, proto)
     if config.baseline:
         runs["baseline"] = _evaluate_one(
@@ -319,7 +320,7 @@ def evaluate(config: EvaluateConfig, read: tuple[list[Prompt], dict] | None = No
         else {"metrics": config.compare_to, "model": compared.get("model"), "protocol_mismatch": mismatch},
         "results": results,
         "runs": runs,
-        "backbone": recorded_backbone(config.model, config.cache_dir, config.reference),
+        "backbone": record["backbone"],
         "paper": PAPER,
         "protocol": proto,
         "protocol_digest": protocol_digest(proto),
@@ -340,11 +341,13 @@ def load_metrics(path: str | Path) -> dict:
     return json.loads(fs.cat_file(p))
 
 
-def _with_t_star(config: EvaluateConfig) -> EvaluateConfig:
-    """The config with t* filled in from the model where it was left to it."""
+def _with_t_star(config: EvaluateConfig, record: dict | None = None) -> EvaluateConfig:
+    """The config with t* filled in from the model (its `model_record`, read here unless given) where it was left
+    to it."""
     if config.t_star is not None:
         return config
-    return replace(config, t_star=recorded_t_star(config.model, config.cache_dir, config.reference))
+    record = record or model_record(config.model, config.cache_dir, config.reference)
+    return replace(config, t_star=record["t_star"])
 
 
 def _read_protocol(config: EvaluateConfig) -> tuple[list[Prompt], dict]:

@@ -121,22 +121,18 @@ def recorded(model: str, cache_dir: str | None = None) -> dict:
     )
 
 
-def _record_of(model: str, cache_dir: str | None, reference: str | None) -> dict:
-    """`recorded` of the pipeline that samples `model`: `unet:` and `reference:N` are sampled in `reference`."""
+def model_record(model: str, cache_dir: str | None = None, reference: str | None = None) -> dict:
+    """What an evaluation needs to know of its model before sampling, read once: `recorded` of the pipeline that
+    samples it (`unet:` and `reference:N` are sampled in `reference`, so every row of one family's comparison
+    shares one protocol), with "backbone" and "t_star" always filled in (where no distar.json records them: the
+    family of the pipeline class, and that family's default t*)."""
     kind = sources.parse(model, evaluate_forms=True).kind
-    return recorded(reference if kind in ("unet", "reference") and reference else model, cache_dir)
+    record = recorded(reference if kind in ("unet", "reference") and reference else model, cache_dir)
+    backbone = record.get("backbone", backbones.DEFAULT)
+    t_star = record["t_star"] if record.get("t_star") is not None else backbones.get(backbone).default_t_star
+    return {**record, "backbone": backbone, "t_star": t_star}
 
 
 def recorded_t_star(model: str, cache_dir: str | None = None, reference: str | None = None):
-    """t* of an exported pipeline, as its distar.json records it; else its backbone's default (a pipeline without
-    the record: the family of its pipeline class; `unet:` and `reference:N`: that of `reference`, the pipeline they
-    sample, so every row of one family's comparison shares one protocol)."""
-    record = _record_of(model, cache_dir, reference)
-    if record.get("t_star") is not None:
-        return record["t_star"]
-    return backbones.get(record.get("backbone", backbones.DEFAULT)).default_t_star
-
-
-def recorded_backbone(model: str, cache_dir: str | None = None, reference: str | None = None) -> str:
-    """The family of the model an evaluation samples (as `recorded_t_star` finds it)."""
-    return _record_of(model, cache_dir, reference).get("backbone", backbones.DEFAULT)
+    """t* of `model` as `model_record` finds it."""
+    return model_record(model, cache_dir, reference)["t_star"]
