@@ -272,11 +272,8 @@ def train_vp_reference(out: Path, vae_dir: Path, images, labels, steps: int, bat
     unet.register_to_config(sample_size=SIDE // backbone.vae_factor(vae.config))
     assert unet.config.sample_size * backbone.vae_factor(vae.config) == SIDE, tiny_unet_config()
     schedule = backbone.schedule()
-    opt = torch.optim.AdamW(unet.parameters(), lr=1e-3, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
-    g = torch.Generator().manual_seed(seed + 1)
-    losses = []
-    for idx in _batches(len(images), batch, steps, seed):
+
+    def loss_of(idx, g):
         with torch.no_grad():
             x0 = backbone.encode(vae, rgb(images[idx]), g)
         keep = (torch.rand(len(idx), generator=g) > 0.1).float()
@@ -288,17 +285,12 @@ def train_vp_reference(out: Path, vae_dir: Path, images, labels, steps: int, bat
         )
         t = schedule.sample_t(len(idx), 0, 1000, g)
         eps = torch.randn(x0.shape, generator=g)
-        loss = F.mse_loss(backbone.forward(unet, schedule.add_noise(x0, eps, t), t, cond), eps)
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        losses.append(float(loss.detach()))
+        return F.mse_loss(backbone.forward(unet, schedule.add_noise(x0, eps, t), t, cond), eps)
+
+    tail = _fit(unet, loss_of, len(images), steps, batch, seed)
     shutil.rmtree(out / "unet")
     unet.save_pretrained(out / "unet")
-    tail = losses[-max(1, len(losses) // 10) :]
-    return {"denoising_loss_last10pct": sum(tail) / len(tail)}
+    return {"denoising_loss_last10pct": tail}
 
 
 def train_flow_reference(out: Path, vae_dir: Path, images, labels, steps: int, batch: int, seed: int) -> dict:
@@ -322,11 +314,8 @@ def train_flow_reference(out: Path, vae_dir: Path, images, labels, steps: int, b
     torch.manual_seed(seed)
     net = SD3Transformer2DModel(**{**LAB_TRANSFORMER, "sample_size": SIDE // backbone.vae_factor(vae.config)})
     schedule = FlowSchedule(density="logit_normal")
-    opt = torch.optim.AdamW(net.parameters(), lr=1e-3, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
-    g = torch.Generator().manual_seed(seed + 1)
-    losses = []
-    for idx in _batches(len(images), batch, steps, seed):
+
+    def loss_of(idx, g):
         with torch.no_grad():
             x0 = backbone.encode(vae, rgb(images[idx]), g)
         keep = (torch.rand(len(idx), generator=g) > 0.1)[:, None]
@@ -337,17 +326,31 @@ def train_flow_reference(out: Path, vae_dir: Path, images, labels, steps: int, b
         sigma = schedule.sample_t(len(idx), 0.0, 1.0, g).float()
         eps = torch.randn(x0.shape, generator=g)
         v_hat = backbone.velocity(net, schedule.add_noise(x0, eps, sigma), sigma, cond)
-        loss = F.mse_loss(v_hat, eps - x0)
+        return F.mse_loss(v_hat, eps - x0)
+
+    tail = _fit(net, loss_of, len(images), steps, batch, seed)
+    shutil.rmtree(out / "transformer")
+    net.save_pretrained(out / "transformer")
+    return {"flow_matching_loss_last10pct": tail}
+
+
+def _fit(net, loss_of, n: int, steps: int, batch: int, seed: int) -> float:
+    """A reference's training: `steps` batches of `batch` of the n images, loss_of(indices, generator) each, AdamW at
+    lr 1e-3 decayed by a cosine, gradients clipped to norm 1. Returns the mean loss of the last 10 % of steps."""
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-3, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
+    g = torch.Generator().manual_seed(seed + 1)
+    losses = []
+    for idx in _batches(n, batch, steps, seed):
+        loss = loss_of(idx, g)
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
         opt.step()
         sched.step()
         losses.append(float(loss.detach()))
-    shutil.rmtree(out / "transformer")
-    net.save_pretrained(out / "transformer")
     tail = losses[-max(1, len(losses) // 10) :]
-    return {"flow_matching_loss_last10pct": sum(tail) / len(tail)}
+    return sum(tail) / len(tail)
 
 
 def train_classifier(out: Path, images, labels, steps: int, seed: int, test) -> dict:
