@@ -192,3 +192,28 @@ def test_training_draws_sigma_uniformly_unless_asked_for_the_models_shift_and_de
     assert flux.shift == pytest.approx(math.exp(1.15)) and flux.time_scale == 1.0
     with pytest.raises(UserError, match="sdxl draws its timesteps uniformly"):
         load_config("tiny", ["loss.sigma_shift=true"])
+
+
+def test_a_flow_config_refuses_an_assistant_range_reaching_pure_noise(capsys):
+    """The flow-matching weight 1/(1 − σ)² needs σ < 1: loss.assistant_t_max above 990 is refused by name, with the
+    presets' value to use; SDXL keeps its 1000 (its table's end); `distar train` exits 2 without a traceback."""
+    from distar.errors import UserError
+    from distar.train import main
+    from distar.train.config import load_config
+
+    with pytest.raises(UserError, match=r"loss.assistant_t_max=1000: .* keep it at most 990"):
+        load_config("tiny-sd3", ["loss.assistant_t_max=1000"])
+    assert load_config("tiny-sd3", ["loss.assistant_t_max=990"]).loss.assistant_t_max == 990
+    assert load_config("tiny", ["loss.assistant_t_max=1000"]).loss.assistant_t_max == 1000
+    assert main(["--config", "tiny-flux", "loss.assistant_t_max=995"]) == 2
+    err = capsys.readouterr().err
+    assert "loss.assistant_t_max=995" in err and "Traceback" not in err
+
+
+def test_the_lab_refuses_a_family_it_has_no_reference_for():
+    from distar.errors import UserError
+    from distar.lab import LabConfig
+
+    with pytest.raises(UserError, match="--family 'flux': choose one of sdxl, sd3"):
+        LabConfig.make("unused", family="flux")
+    assert LabConfig.make("unused", quick=True, family="sd3").family == "sd3"
