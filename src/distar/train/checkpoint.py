@@ -42,6 +42,7 @@ from torch.distributed.checkpoint.stateful import Stateful
 
 from distar import readers, storage
 from distar.errors import UserError
+from distar.train import parallel
 from distar.train.distributed import World
 
 
@@ -123,7 +124,7 @@ class ModelState(Stateful):
 
         state = get_model_state_dict(self.module, options=self._options())
         if self.trainable_only:  # torch keeps buffers beside the trained weights; these are the frozen base's
-            buffers = {name.replace("_checkpoint_wrapped_module.", "") for name, _ in self.module.named_buffers()}
+            buffers = {parallel.param_name(name) for name, _ in self.module.named_buffers()}
             state = {k: v for k, v in state.items() if k not in buffers}
         return state
 
